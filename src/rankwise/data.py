@@ -12,6 +12,7 @@ Any user text file, or folder of ``.txt`` files, can replace it (``load_corpus(p
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import math
 import os
@@ -62,7 +63,8 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-def _stdlib_documents() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_documents() -> tuple[str, ...]:
     """Pydoc topic pages plus every standard-library docstring of at least 80 characters."""
     import pydoc_data.topics
 
@@ -84,7 +86,7 @@ def _stdlib_documents() -> list[str]:
                     if doc and len(doc) >= MIN_DOCSTRING_CHARS and doc not in seen:
                         seen.add(doc)
                         docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def _user_documents(path: Path) -> list[str]:
@@ -212,6 +214,18 @@ class PerplexityResult:
         }
 
 
+def check_window(seq_len: int, stride: int | None, batch_size: int = 1) -> int:
+    """Validate evaluation-window options; return the stride (``seq_len`` when None)."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2 to predict anything; got {seq_len}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise ConfigError(f"stride must be in [1, seq_len={seq_len}]; got {stride}")
+    return stride
+
+
 def _windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) windows: each token after the first is scored exactly once."""
     out, prev_end, start = [], 0, 0
@@ -246,11 +260,7 @@ def perplexity(
     context (the standard sliding-window evaluation). ``add_bos`` prepends the BOS token to
     every window as extra context. ``max_tokens`` caps the stream length.
     """
-    stride = seq_len if stride is None else stride
-    if not 1 <= stride <= seq_len:
-        raise ConfigError(f"stride must be in [1, seq_len={seq_len}]; got {stride}")
-    if seq_len < 2 or batch_size < 1:
-        raise ConfigError(f"need seq_len >= 2 and batch_size >= 1; got {seq_len}, {batch_size}")
+    stride = check_window(seq_len, stride, batch_size)
     ids = tokenize_stream(tokenizer, texts, max_tokens=max_tokens)
     if len(ids) < 2:
         raise DataError(f"the text has {len(ids)} token(s); perplexity needs at least 2")

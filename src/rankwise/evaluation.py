@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from rankwise.data import load_corpus, perplexity, resolve_texts
+from rankwise.data import check_window, load_corpus, perplexity, resolve_texts
 from rankwise.errors import ModelError
 from rankwise.models import count_parameters, load_model
 
@@ -27,11 +27,7 @@ def evaluate(
     ``model`` is anything :func:`rankwise.load_model` accepts; ``data`` is ``"builtin"``, a
     text file, a folder of ``.txt`` files, or a list of strings (used as they are).
     """
-    if isinstance(data, str | os.PathLike):
-        corpus = load_corpus(data)
-        texts, fingerprint = corpus.split(split), corpus.fingerprint()
-    else:
-        texts, fingerprint = resolve_texts(data, split), None
+    check_window(seq_len, stride, batch_size)  # cheap checks before any loading
     t0 = time.perf_counter()
     net, tokenizer = load_model(model)
     load_seconds = time.perf_counter() - t0
@@ -40,6 +36,11 @@ def evaluate(
             f"model {str(model)!r} ({type(net).__name__}) is not a causal language model; "
             "perplexity needs one (e.g. smollm2 or tiny-llama)"
         )
+    if isinstance(data, str | os.PathLike):
+        corpus = load_corpus(data)
+        texts, fingerprint = corpus.split(split), corpus.fingerprint()
+    else:
+        texts, fingerprint = resolve_texts(data, split), None
     result = perplexity(
         net,
         tokenizer,

@@ -12,7 +12,6 @@ import importlib
 import os
 import sys
 
-import click
 import typer
 
 from rankwise.errors import RankwiseError
@@ -55,15 +54,10 @@ def fail(message: str) -> typer.Exit:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rankwise`` console script; returns the exit code."""
     try:
-        app(args=argv, prog_name="rankwise", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return 2
+        # Standalone mode: the parser reports bad options itself (exit code 2) and exits.
+        app(args=argv, prog_name="rankwise", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (RankwiseError, FileNotFoundError, FileExistsError) as e:
         if _state["debug"]:
             raise
