@@ -1,0 +1,314 @@
+"""The compression-method contract, the method registry, and the shared low-rank layer.
+
+A compression method replaces a dense ``nn.Linear`` (``y = W x + b``, ``W`` of shape
+``(out, in)``) by a :class:`LowRankLinear` (``y = U (V x) + b``, ``U (out, r)``, ``V (r, in)``).
+Every method here does it the same way: it picks a weighted error to minimise, takes the
+SVD of the weighted matrix once (:class:`Decomposition`), and truncates it at whatever rank
+the allocator (``allocate.py``) gives the layer.
+
+How to add a method (one file, one test, one docs row — nothing else changes)
+-----------------------------------------------------------------------------
+1. Create ``src/rankwise/compress/methods/<name>.py``; every module in that package is
+   imported automatically, so registration happens on import.
+2. Write a frozen dataclass subclassing :class:`CompressionMethod`, decorated with
+   ``@register_method``. Its fields are the method's options (validate them in
+   ``__post_init__`` and raise :class:`~rankwise.errors.ConfigError`). Set the class
+   variables ``name`` (the registered name, used by ``--method``), ``summary`` (one line for
+   tables) and ``needs``: the calibration statistics it reads, a subset of
+   ``{"gram", "abs_mean", "fisher"}`` (see ``calibrate.py``; empty = data-free).
+3. Implement ``decompose(self, weight, stats) -> Decomposition``: ``weight`` is the
+   layer's ``(out, in)`` float64 weight, ``stats`` its :class:`~rankwise.compress.calibrate.LayerStats`
+   (``None`` for data-free methods). Return ``U (out, k)``, ``S (k,)`` descending, ``Vh (k, in)``
+   such that ``W ≈ U[:, :r] diag(S[:r]) Vh[:r]`` for every rank ``r`` and ``Σ S[r:]²`` is the
+   method's own error at rank ``r`` (allocators read it). For a weighting
+   ``min ‖A (W − Ŵ) B‖`` with diagonal ``A`` and diagonal or lower-triangular ``B`` just call
+   :func:`weighted_svd` — it does the SVD and maps the factors back without inverses.
+4. Optionally override ``refine(self, weight, stats, up, down) -> (up, down)`` to improve the
+   truncated factors (``up (out, r)``, ``down (r, in)``), e.g. a closed-form least-squares
+   update; the default returns them unchanged.
+5. Add ``tests/compress/test_<name>.py`` (the generic tests in ``test_methods.py`` already run
+   every registered method) and a row in the table of ``docs/compress.md``.
+
+Shared helpers for methods: :func:`weighted_svd`, :func:`damped_cholesky`,
+:func:`least_squares_up` (the optimal ``U`` for a fixed ``V`` under the input Gram).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.compress.calibrate import LayerStats
+from rankwise.errors import ConfigError, ShapeError
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class LowRankLinear(nn.Module):
+    """``y = U (V x) + b``: a rank-``r`` replacement for ``nn.Linear(in, out)``.
+
+    ``U`` has shape ``(out, r)`` and ``V`` shape ``(r, in)``; the forward is two small
+    matmuls (``r (in + out)`` multiply-adds per token instead of ``in · out``), never a
+    re-densified weight. Parameter names ``U``, ``V``, ``bias`` are what checkpoints store.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ConfigError(
+                f"rank must be in [1, {min(in_features, out_features)}] for a "
+                f"{out_features}x{in_features} layer; got {rank}"
+            )
+        kw = {"dtype": dtype, "device": device}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.U = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.V = nn.Parameter(torch.zeros(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> LowRankLinear:
+        """Build from ``up (out, r)``, ``down (r, in)`` and an optional ``bias (out,)``."""
+        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ShapeError(f"factors must be (out, r) and (r, in); got {tuple(up.shape)}, {tuple(down.shape)}")
+        layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, dtype=up.dtype, device=up.device)
+        with torch.no_grad():
+            layer.U.copy_(up)
+            layer.V.copy_(down)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.V), self.U, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight ``U V``, shape ``(out, in)`` (for tests and analysis)."""
+        return self.U @ self.V
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+def breakeven_rank(out_features: int, in_features: int) -> int:
+    """Smallest rank at which factors are no smaller than the dense weight: ``⌈mn/(m+n)⌉``.
+
+    A layer is factorised only at ranks strictly below this; otherwise it stays dense.
+    """
+    return math.ceil(out_features * in_features / (out_features + in_features))
+
+
+def layer_parameters(out_features: int, in_features: int, rank: int | None) -> int:
+    """Weight parameters of a layer at ``rank`` (``None``: dense), bias excluded."""
+    if rank is None or rank >= breakeven_rank(out_features, in_features):
+        return out_features * in_features
+    return rank * (out_features + in_features)
+
+
+# ----------------------------------------------------------------------------- decompositions
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A layer's weight in a method's weighted SVD basis: ``W ≈ U[:, :r] diag(S[:r]) Vh[:r]``.
+
+    Shapes: ``U (out, k)``, ``S (k,)`` descending and non-negative, ``Vh (k, in)``,
+    ``k = min(out, in)``. ``Σ S[r:]²`` is the method's error at rank ``r``.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors ``up = U_r S_r^½ (out, r)``, ``down = S_r^½ Vh_r (r, in)``."""
+        root = self.S[:rank].sqrt()
+        return self.U[:, :rank] * root, root[:, None] * self.Vh[:rank]
+
+    def relative_error(self, rank: int) -> float:
+        """``Σ S[r:]² / Σ S²``: the fraction of the weighted energy truncation discards."""
+        energy = self.S.pow(2)
+        total = float(energy.sum())
+        return float(energy[rank:].sum()) / total if total > 0 else 0.0
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of an ``(m, n)`` matrix."""
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def weighted_svd(
+    weight: torch.Tensor,
+    *,
+    left: torch.Tensor | None = None,
+    right: torch.Tensor | None = None,
+) -> Decomposition:
+    """SVD of ``A W B`` mapped back to ``W``'s space: minimises ``‖A (W − Ŵ) B‖_F`` at every rank.
+
+    ``left``: ``A`` as a positive vector ``(out,)`` (a diagonal). ``right``: ``B`` as a
+    positive vector ``(in,)`` or a lower-triangular ``(in, in)`` matrix (e.g. a Cholesky
+    factor of the input Gram, so ``‖(W − Ŵ) B‖ = ‖(W − Ŵ) X‖``). With
+    ``A W B = P Σ Qᵀ`` the result is ``U = A⁻¹ P``, ``Vh = Qᵀ B⁻¹`` — computed by division or a
+    triangular solve, never an explicit inverse (Eckart–Young in the weighted norm).
+    """
+    if weight.ndim != 2:
+        raise ShapeError(f"weight must be (out, in); got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ShapeError("weight contains NaN/Inf; cannot compress it")
+    m = weight
+    if left is not None:
+        m = left[:, None] * m
+    if right is not None:
+        m = m * right[None, :] if right.ndim == 1 else m @ right
+    u, s, vh = _svd(m)
+    if left is not None:
+        u = u / left[:, None]
+    if right is not None:
+        if right.ndim == 1:
+            vh = vh / right[None, :]
+        else:  # vh B⁻¹: solve X B = vh for X
+            vh = torch.linalg.solve_triangular(right, vh, upper=False, left=False)
+    return Decomposition(u, s, vh)
+
+
+def damped_cholesky(gram: torch.Tensor, *, damp: float = 1e-4) -> torch.Tensor:
+    """Lower Cholesky factor ``L`` of ``G + λ I`` (float64), ``λ = damp · mean(diag G)``.
+
+    A singular Gram (fewer calibration tokens than channels, dead channels) still factors:
+    the damping is raised tenfold until it does (SVD-LLM 2024 whitening; the damping is
+    the standard fix for its failing Cholesky).
+    """
+    g = gram.to(torch.float64)
+    scale = float(g.diagonal().mean())
+    if not math.isfinite(scale):
+        raise ShapeError("input Gram matrix contains NaN/Inf")
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(g + damp * scale * eye)
+        if int(info) == 0:
+            return factor
+        damp *= 10
+    raise ShapeError("input Gram matrix is not positive semi-definite even after damping")
+
+
+def least_squares_up(
+    weight: torch.Tensor, down: torch.Tensor, gram: torch.Tensor, *, damp: float = 1e-8
+) -> torch.Tensor:
+    """The ``up (out, r)`` minimising ``‖W X − up · down · X‖_F`` for fixed ``down (r, in)``.
+
+    With ``G = Σ x xᵀ``: ``up = W G downᵀ (down G downᵀ)⁻¹``, solved by Cholesky of the
+    small ``(r, r)`` matrix (damped by ``damp ·`` its mean diagonal), not an inverse.
+    """
+    g = gram.to(torch.float64)
+    d = down.to(torch.float64)
+    gd = g @ d.T  # (in, r)
+    small = d @ gd  # (r, r)
+    chol = damped_cholesky(small, damp=damp)
+    rhs = (weight.to(torch.float64) @ gd).T  # (r, out)
+    return torch.cholesky_solve(rhs, chol).T  # (out, r)
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    """Base of every method: a frozen dataclass of options plus ``decompose`` / ``refine``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def decompose(self, weight: torch.Tensor, stats: LayerStats | None) -> Decomposition:
+        raise NotImplementedError
+
+    def refine(
+        self, weight: torch.Tensor, stats: LayerStats | None, up: torch.Tensor, down: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return up, down
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def factorize(
+        self, layer: nn.Linear, stats: LayerStats | None, rank: int, decomposition: Decomposition | None = None
+    ) -> LowRankLinear:
+        """Replace ``layer`` by its rank-``rank`` :class:`LowRankLinear` (a new module)."""
+        weight = layer.weight.detach().to(torch.float64)
+        dec = decomposition if decomposition is not None else self.decompose(weight, stats)
+        up, down = self.refine(weight, stats, *dec.factors(rank))
+        dtype = layer.weight.dtype
+        bias = None if layer.bias is None else layer.bias.detach()
+        return LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
+
+
+METHODS: dict[str, type[CompressionMethod]] = {}
+
+
+def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+    """Class decorator: make ``cls`` available as ``cls.name`` (``--method``)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class variable 'name'")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise TypeError(f"compression method {cls.name!r} is registered twice")
+    unknown = set(cls.needs) - {"gram", "abs_mean", "fisher"}
+    if unknown:
+        raise TypeError(f"{cls.__name__}.needs has unknown statistics {sorted(unknown)}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    import rankwise.compress.methods  # noqa: F401  (imports every method module)
+
+    return sorted(METHODS)
+
+
+def get_method(name: str | CompressionMethod, **options: object) -> CompressionMethod:
+    """An instance of the registered method ``name`` with ``options`` (its dataclass fields)."""
+    if isinstance(name, CompressionMethod):
+        return name
+    names = method_names()
+    if name not in METHODS:
+        raise ConfigError(f"method {name!r} is not registered; valid methods: {', '.join(names)}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(options) - fields)
+    if bad:
+        raise ConfigError(
+            f"method {name!r} has no option(s) {bad}; its options are: {', '.join(sorted(fields)) or 'none'}"
+        )
+    return cls(**options)
+
+
+__all__ = [
+    "LowRankLinear",
+    "Decomposition",
+    "CompressionMethod",
+    "METHODS",
+    "register_method",
+    "method_names",
+    "get_method",
+    "weighted_svd",
+    "damped_cholesky",
+    "least_squares_up",
+    "breakeven_rank",
+    "layer_parameters",
+]
