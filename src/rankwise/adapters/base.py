@@ -1,0 +1,504 @@
+"""The adapter contract: what a method defines, and the registries that find methods by name.
+
+An adapter adds a small trainable change to a frozen layer, ``y = W x + Δ(x)``. The engine
+(``inject.py``) owns everything shared: finding target modules, wrapping them, dropout,
+dtype/device, several named adapters per layer, merge/unmerge, saving. A method only says
+what its parameters are, what ``Δ(x)`` is, and what dense ``ΔW`` it equals (for merging).
+
+How to add a method
+-------------------
+1. Create ``src/rankwise/adapters/methods/<name>.py``. It is discovered automatically
+   (``methods/__init__.py`` imports every module in that folder); nothing else to edit.
+2. Define a frozen config dataclass that subclasses :class:`AdapterConfig` (which already
+   has ``r``, ``alpha``, ``dropout``, ``use_rslora``, ``init``, ``init_options``). Add your
+   fields with defaults; validate them in ``validate()`` (call ``super().validate()``) and
+   raise :class:`~rankwise.errors.ConfigError` naming the field, the value and what is valid.
+3. Subclass :class:`Adapter`, set ``config_class``, decorate it with
+   ``@register_method("<name>")`` and define:
+
+   - ``build()``: create the ``nn.Parameter``/buffer tensors, using ``self.layer`` (a
+     :class:`LayerView`: ``out_features``, ``in_features``, ``weight_matrix()``...) and
+     ``self.config``; create them on ``self.layer.device`` in ``self.param_dtype``.
+   - ``reset_parameters()``: the method's default initialisation (``init="default"``).
+   - ``delta(x, base)``: the output change ``Δ(x)`` for an input ``x`` already cast to
+     ``self.dtype`` and passed through dropout. Use ``self.layer.project_in(x, A)`` to apply
+     an ``(r, in_features)`` matrix the way the layer applies its weight (linear, conv,
+     embedding lookup) and ``self.layer.project_out(h, B)`` for an ``(out_features, r)``
+     matrix, so one formula serves every layer type. ``base()`` returns ``W x`` (no bias)
+     if the method needs it (computed once, shared between adapters).
+   - ``delta_weight()``: the dense ``ΔW`` as an ``(out_features, in_features)`` float32
+     matrix such that ``W + ΔW`` computes ``W x + Δ(x)`` (dropout off). Merging uses it.
+
+   Optional: ``compose(y, x, base)`` if adding ``delta`` to ``y`` is wasteful (DoRA fuses
+   it); ``check_layer(layer, config)`` for per-layer limits (default: ``r <= min(out,
+   in)``); ``peft_state()``/``load_peft_state()`` plus ``peft_config()`` if the method
+   has a PEFT on-disk equivalent (see ``methods/lora.py``). Parameters named in
+   ``state_dict()`` are what ``save_adapter`` writes; no other code is needed to save.
+4. Add ``tests/adapters/test_<name>.py``: loss drops on a tiny task, merged == unmerged,
+   the save/load round trip. ``tests/adapters/conftest.py`` has tiny models and helpers.
+
+Initialisers
+------------
+``init="<name>"`` (with typed options in ``init_options``) chooses how an adapter starts.
+``"default"`` calls ``reset_parameters()``. Any other name is looked up in the initialiser
+registry, filled by ``rankwise.adapters.init`` (imported lazily on first lookup)::
+
+    @register_initialiser("pissa")                      # scope="layer": once per adapted layer
+    def pissa(adapter: Adapter, *, n_iter: int = 4) -> None: ...
+
+    @register_initialiser("eva", scope="model")         # once, for all layers at once
+    def eva(model: nn.Module, adapters: dict[str, Adapter], *, inputs, ...) -> None: ...
+
+A layer-scope initialiser gets the freshly built adapter (``reset_parameters()`` has run)
+and ``**init_options``; it may set the adapter's parameters and, for residual inits like
+PiSSA, the base weight via ``adapter.layer.set_weight_matrix(W)``. A model-scope one gets
+the model and ``{module path: adapter}`` for every layer just attached. Both run after the
+whole attach is validated; an initialiser that raises leaves the adapter removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.errors import ConfigError, ModelError
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Options every method shares. Subclass it (frozen) to add a method's own fields.
+
+    ``r`` is the rank, ``alpha`` the scale numerator (``None`` means ``alpha = r``):
+    the update is scaled by ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``
+    (rsLoRA, Kalajdzievski 2023). ``dropout`` is applied to the adapter's input only.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+    init_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError on a bad field. Subclasses extend it (call super first)."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r (the adapter rank) must be a positive integer, got {self.r!r}")
+        if self.alpha is not None and not (
+            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0
+        ):
+            raise ConfigError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.init, str) or not self.init:
+            raise ConfigError(f"init must be an initialiser name, got {self.init!r}")
+        if not isinstance(self.init_options, Mapping):
+            raise ConfigError(f"init_options must be a mapping, got {type(self.init_options)}")
+
+    @property
+    def scaling(self) -> float:
+        alpha = float(self.r) if self.alpha is None else float(self.alpha)
+        return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["init_options"] = dict(self.init_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, strict: bool = True) -> tuple[Any, list[str]]:
+        """Build a config; returns ``(config, unknown_keys)``. Unknown keys raise if strict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in names)
+        if unknown and strict:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}"
+            )
+        return cls(**{k: v for k, v in values.items() if k in names}), unknown
+
+
+# ----------------------------------------------------------------------------- layer views
+
+
+class LayerView:
+    """What an adapter sees of the module it adapts: the weight as an ``(out, in)`` matrix.
+
+    Subclasses map each supported module type onto that picture: ``nn.Linear`` (weight
+    ``(out, in)``), transformers ``Conv1D`` (weight stored ``(in, out)``), ``nn.Embedding``
+    (input = one-hot over ``num_embeddings``, so the matrix is ``weight.T``), ``nn.Conv1d``
+    / ``nn.Conv2d`` (matrix ``(out, in·k…)``; the ``r`` side of a factor is a conv with
+    the layer's kernel, the output side a 1×1 conv).
+    """
+
+    kind: ClassVar[str] = "linear"
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # -- shape and weight
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def is_quantized(self) -> bool:
+        return not self.weight.dtype.is_floating_point
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight[0].numel()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The weight as an ``(out, in)`` matrix (a view where possible, never a float copy)."""
+        return self.weight.reshape(self.out_features, self.in_features)
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`weight_matrix`: ``(out, in)`` to the module's weight layout."""
+        return matrix.reshape(self.weight.shape)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        """Overwrite the base weight (in place, keeping its dtype) from an ``(out, in)`` matrix."""
+        if self.is_quantized:
+            raise ModelError(f"cannot write into a quantized {type(self.module).__name__} weight")
+        with torch.no_grad():
+            self.module.weight.copy_(self.from_matrix(matrix.to(self.module.weight.dtype)))
+
+    # -- applying factors
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Apply an ``(r, in)`` matrix to the input the way the layer applies its weight."""
+        return F.linear(x, a)
+
+    def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Apply an ``(out, r)`` matrix to the ``r`` channels produced by :meth:`project_in`."""
+        return F.linear(h, b)
+
+    def add_projected(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float):
+        """``y + scale · project_out(h, b)`` with as few full-size temporaries as possible."""
+        if y.dim() >= 2 and h.dim() == y.dim() and y.dtype == h.dtype:
+            out = torch.addmm(
+                y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale
+            )
+            return out.view(y.shape)
+        return y + self.project_out(h, b).to(y.dtype) * scale
+
+    def scale_out(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Multiply each output channel of ``y`` by ``v`` (shape ``(out,)``)."""
+        return y * v
+
+    def channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
+        """The shape a per-channel ``(out,)`` vector takes to broadcast against ``y``."""
+        return (self.out_features,)
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x`` without the bias, in ``x``'s dtype (used when dropout changes ``x``)."""
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class LinearView(LayerView):
+    kind = "linear"
+
+
+class TransposedLinearView(LayerView):
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``(in, out)``."""
+
+    kind = "transposed_linear"
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.weight.t()
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t()
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.to(x.dtype)
+
+
+class EmbeddingView(LayerView):
+    """``nn.Embedding``: a lookup is ``W.T`` applied to a one-hot vector over the vocabulary."""
+
+    kind = "embedding"
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.weight.t()
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t()
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        return F.embedding(
+            x, a.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
+        )
+
+    def add_projected(self, y, h, b, scale):
+        return y + F.linear(h, b).to(y.dtype) * scale
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class ConvView(LayerView):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups == 1``: channels are dimension 1."""
+
+    kind = "conv"
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, *, full: bool) -> torch.Tensor:
+        m = self.module
+        conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+        if not full:  # 1×1 channel mix
+            return conv(x, weight)
+        if m.padding_mode != "zeros":
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            return conv(x, weight, None, m.stride, 0, m.dilation)
+        return conv(x, weight, None, m.stride, m.padding, m.dilation)
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        # a: (r, in·k…) -> a conv kernel (r, in, *k)
+        return self._conv(x, a.reshape(a.shape[0], *self.weight.shape[1:]), full=True)
+
+    def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # b: (out, r) -> a 1×1 kernel (out, r, 1, …)
+        ones = (1,) * (self.weight.dim() - 2)
+        return self._conv(h, b.reshape(*b.shape, *ones), full=False)
+
+    def add_projected(self, y, h, b, scale):
+        return y + self.project_out(h, b).to(y.dtype) * scale
+
+    def scale_out(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return y * v.view(self.channel_shape(y))
+
+    def channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
+        return (-1,) + (1,) * (y.dim() - 2)
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.weight.to(x.dtype), full=True)
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def view_for(module: nn.Module) -> LayerView | None:
+    """The :class:`LayerView` for a supported module, or ``None`` if it cannot be adapted."""
+    if isinstance(module, nn.Linear):
+        return LinearView(module)
+    if _is_transformers_conv1d(module):
+        return TransposedLinearView(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingView(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1:
+        return ConvView(module)
+    return None
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+
+class Adapter(nn.Module):
+    """One adapter on one layer. Subclass per method; see the module docstring.
+
+    Attributes available to subclasses: ``self.layer`` (:class:`LayerView`),
+    ``self.config`` (the method's frozen config), ``self.scaling`` (``alpha/r`` or
+    ``alpha/√r``), ``self.param_dtype`` (create parameters in it), ``self.dtype`` (their dtype now).
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, layer: LayerView, config: AdapterConfig, *, dtype: torch.dtype) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the base stays where it is
+        self.config = config
+        self.scaling = config.scaling
+        self.param_dtype = dtype  # what build() creates parameters in
+        self.merged = False  # set by the engine while this adapter is folded into the weight
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.build()
+        self.reset_parameters()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the adapter's parameters (inputs are cast to it)."""
+        p = next(self.parameters(), None)
+        return self.param_dtype if p is None else p.dtype
+
+    # -- what a method defines
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- optional hooks with shared defaults
+    def compose(
+        self, y: torch.Tensor, x: torch.Tensor, base: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The layer output with this adapter added: ``y + Δ(x)``."""
+        return y + self.delta(x, base).to(y.dtype)
+
+    def merge_terms(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(c, E)`` with ``ΔW = c ⊙ W + E`` (``c`` per output row, or None): how to merge.
+
+        The default is ``(None, delta_weight())``. A method whose ``ΔW`` depends on the base
+        weight (DoRA) returns a row scale ``c``, and must keep returning the same terms
+        while ``self.merged`` is True (the base weight then holds the merged value), so
+        unmerge can invert ``W' = (1 + Σc) ⊙ W + ΣE``.
+        """
+        return None, self.delta_weight()
+
+    @classmethod
+    def check_layer(cls, layer: LayerView, config: AdapterConfig) -> str | None:
+        """A reason this layer cannot take this adapter, or None. Default: rank limit."""
+        limit = min(layer.out_features, layer.in_features)
+        if config.r > limit:
+            return (
+                f"r={config.r} exceeds min(out, in) = min({layer.out_features}, "
+                f"{layer.in_features}) = {limit}"
+            )
+        return None
+
+    def peft_config(self) -> dict[str, Any] | None:
+        """PEFT ``adapter_config.json`` fields for this adapter, or None if PEFT has none."""
+        return None
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's names (suffix after the module path, adapter name removed)."""
+        raise ConfigError(f"method {self.method!r} has no PEFT equivalent")
+
+    def peft_to_native(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map PEFT-named tensors to this adapter's ``state_dict`` names and shapes."""
+        raise ConfigError(f"method {self.method!r} has no PEFT equivalent")
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, r={self.config.r}, scaling={self.scaling:g}"
+
+
+# ----------------------------------------------------------------------------- registries
+
+_METHODS: dict[str, type[Adapter]] = {}
+_INITIALISERS: dict[str, tuple[str, Callable[..., None]]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator: make an :class:`Adapter` subclass available as ``method=name``."""
+
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ConfigError(f"adapter method {name!r} is already registered")
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            raise ConfigError(f"{cls!r} must subclass rankwise.adapters.base.Adapter")
+        cls.method = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def method_names() -> list[str]:
+    importlib.import_module("rankwise.adapters.methods")
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Adapter]:
+    """The adapter class registered as ``name``; ConfigError listing the known ones."""
+    names = method_names()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown adapter method {name!r}; registered methods: {names}")
+    return _METHODS[name]
+
+
+def register_initialiser(
+    name: str, *, scope: str = "layer"
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: make ``init=name`` call this function (``scope`` "layer" or "model")."""
+    if scope not in ("layer", "model"):
+        raise ConfigError(f"initialiser scope must be 'layer' or 'model', got {scope!r}")
+
+    def deco(fn: Callable[..., None]) -> Callable[..., None]:
+        if name == "default":
+            raise ConfigError("'default' is reserved for the method's own reset_parameters()")
+        _INITIALISERS[name] = (scope, fn)
+        return fn
+
+    return deco
+
+
+def initialiser_names() -> list[str]:
+    try:
+        importlib.import_module("rankwise.adapters.init")
+    except ModuleNotFoundError as e:
+        if e.name != "rankwise.adapters.init":
+            raise
+    return ["default", *sorted(_INITIALISERS)]
+
+
+def get_initialiser(name: str) -> tuple[str, Callable[..., None]] | None:
+    """``(scope, fn)`` for ``init=name``; None for "default"; ConfigError if unknown."""
+    names = initialiser_names()
+    if name == "default":
+        return None
+    if name not in _INITIALISERS:
+        raise ConfigError(f"unknown init {name!r}; available initialisers: {names}")
+    return _INITIALISERS[name]
+
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "LayerView",
+    "view_for",
+    "register_method",
+    "get_method",
+    "method_names",
+    "register_initialiser",
+    "get_initialiser",
+    "initialiser_names",
+]

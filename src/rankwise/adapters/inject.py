@@ -1,0 +1,553 @@
+"""Putting adapters into a model and managing them: attach, activate, disable, merge, delete.
+
+``attach`` replaces each target module with an :class:`AdaptedLayer` that holds the
+original module (``.base_layer``) and a ``ModuleDict`` of adapters keyed by name, so one
+layer can carry several adapters and any subset can be active::
+
+    y = base_layer(x) + Σ_{a active} Δ_a(dropout_a(x))
+
+Every adapter's ``Δ`` is relative to the base layer alone (adapters never see each
+other's output), so merging is the sum of the dense deltas and the order of adapters does
+not matter. Everything is validated before the model is touched: a failed call leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    LayerView,
+    get_initialiser,
+    get_method,
+    view_for,
+)
+from rankwise.errors import ConfigError, ModelError
+
+Targets = str | re.Pattern | Sequence[str | re.Pattern]
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen module plus named adapters. ``forward`` = base output + active adapters."""
+
+    def __init__(self, base_layer: nn.Module, view: LayerView) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "view", view)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled or not self.active:
+            return y
+        shared: dict[torch.dtype, torch.Tensor] = {}
+
+        def base_from_output(dtype: torch.dtype) -> torch.Tensor:
+            # W x without bias, recovered from the base output (computed at most once per dtype)
+            if dtype not in shared:
+                bias = self.view.bias
+                out = y if bias is None else y - bias.view(self.view.channel_shape(y))
+                shared[dtype] = out.to(dtype)
+            return shared[dtype]
+
+        out = y
+        for name in self.active:
+            adapter = self.adapters[name]
+            xa = x.to(adapter.dtype) if x.is_floating_point() else x
+            if (
+                adapter.training
+                and isinstance(adapter.dropout, nn.Dropout)
+                and x.is_floating_point()
+            ):
+                xa = adapter.dropout(xa)
+                out = adapter.compose(out, xa, lambda xa=xa: self.view.base_without_bias(xa))
+            else:
+                out = adapter.compose(out, xa, lambda a=adapter: base_from_output(a.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------- finding targets
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """``{module path: AdaptedLayer}`` for every adapted layer in ``model``."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters attached anywhere in ``model`` (first-seen order)."""
+    seen: dict[str, None] = {}
+    for layer in adapted_layers(model).values():
+        seen.update(dict.fromkeys(layer.adapters))
+    return list(seen)
+
+
+def _candidates(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    """Adaptable modules by user-facing path (wrapped ones by their wrapper's path), and
+    all module paths (for suggestions)."""
+    found: dict[str, nn.Module] = {}
+    everything: list[str] = []
+    skip: str | None = None
+    for path, module in model.named_modules():
+        if skip is not None and path.startswith(skip):
+            continue
+        if path:
+            everything.append(path)
+        if isinstance(module, AdaptedLayer):
+            found[path] = module.base_layer
+            skip = path + "."
+        elif view_for(module) is not None:
+            found[path] = module
+    return found, everything
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _matches(pattern: str | re.Pattern, path: str) -> bool:
+    if isinstance(pattern, re.Pattern):
+        return pattern.fullmatch(path) is not None
+    parts = path.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+    if _is_glob(pattern):
+        return any(fnmatch.fnmatchcase(s, pattern) for s in suffixes)
+    return pattern in suffixes
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """Module paths matched by ``targets``; every pattern must match an adaptable module.
+
+    ``targets`` is ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the output
+    head), a module name matched against the end of each path (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``), a glob (``"layers.*.mlp.*_proj"``), a compiled
+    ``re.Pattern`` (full match on the path), or a list of these.
+    """
+    found, everything = _candidates(model)
+    if isinstance(targets, str) and targets == "all-linear":
+        head = _output_head(model)
+        paths = [
+            p
+            for p, m in found.items()
+            if view_for(m).kind in ("linear", "transposed_linear") and m is not head
+        ]
+        if not paths:
+            raise ConfigError("targets='all-linear' matched no nn.Linear or Conv1D module")
+        return paths
+    patterns = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
+    if not patterns:
+        raise ConfigError("targets is empty; give module names, globs, regexes or 'all-linear'")
+    chosen: dict[str, None] = {}
+    problems = []
+    for pattern in patterns:
+        if not isinstance(pattern, (str, re.Pattern)):
+            raise ConfigError(f"target {pattern!r} must be a str or re.Pattern")
+        hits = [p for p in found if _matches(pattern, p)]
+        if hits:
+            chosen.update(dict.fromkeys(hits))
+            continue
+        shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+        other = [p for p in everything if _matches(pattern, p)]
+        if other:
+            kinds = sorted({type(model.get_submodule(p)).__name__ for p in other})
+            problems.append(
+                f"target {shown!r} matched only modules that cannot be adapted ({', '.join(kinds)}); "
+                "supported: nn.Linear, nn.Embedding, nn.Conv1d/2d, transformers Conv1D"
+            )
+            continue
+        names = sorted({p.rsplit(".", 1)[-1] for p in found} | set(found))
+        close = difflib.get_close_matches(shown, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {close}?" if close else ""
+        leaf = sorted({p.rsplit(".", 1)[-1] for p in found})
+        problems.append(
+            f"target {shown!r} matched no module{hint} (adaptable module names: {leaf[:20]})"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return list(chosen)
+
+
+# ----------------------------------------------------------------------------- attach
+
+
+@dataclass
+class AttachPlan:
+    """What ``attach`` will do (returned by ``attach(..., dry_run=True)``)."""
+
+    name: str
+    method: str
+    config: AdapterConfig
+    layers: dict[str, str] = field(default_factory=dict)  # path -> "Linear(64->64)"
+    parameters: int = 0
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.method} adapter {self.name!r}: {len(self.layers)} layers, "
+            f"{self.parameters:,} parameters"
+        ]
+        lines += [f"  {p}: {d}" for p, d in self.layers.items()]
+        return "\n".join(lines)
+
+
+def _default_dtype(view: LayerView) -> torch.dtype:
+    w = view.weight.dtype
+    return w if w in (torch.float32, torch.float64) else torch.float32
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def attach(
+    model: nn.Module,
+    method: str = "lora",
+    targets: Targets = "all-linear",
+    name: str = "default",
+    *,
+    dry_run: bool = False,
+    dtype: torch.dtype | None = None,
+    activate: bool = True,
+    **config: Any,
+) -> AttachPlan:
+    """Add adapter ``name`` of ``method`` to every module matched by ``targets``.
+
+    ``config`` are the method's options (``r=8, alpha=16, dropout=0.05, use_rslora=True``,
+    ``init="pissa"``...). Adapter parameters are float32 unless the base weight is
+    float32/float64 (then they follow it) or ``dtype`` says otherwise. The base model's
+    parameters are frozen; the new adapter is trainable and, with ``activate``, joins the
+    active set. Returns the :class:`AttachPlan`; with ``dry_run=True`` nothing changes.
+    Raises ConfigError (unknown method/option, bad rank, unmatched target, name clash)
+    or ModelError (a target is merged or cannot take this method), model unchanged.
+    """
+    cls = get_method(method)
+    cfg, _ = cls.config_class.from_dict(config)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"adapter name {name!r} must start with a letter or '_' and contain only "
+            "letters, digits, '_' and '-'"
+        )
+    init = get_initialiser(cfg.init)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"attach needs a torch.nn.Module, got {type(model).__name__}")
+    paths = resolve_targets(model, targets)
+    plan = AttachPlan(name=name, method=method, config=cfg)
+    problems: list[tuple[type[Exception], str]] = []
+    existing = adapted_layers(model)
+    for path in paths:
+        layer = existing.get(path)
+        module = layer.base_layer if layer is not None else model.get_submodule(path)
+        view = view_for(module)
+        if layer is not None and name in layer.adapters:
+            problems.append((ConfigError, f"{path} already has an adapter named {name!r}"))
+        elif layer is not None and layer.merged:
+            problems.append(
+                (ModelError, f"{path} has merged adapters {layer.merged}; unmerge first")
+            )
+        elif reason := cls.check_layer(view, cfg):
+            problems.append((ConfigError, f"{path}: {reason}"))
+        else:
+            kind = type(module).__name__
+            plan.layers[path] = f"{kind}({view.in_features}->{view.out_features})"
+    if problems:
+        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        text = "; ".join(msg for _, msg in problems[:4]) + more
+        raise problems[0][0](f"cannot attach {method} adapter {name!r}: {text}")
+    if dry_run:
+        for path in plan.layers:
+            module = existing[path].base_layer if path in existing else model.get_submodule(path)
+            probe = cls(_MetaView(view_for(module)), cfg, dtype=torch.float32)
+            plan.parameters += sum(p.numel() for p in probe.parameters())
+        return plan
+
+    created: dict[str, Adapter] = {}
+    wrapped: list[str] = []
+    try:
+        for path in plan.layers:
+            layer = existing.get(path)
+            if layer is None:
+                module = model.get_submodule(path)
+                layer = AdaptedLayer(module, view_for(module))
+            adapter = cls(layer.view, cfg, dtype=dtype or _default_dtype(layer.view))
+            if init is not None and init[0] == "layer":
+                init[1](adapter, **cfg.init_options)
+            created[path] = adapter
+            if path not in existing:
+                parent, child = _parent(model, path)
+                setattr(parent, child, layer)
+                wrapped.append(path)
+            layer.adapters[name] = adapter
+        if init is not None and init[0] == "model":
+            init[1](model, created, **cfg.init_options)
+    except BaseException:
+        for path in created:
+            layer = model.get_submodule(path)
+            if isinstance(layer, AdaptedLayer) and name in layer.adapters:
+                del layer.adapters[name]
+        for path in wrapped:
+            parent, child = _parent(model, path)
+            setattr(parent, child, getattr(parent, child).base_layer)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plan.parameters = sum(p.numel() for a in created.values() for p in a.parameters())
+    layers = adapted_layers(model)
+    for path in plan.layers:
+        if activate:
+            layers[path].active.append(name)
+    _sync_trainable(model)
+    return plan
+
+
+class _MetaView(LayerView):
+    """A view that reports the real layer's shapes but lives on the meta device (dry runs)."""
+
+    def __init__(self, inner: LayerView) -> None:
+        super().__init__(inner.module)
+        self._inner = inner
+        self.kind = inner.kind
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self._inner.weight
+        return torch.empty(w.shape, dtype=w.dtype, device="meta")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self._inner.bias
+        return None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
+
+    def weight_matrix(self) -> torch.Tensor:
+        return type(self._inner).weight_matrix(self)  # type: ignore[arg-type]
+
+    out_features = property(lambda self: type(self._inner).out_features.fget(self))
+    in_features = property(lambda self: type(self._inner).in_features.fget(self))
+
+
+# ----------------------------------------------------------------------------- activation
+
+
+def _sync_trainable(model: nn.Module) -> None:
+    for layer in adapted_layers(model).values():
+        for n, adapter in layer.adapters.items():
+            for p in adapter.parameters():
+                p.requires_grad_(n in layer.active)
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> None:
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {known}")
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly ``names`` active (and trainable) on every layer that has them."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    layers = adapted_layers(model)
+    merged = [p for p, layer in layers.items() if layer.merged]
+    if merged:
+        raise ModelError(f"layers {merged[:3]} have merged adapters; unmerge before set_active")
+    for layer in layers.values():
+        layer.active = [n for n in names if n in layer.adapters]
+    _sync_trainable(model)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    seen: dict[str, None] = {}
+    for layer in adapted_layers(model).values():
+        seen.update(dict.fromkeys(layer.active))
+    return list(seen)
+
+
+@contextlib.contextmanager
+def disable(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: run the base model alone (adapters skipped), then restore."""
+    layers = adapted_layers(model)
+    merged = [p for p, layer in layers.items() if layer.merged]
+    if merged:
+        raise ModelError(f"layers {merged[:3]} have merged adapters; unmerge before disable")
+    before = {p: layer.disabled for p, layer in layers.items()}
+    for layer in layers.values():
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for p, layer in layers.items():
+            layer.disabled = before[p]
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def _merge_problem(path: str, layer: AdaptedLayer) -> str | None:
+    w = layer.view.weight
+    if layer.view.is_quantized:
+        return f"{path}: weight dtype {w.dtype} is quantized; dequantize the model to merge"
+    if not isinstance(w, torch.Tensor) or type(w) not in (torch.Tensor, nn.Parameter):
+        return f"{path}: weight is a {type(w).__name__}, not a plain tensor; cannot merge"
+    return None
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> list[str]:
+    """Fold each layer's active adapters into its weight (float32 math, cast back).
+
+    Afterwards the model computes the same function with plain weights; ``unmerge``
+    restores the original weights up to float rounding. Returns the merged layer paths.
+    """
+    layers = {p: layer for p, layer in adapted_layers(model).items() if layer.active}
+    problems = [
+        _merge_problem(p, layer) or (f"{p}: already merged" if layer.merged else None)
+        for p, layer in layers.items()
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ModelError("cannot merge: " + "; ".join(problems))
+    for path, layer in layers.items():
+        w0 = layer.view.weight_matrix().float()
+        scale, offset = _merge_terms(layer, layer.active)
+        if scale is not None and bool((scale.abs() < 1e-12).any()):
+            raise ModelError(f"{path}: an adapter scales an output row to zero; cannot merge")
+        merged = w0 if scale is None else w0 * scale[:, None]
+        layer.view.set_weight_matrix(merged + offset)
+        layer.merged = list(layer.active)
+        for n in layer.merged:
+            layer.adapters[n].merged = True
+    return list(layers)
+
+
+def _merge_terms(layer: AdaptedLayer, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(c, E)`` with merged weight ``c ⊙ W + E`` (``c`` per output row, None if all ones)."""
+    scale = None
+    offset = torch.zeros(layer.view.out_features, layer.view.in_features)
+    offset = offset.to(layer.view.device)
+    for n in names:
+        c, e = layer.adapters[n].merge_terms()
+        offset += e.to(offset.device, torch.float32)
+        if c is not None:
+            scale = (
+                torch.ones_like(c, dtype=torch.float32) if scale is None else scale
+            ) + c.float()
+    return scale, offset
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> list[str]:
+    """Undo :func:`merge`: restore each merged layer's original weight (float32 math)."""
+    done = []
+    for path, layer in adapted_layers(model).items():
+        if not layer.merged:
+            continue
+        w = layer.view.weight_matrix().float()
+        scale, offset = _merge_terms(layer, layer.merged)
+        w = w - offset
+        if scale is not None:
+            w = w / scale[:, None]
+        layer.view.set_weight_matrix(w)
+        for n in layer.merged:
+            layer.adapters[n].merged = False
+        layer.merged = []
+        done.append(path)
+    return done
+
+
+# ----------------------------------------------------------------------------- delete, report
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` everywhere; layers left without adapters are unwrapped."""
+    _check_names(model, [name])
+    layers = adapted_layers(model)
+    merged = [p for p, layer in layers.items() if name in layer.merged]
+    if merged:
+        raise ModelError(f"adapter {name!r} is merged into {merged[:3]}; unmerge first")
+    for path, layer in layers.items():
+        if name not in layer.adapters:
+            continue
+        del layer.adapters[name]
+        layer.active = [n for n in layer.active if n != name]
+        if not layer.adapters:
+            parent, child = _parent(model, path)
+            setattr(parent, child, layer.base_layer)
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How many parameters train, overall and per adapter."""
+
+    trainable: int
+    total: int
+    by_adapter: dict[str, int]
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        per = ", ".join(f"{k}: {v:,}" for k, v in self.by_adapter.items())
+        return (
+            f"trainable {self.trainable:,} of {self.total:,} parameters "
+            f"({100 * self.fraction:.4f}%); per adapter: {per or 'none'}"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> TrainableReport:
+    """Count trainable vs all parameters, and each adapter's size."""
+    by_adapter: dict[str, int] = {}
+    for layer in adapted_layers(model).values():
+        for n, adapter in layer.adapters.items():
+            by_adapter[n] = by_adapter.get(n, 0) + sum(p.numel() for p in adapter.parameters())
+    params = list(model.parameters())
+    return TrainableReport(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        by_adapter=by_adapter,
+    )
+
+
+__all__ = [
+    "AdaptedLayer",
+    "AttachPlan",
+    "TrainableReport",
+    "attach",
+    "resolve_targets",
+    "adapted_layers",
+    "adapter_names",
+    "active_adapters",
+    "set_active",
+    "disable",
+    "merge",
+    "unmerge",
+    "delete",
+    "trainable_parameters",
+]
