@@ -51,7 +51,8 @@ registry, filled by ``rankwise.adapters.init`` (imported lazily on first lookup)
 
 A layer-scope initialiser gets the freshly built adapter (``reset_parameters()`` has run)
 and ``**init_options``; it may set the adapter's parameters and, for residual inits like
-PiSSA, the base weight via ``adapter.layer.set_weight_matrix(W)``. A model-scope one gets
+PiSSA, the base weight via ``adapter.layer.set_weight_matrix(W)``. The engine then calls
+``adapter.after_init()`` (DoRA uses it to reset its magnitude to the new row norms). A model-scope one gets
 the model and ``{module path: adapter}`` for every layer just attached. Both run after the
 whole attach is validated; an initialiser that raises leaves the adapter removed.
 """
@@ -383,6 +384,9 @@ class Adapter(nn.Module):
     ) -> torch.Tensor:
         """The layer output with this adapter added: ``y + Δ(x)``."""
         return y + self.delta(x, base).to(y.dtype)
+
+    def after_init(self) -> None:
+        """Called after an initialiser changed the parameters (DoRA re-reads its row norms)."""
 
     def merge_terms(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(c, E)`` with ``ΔW = c ⊙ W + E`` (``c`` per output row, or None): how to merge.

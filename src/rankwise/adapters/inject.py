@@ -299,6 +299,7 @@ def attach(
             adapter = cls(layer.view, cfg, dtype=dtype or _default_dtype(layer.view))
             if init is not None and init[0] == "layer":
                 init[1](adapter, **cfg.init_options)
+                adapter.after_init()
             created[path] = adapter
             if path not in existing:
                 parent, child = _parent(model, path)
@@ -307,6 +308,8 @@ def attach(
             layer.adapters[name] = adapter
         if init is not None and init[0] == "model":
             init[1](model, created, **cfg.init_options)
+            for adapter in created.values():
+                adapter.after_init()
     except BaseException:
         for path in created:
             layer = model.get_submodule(path)
