@@ -1,0 +1,168 @@
+"""Rank allocation: give every layer a rank so the layers together fit a parameter budget.
+
+The budget counts weight parameters of the layers being compressed; a layer at rank ``r``
+costs ``r (m + n)`` when that is below its dense size ``m n`` and stays dense (``None``)
+otherwise (``r ≥ ⌈mn/(m+n)⌉``: factors would be no smaller). Strategies:
+
+- ``uniform``: every layer keeps the same fraction ``t`` of its break-even rank.
+- ``energy``: every layer keeps the smallest rank holding a fraction ``t`` of the energy
+  ``Σ S²`` of the method's (weighted) spectrum.
+- ``welore``: one threshold on the weight's normalised singular values ``s_i / s_0``
+  (WeLore, Jaiswal et al. 2024): layers whose spectra decay fast (more low-rank) keep fewer ranks.
+- ``global``: greedy over all layers at once: repeatedly add the singular direction that
+  removes the most relative error per parameter it costs (``S_i² / Σ S²`` per ``m + n``). With
+  whitened spectra (SVD-LLM) ``S_i²`` is exactly the calibrated output error that direction
+  removes, so this spends parameters where they buy the most.
+
+The first three pick their knob ``t`` by bisection (largest ``t`` that fits); the leftover
+budget — never more than a few ranks — is then filled greedily as in ``global``, so every
+strategy ends within one rank step of the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rankwise.compress.base import breakeven_rank, layer_parameters
+from rankwise.errors import ConfigError
+
+STRATEGIES = ("uniform", "energy", "welore", "global")
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """What an allocator knows about one layer: its shape and singular values (descending)."""
+
+    out_features: int
+    in_features: int
+    spectrum: torch.Tensor  # (k,) the method's weighted singular values
+    weight_spectrum: torch.Tensor | None = None  # (k,) the raw weight's (for welore)
+
+    @property
+    def breakeven(self) -> int:
+        return breakeven_rank(self.out_features, self.in_features)
+
+    def cost(self, rank: int | None) -> int:
+        return layer_parameters(self.out_features, self.in_features, rank)
+
+
+Ranks = dict[str, "int | None"]
+
+
+def _normalise(ranks: dict[str, int], layers: dict[str, LayerSpectrum]) -> Ranks:
+    return {n: (None if r >= layers[n].breakeven else max(1, r)) for n, r in ranks.items()}
+
+
+def total_parameters(ranks: Ranks, layers: dict[str, LayerSpectrum]) -> int:
+    """Weight parameters of ``layers`` at ``ranks`` (``None``: dense)."""
+    return sum(layers[n].cost(r) for n, r in ranks.items())
+
+
+def minimum_parameters(layers: dict[str, LayerSpectrum]) -> int:
+    """The fewest weight parameters any allocation reaches: rank 1 everywhere."""
+    return sum(layer.cost(1) for layer in layers.values())
+
+
+def _fill(ranks: dict[str, int], layers: dict[str, LayerSpectrum], budget: int) -> dict[str, int]:
+    """Greedily add ranks (most relative error removed per parameter first) while they fit."""
+    ranks = dict(ranks)
+    used = total_parameters(_normalise(ranks, layers), layers)
+    energy = {n: layer.spectrum.double().pow(2) for n, layer in layers.items()}
+    totals = {n: float(e.sum()) or 1.0 for n, e in energy.items()}
+
+    def gain(name: str, rank: int) -> float:
+        layer = layers[name]
+        return float(energy[name][rank]) / totals[name] / (layer.out_features + layer.in_features)
+
+    heap = [(-gain(n, r), n) for n, r in ranks.items() if r < layers[n].breakeven]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        layer, rank = layers[name], ranks[name]
+        step = layer.cost(rank + 1) - layer.cost(rank)
+        if used + step > budget:
+            continue  # this layer's next rank no longer fits; smaller layers' may
+        ranks[name], used = rank + 1, used + step
+        if rank + 1 < layer.breakeven and rank + 1 < len(layer.spectrum):
+            heapq.heappush(heap, (-gain(name, rank + 1), name))
+    return ranks
+
+
+def _bisect(rank_at: Callable[[float], dict[str, int]], layers: dict[str, LayerSpectrum], budget: int) -> dict[str, int]:
+    """Ranks at the largest knob ``t ∈ [0, 1]`` whose allocation fits the budget."""
+    lo, hi = 0.0, 1.0
+    if total_parameters(_normalise(rank_at(hi), layers), layers) <= budget:
+        return rank_at(hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if total_parameters(_normalise(rank_at(mid), layers), layers) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return rank_at(lo)
+
+
+def _uniform(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int]]:
+    return lambda t: {n: max(1, int(t * layer.breakeven)) for n, layer in layers.items()}
+
+
+def _energy(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int]]:
+    cumulative = {}
+    for n, layer in layers.items():
+        e = layer.spectrum.double().pow(2).cumsum(0)
+        cumulative[n] = e / e[-1] if float(e[-1]) > 0 else torch.ones_like(e)
+
+    def rank_at(t: float) -> dict[str, int]:
+        # smallest r with cumulative[r - 1] >= t
+        target = torch.tensor([t], dtype=torch.float64)
+        return {n: max(1, int(torch.searchsorted(c, target)) + 1) for n, c in cumulative.items()}
+
+    return rank_at
+
+
+def _welore(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int]]:
+    normalised = {}
+    for n, layer in layers.items():
+        s = (layer.weight_spectrum if layer.weight_spectrum is not None else layer.spectrum).double()
+        normalised[n] = s / s[0] if float(s[0]) > 0 else torch.zeros_like(s)
+    # threshold θ = 1 - t on s_i / s_0: t = 0 keeps one direction, t = 1 keeps all
+    return lambda t: {n: max(1, int((s >= 1.0 - t).sum())) for n, s in normalised.items()}
+
+
+def allocate_ranks(
+    layers: dict[str, LayerSpectrum], budget: int, *, strategy: str = "global"
+) -> Ranks:
+    """Ranks (``None`` = stays dense) for ``layers`` using at most ``budget`` weight parameters.
+
+    Raises :class:`~rankwise.errors.ConfigError` for an unknown strategy or a budget below
+    :func:`minimum_parameters` (rank 1 everywhere).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"allocation {strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    if not layers:
+        raise ConfigError("no layers to allocate ranks to")
+    floor = minimum_parameters(layers)
+    if budget < floor:
+        raise ConfigError(
+            f"a budget of {budget:,} weight parameters is below the minimum {floor:,} "
+            "(rank 1 in every layer); raise the ratio or size target"
+        )
+    if strategy == "global":
+        ranks = {n: 1 for n in layers}
+    else:
+        rank_at = {"uniform": _uniform, "energy": _energy, "welore": _welore}[strategy](layers)
+        ranks = _bisect(rank_at, layers, budget)
+    return _normalise(_fill(ranks, layers, budget), layers)
+
+
+__all__ = [
+    "STRATEGIES",
+    "LayerSpectrum",
+    "allocate_ranks",
+    "total_parameters",
+    "minimum_parameters",
+]

@@ -1,0 +1,148 @@
+"""The compression report: ``report.json`` (every number with its recipe) and ``report.html``
+(a summary table plus per-layer rank and singular-value plots, PNGs embedded as base64 so
+the single file opens in any browser)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+from rankwise.compress.allocate import LayerSpectrum
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _rank_plot(rows: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["kind"] for r in rows})
+    colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for i, r in enumerate(rows):
+        kept = r["parameters_after"] / r["parameters_before"]
+        ax.bar(i, kept, color=colours[r["kind"]], width=0.9)
+    for k in kinds:
+        ax.bar([], [], color=colours[k], label=k)
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("parameters kept")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Fraction of each layer's parameters kept (1.0 = stays dense)")
+    ax.legend(ncol=min(len(kinds), 7), fontsize=8, loc="lower right")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _spectrum_plot(rows: list[dict], spectra: dict[str, LayerSpectrum]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r)
+    fig, axes = plt.subplots(1, len(by_kind), figsize=(3.2 * len(by_kind), 3.2), squeeze=False)
+    for ax, (kind, group) in zip(axes[0], sorted(by_kind.items()), strict=True):
+        cmap = plt.cm.viridis
+        for j, r in enumerate(group):
+            s = spectra[r["name"]].spectrum.double()
+            s = (s / s[0]).numpy() if float(s[0]) > 0 else s.numpy()
+            colour = cmap(j / max(1, len(group) - 1))
+            ax.semilogy(s, color=colour, lw=0.8)
+            if r["rank"] is not None:
+                ax.plot(r["rank"], s[min(r["rank"], len(s) - 1)], "o", color=colour, ms=3)
+        ax.set_title(f"{kind} ({len(group)})", fontsize=9)
+        ax.set_xlabel("index")
+    axes[0][0].set_ylabel("singular value / largest")
+    fig.suptitle("Method's (weighted) singular values per layer, early layers dark; dots = kept rank", fontsize=10)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(metric, before, after) rows shared by the HTML report and the CLI table."""
+    p = report["parameters"]
+    rows = [("parameters", _fmt(p["before"]), f"{_fmt(p['after'])} ({p['kept_fraction']:.1%} kept, {_fmt(p['removed'])} removed)")]
+    if "file_bytes" in report:
+        rows.append(("weights file", "", f"{report['file_bytes'] / 1e6:,.1f} MB"))
+    if "perplexity" in report:
+        q = report["perplexity"]
+        rows.append(("validation perplexity", f"{q['before']:.3f}", f"{q['after']:.3f}"))
+    if "decode" in report:
+        d = report["decode"]
+        rows.append(
+            (f"decode tokens/s ({d['new_tokens']} new, greedy)", f"{d['before_tokens_per_s']:.1f}", f"{d['after_tokens_per_s']:.1f} ({d['speedup']:.2f}x)")
+        )
+    rows.append(("compression time", "", f"{report['timing']['compress_s']:.1f} s"))
+    return rows
+
+
+def render_html(report: dict, spectra: dict[str, LayerSpectrum] | None = None) -> str:
+    """The report as one self-contained HTML page."""
+    head = "".join(f"<tr><td>{html.escape(m)}</td><td>{b}</td><td>{a}</td></tr>" for m, b, a in summary_rows(report))
+    layer_rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{_fmt(v)}</td>"
+            for v in (
+                r["name"],
+                f"{r['shape'][0]}x{r['shape'][1]}",
+                "dense" if r["rank"] is None else r["rank"],
+                r["breakeven_rank"],
+                r["parameters_after"],
+                r["relative_error"],
+            )
+        )
+        + "</tr>"
+        for r in report["layers"]
+    )
+    plots = f'<img alt="ranks" src="data:image/png;base64,{_rank_plot(report["layers"])}">'
+    if spectra:
+        plots += f'<img alt="spectra" src="data:image/png;base64,{_spectrum_plot(report["layers"], spectra)}">'
+    recipe = html.escape(json.dumps({k: report.get(k) for k in ("target", "calibration", "perplexity", "timing")}, indent=2, default=str))
+    title = f"rankwise compress: {html.escape(report['model'])} with {html.escape(report['method'])} ({html.escape(report['allocation'])} allocation)"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body><h1>{title}</h1>
+<p>Parameters count every distinct model parameter (embeddings included, tied weights once).</p>
+<table><tr><th>metric</th><th>before</th><th>after</th></tr>{head}</table>
+<h2>Layers</h2>{plots}
+<table><tr><th>layer</th><th>shape</th><th>rank</th><th>break-even rank</th><th>parameters</th><th>relative error</th></tr>{layer_rows}</table>
+<h2>Recipe</h2><pre>{recipe}</pre></body></html>
+"""
+
+
+def write_report(
+    report: dict, folder: str | os.PathLike, *, spectra: dict[str, LayerSpectrum] | None = None, html: bool = True
+) -> None:
+    """Write ``report.json`` (and ``report.html``) into ``folder``."""
+    folder = Path(folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if html:
+        (folder / "report.html").write_text(render_html(report, spectra))
+
+
+__all__ = ["write_report", "render_html", "summary_rows"]
