@@ -16,7 +16,7 @@ import typer
 
 from rankwise.errors import RankwiseError
 
-COMMANDS = ["info", "evaluate"]
+COMMANDS = ["info", "evaluate", "finetune"]
 
 app = typer.Typer(
     name="rankwise",

@@ -1,0 +1,91 @@
+"""``rankwise finetune``: train an adapter on a causal LM and save it in PEFT's format."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from rankwise import progress
+from rankwise.errors import ConfigError
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, true, lists)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def finetune_command(
+    model: str = typer.Option("smollm2", "--model", "-m", help="Model name, local folder or .gguf file."),
+    method: str = typer.Option("lora", "--method", help="Adapter method (see docs/adapters.md)."),
+    rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank r."),
+    alpha: float = typer.Option(None, "--alpha", help="Scale numerator (default: alpha = rank)."),
+    targets: str = typer.Option("all-linear", "--targets", help="Comma-separated module names / glob patterns, or all-linear."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Extra method option key=value (repeatable), e.g. -o init=pissa -o dropout=0.05."),
+    data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Blocks per process per micro-step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-steps per optimizer step."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training block."),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for activation memory."),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after (0: skip)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: str = typer.Option(None, "--out", help="Folder to save the adapter (PEFT format)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Fine-tune a causal LM with an adapter (AdamW, cosine schedule); saves in PEFT format.
+
+    Data-parallel: torchrun --nproc_per_node 2 -m rankwise finetune ...
+    """
+    from rankwise.adapters.finetune import FinetuneConfig, finetune
+
+    target_list = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = FinetuneConfig(
+        model=model, method=method, rank=rank, alpha=alpha, targets=target_list,
+        method_options=_parse_options(option), data=data, steps=steps, batch_size=batch_size,
+        grad_accum=grad_accum, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
+        gradient_checkpointing=gradient_checkpointing, eval_tokens=eval_tokens, seed=seed,
+        out=out, overwrite=overwrite,
+    )
+    result = finetune(config, progress=not as_json and progress.enabled())
+    if result.rank != 0:
+        return
+    if as_json:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps(asdict(result), indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    table = Table(title=f"rankwise finetune: {method} r={rank} on {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("trainable parameters", f"{result.trainable_parameters:,} of {result.total_parameters:,}")
+    table.add_row("steps", str(len(result.losses)))
+    table.add_row("loss first → last", f"{result.losses[0]:.4f} → {result.losses[-1]:.4f}")
+    table.add_row("val perplexity before", fmt(result.perplexity_before))
+    table.add_row("val perplexity after", fmt(result.perplexity_after))
+    table.add_row("tokens / s", f"{result.tokens_per_second:.0f}")
+    table.add_row("processes", str(result.world_size))
+    table.add_row("adapter saved to", result.out or "(not saved; pass --out)")
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune_command)
