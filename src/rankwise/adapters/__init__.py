@@ -32,6 +32,7 @@ from rankwise.adapters.inject import (
     trainable_parameters,
     unmerge,
 )
+from rankwise.adapters.io import load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
     "Adapter",
@@ -56,4 +57,7 @@ __all__ = [
     "set_active",
     "trainable_parameters",
     "unmerge",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
 ]

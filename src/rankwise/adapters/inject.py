@@ -284,7 +284,7 @@ def attach(
     if dry_run:
         for path in plan.layers:
             module = existing[path].base_layer if path in existing else model.get_submodule(path)
-            probe = cls(_MetaView(view_for(module)), cfg, dtype=torch.float32)
+            probe = cls(ShapeOnlyView(view_for(module)), cfg, dtype=torch.float32)
             plan.parameters += sum(p.numel() for p in probe.parameters())
         return plan
 
@@ -330,8 +330,8 @@ def attach(
     return plan
 
 
-class _MetaView(LayerView):
-    """A view that reports the real layer's shapes but lives on the meta device (dry runs)."""
+class ShapeOnlyView(LayerView):
+    """The real layer's shapes on the meta device: builds shape-only adapters for checks."""
 
     def __init__(self, inner: LayerView) -> None:
         super().__init__(inner.module)
