@@ -220,14 +220,29 @@ def _is_causal_lm(config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """Hide transformers' per-tensor bars for loads that take a second anyway."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf_folder(path: Path | str):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path)
-        cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-        model = cls.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _quiet_hf_progress():
+            config = AutoConfig.from_pretrained(path)
+            cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+            model = cls.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise ModelError(f"cannot load model from {str(path)!r}: {str(e).splitlines()[0]}") from e
     return model.eval(), tokenizer

@@ -38,7 +38,7 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"rankwise eval: {report['model']} on {report['data']} ({report['split']})")
+    table = Table(title=f"rankwise eval: {report['model']} on {report['data']}/{report['split']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("parameters", f"{report['parameters']:,}")
@@ -48,7 +48,9 @@ def eval_command(
     table.add_row("eval time", f"{report['eval_seconds']:.1f} s")
     table.add_row("load time", f"{report['load_seconds']:.1f} s")
     r = report["recipe"]
-    table.caption = f"seq_len={r['seq_len']} stride={r['stride']} bos={r['add_bos']} corpus={report['corpus_fingerprint']}"
+    table.add_row("recipe", f"seq_len={r['seq_len']} stride={r['stride']} bos={r['add_bos']}")
+    if report["corpus_fingerprint"]:
+        table.add_row("corpus", report["corpus_fingerprint"])
     Console().print(table)
 
 
