@@ -1,0 +1,83 @@
+"""Tiny models built in code and helpers shared by the adapter tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rankwise.adapters import adapted_layers
+
+
+def llama() -> nn.Module:
+    from rankwise.models import tiny_llama
+
+    model, _ = tiny_llama(seed=0)
+    return model.eval()
+
+
+def gpt2() -> nn.Module:
+    """A tiny GPT-2: its attention/MLP layers are transformers' transposed Conv1D."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=32)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    """Embedding, Conv1d, Conv2d and Linear in one small module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 6)
+        self.conv1 = nn.Conv1d(6, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4 * 4, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.embed(idx).transpose(1, 2))  # (N, 8, L)
+        h = self.conv2(h.reshape(h.shape[0], 2, 4, -1))  # (N, 4, 4, L)
+        return self.head(h.mean(-1).flatten(1))
+
+
+def tokens(n: int = 2, length: int = 12, vocab: int = 97, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g)
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def make_trained(model: nn.Module, name: str = "default", std: float = 0.1, seed: int = 0) -> None:
+    """Give adapter ``name`` non-zero 'trained-like' weights (B and magnitude included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            if name not in layer.adapters:
+                continue
+            for pname, p in layer.adapters[name].named_parameters():
+                noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * std
+                if "magnitude" in pname:
+                    p.mul_(1 + noise)
+                else:
+                    p.add_(noise)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+@pytest.fixture
+def tiny() -> nn.Module:
+    return llama()

@@ -1,0 +1,188 @@
+"""Saving/loading: PEFT's format both ways (real peft), rankwise's format, bad files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import ConvNet, assert_same_state, gpt2, llama, logits, make_trained, snapshot, tokens
+from safetensors.torch import load_file, save_file
+
+from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
+from rankwise.errors import CheckpointError, ConfigError
+
+CASES = [
+    (llama, "lora", ["q_proj", "v_proj", "embed_tokens"], {}),
+    (llama, "lora", ["o_proj", "gate_proj"], {"use_rslora": True}),
+    (llama, "dora", ["q_proj", "down_proj"], {}),
+    (gpt2, "lora", ["c_attn", "c_fc"], {}),
+    (gpt2, "dora", ["c_attn", "c_proj"], {}),
+]
+IDS = ["llama-lora+embedding", "llama-rslora", "llama-dora", "gpt2-lora", "gpt2-dora"]
+
+
+@pytest.mark.parametrize(("build", "method", "targets", "extra"), CASES, ids=IDS)
+def test_saved_here_loads_in_peft_with_equal_outputs(tmp_path, build, method, targets, extra):
+    from peft import PeftModel
+
+    model = build()
+    attach(model, method, targets=targets, r=4, alpha=8, **extra)
+    make_trained(model, std=0.2)
+    x = tokens()
+    save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["use_dora"] == (method == "dora") and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["fan_in_fan_out"] == (build is gpt2)
+    theirs = PeftModel.from_pretrained(build(), tmp_path)
+    torch.testing.assert_close(logits(theirs, x), logits(model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("build", "method", "targets", "extra"), CASES, ids=IDS)
+def test_peft_adapter_loads_here_with_equal_outputs(tmp_path, build, method, targets, extra):
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(
+        build(),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, use_dora=method == "dora",
+            fan_in_fan_out=build is gpt2, **extra,
+        ),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    theirs.save_pretrained(tmp_path)
+    ours = build()
+    plan = load_adapter(ours, tmp_path)
+    assert plan.method == method
+    x = tokens()
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_rankwise_format_round_trip_with_conv_and_embedding(tmp_path, method):
+    model = ConvNet()
+    attach(model, method, targets=["embed", "conv1", "conv2", "head"], r=2, name="mine")
+    make_trained(model, "mine")
+    x = tokens(vocab=20)
+    save_adapter(model, tmp_path / "native", "mine", format="rankwise")
+    save_adapter(model, tmp_path / "peft", "mine", format="peft")
+    for folder in ("native", "peft"):
+        fresh = ConvNet()
+        load_adapter(fresh, tmp_path / folder, name="mine")
+        torch.testing.assert_close(logits(fresh, x), logits(model, x), atol=1e-6, rtol=1e-5)
+
+
+def test_fresh_lora_saves_but_all_zero_is_refused(tmp_path, tiny):
+    attach(tiny, "lora", targets="q_proj", r=2)
+    save_adapter(tiny, tmp_path / "fresh")  # B = 0 but A is not: a valid starting point
+    with torch.no_grad():
+        for layer in adapted_layers(tiny).values():
+            layer.adapters["default"].lora_A.zero_()
+    with pytest.raises(CheckpointError, match="zero"):
+        save_adapter(tiny, tmp_path / "zero")
+    assert not (tmp_path / "zero" / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="no adapter named 'other'"):
+        save_adapter(tiny, tmp_path / "x", "other")
+
+
+def _saved(tmp_path, **kwargs):
+    model = llama()
+    attach(model, "lora", targets=["q_proj", "v_proj"], r=4, **kwargs)
+    make_trained(model)
+    save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def test_shape_mismatch_names_the_key_and_leaves_the_model_unchanged(tmp_path):
+    from rankwise.models import tiny_llama
+
+    folder = _saved(tmp_path)
+    other, _ = tiny_llama(hidden=32)  # another base model
+    before = snapshot(other)
+    with pytest.raises(CheckpointError, match=r"q_proj\.lora_A\.weight.*shape"):
+        load_adapter(other, folder)
+    assert_same_state(other, before)
+
+
+def test_transposed_factors_are_caught(tmp_path):
+    folder = _saved(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key].t().contiguous()  # (32, 4) -> (4, 32)
+    save_file(tensors, path)
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match="v_proj.lora_B.weight"):
+        load_adapter(model, folder)
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing_key", "extra_key", "nan", "bad_json"])
+def test_corrupt_files_raise_checkpoint_error_and_change_nothing(tmp_path, damage):
+    folder = _saved(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "bad_json":
+        (folder / "adapter_config.json").write_text("{not json")
+    else:
+        tensors = load_file(path)
+        key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+        if damage == "missing_key":
+            del tensors[key]
+        elif damage == "extra_key":
+            tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_C.weight"] = torch.ones(
+                1
+            )
+        else:
+            tensors[key][0, 0] = float("nan")
+        save_file(tensors, path)
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError):
+        load_adapter(model, folder)
+    assert_same_state(model, before)
+    assert not adapted_layers(model)
+
+
+def test_unknown_config_keys_warn_and_load(tmp_path):
+    folder = _saved(tmp_path)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["some_future_option"] = 3
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    model = llama()
+    with pytest.warns(UserWarning, match="some_future_option"):
+        load_adapter(model, folder)
+    assert adapted_layers(model)
+
+
+def test_writes_are_atomic_and_overwrite_cleanly(tmp_path):
+    model = llama()
+    attach(model, "lora", targets="q_proj", r=2)
+    make_trained(model)
+    save_adapter(model, tmp_path)
+    first = load_file(tmp_path / "adapter_model.safetensors")
+    make_trained(model, seed=3)
+    save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    second = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_loading_twice_under_one_name_is_a_clash(tmp_path):
+    folder = _saved(tmp_path)
+    model = llama()
+    load_adapter(model, folder)
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="already has"):
+        load_adapter(model, folder)
+    assert_same_state(model, before)
+    load_adapter(copy.deepcopy(model), folder, name="second")
