@@ -62,9 +62,10 @@ class CompressionResult:
 
 
 def count_parameters(model: nn.Module) -> int:
-    from rankwise.models import count_parameters as count
+    """Distinct parameters; quantized/indexed layers count as their storage (``layers.storage_parameters``)."""
+    from rankwise.compress.layers import storage_parameters
 
-    return count(model)
+    return storage_parameters(model)
 
 
 @torch.no_grad()
@@ -209,52 +210,57 @@ def compress(
     timing["calibrate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    decompositions: dict[str, Decomposition] = {}
     spectra: dict[str, LayerSpectrum] = {}
-    bar = Bar(len(layers), f"decompose ({chosen.name})", show=progress)
-    try:
-        for name, layer in layers.items():
-            bar.set(layer=name)
-            weight = layer.weight.detach().to(torch.float64)
-            stats = calibration.stats[name] if calibration is not None else None
-            dec = chosen.decompose(weight, stats)
-            decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
-            weight_s = torch.linalg.svdvals(weight) if allocation == "welore" else None
-            spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S, weight_s)
-            bar.update(1)
-    finally:
-        bar.close()
-    timing["decompose_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    ranks = allocate_ranks(spectra, target - fixed, strategy=allocation)
-    timing["allocate_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    rows = []
-    bar = Bar(len(layers), "factorise", show=progress)
-    try:
-        for name, layer in layers.items():
-            rank, dec = ranks[name], decompositions.pop(name)
-            rows.append(
-                {
-                    "name": name,
-                    "kind": _layer_kind(name),
-                    "shape": [layer.out_features, layer.in_features],
-                    "rank": rank,
-                    "breakeven_rank": spectra[name].breakeven,
-                    "parameters_before": layer.weight.numel(),
-                    "parameters_after": spectra[name].cost(rank),
-                    "relative_error": 0.0 if rank is None else math.sqrt(dec.relative_error(rank)),
-                }
-            )
-            if rank is not None:
+    rows = chosen.compress_model(net, layers, calibration, target - fixed, allocation=allocation, progress=progress)
+    if rows is not None:  # a whole-model method (layers.py types) did everything itself
+        timing["factorise_s"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        decompositions: dict[str, Decomposition] = {}
+        bar = Bar(len(layers), f"decompose ({chosen.name})", show=progress)
+        try:
+            for name, layer in layers.items():
+                bar.set(layer=name)
+                weight = layer.weight.detach().to(torch.float64)
                 stats = calibration.stats[name] if calibration is not None else None
-                _replace(net, name, chosen.factorize(layer, stats, rank, dec))
-            bar.update(1)
-    finally:
-        bar.close()
-    timing["factorise_s"] = time.perf_counter() - t0
+                dec = chosen.decompose(weight, stats)
+                decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
+                weight_s = torch.linalg.svdvals(weight) if allocation == "welore" else None
+                spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S, weight_s)
+                bar.update(1)
+        finally:
+            bar.close()
+        timing["decompose_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ranks = allocate_ranks(spectra, target - fixed, strategy=allocation)
+        timing["allocate_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rows = []
+        bar = Bar(len(layers), "factorise", show=progress)
+        try:
+            for name, layer in layers.items():
+                rank, dec = ranks[name], decompositions.pop(name)
+                rows.append(
+                    {
+                        "name": name,
+                        "kind": _layer_kind(name),
+                        "shape": [layer.out_features, layer.in_features],
+                        "rank": rank,
+                        "breakeven_rank": spectra[name].breakeven,
+                        "parameters_before": layer.weight.numel(),
+                        "parameters_after": spectra[name].cost(rank),
+                        "relative_error": 0.0 if rank is None else math.sqrt(dec.relative_error(rank)),
+                    }
+                )
+                if rank is not None:
+                    stats = calibration.stats[name] if calibration is not None else None
+                    _replace(net, name, chosen.factorize(layer, stats, rank, dec))
+                bar.update(1)
+        finally:
+            bar.close()
+        timing["factorise_s"] = time.perf_counter() - t0
     timing["compress_s"] = sum(timing.values())
     calibration_info = None
     if calibration is not None:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.compress.calibrate import LayerStats
+from rankwise.compress.calibrate import Calibration, LayerStats
 from rankwise.errors import ConfigError, ShapeError
 
 # ----------------------------------------------------------------------------- the layer
@@ -246,6 +246,26 @@ class CompressionMethod:
 
     def options(self) -> dict:
         return dataclasses.asdict(self)
+
+    def compress_model(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Linear],
+        calibration: Calibration | None,
+        budget: int,
+        *,
+        allocation: str = "global",
+        progress: bool = False,
+    ) -> list[dict] | None:
+        """Whole-model path for methods that are not one weighted SVD per layer (quantized,
+        sparse-dictionary, module-pair methods; see ``compress/layers.py``).
+
+        Replace modules of ``model`` in place so that ``layers`` take at most ``budget``
+        parameters of the model's dtype (as :func:`rankwise.compress.layers.storage_parameters`
+        counts them: bits / bits-per-parameter) and return one report row per layer, with the
+        keys ``api.compress`` writes. ``None`` (the default) selects the per-layer SVD path.
+        """
+        return None
 
     def factorize(
         self, layer: nn.Linear, stats: LayerStats | None, rank: int, decomposition: Decomposition | None = None

@@ -29,16 +29,23 @@ import torch
 from torch import nn
 
 from rankwise.compress.base import LowRankLinear
+from rankwise.compress.layers import install_module, module_spec, registered_modules
 from rankwise.errors import CheckpointError
 from rankwise.models import COMPRESSED_MARKER
 
 FORMAT = "rankwise-compressed"
 VERSION = 1
+VERSION_WITH_MODULES = 2  # adds "modules": registered layer types of compress/layers.py
 WEIGHTS = "model.safetensors"
 
 
 def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    outer = registered_modules(model)  # a LowRankLinear inside one of these is saved with it
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, LowRankLinear) and not any(n.startswith(o + ".") for o in outer)
+    }
 
 
 def check_output_folder(path: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -88,9 +95,10 @@ def save_compressed(
 
     final = check_output_folder(path, overwrite=overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
+    modules = {name: module_spec(m) for name, m in registered_modules(model).items()}
     marker = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION_WITH_MODULES if modules else VERSION,
         "method": method,
         "method_options": method_options or {},
         "model_class": type(model).__name__,
@@ -99,6 +107,7 @@ def save_compressed(
             name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
             for name, m in low_rank_modules(model).items()
         },
+        **({"modules": modules} if modules else {}),
     }
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp."))
     try:
@@ -126,7 +135,7 @@ def _read_marker(folder: Path) -> dict:
         raise CheckpointError(f"cannot read {COMPRESSED_MARKER} in {str(folder)!r}: {e}") from e
     if marker.get("format") != FORMAT or not isinstance(marker.get("low_rank"), dict):
         raise CheckpointError(f"{COMPRESSED_MARKER} in {str(folder)!r} is not a rankwise compressed-model marker")
-    if int(marker.get("version", 0)) > VERSION:
+    if int(marker.get("version", 0)) > VERSION_WITH_MODULES:
         raise CheckpointError(
             f"{str(folder)!r} was written by a newer rankwise (format version {marker['version']}); upgrade rankwise"
         )
@@ -178,6 +187,8 @@ def load_compressed(path: str | os.PathLike):
     model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, dtype=dtype)
     for name, spec in marker["low_rank"].items():
         _swap(model, name, spec, dtype)
+    for name, spec in marker.get("modules", {}).items():
+        install_module(model, name, spec, dtype)
     try:
         missing, unexpected = load_safetensors(model, str(folder / WEIGHTS), strict=False)
     except (RuntimeError, SafetensorError) as e:
