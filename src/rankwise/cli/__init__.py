@@ -16,7 +16,7 @@ import typer
 
 from rankwise.errors import RankwiseError
 
-COMMANDS = ["info", "evaluate", "finetune"]
+COMMANDS = ["info", "evaluate", "finetune", "compress"]
 
 app = typer.Typer(
     name="rankwise",

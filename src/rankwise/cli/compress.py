@@ -1,0 +1,81 @@
+"""``rankwise compress``: factorise a model's linear layers to a parameter or size target."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from rankwise import progress
+
+
+def compress_command(
+    model: str = typer.Option("smollm2", "--model", "-m", help="Model name (smollm2, tiny-llama, ...) or local folder."),
+    method: str = typer.Option("svdllm", "--method", help="Compression method (see `rankwise compress --list-methods`)."),
+    ratio: float = typer.Option(None, "--ratio", help="Fraction of ALL model parameters to keep, in (0, 1] (default 0.8)."),
+    size: str = typer.Option(None, "--size", help="Target weights-file size instead of --ratio, e.g. 400MB."),
+    allocation: str = typer.Option("global", "--allocate", help="Rank allocation: uniform, energy, welore or global."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (refused if it exists, unless --overwrite)."),
+    data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split)."),
+    eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Validation tokens for perplexity before/after."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration / evaluation sequence."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html (report.json is always written)."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity and decode speed before/after."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    list_methods: bool = typer.Option(False, "--list-methods", help="List registered methods and exit."),
+) -> None:
+    """Compress a model with low-rank factorisation; save it, a report, and print before/after."""
+    from rankwise.compress.base import METHODS, method_names
+
+    if list_methods:
+        for name in method_names():
+            typer.echo(f"{name:10s} {METHODS[name].summary}")
+        return
+    from rankwise.compress.api import compress
+    from rankwise.errors import ConfigError
+
+    if out is None:
+        raise ConfigError("--out is required: the folder to write the compressed model to")
+    result = compress(
+        model,
+        method=method,
+        ratio=ratio,
+        size=size,
+        allocation=allocation,
+        data=data,
+        calib_tokens=calib_tokens,
+        seq_len=seq_len,
+        out=out,
+        overwrite=overwrite,
+        evaluate=evaluate,
+        eval_tokens=eval_tokens,
+        measure_speed=evaluate,
+        report_html=report,
+        progress=not as_json and progress.enabled(),
+    )
+    rep = result.report
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in rep.items() if k != "layers"} | {"path": str(result.path)}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from rankwise.compress.report import summary_rows
+
+    table = Table(title=f"rankwise compress: {rep['model']} with {rep['method']} ({rep['allocation']} allocation)")
+    for col in ("metric", "before", "after"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in summary_rows(rep):
+        table.add_row(*row)
+    caption = "parameters: all distinct model parameters (embeddings included, tied once)"
+    if "perplexity" in rep:
+        r = rep["perplexity"]["recipe"]
+        caption += f"; perplexity: validation split, seq_len={r['seq_len']}, {r['scored_tokens']:,} tokens"
+    table.caption = caption + f"\nwritten to {result.path} (report.json{', report.html' if report else ''})"
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress_command)
