@@ -37,3 +37,49 @@ __all__ = [
 ]
 
 # --- other linalg kernels (streaming, completion, recovery, concat_svd, monarch, dct) below ---
+
+from rankwise.linalg.completion import CompletionResult, complete_altmin  # noqa: E402
+from rankwise.linalg.concat import (  # noqa: E402
+    ConcatClusters,
+    ConcatSVD,
+    cluster_concat,
+    concat_svd,
+    concat_svd_update,
+)
+from rankwise.linalg.dct import DCTSelection, dct_basis, dct_select  # noqa: E402
+from rankwise.linalg.monarch import (  # noqa: E402
+    MonarchFactors,
+    monarch_dense,
+    monarch_matmul,
+    monarch_project,
+)
+from rankwise.linalg.recovery import (  # noqa: E402
+    RecoveryResult,
+    SensingOperator,
+    recover_sensing,
+    recover_subgradient,
+)
+from rankwise.linalg.streaming import TopEigResult, streaming_top_eigvec  # noqa: E402
+
+__all__ += [
+    "CompletionResult",
+    "ConcatClusters",
+    "ConcatSVD",
+    "DCTSelection",
+    "MonarchFactors",
+    "RecoveryResult",
+    "SensingOperator",
+    "TopEigResult",
+    "cluster_concat",
+    "complete_altmin",
+    "concat_svd",
+    "concat_svd_update",
+    "dct_basis",
+    "dct_select",
+    "monarch_dense",
+    "monarch_matmul",
+    "monarch_project",
+    "recover_sensing",
+    "recover_subgradient",
+    "streaming_top_eigvec",
+]

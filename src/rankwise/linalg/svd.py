@@ -376,7 +376,8 @@ def rsvd(
         power_iters: Krylov depth q (blocks after the first). ``"auto"``: keep adding
             blocks until the leading ``rank`` singular value estimates (which only grow)
             change by less than 1e-3 relative over one block, at most 16 blocks; with
-            ``tol``, until the tolerance is met. An int fixes q (with ``tol``: caps it).
+            ``tol``, until the tolerance is met and one more block no longer lowers the
+            rank picked. An int fixes q (with ``tol``: caps it).
         tol: fixed-accuracy mode. Grow the basis a block at a time until the rank-k
             truncation has ``‖A - U_k S_k Vh_k‖_F <= tol ‖A‖_F`` for some ``k <= rank``;
             return the smallest such k (the largest over a batch; ``ranks`` holds each).
@@ -424,20 +425,27 @@ def rsvd(
     Bt = None  # (..., n, L) = (QᵀA)ᵀ
     gram = None  # (..., L, L) float64 Gram of QᵀA, grown a block at a time
     prev = None
+    k_met = -1  # tol mode: the rank that met tol at the previous block
     depth = 0
     while True:
         Z = op.rmatmul(Qj)  # (..., n, b_j)
         Bt = Z if Bt is None else torch.cat([Bt, Z], -1)
         gram = _grow_gram(gram, Bt, Z)
-        ritz = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)  # σ² estimates, descending
         width = Q.shape[-1]
         if width >= n:  # the basis spans everything: exact
             break
+        if auto or tol is not None:  # σ² estimates, descending
+            ritz = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
         if tol is not None:
             kk = min(k, width)
-            resid2 = fro2.unsqueeze(-1) - ritz[..., :kk].cumsum(-1)
-            if bool((resid2[..., -1] <= tol**2 * fro2).all()):
-                break
+            resid2 = fro2.unsqueeze(-1) - ritz[..., :kk].cumsum(-1)  # (..., kk)
+            ok = resid2 <= tol**2 * fro2.unsqueeze(-1)
+            if bool(ok.any(-1).all()):
+                # Met; with "auto", go on until one more block no longer lowers the rank.
+                k_now = int(ok.int().argmax(-1).max()) + 1
+                if not auto or k_now == k_met:
+                    break
+                k_met = k_now
         elif auto and prev is not None:
             s_now = ritz[..., :k].sqrt()
             s_old = prev[..., :k].sqrt()
@@ -447,7 +455,7 @@ def rsvd(
                 break
         if max_depth is not None and depth >= max_depth:
             break
-        prev = ritz
+        prev = ritz if auto or tol is not None else None
         W = op.matmul(Z)[..., : min(b, n - width)]  # (..., m, b_j)
         Qj = _orth_against(W, Q)
         Q = torch.cat([Q, Qj], -1)
@@ -457,6 +465,7 @@ def rsvd(
         K = k
         ranks = torch.full(batch, k, dtype=torch.long, device=op.device)
     else:
+        ritz = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
         kk = min(k, Q.shape[-1])
         resid2 = fro2.unsqueeze(-1) - ritz[..., :kk].cumsum(-1)  # (..., kk)
         ok = resid2 <= tol**2 * fro2.unsqueeze(-1)
