@@ -1,14 +1,15 @@
 """Low-rank matrix completion by alternating minimisation, linear in the observed entries.
 
 Only the observed entries ``(rows[t], cols[t], values[t])`` are ever touched: products
-with the sparse observed matrix are ``index_add`` scatters, the per-row ``r x r``
-least-squares systems are built by scattering outer products and solved in one batched
-Cholesky, so no dense ``m x n`` matrix is formed.
+with the sparse observed matrix are CSR sparse-times-dense products, the per-row ``r x r``
+least-squares Gram matrices are one CSR product with row-wise outer products, and all of
+them are solved in one batched Cholesky, so no dense ``m x n`` matrix is formed.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -63,7 +64,9 @@ class CompletionResult(NamedTuple):
 
 def _check_index(idx: object, name: str, size: int) -> torch.Tensor:
     if not isinstance(idx, torch.Tensor):
-        raise ShapeError(f"{_FN}: argument '{name}' must be a torch.Tensor; got {type(idx).__name__}")
+        raise ShapeError(
+            f"{_FN}: argument '{name}' must be a torch.Tensor; got {type(idx).__name__}"
+        )
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise ShapeError(
             f"{_FN}: argument '{name}' must hold integer indices; got dtype {idx.dtype}"
@@ -81,45 +84,70 @@ def _check_index(idx: object, name: str, size: int) -> torch.Tensor:
     return idx.long()
 
 
-def _spmm(out_idx, in_idx, vals, X, n_out):
-    """``S @ X`` for the sparse ``S`` with entries ``S[out_idx[t], in_idx[t]] = vals[t]``."""
-    out = X.new_zeros(n_out, X.shape[1])
-    return out.index_add_(0, out_idx, vals[:, None] * X[in_idx])
+class _Side(NamedTuple):
+    """The observed entries sorted by one index, as a CSR pattern ``(n_out, n_in)``.
+
+    ``out[t]``, ``inn[t]``, ``vals[t]`` are the entries in CSR order (by ``out``), so a
+    sparse-times-dense product with any per-entry weights is one CSR matmul.
+    """
+
+    crow: torch.Tensor  # (n_out + 1,)
+    out: torch.Tensor  # (|Omega|,)
+    inn: torch.Tensor  # (|Omega|,)
+    vals: torch.Tensor  # (|Omega|,)
+    n_out: int
+    n_in: int
+
+    @classmethod
+    def build(cls, out_idx, in_idx, vals, n_out, n_in):
+        order = torch.argsort(out_idx, stable=True)
+        counts = torch.bincount(out_idx, minlength=n_out)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(crow, out_idx[order], in_idx[order], vals[order], n_out, n_in)
+
+    def matmul(self, weights: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """``S @ X`` for the sparse ``S[out[t], inn[t]] = weights[t]`` (``X``: ``(n_in, c)``)."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            S = torch.sparse_csr_tensor(
+                self.crow, self.inn, weights, size=(self.n_out, self.n_in), check_invariants=False
+            )
+        return S @ X
 
 
-def _init_basis(rows, cols, vals, m, n, width, power_iter, generator):
+def _init_basis(rows: _Side, cols: _Side, width, power_iter, generator):
     """Randomized range finder for the rescaled observed matrix ``P_Omega(M) / p`` (m x n).
 
     Returns an orthonormal ``(m, width)`` basis; the ``1/p`` scale does not change the span.
     """
-    Omega = torch.randn(n, width, dtype=vals.dtype, device=vals.device, generator=generator)
-    Q = torch.linalg.qr(_spmm(rows, cols, vals, Omega, m)).Q  # (m, width)
+    vals = rows.vals
+    Omega = torch.randn(rows.n_in, width, dtype=vals.dtype, device=vals.device, generator=generator)
+    Q = torch.linalg.qr(rows.matmul(rows.vals, Omega)).Q  # (m, width)
     for _ in range(power_iter):  # re-orthonormalise after every product
-        Z = torch.linalg.qr(_spmm(cols, rows, vals, Q, n)).Q  # (n, width) = S^T Q
-        Q = torch.linalg.qr(_spmm(rows, cols, vals, Z, m)).Q  # (m, width) = S Z
+        Z = torch.linalg.qr(cols.matmul(cols.vals, Q)).Q  # (n, width) = S^T Q
+        Q = torch.linalg.qr(rows.matmul(rows.vals, Z)).Q  # (m, width) = S Z
     return Q
 
 
-def _solve_side(out_idx, in_idx, vals, F, n_out, reg, chunk):
+def _solve_side(side: _Side, F, reg):
     """Least squares for every output row: ``x_i = argmin sum_t (vals_t - f_{in_t}^T x_i)^2``.
 
-    Builds the ``(n_out, r, r)`` Gram matrices ``sum_t f f^T`` by scattering outer products
-    in chunks, damps each by ``reg * mean diagonal``, and solves them with one batched
-    Cholesky. Cost ``O(|Omega| r^2 + n_out r^3)``.
+    The ``(n_out, r, r)`` Gram matrices ``G_i = sum_{j in Omega_i} f_j f_j^T`` are one CSR
+    product of the 0/1 observation pattern with the row-wise outer products
+    ``f_j (x) f_j`` (``(n_in, r^2)``, no ``|Omega| x r^2`` temporary); each is damped by
+    ``reg * mean diagonal`` and all are solved in one batched Cholesky.
+    Cost ``O(|Omega| r^2 + n_out r^3)``.
     """
     r = F.shape[1]
-    gram = F.new_zeros(n_out, r, r)
-    rhs = F.new_zeros(n_out, r)
-    for s in range(0, out_idx.numel(), chunk):
-        o, f = out_idx[s : s + chunk], F[in_idx[s : s + chunk]]  # f: (c, r)
-        gram.index_add_(0, o, f[:, :, None] * f[:, None, :])
-        rhs.index_add_(0, o, vals[s : s + chunk, None] * f)
+    outer = (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], r * r)  # (n_in, r^2)
+    gram = side.matmul(torch.ones_like(side.vals), outer).reshape(side.n_out, r, r)
+    rhs = side.matmul(side.vals, F)  # (n_out, r)
     scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)  # (n_out,)
     floor = torch.finfo(F.dtype).tiny ** 0.5
     eye = torch.eye(r, dtype=F.dtype, device=F.device)
     damp = reg
-    X = F.new_zeros(n_out, r)
-    todo = torch.arange(n_out, device=F.device)
+    X = F.new_zeros(side.n_out, r)
+    todo = torch.arange(side.n_out, device=F.device)
     for _ in range(8):  # rows whose Gram is too singular get 1000x more damping
         A = gram[todo] + (damp * scale[todo] + floor)[:, None, None] * eye
         chol, info = torch.linalg.cholesky_ex(A)
@@ -132,32 +160,31 @@ def _solve_side(out_idx, in_idx, vals, F, n_out, reg, chunk):
     return X
 
 
-def _cg_side(out_idx, in_idx, vals, F, X0, n_out, reg, steps):
+def _cg_side(side: _Side, F, X0, reg, steps):
     """``steps`` batched conjugate-gradient steps on every row's normal equations.
 
     Never forms the ``r x r`` Gram matrices: each step costs ``O(|Omega| r)``, the
     approximate-update regime of robust alternating minimisation.
     """
-    f = F[in_idx]  # (|Omega|, r)
-    scale = _spmm(out_idx, in_idx, torch.ones_like(vals), F.square(), n_out).mean(-1)
+    f = F[side.inn]  # (|Omega|, r)
+    scale = side.matmul(torch.ones_like(side.vals), F.square()).mean(-1)  # mean Gram diagonal
     lam = (reg * scale + torch.finfo(F.dtype).tiny ** 0.5)[:, None]  # (n_out, 1)
 
     def normal(X):  # (sum_t f f^T + lam) X, row by row
-        pred = (X[out_idx] * f).sum(-1)
-        return F.new_zeros(n_out, F.shape[1]).index_add_(0, out_idx, pred[:, None] * f) + lam * X
+        return side.matmul((X[side.out] * f).sum(-1), F) + lam * X
 
-    b = F.new_zeros(n_out, F.shape[1]).index_add_(0, out_idx, vals[:, None] * f)
     X = X0.clone()
-    R = b - normal(X)
+    R = side.matmul(side.vals, F) - normal(X)
     P = R.clone()
     rs = R.square().sum(-1, keepdim=True)
+    tiny = torch.finfo(F.dtype).tiny
     for _ in range(steps):
         AP = normal(P)
-        alpha = rs / (P * AP).sum(-1, keepdim=True).clamp_min(torch.finfo(F.dtype).tiny)
+        alpha = rs / (P * AP).sum(-1, keepdim=True).clamp_min(tiny)
         X = X + alpha * P
         R = R - alpha * AP
         rs_new = R.square().sum(-1, keepdim=True)
-        P = R + rs_new / rs.clamp_min(torch.finfo(F.dtype).tiny) * P
+        P = R + rs_new / rs.clamp_min(tiny) * P
         rs = rs_new
     return X
 
@@ -181,7 +208,6 @@ def complete_altmin(
     cg_steps: int = 3,
     init_iter: int = 2,
     trim: float | None = None,
-    chunk_size: int = 1 << 16,
     generator: torch.Generator | None = None,
 ) -> CompletionResult:
     """Complete a low-rank matrix from observed entries by alternating least squares.
@@ -221,8 +247,6 @@ def complete_altmin(
         cg_steps: conjugate-gradient steps per update when ``solver="cg"``.
         init_iter: power iterations in the randomized initialisation.
         trim: incoherence bound ``mu`` for clipping the initial factor, or ``None``.
-        chunk_size: observed entries processed at once when building Gram matrices
-            (bounds the ``chunk_size x r x r`` temporary).
         generator: randomness of the initialisation; the same seed gives the same result.
 
     Returns:
@@ -250,7 +274,9 @@ def complete_altmin(
         )
     m, n = int(shape[0]), int(shape[1])
     if not isinstance(values, torch.Tensor):
-        raise ShapeError(f"{fn}: argument 'values' must be a torch.Tensor; got {type(values).__name__}")
+        raise ShapeError(
+            f"{fn}: argument 'values' must be a torch.Tensor; got {type(values).__name__}"
+        )
     check_dtype(values.dtype, "values", fn)
     if values.ndim != 1 or values.numel() == 0:
         raise ShapeError(
@@ -275,7 +301,6 @@ def complete_altmin(
     init_iter = check_int(init_iter, "init_iter", fn, low=0)
     if trim is not None:
         trim = check_float(trim, "trim", fn, low=0.0, low_open=True)
-    chunk_size = check_int(chunk_size, "chunk_size", fn, low=1)
     check_generator(generator, fn, values.device)
 
     out_dtype = values.dtype
@@ -284,9 +309,11 @@ def complete_altmin(
     reg = max(reg, 4 * torch.finfo(vals.dtype).eps)
 
     # 1. spectral initialisation (oversampled range finder, then the top-r left vectors)
+    by_row = _Side.build(rows, cols, vals, m, n)  # P_Omega(M) in CSR, (m, n)
+    by_col = _Side.build(cols, rows, vals, n, m)  # its transpose, (n, m)
     width = min(rank + 10, m, n)
-    Q = _init_basis(rows, cols, vals, m, n, width, init_iter, generator)  # (m, width)
-    B = _spmm(cols, rows, vals, Q, n)  # (n, width) = S^T Q
+    Q = _init_basis(by_row, by_col, width, init_iter, generator)  # (m, width)
+    B = by_col.matmul(by_col.vals, Q)  # (n, width) = S^T Q
     Ub = torch.linalg.svd(B.mT, full_matrices=False).U  # (width, width)
     U = Q @ Ub[:, :rank]  # (m, r)
     if trim is not None:
@@ -299,14 +326,14 @@ def complete_altmin(
     for _ in range(max_iter):
         U, Ur = torch.linalg.qr(U)
         if solver == "cholesky":
-            V = _solve_side(cols, rows, vals, U, n, reg, chunk_size)
+            V = _solve_side(by_col, U, reg)
         else:  # warm start in the new basis: U V^T = Uq (V Ur^T)^T
-            V = _cg_side(cols, rows, vals, U, V @ Ur.mT, n, reg, cg_steps)
+            V = _cg_side(by_col, U, V @ Ur.mT, reg, cg_steps)
         Vq, Vr = torch.linalg.qr(V)
         if solver == "cholesky":
-            U = _solve_side(rows, cols, vals, Vq, m, reg, chunk_size)
+            U = _solve_side(by_row, Vq, reg)
         else:
-            U = _cg_side(rows, cols, vals, Vq, U @ Vr.mT, m, reg, cg_steps)
+            U = _cg_side(by_row, Vq, U @ Vr.mT, reg, cg_steps)
         V = Vq
         pred = (U[rows] * V[cols]).sum(-1)
         res = float((pred - vals).norm()) / norm_obs
