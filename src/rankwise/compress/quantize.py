@@ -19,6 +19,7 @@ really stores 3 bits per weight; :func:`storage_bits` counts codes + scales exac
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -42,6 +43,11 @@ def _check(bits: int, fmt: str, group_size: int) -> None:
 def codebook(bits: int, fmt: str = "nf") -> torch.Tensor:
     """The ``2^bits`` (``"nf"``) or ``2^bits − 1`` (``"int"``) levels in ``[-1, 1]``, ascending (float32)."""
     _check(bits, fmt, 1)
+    return _codebook(bits, fmt).clone()
+
+
+@functools.cache
+def _codebook(bits: int, fmt: str) -> torch.Tensor:
     half = 2 ** (bits - 1)
     if fmt == "int":
         return torch.arange(-(half - 1), half, dtype=torch.float64).div(half - 1).float()

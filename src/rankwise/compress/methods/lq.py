@@ -1,0 +1,254 @@
+"""``lq``: low-rank plus quantized decomposition ``W ≈ Q + L1 L2`` with per-layer bits and ranks
+chosen under a storage budget (LQ-LoRA, Guo et al. 2023, Sec. 3.1–3.3).
+
+Per layer and per configuration ``(bits, rank)``, alternate (Alg. 1, initialised with
+``Q = 0``, so the first ``L`` is the weight's own truncated SVD):
+
+    L ← SVD_r(W − Q)          Q ← quant(W − L)
+
+keeping the iterate with the smallest error ``‖F^½ (W − Q − L)‖_F`` (the error is not
+monotone; the paper stops early for the same reason). ``quant`` is the group-wise NF/int
+quantizer of ``quantize.py`` (absmax scale per ``group_size`` weights, float16 scales, packed
+codes). With ``fisher=True`` the error is weighted by the row Fisher information ``F = diag(f)``
+from calibration gradients (the paper weights each entry; rankwise's calibration keeps row
+sums, so the weighting is per output row), and ``L`` is the exact weighted best rank-``r``
+term ``diag(f)^-½ SVD_r(diag(f)^½ (W − Q))``.
+
+Allocation (the paper solves an integer linear program over quantization configurations):
+a greedy multiple-choice knapsack — every layer starts at its cheapest configuration, then
+repeatedly the (layer, configuration) upgrade with the most error removed per extra bit that
+still fits is taken, until none fits. Errors are absolute (``Σ`` over layers, as the ILP).
+
+Storage and ``--ratio``: a layer at ``(b, r)`` costs ``b`` bits per weight, 16 bits per group
+scale and ``r (out + in)`` parameters of the model's dtype for ``L1 (out, r)``, ``L2 (r, in)``;
+the budget is ``ratio ×`` the dense model's bits (``size`` = bytes), i.e. in parameter
+equivalents of the model's dtype. The layer is a
+:class:`~rankwise.compress.layers.QuantizedLowRankLinear`: ``Q`` is kept packed and
+dequantized on the fly in each forward (nothing cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from rankwise.compress.base import CompressionMethod, breakeven_rank, register_method
+from rankwise.compress.calibrate import Calibration
+from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
+from rankwise.compress.quantize import FORMATS, Quantized, dequantize, quantize, storage_bits
+from rankwise.errors import ConfigError
+from rankwise.progress import Bar
+
+
+class LQResult(NamedTuple):
+    """``W ≈ deq(Q) + L1 L2``: ``Q`` quantized, ``L1 (out, r)``, ``L2 (r, in)``; ``error`` = weighted ‖·‖²."""
+
+    Q: Quantized
+    L1: torch.Tensor
+    L2: torch.Tensor
+    error: float
+
+
+def lq_decompose(
+    weight: torch.Tensor,
+    *,
+    bits: int,
+    rank: int,
+    fmt: str = "nf",
+    group_size: int = 64,
+    iterations: int = 4,
+    row_weights: torch.Tensor | None = None,
+) -> LQResult:
+    """Alternate ``L = SVD_r(W − Q)``, ``Q = quant(W − L)`` and return the best iterate.
+
+    ``row_weights`` (``(out,)``, positive): weights ``f`` of the error ``Σ_i f_i ‖row_i‖²``.
+    ``rank = 0`` is plain quantization.
+    """
+    w = weight.detach().to(torch.float64)
+    f = (
+        torch.ones(w.shape[0], dtype=torch.float64)
+        if row_weights is None
+        else row_weights.to(torch.float64)
+    )
+    root = f.sqrt()[:, None]
+    empty = (w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1]))
+    if rank == 0:
+        q = quantize(w, bits=bits, fmt=fmt, group_size=group_size)
+        return LQResult(q, *empty, float((root * (w - dequantize(q).double())).pow(2).sum()))
+    best = None
+    residual_q = torch.zeros_like(w)
+    for _ in range(max(1, iterations)):
+        u, s, vh = torch.linalg.svd(root * (w - residual_q), full_matrices=False)
+        l1 = (u[:, :rank] * s[:rank]) / root  # (out, r)
+        l2 = vh[:rank]  # (r, in)
+        q = quantize(w - l1 @ l2, bits=bits, fmt=fmt, group_size=group_size)
+        residual_q = dequantize(q).double()
+        err = float((root * (w - residual_q - l1 @ l2)).pow(2).sum())
+        if best is None or err < best.error:
+            best = LQResult(q, l1, l2, err)
+    return best
+
+
+def _config_bits(
+    out_f: int, in_f: int, bits: int, rank: int, group_size: int, element_bits: int
+) -> int:
+    return (
+        storage_bits(out_f, in_f, bits=bits, group_size=group_size)
+        + rank * (out_f + in_f) * element_bits
+    )
+
+
+def choose_configurations(costs: torch.Tensor, errors: torch.Tensor, budget: float) -> torch.Tensor:
+    """Greedy multiple-choice knapsack: one configuration per layer, ``Σ cost ≤ budget``.
+
+    ``costs``, ``errors``: ``(layers, configs)``. Start at each layer's cheapest
+    configuration; repeatedly take the upgrade (higher cost, lower error) with the largest
+    error decrease per unit cost that fits. Returns the chosen index per layer.
+    """
+    choice = costs.argmin(1)
+    rows = torch.arange(costs.shape[0])
+    used = float(costs[rows, choice].sum())
+    if used > budget:
+        raise ConfigError(f"budget {budget:,.0f} is below the cheapest configuration ({used:,.0f})")
+    while True:
+        cur_cost = costs[rows, choice][:, None]
+        cur_err = errors[rows, choice][:, None]
+        extra = costs - cur_cost
+        gain = (cur_err - errors) / extra.clamp(min=1e-12)
+        ok = (extra > 0) & (errors < cur_err) & (used + extra <= budget)
+        if not bool(ok.any()):
+            return choice
+        gain = torch.where(ok, gain, torch.full_like(gain, -1.0))
+        flat = int(gain.argmax())
+        layer, config = divmod(flat, costs.shape[1])
+        used += float(extra[layer, config])
+        choice[layer] = config
+
+
+def _row_weights(calibration: Calibration | None, name: str) -> torch.Tensor:
+    """Row Fisher weights ``(out,)``, zeros floored at 1e-3 of the smallest positive one."""
+    if calibration is None or calibration.stats[name].fisher_rows is None:
+        raise ConfigError(
+            "lq fisher=True needs Fisher statistics (calibrate with 'fisher'); none were given"
+        )
+    fr = calibration.stats[name].fisher_rows.to(torch.float64)
+    if not bool((fr > 0).any()):
+        raise ConfigError(
+            f"lq: every gradient of {name!r} is zero; the calibration loss did not reach it"
+        )
+    return fr.clamp(min=float(fr[fr > 0].min()) * 1e-3)
+
+
+@register_method
+@dataclass(frozen=True)
+class LQLoRA(CompressionMethod):
+    """``W ≈ Q + L1 L2`` per layer, bits and rank per layer chosen greedily under the budget."""
+
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    ranks: tuple[int, ...] = (0, 16, 64)
+    fmt: str = "nf"
+    group_size: int = 64
+    iterations: int = 4
+    fisher: bool = False
+
+    name = "lq"
+    summary = "LQ-LoRA: W = quantized + low-rank, bits/rank per layer under a storage budget (LQ-LoRA 2023)"
+    needs = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
+            raise ConfigError(
+                f"lq bits must be a non-empty list of integers in [2, 8]; got {self.bits}"
+            )
+        if not self.ranks or any(r < 0 for r in self.ranks):
+            raise ConfigError(
+                f"lq ranks must be a non-empty list of integers >= 0; got {self.ranks}"
+            )
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"lq fmt must be one of {', '.join(FORMATS)}; got {self.fmt!r}")
+        if self.group_size < 1 or self.iterations < 1:
+            raise ConfigError(
+                f"lq group_size and iterations must be >= 1; got {self.group_size}, {self.iterations}"
+            )
+        if self.fisher:
+            object.__setattr__(self, "needs", frozenset({"fisher"}))
+
+    def compress_model(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Linear],
+        calibration: Calibration | None,
+        budget: int,
+        *,
+        allocation: str = "global",
+        progress: bool = False,
+    ) -> list[dict]:
+        element_bits = next(model.parameters()).element_size() * 8
+        names = list(layers)
+        configs = [(b, r) for b in self.bits for r in self.ranks]
+        costs = torch.full((len(names), len(configs)), float("inf"), dtype=torch.float64)
+        errors = torch.full_like(costs, float("inf"))
+        results: dict[tuple[str, int], LQResult] = {}
+        bar = Bar(len(names) * len(configs), "lq: decompose", show=progress)
+        for i, name in enumerate(names):
+            layer = layers[name]
+            m, n = layer.out_features, layer.in_features
+            row_weights = _row_weights(calibration, name) if self.fisher else None
+            for j, (bits, rank) in enumerate(configs):
+                bar.update(1)
+                if rank >= breakeven_rank(m, n) // 2 and rank > 0:
+                    continue  # a factor this large is no longer "low rank" for this layer
+                res = lq_decompose(
+                    layer.weight,
+                    bits=bits,
+                    rank=rank,
+                    fmt=self.fmt,
+                    group_size=self.group_size,
+                    iterations=self.iterations,
+                    row_weights=row_weights,
+                )
+                results[(name, j)] = res
+                costs[i, j] = (
+                    _config_bits(m, n, bits, rank, self.group_size, element_bits) / element_bits
+                )
+                errors[i, j] = res.error
+        bar.close()
+        choice = choose_configurations(costs, errors, float(budget))
+        rows = []
+        for i, name in enumerate(names):
+            layer, j = layers[name], int(choice[i])
+            bits, rank = configs[j]
+            res = results[(name, j)]
+            dtype = layer.weight.dtype
+            bias = None if layer.bias is None else layer.bias.detach()
+            base = QuantizedLinear.from_quantized(res.Q, bias)
+            module = (
+                QuantizedLowRankLinear.from_factors(base, res.L1.to(dtype), res.L2.to(dtype))
+                if rank > 0
+                else base
+            )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+            energy = layer.weight.detach().double().pow(2)
+            if self.fisher:
+                energy = _row_weights(calibration, name)[:, None] * energy
+            scale = float(energy.sum())
+            rows.append(
+                {
+                    "name": name,
+                    "kind": name.rsplit(".", 1)[-1],
+                    "shape": [layer.out_features, layer.in_features],
+                    "rank": rank,
+                    "bits": bits,
+                    "breakeven_rank": breakeven_rank(layer.out_features, layer.in_features),
+                    "parameters_before": layer.weight.numel(),
+                    "parameters_after": int(-(-costs[i, j] // 1)),
+                    "relative_error": (res.error / scale) ** 0.5 if scale > 0 else 0.0,
+                }
+            )
+        return rows
