@@ -1,0 +1,64 @@
+"""NLoRA: three trainable factors ``x ↦ W_res x + s · B M A x``, started by Nyström.
+
+StructuredLoRA (SLoRA) puts a small ``M`` (r, r) between LoRA's ``A`` (r, in) and ``B``
+(out, r). NLoRA initialises it from the generalized Nyström approximation
+``W ≈ (WX)(YᵀWX)⁺(YᵀW)`` (two sketches, no SVD): ``B``, ``A`` orthonormal, ``M`` the
+core, and the base becomes ``W_res = W - s·B M A`` so the model starts unchanged (the
+default ``init="nystrom"``, :func:`rankwise.adapters.init.nystrom`). With
+``int_tune=True`` (IntermediateTune) only ``M`` trains (``r²`` parameters per layer; ``B``
+and ``A`` are frozen buffers); otherwise ``r(out + in) + r²``. "NLoRA: Nyström-Initiated
+Low-Rank Adaptation for Large Language Models", 2025, Sec. 3.
+
+``init="default"`` is SLoRA's plain start: ``A`` Kaiming-uniform, ``M = I``, ``B = 0``
+(with ``int_tune`` that trains nothing; it exists for loading saved adapters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.adapters.base import AdapterConfig, register_method
+from rankwise.adapters.methods.lora_xs import LoraXSAdapter
+from rankwise.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NLoraConfig(AdapterConfig):
+    """NLoRA options: r, alpha, dropout, ``int_tune`` (train only ``M``); init "nystrom"."""
+
+    init: str = "nystrom"
+    int_tune: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.int_tune, bool):
+            raise ConfigError(f"int_tune must be True or False, got {self.int_tune!r}")
+
+
+@register_method("nlora")
+class NLoraAdapter(LoraXSAdapter):
+    """``ΔW = s · B M A`` (``lora_B``, ``lora_R`` = M, ``lora_A``); ``B``, ``A`` frozen with
+    ``int_tune``."""
+
+    config_class = NLoraConfig
+
+    def build(self) -> None:
+        r, out, inp = self.config.r, self.layer.out_features, self.layer.in_features
+        train = not self.config.int_tune
+        for name, shape in (("lora_B", (out, r)), ("lora_A", (r, inp))):
+            t = self._factor(*shape, trainable=train)
+            if train:
+                setattr(self, name, t)
+            else:
+                self.register_buffer(name, t)
+        self.lora_R = self._factor(r, r, trainable=True)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_R.copy_(torch.eye(self.config.r))
+            self.lora_B.zero_()
