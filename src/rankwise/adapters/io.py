@@ -87,6 +87,9 @@ _PEFT_HARMLESS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "lora_ga_config": None,
     "use_bdlora": None,
+    "kasa_config": None,
+    "monteclora_config": None,
+    "velora_config": None,
 }
 _PEFT_MUST_BE_DEFAULT = (
     "bias",
