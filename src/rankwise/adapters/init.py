@@ -553,6 +553,7 @@ def lora_sb(
     batch_size: int = 8,
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     n_iter: PowerIters = "auto",
+    exact: bool = False,
     seed: int = 0,
 ) -> None:
     """LoRA-SB: ``B, A`` from the first full fine-tuning update, ``R`` its best rank-r fit.
@@ -566,7 +567,9 @@ def lora_sb(
     orthogonal projection ``U Uᵀ G V Vᵀ`` of the full gradient, independent of ``alpha``
     ("Initialization using Update Approximation is a Silver Bullet...", Ponkshe et al.
     2024, Sec. 4). The model starts one (approximate) full step away from the base, as in
-    the paper. Applies to ``lora_sb`` (and ``lora_xs``) adapters.
+    the paper. Applies to ``lora_sb`` (and ``lora_xs``) adapters. ``n_iter``/``exact``/
+    ``seed`` choose the SVD as for ``pissa``; the gradients are averaged in float32 (float64 models: float64) and
+    the model's ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     where = "init='lora_sb'"
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
@@ -589,7 +592,7 @@ def lora_sb(
         update = -lr * (torch.sign(g) if optimizer == "adam" else g)
         if not bool(update.any()):
             raise ModelError(f"{where}: the loss does not depend on {path} (zero gradient)")
-        U, S, Vh = weight_svd(update, ad.config.r, n_iter=n_iter, seed=seed)
+        U, S, Vh = weight_svd(update, ad.config.r, n_iter=n_iter, exact=bool(exact), seed=seed)
         root = math.sqrt(ad.scaling)
         plans.append((ad, U / root, torch.diag(S), Vh / root))
     with torch.no_grad():
@@ -633,7 +636,8 @@ def _average_gradients(
                 raise ModelError(f"{where}: the loss is {float(loss)} on batch {n}")
             grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for (path, w), g in zip(weights.items(), grads, strict=True):
-                gm = _as_matrix(adapters[path], torch.zeros_like(w) if g is None else g).float()
+                g = torch.zeros_like(w) if g is None else g
+                gm = _as_matrix(adapters[path], g).to(_work_dtype(g))
                 sums[path] = gm if path not in sums else sums[path] + gm
             n += 1
     finally:
