@@ -29,6 +29,7 @@ dequantized on the fly in each forward (nothing cached).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -128,6 +129,58 @@ def choose_configurations(costs: torch.Tensor, errors: torch.Tensor, budget: flo
         choice[layer] = config
 
 
+def grow_ranks(
+    layers: dict[str, nn.Linear],
+    chosen: dict[str, LQResult | None],
+    row_weights: dict[str, torch.Tensor | None],
+    leftover: int,
+) -> dict[str, LQResult]:
+    """Spend ``leftover`` parameters on more rank for the chosen quantized layers.
+
+    With ``Q`` fixed, ``L = SVD_r(W − Q)`` is optimal at every rank, so each extra rank is taken
+    greedily where its squared singular value (weighted error removed) per ``out + in``
+    parameters is largest. The knapsack's configurations are coarse (a bit more per weight
+    is thousands of parameters); this fills the budget to within one rank step.
+    """
+    spectra, factors = {}, {}
+    for name, res in chosen.items():
+        if res is None:
+            continue
+        w = layers[name].weight.detach().to(torch.float64)
+        f = row_weights[name]
+        root = (
+            torch.ones(w.shape[0], 1, dtype=w.dtype) if f is None else f.to(w.dtype).sqrt()[:, None]
+        )
+        u, s, vh = torch.linalg.svd(root * (w - dequantize(res.Q).double()), full_matrices=False)
+        spectra[name], factors[name] = s, (u, vh, root)
+    ranks = {n: chosen[n].L1.shape[1] for n in spectra}
+    heap = [
+        (-(float(s[ranks[n]]) ** 2) / sum(layers[n].weight.shape), n)
+        for n, s in spectra.items()
+        if ranks[n] < len(s)
+    ]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        step = sum(layers[name].weight.shape)
+        if step > leftover:
+            continue
+        ranks[name] += 1
+        leftover -= step
+        if ranks[name] < len(spectra[name]):
+            heapq.heappush(heap, (-(float(spectra[name][ranks[name]]) ** 2) / step, name))
+    grown = {}
+    for name, r in ranks.items():
+        if r == chosen[name].L1.shape[1]:
+            continue
+        u, vh, root = factors[name]
+        s = spectra[name]
+        grown[name] = LQResult(
+            chosen[name].Q, (u[:, :r] * s[:r]) / root, vh[:r], float(s[r:].pow(2).sum())
+        )
+    return grown
+
+
 def _row_weights(calibration: Calibration | None, name: str) -> torch.Tensor:
     """Row Fisher weights ``(out,)``, zeros floored at 1e-3 of the smallest positive one."""
     if calibration is None or calibration.stats[name].fisher_rows is None:
@@ -153,6 +206,7 @@ class LQLoRA(CompressionMethod):
     group_size: int = 64
     iterations: int = 4
     fisher: bool = False
+    allow_dense: bool = True
 
     name = "lq"
     summary = "LQ-LoRA: W = quantized + low-rank, bits/rank per layer under a storage budget (LQ-LoRA 2023)"
@@ -191,6 +245,8 @@ class LQLoRA(CompressionMethod):
         element_bits = next(model.parameters()).element_size() * 8
         names = list(layers)
         configs = [(b, r) for b in self.bits for r in self.ranks]
+        if self.allow_dense:
+            configs.append((None, 0))  # the layer stays as it is (the budget allows full precision)
         costs = torch.full((len(names), len(configs)), float("inf"), dtype=torch.float64)
         errors = torch.full_like(costs, float("inf"))
         results: dict[tuple[str, int], LQResult] = {}
@@ -201,6 +257,9 @@ class LQLoRA(CompressionMethod):
             row_weights = _row_weights(calibration, name) if self.fisher else None
             for j, (bits, rank) in enumerate(configs):
                 bar.update(1)
+                if bits is None:
+                    costs[i, j], errors[i, j] = m * n, 0.0
+                    continue
                 if rank >= breakeven_rank(m, n) // 2 and rank > 0:
                     continue  # a factor this large is no longer "low rank" for this layer
                 res = lq_decompose(
@@ -219,21 +278,30 @@ class LQLoRA(CompressionMethod):
                 errors[i, j] = res.error
         bar.close()
         choice = choose_configurations(costs, errors, float(budget))
+        leftover = float(budget) - float(costs[torch.arange(len(names)), choice].sum())
+        chosen = {name: results.get((name, int(choice[i]))) for i, name in enumerate(names)}
+        weights = {n: _row_weights(calibration, n) if self.fisher else None for n in names}
+        grown = grow_ranks(layers, chosen, weights, int(leftover))
         rows = []
         for i, name in enumerate(names):
             layer, j = layers[name], int(choice[i])
             bits, rank = configs[j]
-            res = results[(name, j)]
-            dtype = layer.weight.dtype
-            bias = None if layer.bias is None else layer.bias.detach()
-            base = QuantizedLinear.from_quantized(res.Q, bias)
-            module = (
-                QuantizedLowRankLinear.from_factors(base, res.L1.to(dtype), res.L2.to(dtype))
-                if rank > 0
-                else base
-            )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            res = grown.get(name, chosen[name])
+            if name in grown:
+                rank = res.L1.shape[1]
+                costs[i, j] += (rank - configs[j][1]) * (layer.in_features + layer.out_features)
+                errors[i, j] = res.error
+            if res is not None:
+                dtype = layer.weight.dtype
+                bias = None if layer.bias is None else layer.bias.detach()
+                base = QuantizedLinear.from_quantized(res.Q, bias)
+                module = (
+                    QuantizedLowRankLinear.from_factors(base, res.L1.to(dtype), res.L2.to(dtype))
+                    if rank > 0
+                    else base
+                )
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module)
             energy = layer.weight.detach().double().pow(2)
             if self.fisher:
                 energy = _row_weights(calibration, name)[:, None] * energy
@@ -248,7 +316,7 @@ class LQLoRA(CompressionMethod):
                     "breakeven_rank": breakeven_rank(layer.out_features, layer.in_features),
                     "parameters_before": layer.weight.numel(),
                     "parameters_after": int(-(-costs[i, j] // 1)),
-                    "relative_error": (res.error / scale) ** 0.5 if scale > 0 else 0.0,
+                    "relative_error": (float(errors[i, j]) / scale) ** 0.5 if scale > 0 else 0.0,
                 }
             )
         return rows
