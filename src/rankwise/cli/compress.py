@@ -19,6 +19,7 @@ def compress_command(
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split)."),
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Validation tokens for perplexity before/after."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="New tokens generated (greedy) to time decoding before/after."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration / evaluation sequence."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html (report.json is always written)."),
@@ -52,6 +53,7 @@ def compress_command(
         evaluate=evaluate,
         eval_tokens=eval_tokens,
         measure_speed=evaluate,
+        decode_tokens=decode_tokens,
         report_html=report,
         progress=not as_json and progress.enabled(),
     )

@@ -26,7 +26,7 @@ from torch import nn
 
 from rankwise.compress.allocate import STRATEGIES, LayerSpectrum, allocate_ranks, minimum_parameters
 from rankwise.compress.base import Decomposition, get_method
-from rankwise.compress.calibrate import calibrate, linear_layers
+from rankwise.compress.calibrate import calibrate, calibration_blocks, linear_layers
 from rankwise.compress.checkpoint import check_output_folder, save_compressed
 from rankwise.errors import ConfigError, DataError
 from rankwise.progress import Bar
@@ -122,6 +122,7 @@ def compress(
     evaluate: bool = True,
     eval_tokens: int = 16384,
     measure_speed: bool = True,
+    decode_tokens: int = 64,
     report_html: bool = True,
     progress: bool = False,
 ) -> CompressionResult:
@@ -139,19 +140,13 @@ def compress(
     chosen = get_method(method, **(method_options or {}))
     if allocation not in STRATEGIES:
         raise ConfigError(f"allocation {allocation!r} is unknown; valid: {', '.join(STRATEGIES)}")
-    if calib_tokens < 1 or eval_tokens < 1:
-        raise ConfigError(f"calib_tokens and eval_tokens must be positive; got {calib_tokens}, {eval_tokens}")
+    if min(calib_tokens, eval_tokens, decode_tokens) < 1:
+        raise ConfigError(
+            f"calib_tokens, eval_tokens and decode_tokens must be positive; got {calib_tokens}, {eval_tokens}, {decode_tokens}"
+        )
     if out is not None:
         check_output_folder(out, overwrite=overwrite)
-    if isinstance(data, str | os.PathLike):
-        corpus = load_corpus(data)
-        calib_texts, eval_texts, fingerprint = corpus.calibration, corpus.validation, corpus.fingerprint()
-    else:
-        calib_texts = eval_texts = [t for t in data if t.strip()]
-        fingerprint = None
-        if not calib_texts:
-            raise DataError("data is an empty list of texts; pass some text to calibrate on")
-
+    _target_parameters(1, ratio, size, 4)  # validates ratio / size before anything is loaded
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ConfigError("pass tokenizer= together with a model object")
@@ -177,6 +172,17 @@ def compress(
             "raise --ratio or --size"
         )
 
+    if isinstance(data, str | os.PathLike):
+        corpus = load_corpus(data)
+        calib_texts, eval_texts, fingerprint = corpus.calibration, corpus.validation, corpus.fingerprint()
+    else:
+        calib_texts = eval_texts = [t for t in data if t.strip()]
+        fingerprint = None
+        if not calib_texts:
+            raise DataError("data is an empty list of texts; pass some text to calibrate on")
+    if chosen.needs:
+        calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
+
     report: dict = {
         "model": model_name,
         "method": chosen.name,
@@ -191,7 +197,7 @@ def compress(
     eval_kwargs = {"seq_len": seq_len, "max_tokens": eval_tokens}
     if evaluate:
         before = perplexity(net, tokenizer, eval_texts, **eval_kwargs, progress=progress)
-    speed_before = decode_speed(net, tokenizer) if measure_speed else None
+    speed_before = decode_speed(net, tokenizer, new_tokens=decode_tokens) if measure_speed else None
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -287,9 +293,9 @@ def compress(
             "corpus_fingerprint": fingerprint,
         }
     if measure_speed:
-        speed_after = decode_speed(net, tokenizer)
+        speed_after = decode_speed(net, tokenizer, new_tokens=decode_tokens)
         report["decode"] = {
-            "new_tokens": 64,
+            "new_tokens": decode_tokens,
             "batch": 1,
             "greedy_kv_cache": True,
             "before_tokens_per_s": speed_before,

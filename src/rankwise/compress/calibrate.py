@@ -95,7 +95,9 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return layers
 
 
-def _calibration_blocks(tokenizer, texts: Sequence[str], tokens: int, seq_len: int) -> torch.Tensor:
+def calibration_blocks(tokenizer, texts: Sequence[str], tokens: int, seq_len: int) -> torch.Tensor:
+    """The first ``tokens`` calibration tokens as blocks ``(tokens // seq_len, seq_len)``;
+    a clear error when the text is shorter than asked."""
     if tokens < seq_len:
         raise ConfigError(
             f"calib_tokens={tokens} is less than one sequence of seq_len={seq_len}; "
@@ -135,7 +137,7 @@ def calibrate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     layers = linear_layers(model) if layers is None else layers
-    blocks = _calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
+    blocks = calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
     want_gram, want_abs, want_fisher = (s in statistics for s in STATISTICS)
 
     stats = {n: LayerStats(m.in_features, m.out_features) for n, m in layers.items()}
@@ -147,7 +149,7 @@ def calibrate(
         def hook(module: nn.Module, args: tuple) -> None:
             if name in owner_of and owner_of[name] != name:
                 return  # shares its input with an earlier layer, already counted
-            x = args[0].detach()
+            x = args[0]  # the identity of this object tells which layers share an input
             hit = seen.get(id(x))
             if first_batch[0] and hit is not None and hit[0]() is x:
                 owner = hit[1]
@@ -156,7 +158,7 @@ def calibrate(
                 return
             owner_of[name] = name
             seen[id(x)] = (weakref.ref(x), name)
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
             s = stats[name]
             abs_sum = x2.abs().sum(0)
             if not torch.isfinite(abs_sum).all():
@@ -224,4 +226,4 @@ def calibrate(
     )
 
 
-__all__ = ["STATISTICS", "LayerStats", "Calibration", "calibrate", "linear_layers"]
+__all__ = ["STATISTICS", "LayerStats", "Calibration", "calibrate", "calibration_blocks", "linear_layers"]

@@ -1,0 +1,23 @@
+"""Shared fixtures for the compression tests: tiny models and calibration text built in code."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankwise.models import tiny_llama
+
+WORDS = (
+    "the quick brown fox jumps over the lazy dog while a compiler parses tokens into trees "
+    "and an interpreter walks them, raising errors when names are missing from the scope "
+)
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """Deterministic English-ish text: enough tokens for a few calibration blocks."""
+    return [f"{i}: " + WORDS * 3 for i in range(40)]
+
+
+@pytest.fixture()
+def tiny():
+    return tiny_llama(seed=0, layers=2, hidden=64)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from rankwise.compress.allocate import (
+    STRATEGIES,
+    LayerSpectrum,
+    allocate_ranks,
+    minimum_parameters,
+    total_parameters,
+)
+from rankwise.errors import ConfigError
+
+
+def spectra(seed: int = 0) -> dict[str, LayerSpectrum]:
+    """Layers of different shapes; some spectra decay fast (very low-rank), some slowly."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (m, n, decay) in enumerate([(64, 64, 0.5), (64, 128, 0.02), (128, 64, 0.1), (96, 96, 0.005)] * 3):
+        k = min(m, n)
+        s = torch.exp(-decay * torch.arange(k, dtype=torch.float64)) * (1 + 0.1 * torch.rand(k, generator=g, dtype=torch.float64))
+        s = s.sort(descending=True).values
+        out[f"layer{i}"] = LayerSpectrum(m, n, s, s)
+    return out
+
+
+def dense_total(layers):
+    return sum(layer.out_features * layer.in_features for layer in layers.values())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_allocation_meets_the_budget_within_one_percent(strategy, fraction):
+    layers = spectra()
+    budget = int(fraction * dense_total(layers))
+    ranks = allocate_ranks(layers, budget, strategy=strategy)
+    used = total_parameters(ranks, layers)
+    assert used <= budget
+    assert used >= budget - 0.01 * dense_total(layers)
+    for name, rank in ranks.items():  # factorised only below break-even
+        assert rank is None or 1 <= rank < layers[name].breakeven
+
+
+def test_global_allocation_has_less_error_than_uniform():
+    layers = spectra()
+    budget = int(0.5 * dense_total(layers))
+
+    def error(ranks):
+        return sum(
+            0.0 if r is None else float(layer.spectrum[r:].pow(2).sum() / layer.spectrum.pow(2).sum())
+            for layer, r in ((layers[n], r) for n, r in ranks.items())
+        )
+
+    uniform = allocate_ranks(layers, budget, strategy="uniform")
+    best = allocate_ranks(layers, budget, strategy="global")
+    assert error(best) < 0.9 * error(uniform)
+
+
+def test_welore_compresses_low_rank_layers_more():
+    layers = spectra()
+    ranks = allocate_ranks(layers, int(0.5 * dense_total(layers)), strategy="welore")
+    fast, slow = ranks["layer0"], ranks["layer3"]  # decay 0.5 vs 0.005, both square
+    fast = layers["layer0"].breakeven if fast is None else fast
+    slow = layers["layer3"].breakeven if slow is None else slow
+    assert fast / layers["layer0"].breakeven < slow / layers["layer3"].breakeven
+
+
+def test_budget_below_minimum_and_unknown_strategy_raise():
+    layers = spectra()
+    with pytest.raises(ConfigError, match="below the minimum"):
+        allocate_ranks(layers, minimum_parameters(layers) - 1)
+    with pytest.raises(ConfigError, match="valid: uniform"):
+        allocate_ranks(layers, dense_total(layers), strategy="magic")
+
+
+def test_full_budget_keeps_everything_dense():
+    layers = spectra()
+    ranks = allocate_ranks(layers, dense_total(layers), strategy="global")
+    assert all(r is None for r in ranks.values())

@@ -1,0 +1,73 @@
+import pytest
+
+from rankwise.compress.api import compress, parse_size
+from rankwise.errors import CheckpointError, ConfigError, DataError
+from rankwise.models import tiny_llama
+
+FAST = {"evaluate": False, "measure_speed": False, "seq_len": 64, "calib_tokens": 256}
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.2, 1.5, float("nan")])
+def test_ratio_outside_zero_one_is_refused(tiny, texts, ratio):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="ratio must be in"):
+        compress(model, tokenizer=tok, ratio=ratio, data=texts, **FAST)
+
+
+def test_size_below_what_any_rank_allows_names_the_option(tiny, texts):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="size='10KB'.*raise --ratio or --size"):
+        compress(model, tokenizer=tok, size="10KB", data=texts, **FAST)
+    with pytest.raises(ConfigError, match="either ratio"):
+        compress(model, tokenizer=tok, ratio=0.5, size="1MB", data=texts, **FAST)
+
+
+def test_size_target_is_met_within_one_percent(tiny, texts):
+    model, tok = tiny
+    result = compress(model, tokenizer=tok, size="360KB", data=texts, **FAST)
+    assert abs(result.report["parameters"]["after"] * 4 - 360_000) <= 0.01 * 360_000
+
+
+def test_parse_size():
+    assert parse_size("200MB") == 200_000_000
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("300MiB") == 300 * 2**20
+    assert parse_size("64k") == 64_000
+    for bad in ("lots", "-3MB", "0", "12XB"):
+        with pytest.raises(ConfigError, match="size"):
+            parse_size(bad)
+
+
+def test_calibration_text_too_short(tiny):
+    model, tok = tiny
+    with pytest.raises(DataError, match="calib_tokens"):
+        compress(model, tokenizer=tok, ratio=0.8, data=["a short text", "and another"], **FAST)
+
+
+def test_bad_method_allocation_and_existing_folder(tiny, texts, tmp_path):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="valid methods"):
+        compress(model, tokenizer=tok, method="zip", data=texts, **FAST)
+    with pytest.raises(ConfigError, match="allocation 'best'"):
+        compress(model, tokenizer=tok, allocation="best", data=texts, **FAST)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        compress(model, tokenizer=tok, data=texts, out=tmp_path / "out", **FAST)
+
+
+def test_failed_compression_leaves_the_model_untouched(texts):
+    model, tok = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataError):
+        compress(model, tokenizer=tok, ratio=0.8, data=["too short"], **FAST)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "energy", "welore", "global"])
+def test_every_allocation_reaches_the_ratio(tiny, texts, allocation):
+    model, tok = tiny
+    result = compress(model, tokenizer=tok, ratio=0.7, allocation=allocation, data=texts, **FAST)
+    p = result.report["parameters"]
+    assert abs(p["after"] - 0.7 * p["before"]) <= 0.01 * p["before"]
+    assert p["removed"] == p["before"] - p["after"]

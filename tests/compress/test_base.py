@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from rankwise.compress.base import (
+    LowRankLinear,
+    breakeven_rank,
+    damped_cholesky,
+    get_method,
+    least_squares_up,
+    method_names,
+    weighted_svd,
+)
+from rankwise.compress.calibrate import LayerStats
+from rankwise.errors import ConfigError, ShapeError
+
+
+def anisotropic_inputs(n: int, d: int, *, seed: int = 0) -> torch.Tensor:
+    """Strongly correlated inputs: a few directions carry almost all the energy."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    scales = torch.logspace(1, -2, d, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * scales @ basis.T  # (n, d)
+
+
+def test_low_rank_linear_matches_dense_product():
+    up, down, bias = torch.randn(7, 3), torch.randn(3, 5), torch.randn(7)
+    layer = LowRankLinear.from_factors(up, down, bias)
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(layer(x), x @ (up @ down).T + bias)
+    assert sum(p.numel() for p in layer.parameters()) == 3 * (7 + 5) + 7
+
+
+def test_low_rank_linear_rejects_bad_rank_and_factors():
+    with pytest.raises(ConfigError, match="rank must be in"):
+        LowRankLinear(5, 7, 6)
+    with pytest.raises(ShapeError):
+        LowRankLinear.from_factors(torch.randn(7, 3), torch.randn(4, 5))
+
+
+def test_breakeven_rank():
+    assert breakeven_rank(64, 64) == 32
+    assert breakeven_rank(576, 1536) == 419  # 576*1536/2112 = 418.9
+
+
+@pytest.mark.parametrize("kind", ["none", "left", "right_diag", "right_tri"])
+def test_weighted_svd_full_rank_reconstructs_and_truncation_is_optimal(kind):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    left = torch.rand(12, generator=g, dtype=torch.float64) + 0.1 if kind == "left" else None
+    right = None
+    if kind == "right_diag":
+        right = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
+    elif kind == "right_tri":
+        right = damped_cholesky(anisotropic_inputs(50, 9).T @ anisotropic_inputs(50, 9))
+    dec = weighted_svd(w, left=left, right=right)
+    up, down = dec.factors(9)
+    torch.testing.assert_close(up @ down, w)
+    # the weighted error at rank r equals the tail energy of S
+    a = torch.diag(left) if left is not None else torch.eye(12, dtype=torch.float64)
+    b = torch.eye(9, dtype=torch.float64) if right is None else (torch.diag(right) if right.ndim == 1 else right)
+    up, down = dec.factors(4)
+    err = torch.linalg.norm(a @ (w - up @ down) @ b) ** 2
+    torch.testing.assert_close(err, dec.S[4:].pow(2).sum())
+
+
+def test_damped_cholesky_factors_a_singular_gram():
+    x = torch.randn(3, 10, dtype=torch.float64)  # 3 tokens, 10 channels: rank 3
+    factor = damped_cholesky(x.T @ x)
+    assert torch.isfinite(factor).all()
+    assert torch.allclose(factor, factor.tril())
+
+
+def test_least_squares_up_beats_truncated_up_under_a_damped_whitening():
+    x = anisotropic_inputs(30, 40)  # fewer tokens than channels: the damping matters
+    gram = x.T @ x
+    w = torch.randn(16, 40, dtype=torch.float64)
+    dec = weighted_svd(w, right=damped_cholesky(gram, damp=1e-1))
+    up, down = dec.factors(6)
+    better = least_squares_up(w, down, gram)
+    err = lambda u: float(torch.linalg.norm((w - u @ down) @ x.T))  # noqa: E731
+    assert err(better) < err(up)
+    # and it is the least-squares optimum: a perturbation only makes it worse
+    assert err(better) <= err(better + 1e-3 * torch.randn_like(better))
+
+
+def test_whitened_methods_beat_plain_svd_on_correlated_inputs():
+    x = anisotropic_inputs(2000, 48, seed=3)
+    w = torch.randn(32, 48, dtype=torch.float64)
+    stats = LayerStats(48, 32, gram=x.T @ x, abs_sum=x.abs().sum(0), tokens=2000)
+
+    def output_error(name: str) -> float:
+        method = get_method(name)
+        up, down = method.refine(w, stats, *method.decompose(w, stats).factors(8))
+        return float(torch.linalg.norm((w - up @ down) @ x.T) / torch.linalg.norm(w @ x.T))
+
+    plain, whitened, scaled = output_error("svd"), output_error("svdllm"), output_error("asvd")
+    assert whitened < 0.5 * plain
+    assert scaled < plain
+
+
+def test_registry_names_and_errors():
+    names = method_names()
+    assert {"svd", "asvd", "svdllm", "fwsvd"} <= set(names)
+    with pytest.raises(ConfigError, match="valid methods"):
+        get_method("nope")
+    with pytest.raises(ConfigError, match="no option"):
+        get_method("svdllm", bogus=1)
+    with pytest.raises(ConfigError, match="damp"):
+        get_method("svdllm", damp=-1.0)
+    assert get_method("svdllm", update=False).update is False
