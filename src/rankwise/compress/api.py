@@ -26,7 +26,7 @@ from torch import nn
 
 from rankwise.compress.allocate import STRATEGIES, LayerSpectrum, allocate_ranks, minimum_parameters
 from rankwise.compress.base import Decomposition, get_method
-from rankwise.compress.calibrate import calibrate, calibration_blocks, linear_layers
+from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
 from rankwise.compress.checkpoint import check_output_folder, save_compressed
 from rankwise.errors import ConfigError, DataError
 from rankwise.progress import Bar
@@ -123,6 +123,7 @@ def compress(
     eval_tokens: int = 16384,
     measure_speed: bool = True,
     decode_tokens: int = 64,
+    calibration: Calibration | None = None,
     report_html: bool = True,
     progress: bool = False,
 ) -> CompressionResult:
@@ -132,6 +133,8 @@ def compress(
     place; pass ``tokenizer`` too). ``data``: ``"builtin"``, a text file/folder (its
     calibration split calibrates, its validation split evaluates) or a list of strings
     (used for both). ``allocation``: one of ``uniform``, ``energy``, ``welore``, ``global``.
+    ``calibration``: statistics from :func:`~rankwise.compress.calibrate.calibrate` on this
+    model, reused instead of calibrating again (benchmarks comparing methods).
     Returns a :class:`CompressionResult`; with ``out`` the folder is written atomically.
     """
     from rankwise.data import load_corpus, perplexity
@@ -180,7 +183,7 @@ def compress(
         fingerprint = None
         if not calib_texts:
             raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    if chosen.needs:
+    if chosen.needs and calibration is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
 
     report: dict = {
@@ -201,8 +204,14 @@ def compress(
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    calibration = None
-    if chosen.needs:
+    if calibration is not None:
+        missing = sorted(set(chosen.needs) - set(calibration.collected))
+        if missing or set(calibration.stats) != set(layers):
+            raise ConfigError(
+                f"the given calibration lacks {missing or 'some of these layers'}; "
+                f"calibrate with statistics={sorted(chosen.needs)} on this model"
+            )
+    elif chosen.needs:
         calibration = calibrate(
             net,
             tokenizer,

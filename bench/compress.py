@@ -1,0 +1,129 @@
+"""Compression benchmark: every registered method at 80% and 60% of parameters kept.
+
+Reports validation perplexity beside the dense model's, compression wall time (the
+calibration is shared by all methods and timed once), parameters kept/removed and greedy
+decode speed (batch 1, KV cache) of the compressed model against the dense one, timed
+interleaved. The ratio counts ALL distinct parameters (embeddings included, tied once).
+
+    .venv/bin/python bench/compress.py            # SmolLM2-135M, full
+    .venv/bin/python bench/compress.py --quick    # a small random Llama, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved, markdown_table, write_results  # noqa: E402
+
+from rankwise.compress.api import compress  # noqa: E402
+from rankwise.compress.base import METHODS, method_names  # noqa: E402
+from rankwise.compress.calibrate import STATISTICS, calibrate  # noqa: E402
+from rankwise.data import load_corpus, perplexity  # noqa: E402
+from rankwise.models import count_parameters, load_model, tiny_llama  # noqa: E402
+
+
+def decode_time(model, tokenizer, new_tokens: int):
+    ids = tokenizer("The Python standard library provides", return_tensors="pt")["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run():
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    args = parser.parse_args()
+    quick = args.quick
+    if quick:
+        model, tok = tiny_llama(seed=0, layers=4, hidden=128)
+        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "tiny-llama (4 layers, hidden 128)", 2048, 2048, 256, 16
+    else:
+        model, tok = load_model("smollm2")
+        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", 4096, 8192, 512, 64
+    methods = args.methods or method_names()
+    corpus = load_corpus("builtin")
+    ratios = (0.8, 0.6)
+
+    dense = perplexity(model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens)
+    t0 = time.perf_counter()
+    needs = sorted({s for m in methods for s in METHODS[m].needs})
+    calibration = calibrate(model, tok, corpus.calibration, tokens=calib_tokens, seq_len=seq_len, statistics=needs)
+    calib_seconds = time.perf_counter() - t0
+    print(f"dense perplexity {dense.perplexity:.2f}; calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
+
+    rows, results = [], []
+    best: dict[float, tuple[float, torch.nn.Module]] = {}
+    total = count_parameters(model)
+    for ratio in ratios:
+        for name in methods:
+            net = copy.deepcopy(model)
+            stats = calibration if METHODS[name].needs else None
+            t0 = time.perf_counter()
+            try:
+                res = compress(
+                    net, tokenizer=tok, method=name, ratio=ratio, allocation="global", data=corpus.calibration,
+                    calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
+                    calibration=stats if stats is not None and set(METHODS[name].needs) <= set(STATISTICS) else None,
+                )
+            except Exception as e:  # a method that cannot reach this ratio is reported, not fatal
+                print(f"{name} @ {ratio}: failed: {e}", flush=True)
+                results.append({"method": name, "ratio": ratio, "error": str(e)})
+                continue
+            seconds = time.perf_counter() - t0 + (calib_seconds if METHODS[name].needs else 0.0)
+            ppl = perplexity(res.model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens).perplexity
+            kept = res.report["parameters"]["after"]
+            print(f"{name} @ {ratio}: ppl {ppl:.2f} ({ppl / dense.perplexity:.2f}x dense), kept {kept / total:.3f}, {seconds:.1f} s", flush=True)
+            results.append(
+                {"method": name, "ratio": ratio, "perplexity": ppl, "parameters_after": kept, "kept_fraction": kept / total,
+                 "compress_seconds": seconds, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}
+            )
+            rows.append([name, f"{ratio:.0%}", f"{kept / total:.1%}", ppl if math.isfinite(ppl) else "inf",
+                         ppl / dense.perplexity, round(seconds, 1)])
+            if math.isfinite(ppl) and (ratio not in best or ppl < best[ratio][0]):
+                best[ratio] = (ppl, res.model)
+            del net, res
+
+    speed_rows, speeds = [], {}
+    for ratio, (ppl, net) in sorted(best.items(), reverse=True):
+        times = interleaved({"dense": decode_time(model, tok, new_tokens), "compressed": decode_time(net, tok, new_tokens)}, repeats=3 if quick else 5)
+        speeds[str(ratio)] = {"dense_tokens_per_s": new_tokens / times["dense"], "compressed_tokens_per_s": new_tokens / times["compressed"]}
+        speed_rows.append([f"{ratio:.0%}", round(new_tokens / times["dense"], 1), round(new_tokens / times["compressed"], 1),
+                           round(times["dense"] / times["compressed"], 2)])
+
+    recipe = dense.recipe() | {"max_tokens": eval_tokens, "split": "validation", "corpus_fingerprint": corpus.fingerprint()}
+    payload = {
+        "model": model_name, "quick": quick, "dense_perplexity": dense.perplexity, "dense_parameters": total,
+        "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
+        "allocation": "global", "calibration": calibration.recipe(), "perplexity_recipe": recipe,
+        "results": results, "decode": speeds,
+    }
+    md = (
+        f"### Compression: {model_name}, every registered method, global rank allocation\n\n"
+        f"Dense: {total:,} parameters, validation perplexity **{dense.perplexity:.2f}** "
+        f"(seq_len {seq_len}, first {eval_tokens:,} validation tokens of the builtin corpus, no BOS). "
+        f"'kept' counts ALL parameters (embeddings included, tied once). Calibration: {calib_tokens:,} tokens "
+        f"of the calibration split, shared by all methods; its time ({calib_seconds:.0f} s) is included in every "
+        "calibrated method's time.\n\n"
+        + markdown_table(["method", "target kept", "kept", "perplexity", "vs dense", "compress s"], rows)
+        + "\n\nGreedy decode, batch 1, KV cache, best method at each ratio vs dense (interleaved medians):\n\n"
+        + markdown_table(["kept", "dense tok/s", "compressed tok/s", "speed-up"], speed_rows)
+    )
+    write_results("compress_quick" if quick else "compress", payload, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
