@@ -164,7 +164,7 @@ def memory_in_subprocess(lib: str, method: str, case: str, quick: bool) -> float
 
 
 def run_case(case: str, quick: bool) -> list[dict]:
-    repeats = (1 if case == "smollm2" else 2) if quick else (3 if case == "smollm2" else 5)
+    repeats = (1 if case == "smollm2" else 2) if quick else (1 if case == "smollm2" else 4)
     models = {}
     for method in ("lora", "dora"):
         ours = build("rankwise", method, case, quick)
