@@ -47,7 +47,7 @@ def test_training_fits_an_update_inside_the_top_subspaces():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 1e-3 * losses[0]
     torch.testing.assert_close(model[0].adapters["default"].lora_R, r_star, atol=1e-3, rtol=0)
 
@@ -66,7 +66,7 @@ def test_lm_loss_drops_and_merged_equals_unmerged():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     assert losses[-1] < losses[0] - 0.1
     trained = logits(model, x)

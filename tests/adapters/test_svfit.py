@@ -17,11 +17,12 @@ def single_linear(out: int = 16, inp: int = 24, seed: int = 0) -> nn.Module:
 
 def test_parameter_count_is_r_per_layer_and_only_sigma_trains():
     model = llama()
-    plan = attach(model, "svfit", "all-linear", r=4)
+    plan = attach(model, "svfit", "all-linear", r=4, n_iter=1)
     assert plan.parameters == 4 * len(plan.layers)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("lora_sigma") for n in trainable)
-    assert attach(llama(), "svfit", "all-linear", r=4, dry_run=True).parameters == plan.parameters
+    dry = attach(llama(), "svfit", "all-linear", r=4, dry_run=True)  # shape-only: no SVD
+    assert dry.parameters == plan.parameters
 
 
 def test_factors_are_the_top_singular_vectors_and_sigma_shifts_the_singular_values():
@@ -55,7 +56,7 @@ def test_training_fits_a_change_of_the_top_singular_values():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 1e-3 * losses[0]
 
 

@@ -524,7 +524,6 @@ def eva(
             ad.lora_A.zero_()
             ad.lora_A[:k].copy_(vh[:k])
             ad.lora_B.zero_()
-            ad.eva_rank = k
 
 
 def eva_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rankwise.adapters.base import register_method
 from rankwise.adapters.methods.lora_xs import LoraXSAdapter, LoraXSConfig
 
@@ -32,3 +34,10 @@ class LoraSBAdapter(LoraXSAdapter):
     """``ΔW = s · B R A``, ``B``/``A`` frozen; initialised from the update approximation."""
 
     config_class = LoraSBConfig
+
+    def reset_parameters(self) -> None:
+        if self.config.init == "lora_sb":  # the initialiser sets B, R, A: skip the SVD of W
+            with torch.no_grad():
+                self.lora_R.zero_()
+            return
+        super().reset_parameters()
