@@ -429,7 +429,7 @@ def eva(
     rho: float = 2.0,
     batch_size: int = 8,
     center: bool = False,
-    n_iter: PowerIters = "auto",
+    n_iter: PowerIters = 4,
     seed: int = 0,
 ) -> None:
     """EVA: ``A`` = top right-singular vectors of each layer's inputs, ranks by explained variance.
@@ -452,7 +452,9 @@ def eva(
 
     Options: ``inputs`` (LongTensor (N, L) split into ``batch_size`` rows, or an iterable of
     batches / dicts with ``attention_mask`` honoured), ``rho >= 1``, ``center`` (subtract
-    the running mean first, as PEFT's incremental PCA does), ``n_iter``, ``seed``.
+    the running mean first, as PEFT's incremental PCA does), ``n_iter`` (power iterations
+    of each batch's randomized SVD; 4 like PEFT's ``svd_lowrank``, since every batch
+    refines the previous estimate), ``seed``.
     """
     where = "init='eva'"
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
