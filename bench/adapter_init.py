@@ -114,7 +114,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="2 decoder layers, one repeat (< 60 s)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both libraries"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     quick = args.quick
     repeats = 1 if quick else 3
     torch.manual_seed(0)

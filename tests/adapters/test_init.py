@@ -68,6 +68,8 @@ def test_pissa_on_dora_keeps_the_model_and_reads_new_row_norms():
     for layer in adapted_layers(model).values():
         ad = layer.adapters["default"]
         torch.testing.assert_close(ad.lora_magnitude, ad.weight_norm())
+    with pytest.raises(ConfigError, match="DoRA magnitude"):
+        residual_to_lora(model)
 
 
 @pytest.mark.parametrize("options", [{"n_iter": -1}, {"seed": "x"}, {"bogus": 1}])

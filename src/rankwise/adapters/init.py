@@ -271,6 +271,11 @@ def residual_to_lora(model: nn.Module, name: str = "default") -> dict[str, int]:
         ad = layer.adapters[name]
         if name in layer.merged:
             raise ModelError(f"adapter {name!r} is merged into {path}; unmerge first")
+        if ad.method not in ("lora", "nlora"):
+            raise ConfigError(
+                f"residual_to_lora converts lora/nlora adapters; {path} has {ad.method!r} "
+                "(a DoRA magnitude has no plain-LoRA equivalent)"
+            )
         if not hasattr(ad, "residual_B0"):
             raise ConfigError(
                 f"adapter {name!r} on {path} has no residual init to undo (init was not "
