@@ -26,6 +26,7 @@ LoRA with the same function, which loads in PEFT on the original base model (PEF
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,6 +47,17 @@ PowerIters = int | str
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _no_unknown(fn: Callable[..., None], unknown: Mapping[str, object]) -> None:
+    """ConfigError for init_options the initialiser ``fn`` does not take, listing valid ones."""
+    if unknown:
+        valid = [
+            p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY
+        ]
+        raise ConfigError(
+            f"init={fn.__name__!r}: unknown init_options {sorted(unknown)}; valid: {valid}"
+        )
 
 
 def _work_dtype(w: torch.Tensor) -> torch.dtype:
@@ -171,6 +183,7 @@ def pissa(
     n_iter: PowerIters = "auto",
     exact: bool = False,
     seed: int = 0,
+    **unknown: object,
 ) -> None:
     """PiSSA: start from the top-r singular triplets of ``W``; the rest becomes the base.
 
@@ -181,6 +194,7 @@ def pissa(
     Singular Values and Singular Vectors Adaptation of Large Language Models", Meng et al.
     2024, eq. (2)–(4). Applies to ``lora`` and ``dora``.
     """
+    _no_unknown(pissa, unknown)
     where = "init='pissa'"
     n_iter = _check_power_iters(n_iter, where)
     seed = _check_seed(seed, where)
@@ -209,7 +223,9 @@ def _write_residual(plans: list[tuple[Adapter, torch.Tensor, torch.Tensor, torch
 
 
 @register_initialiser("nystrom", scope="model")
-def nystrom(model: nn.Module, adapters: Mapping[str, Adapter], *, seed: int = 0) -> None:
+def nystrom(
+    model: nn.Module, adapters: Mapping[str, Adapter], *, seed: int = 0, **unknown: object
+) -> None:
     """Nyström residual init (NLoRA, 2025): like PiSSA, from two sketches instead of an SVD.
 
     With ``W ≈ Q_B K Q_A`` (:func:`nystrom_split`, one product with ``W`` and one with
@@ -218,6 +234,7 @@ def nystrom(model: nn.Module, adapters: Mapping[str, Adapter], *, seed: int = 0)
     adapter gets ``K``'s factors split evenly (an r×r SVD, ``K = P Σ Qᵀ``):
     ``B = Q_B P √Σ / √s``, ``A = √Σ Qᵀ Q_A / √s``. The base becomes ``W - s·ΔW₀``.
     """
+    _no_unknown(nystrom, unknown)
     where = "init='nystrom'"
     seed = _check_seed(seed, where)
     lora_plans, nlora_plans = [], []
@@ -436,6 +453,7 @@ def eva(
     center: bool = False,
     n_iter: PowerIters = 4,
     seed: int = 0,
+    **unknown: object,
 ) -> None:
     """EVA: ``A`` = top right-singular vectors of each layer's inputs, ranks by explained variance.
 
@@ -461,6 +479,7 @@ def eva(
     of each batch's randomized SVD; 4 like PEFT's ``svd_lowrank``, since every batch
     refines the previous estimate), ``seed``.
     """
+    _no_unknown(eva, unknown)
     where = "init='eva'"
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
         raise ConfigError(f"{where}: rho must be a number >= 1, got {rho!r}")
@@ -561,6 +580,7 @@ def lora_sb(
     n_iter: PowerIters = "auto",
     exact: bool = False,
     seed: int = 0,
+    **unknown: object,
 ) -> None:
     """LoRA-SB: ``B, A`` from the first full fine-tuning update, ``R`` its best rank-r fit.
 
@@ -577,6 +597,7 @@ def lora_sb(
     ``seed`` choose the SVD as for ``pissa``; the gradients are averaged in float32 (float64 models: float64) and
     the model's ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
+    _no_unknown(lora_sb, unknown)
     where = "init='lora_sb'"
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
         raise ConfigError(f"{where}: lr must be a positive number, got {lr!r}")
