@@ -67,12 +67,14 @@ def minimum_parameters(layers: dict[str, LayerSpectrum]) -> int:
     return sum(layer.cost(1) for layer in layers.values())
 
 
-def _fill(ranks: dict[str, int], layers: dict[str, LayerSpectrum], budget: int) -> dict[str, int]:
-    """Greedily add ranks (most relative error removed per parameter first) while they fit."""
+def _fill(
+    ranks: dict[str, int], layers: dict[str, LayerSpectrum], budget: int, *, relative: bool = True
+) -> dict[str, int]:
+    """Greedily add ranks (most error removed per parameter first) while they fit."""
     ranks = dict(ranks)
     used = total_parameters(_normalise(ranks, layers), layers)
     energy = {n: layer.spectrum.double().pow(2) for n, layer in layers.items()}
-    totals = {n: float(e.sum()) or 1.0 for n, e in energy.items()}
+    totals = {n: (float(e.sum()) or 1.0) if relative else 1.0 for n, e in energy.items()}
 
     def gain(name: str, rank: int) -> float:
         layer = layers[name]
@@ -134,9 +136,13 @@ def _welore(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int
 
 
 def allocate_ranks(
-    layers: dict[str, LayerSpectrum], budget: int, *, strategy: str = "global"
+    layers: dict[str, LayerSpectrum], budget: int, *, strategy: str = "global", relative: bool = True
 ) -> Ranks:
     """Ranks (``None`` = stays dense) for ``layers`` using at most ``budget`` weight parameters.
+
+    ``relative``: the greedy step compares each layer's error relative to its own energy
+    (``S_i² / Σ S²``); ``False`` compares absolute errors ``S_i²`` (for whitened spectra: the
+    calibrated output error itself).
 
     Raises :class:`~rankwise.errors.ConfigError` for an unknown strategy or a budget below
     :func:`minimum_parameters` (rank 1 everywhere).
@@ -156,7 +162,7 @@ def allocate_ranks(
     else:
         rank_at = {"uniform": _uniform, "energy": _energy, "welore": _welore}[strategy](layers)
         ranks = _bisect(rank_at, layers, budget)
-    return _normalise(_fill(ranks, layers, budget), layers)
+    return _normalise(_fill(ranks, layers, budget, relative=relative), layers)
 
 
 __all__ = [
