@@ -166,8 +166,8 @@ def main() -> None:
         return lambda m: get_peft_model(m, peft_cfg(init))
 
     def ours_eva(m):
-        attach(m, "lora", pattern, r=2 * R, init="eva",
-               init_options={"inputs": blocks, "rho": 2.0, "batch_size": batch, "center": True})  # fmt: skip
+        options = {"inputs": blocks, "rho": 2.0, "batch_size": batch, "center": True}
+        attach(m, "lora", pattern, r=2 * R, init="eva", init_options=options)
         return m
 
     def peft_eva(m):
