@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    parser.add_argument("--allocate", default="uniform", help="rank allocation strategy")
     args = parser.parse_args()
     quick = args.quick
     if quick:
@@ -52,7 +53,7 @@ def main() -> None:
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "tiny-llama (random, 2 layers, hidden 64)", 1024, 1024, 256, 16
     else:
         model, tok = load_model("smollm2")
-        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", 4096, 8192, 512, 64
+        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", 4096, 4096, 512, 64
     methods = args.methods or method_names()
     corpus = load_corpus("builtin")
     ratios = (0.8,) if quick else (0.8, 0.6)
@@ -74,7 +75,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 res = compress(
-                    net, tokenizer=tok, method=name, ratio=ratio, allocation="global", data=corpus.calibration,
+                    net, tokenizer=tok, method=name, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
                     calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
                     calibration=stats if stats is not None and set(METHODS[name].needs) <= set(STATISTICS) else None,
                 )
@@ -107,11 +108,12 @@ def main() -> None:
     payload = {
         "model": model_name, "quick": quick, "dense_perplexity": dense.perplexity, "dense_parameters": total,
         "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
-        "allocation": "global", "calibration": calibration.recipe(), "perplexity_recipe": recipe,
+        "allocation": args.allocate, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
         "results": results, "decode": speeds,
     }
     md = (
-        f"### Compression: {model_name}, every registered method, global rank allocation\n\n"
+        f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}, "
+        f"{args.allocate} rank allocation\n\n"
         f"Dense: {total:,} parameters, validation perplexity **{dense.perplexity:.2f}** "
         f"(seq_len {seq_len}, first {eval_tokens:,} validation tokens of the builtin corpus, no BOS). "
         f"'kept' counts ALL parameters (embeddings included, tied once). Calibration: {calib_tokens:,} tokens "
