@@ -54,7 +54,8 @@ def main() -> None:
     else:
         model, tok = load_model("smollm2")
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", 4096, 4096, 512, 64
-    methods = args.methods or method_names()
+    registered = method_names()  # imports every method module
+    methods = args.methods or registered
     corpus = load_corpus("builtin")
     ratios = (0.8,) if quick else (0.8, 0.6)
 
