@@ -13,20 +13,28 @@ k + 2). Then all chosen settings are timed interleaved in one process (median of
 "floor" is the time of the two products no method avoids: A·Ω and Aᵀ·Q with k + 10 columns.
 Ground truth: singular values of the full SVD (cached under /tmp).
 
+OMP_WAIT_POLICY=PASSIVE is set (unless already set) before torch loads: on a shared machine
+whose cores are oversubscribed, spinning OpenMP threads made small LAPACK calls (eigh, QR)
+100x slower for every torch-based method (measured: a batched rsvd 10.9 s spinning vs
+0.09 s passive). The thread count stays torch's default.
+
 Run: .venv/bin/python bench/rsvd.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import fbpca
-import numpy as np
-import torch
-from sklearn.utils.extmath import randomized_svd
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/numpy start their pools
+
+import fbpca  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.utils.extmath import randomized_svd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, markdown_table, write_results  # noqa: E402
@@ -237,12 +245,17 @@ def main() -> None:
         cases.append((f"SmolLM2 {kind} {shape} ×{W.shape[0]} layers, k=64", W, S, 64))
 
     rows, summaries = [], []
+    mode = "quick" if args.quick else "full"
     for label, A, S, k in cases:
         print(f"{label} ...", flush=True)
         r, s = bench_case(label, A, S, k, repeats)
         rows += r
         summaries.append(s)
+        report(mode, rows, summaries)  # after every case, so a partial run still records
+    print(f"total {time.perf_counter() - t_start:.0f}s")
 
+
+def report(mode: str, rows: list[dict], summaries: list[dict]) -> None:
     def fmt(x, digits=3):
         return "—" if x is None else f"{x:.{digits}g}"
 
@@ -296,7 +309,6 @@ def main() -> None:
             for r in rows
         ],
     )
-    mode = "quick" if args.quick else "full"
     md = (
         f"## Randomized SVD (`bench/rsvd.py`, {mode} mode)\n\n"
         "Equal accuracy: every method's iteration count is raised until "
@@ -306,12 +318,17 @@ def main() -> None:
         '`rankwise auto` is the default `power_iters="auto"` (untuned). SmolLM2 stacks: '
         "rankwise decomposes the whole stack in one batched call, peers loop (`rankwise "
         "(loop)` shows rankwise looping too). floor = one A·Ω plus one Aᵀ·Q with k+10 "
-        "columns. Times are medians of interleaved repeats on a shared, noisy machine.\n\n"
+        "columns. Times are medians of interleaved repeats on a shared, noisy machine "
+        "(OMP_WAIT_POLICY=PASSIVE, default thread count).\n\n"
         f"{summary_md}\n\n{detail_md}\n"
     )
-    write_results("rsvd", {"mode": mode, "summary": summaries, "rows": rows}, md)
-    print(md)
-    print(f"total {time.perf_counter() - t_start:.0f}s")
+    payload = {
+        "mode": mode,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "summary": summaries,
+        "rows": rows,
+    }
+    write_results("rsvd", payload, md)
 
 
 if __name__ == "__main__":
