@@ -222,13 +222,18 @@ def save_adapter(
         tensors = {
             f"{path}.{key}": t for path, a in adapters.items() for key, t in a.state_dict().items()
         }
+        options = config.to_dict()
+        # init options may hold tensors or callables (EVA inputs, LoRA-SB's loss_fn); the
+        # saved tensors already are the initial state, and loading resets init anyway
+        options["init_options"] = {}
         cfg = {
             "format": NATIVE_FORMAT,
             "version": 1,
             "method": first.method,
-            "config": config.to_dict(),
+            "config": options,
             "layers": sorted(adapters),
         }
+        json.dumps(cfg)  # fail before anything is written
         _write_tensors(out / NATIVE_WEIGHTS, tensors, {"format": "pt"})
         _write_json(out / CONFIG_FILE, cfg)
     return out
