@@ -211,20 +211,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--measure", nargs=3, metavar=("LIB", "METHOD", "CASE"))
     parser.add_argument("--cases", nargs="*", default=CASES)
-    parser.add_argument(
-        "--earlier-rows",
-        help="JSON list of rows printed by an earlier run (e.g. the slow SmolLM2 case), "
-        "reported alongside this run's rows and marked as such",
-    )
     args = parser.parse_args()
     if args.measure:
         extra = measure_memory(*args.measure, quick=args.quick)
         print(json.dumps({"extra_mb": extra}))
         return
-    earlier = json.loads(Path(args.earlier_rows).read_text()) if args.earlier_rows else []
-    for row in earlier:
-        row["earlier_run"] = True
-    rows = earlier + [row for case in args.cases for row in run_case(case, args.quick)]
+    rows = [row for case in args.cases for row in run_case(case, args.quick)]
     label = {
         "smollm2": "SmolLM2-135M all-linear, " + ("1x128" if args.quick else "4x256") + " tokens",
         "linear2048": "2048x2048 layer, 4096 tokens",
@@ -234,7 +226,7 @@ def main() -> None:
         ["case", "method", "rankwise s", "PEFT s", "speed-up", "rankwise +MB", "PEFT +MB",
          "DoRA/LoRA (rankwise)", "max rel. output diff"],
         [
-            [label[r["case"]] + (" (*)" if r.get("earlier_run") else ""), r["method"], r["rankwise_s"], r["peft_s"], f"{r['speedup']:.2f}x",
+            [label[r["case"]], r["method"], r["rankwise_s"], r["peft_s"], f"{r['speedup']:.2f}x",
              r["rankwise_mb"], r["peft_mb"],
              "" if r["dora_over_lora"] is None else f"{r['dora_over_lora']:.2f}x",
              f"{r['rel_output_diff']:.1e}"]
@@ -262,11 +254,6 @@ def main() -> None:
         "`VmHWM` minus RSS before the step). Same adapter weights in both libraries; the last "
         "column is max |rankwise - PEFT| / max |PEFT| of the outputs.\n\n"
         f"{table}\n\n"
-        + (
-            "(*) measured by an earlier run of the same script (`--earlier-rows`).\n\n"
-            if earlier
-            else ""
-        )
         + "Targets: "
         + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items())
     )

@@ -9,7 +9,7 @@ def test_cli_compress_tiny_llama_writes_folder_and_report(tmp_path, capsys, text
     code = main(
         ["compress", "--model", "tiny-llama", "--method", "svdllm", "--ratio", "0.8", "--out", str(out),
          "--data", str(data), "--calib-tokens", "512", "--eval-tokens", "512", "--seq-len", "128",
-         "--decode-tokens", "8", "--json"]
+         "--decode-tokens", "8", "--json", "-o", "damp=0.001", "--option", "update=false"]
     )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
@@ -19,6 +19,7 @@ def test_cli_compress_tiny_llama_writes_folder_and_report(tmp_path, capsys, text
     assert abs(report["parameters"]["kept_fraction"] - 0.8) <= 0.01
     assert report["perplexity"]["after"] > 0 and report["decode"]["after_tokens_per_s"] > 0
     assert report["calibration"]["tokens"] == 512 and report["layers"]
+    assert report["method_options"] == {"damp": 0.001, "update": False}
     assert main(["eval", "--model", str(out), "--data", str(data), "--max-tokens", "256", "--seq-len", "128", "--json"]) == 0
 
 
@@ -30,4 +31,9 @@ def test_cli_compress_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "exists")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["compress", "--model", "tiny-llama", "--method", "nope", "--out", str(tmp_path / "y")]) == 2
+    assert main(["compress", "--model", "tiny-llama", "-o", "dampp=1", "--out", str(tmp_path / "z")]) == 2
+    assert "no option(s) ['dampp']" in capsys.readouterr().err
+    assert main(["compress", "--model", "tiny-llama", "-o", "damp", "--out", str(tmp_path / "z")]) == 2
+    assert "key=value" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

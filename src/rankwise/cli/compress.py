@@ -7,6 +7,7 @@ import json
 import typer
 
 from rankwise import progress
+from rankwise.cli._options import parse_options
 
 
 def compress_command(
@@ -15,7 +16,8 @@ def compress_command(
     ratio: float = typer.Option(None, "--ratio", help="Fraction of ALL model parameters to keep, in (0, 1] (default 0.8)."),
     size: str = typer.Option(None, "--size", help="Target weights-file size instead of --ratio, e.g. 400MB."),
     allocation: str = typer.Option("uniform", "--allocate", help="Rank allocation: uniform, energy, welore or global."),
-    out: str = typer.Option(None, "--out", "-o", help="Output folder (refused if it exists, unless --overwrite)."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o n_iter=2; see docs/compress.md."),
+    out: str = typer.Option(None, "--out", help="Output folder (refused if it exists, unless --overwrite)."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split)."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after."),
@@ -42,6 +44,7 @@ def compress_command(
     result = compress(
         model,
         method=method,
+        method_options=parse_options(option),
         ratio=ratio,
         size=size,
         allocation=allocation,

@@ -7,21 +7,7 @@ import json
 import typer
 
 from rankwise import progress
-from rankwise.errors import ConfigError
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values are read as JSON when they parse (numbers, true, lists)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option expects key=value, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+from rankwise.cli._options import parse_options
 
 
 def finetune_command(
@@ -54,7 +40,7 @@ def finetune_command(
     target_list = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = FinetuneConfig(
         model=model, method=method, rank=rank, alpha=alpha, targets=target_list,
-        method_options=_parse_options(option), data=data, steps=steps, batch_size=batch_size,
+        method_options=parse_options(option), data=data, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
         gradient_checkpointing=gradient_checkpointing, eval_tokens=eval_tokens, seed=seed,
         out=out, overwrite=overwrite,
