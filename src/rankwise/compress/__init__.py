@@ -9,6 +9,8 @@ allocators (:func:`allocate_ranks`), :class:`LowRankLinear`, and
 
 from __future__ import annotations
 
+from rankwise.compress.allocate import STRATEGIES, allocate_ranks
+from rankwise.compress.api import CompressionResult, compress
 from rankwise.compress.base import (
     METHODS,
     CompressionMethod,
@@ -19,8 +21,15 @@ from rankwise.compress.base import (
     register_method,
 )
 from rankwise.compress.calibrate import Calibration, LayerStats, calibrate, linear_layers
+from rankwise.compress.checkpoint import load_compressed, save_compressed
 
 __all__ = [
+    "compress",
+    "CompressionResult",
+    "STRATEGIES",
+    "allocate_ranks",
+    "load_compressed",
+    "save_compressed",
     "METHODS",
     "CompressionMethod",
     "Decomposition",
