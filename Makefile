@@ -6,9 +6,6 @@ STAMP  := $(VENV)/.rankwise-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# Idle OpenMP threads sleep instead of spinning: with two pytest workers on two cores,
-# spinning threads made small LAPACK calls 100x slower (linalg tests 55 s -> 2.4 s).
-export OMP_WAIT_POLICY ?= PASSIVE
 DEMO_OUT ?= build/demo-smollm2-svdllm-80
 
 .PHONY: install demo test lint bench clean
@@ -35,6 +32,10 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests bench
 
+# Idle OpenMP threads sleep instead of spinning: with two pytest workers on two cores,
+# spinning threads made small LAPACK calls 100x slower (linalg tests 55 s -> 2.4 s).
+# Only for the tests: in one process it makes each small op ~4x slower to start (decode).
+test: export OMP_WAIT_POLICY ?= PASSIVE
 test: install lint
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
