@@ -25,7 +25,7 @@ from _common import interleaved, markdown_table, write_results  # noqa: E402
 
 from rankwise.compress.api import compress  # noqa: E402
 from rankwise.compress.base import METHODS, method_names  # noqa: E402
-from rankwise.compress.calibrate import STATISTICS, calibrate  # noqa: E402
+from rankwise.compress.calibrate import calibrate  # noqa: E402
 from rankwise.data import load_corpus, perplexity  # noqa: E402
 from rankwise.models import count_parameters, load_model, tiny_llama  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
-    parser.add_argument("--allocate", default="uniform", help="rank allocation strategy")
+    parser.add_argument("--allocate", default="fisher", help="rank allocation strategy")
     args = parser.parse_args()
     quick = args.quick
     if quick:
@@ -61,7 +61,12 @@ def main() -> None:
 
     dense = perplexity(model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens)
     t0 = time.perf_counter()
-    needs = sorted({s for m in methods for s in METHODS[m].needs})
+    extra = {"out_grad"} if args.allocate == "fisher" else set()  # the allocator's statistic
+    needs = sorted({s for m in methods for s in METHODS[m].needs} | extra)
+
+    def calibrated(name: str) -> bool:
+        return bool(METHODS[name].needs or extra)
+
     calibration = calibrate(model, tok, corpus.calibration, tokens=calib_tokens, seq_len=seq_len, statistics=needs)
     calib_seconds = time.perf_counter() - t0
     print(f"dense perplexity {dense.perplexity:.2f}; calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
@@ -72,19 +77,19 @@ def main() -> None:
     for ratio in ratios:
         for name in methods:
             net = copy.deepcopy(model)
-            stats = calibration if METHODS[name].needs else None
+            stats = calibration if calibrated(name) else None
             t0 = time.perf_counter()
             try:
                 res = compress(
                     net, tokenizer=tok, method=name, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
                     calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
-                    calibration=stats if stats is not None and set(METHODS[name].needs) <= set(STATISTICS) else None,
+                    calibration=stats,
                 )
             except Exception as e:  # a method that cannot reach this ratio is reported, not fatal
                 print(f"{name} @ {ratio}: failed: {e}", flush=True)
                 results.append({"method": name, "ratio": ratio, "error": str(e)})
                 continue
-            seconds = time.perf_counter() - t0 + (calib_seconds if METHODS[name].needs else 0.0)
+            seconds = time.perf_counter() - t0 + (calib_seconds if calibrated(name) else 0.0)
             ppl = perplexity(res.model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens).perplexity
             kept = res.report["parameters"]["after"]
             print(f"{name} @ {ratio}: ppl {ppl:.2f} ({ppl / dense.perplexity:.2f}x dense), kept {kept / total:.3f}, {seconds:.1f} s", flush=True)

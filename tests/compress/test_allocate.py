@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def spectra(seed: int = 0) -> dict[str, LayerSpectrum]:
         k = min(m, n)
         s = torch.exp(-decay * torch.arange(k, dtype=torch.float64)) * (1 + 0.1 * torch.rand(k, generator=g, dtype=torch.float64))
         s = s.sort(descending=True).values
-        out[f"layer{i}"] = LayerSpectrum(m, n, s, s)
+        out[f"layer{i}"] = LayerSpectrum(m, n, s, s, sensitivity=1.0 + i)
     return out
 
 
@@ -55,6 +57,34 @@ def test_global_allocation_has_less_error_than_uniform():
     assert error(best) < 0.9 * error(uniform)
 
 
+def test_fisher_allocation_is_the_loss_weighted_greedy():
+    layers = spectra()
+    budget = int(0.5 * dense_total(layers))
+    equal = {n: dataclasses.replace(layer, sensitivity=3.0) for n, layer in layers.items()}
+    # equal sensitivities: the same ranks as the greedy on absolute errors
+    assert allocate_ranks(equal, budget, strategy="fisher") == allocate_ranks(
+        equal, budget, strategy="global", relative=False
+    )
+
+    def loss(ranks, weights):
+        return sum(
+            weights[n].sensitivity * float(layers[n].spectrum[r:].pow(2).sum())
+            for n, r in ranks.items() if r is not None
+        )  # fmt: skip
+
+    # a layer 1000x more sensitive keeps more rank, and the weighted loss is the lowest
+    skewed = dict(equal, layer1=dataclasses.replace(equal["layer1"], sensitivity=3000.0))
+    fisher = allocate_ranks(skewed, budget, strategy="fisher")
+    plain = allocate_ranks(skewed, budget, strategy="global", relative=False)
+    assert (fisher["layer1"] or 10**9) > plain["layer1"]
+    assert loss(fisher, skewed) < loss(plain, skewed)
+    for other in ("uniform", "energy", "welore", "global"):
+        assert loss(fisher, skewed) <= loss(allocate_ranks(skewed, budget, strategy=other), skewed)
+    missing = dict(layers, layer0=dataclasses.replace(layers["layer0"], sensitivity=None))
+    with pytest.raises(ConfigError, match="out_grad"):
+        allocate_ranks(missing, budget, strategy="fisher")
+
+
 def test_welore_compresses_low_rank_layers_more():
     layers = spectra()
     ranks = allocate_ranks(layers, int(0.5 * dense_total(layers)), strategy="welore")
@@ -68,7 +98,7 @@ def test_budget_below_minimum_and_unknown_strategy_raise():
     layers = spectra()
     with pytest.raises(ConfigError, match="below the minimum"):
         allocate_ranks(layers, minimum_parameters(layers) - 1)
-    with pytest.raises(ConfigError, match="valid: uniform"):
+    with pytest.raises(ConfigError, match="valid: fisher, uniform"):
         allocate_ranks(layers, dense_total(layers), strategy="magic")
 
 

@@ -15,7 +15,7 @@ def compress_command(
     method: str = typer.Option("svdllm", "--method", help="Compression method (see `rankwise compress --list-methods`)."),
     ratio: float = typer.Option(None, "--ratio", help="Fraction of ALL model parameters to keep, in (0, 1] (default 0.8)."),
     size: str = typer.Option(None, "--size", help="Target weights-file size instead of --ratio, e.g. 400MB."),
-    allocation: str = typer.Option("uniform", "--allocate", help="Rank allocation: uniform, energy, welore or global."),
+    allocation: str = typer.Option("fisher", "--allocate", help="Rank allocation: fisher (loss-sensitivity-weighted greedy, default), uniform, energy, welore or global."),
     option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o n_iter=2; see docs/compress.md."),
     out: str = typer.Option(None, "--out", help="Output folder (refused if it exists, unless --overwrite)."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),

@@ -13,6 +13,14 @@ otherwise (``r ≥ ⌈mn/(m+n)⌉``: factors would be no smaller). Strategies:
   removes the most relative error per parameter it costs (``S_i² / Σ S²`` per ``m + n``). With
   whitened spectra (SVD-LLM) ``S_i²`` is exactly the calibrated output error that direction
   removes, so this spends parameters where they buy the most.
+- ``fisher``: the same greedy, on the estimated *loss* increase instead: ``w_l S_i²`` per
+  ``m + n``, where ``w_l`` is the layer's sensitivity (mean squared loss gradient of its
+  outputs, calibration statistic ``out_grad``). With whitened spectra ``S_i²`` is the output
+  error ``Σ_t ‖e_t‖²`` and ``½ w_l S_i²`` its second-order loss cost under a diagonal,
+  per-layer-constant Fisher — so errors in different layers become comparable, which
+  neither the relative (``global``) nor the absolute output error is. Measured on SmolLM2
+  at 80% kept with ``svdllm``: perplexity 2.1x dense against 3.7x for ``uniform`` and
+  17x for absolute output error (docs/compress.md).
 
 The first three pick their knob ``t`` by bisection (largest ``t`` that fits); the leftover
 budget — never more than a few ranks — is then filled greedily as in ``global``, so every
@@ -30,7 +38,7 @@ import torch
 from rankwise.compress.base import breakeven_rank, layer_parameters
 from rankwise.errors import ConfigError
 
-STRATEGIES = ("uniform", "energy", "welore", "global")
+STRATEGIES = ("fisher", "uniform", "energy", "welore", "global")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class LayerSpectrum:
     in_features: int
     spectrum: torch.Tensor  # (k,) the method's weighted singular values
     weight_spectrum: torch.Tensor | None = None  # (k,) the raw weight's (for welore)
+    sensitivity: float | None = None  # mean squared output gradient (for fisher)
 
     @property
     def breakeven(self) -> int:
@@ -68,13 +77,22 @@ def minimum_parameters(layers: dict[str, LayerSpectrum]) -> int:
 
 
 def _fill(
-    ranks: dict[str, int], layers: dict[str, LayerSpectrum], budget: int, *, relative: bool = True
+    ranks: dict[str, int],
+    layers: dict[str, LayerSpectrum],
+    budget: int,
+    *,
+    relative: bool = True,
+    weighted: bool = False,
 ) -> dict[str, int]:
-    """Greedily add ranks (most error removed per parameter first) while they fit."""
+    """Greedily add ranks (most error removed per parameter first) while they fit.
+
+    ``weighted``: multiply each layer's errors by its ``sensitivity``."""
     ranks = dict(ranks)
     used = total_parameters(_normalise(ranks, layers), layers)
     energy = {n: layer.spectrum.double().pow(2) for n, layer in layers.items()}
     totals = {n: (float(e.sum()) or 1.0) if relative else 1.0 for n, e in energy.items()}
+    if weighted:
+        totals = {n: t / layers[n].sensitivity for n, t in totals.items()}
 
     def gain(name: str, rank: int) -> float:
         layer = layers[name]
@@ -157,6 +175,15 @@ def allocate_ranks(
             f"a budget of {budget:,} weight parameters is below the minimum {floor:,} "
             "(rank 1 in every layer); raise the ratio or size target"
         )
+    if strategy == "fisher":
+        missing = [n for n, layer in layers.items() if not (layer.sensitivity or 0.0) > 0.0]
+        if missing:
+            raise ConfigError(
+                f"allocation 'fisher' needs every layer's sensitivity (calibration statistic "
+                f"'out_grad'); missing or zero for {missing[:3]}"
+            )
+        ranks = {n: 1 for n in layers}
+        return _normalise(_fill(ranks, layers, budget, relative=False, weighted=True), layers)
     if strategy == "global":
         ranks = {n: 1 for n in layers}
     else:

@@ -113,7 +113,7 @@ def compress(
     method_options: dict | None = None,
     ratio: float | None = None,
     size: str | int | None = None,
-    allocation: str = "uniform",
+    allocation: str = "fisher",
     data: str | os.PathLike | Sequence[str] = "builtin",
     calib_tokens: int = 4096,
     seq_len: int = 512,
@@ -132,7 +132,8 @@ def compress(
     ``model``: a name or folder for :func:`rankwise.load_model`, or a module (modified in
     place; pass ``tokenizer`` too). ``data``: ``"builtin"``, a text file/folder (its
     calibration split calibrates, its validation split evaluates) or a list of strings
-    (used for both). ``allocation``: one of ``uniform``, ``energy``, ``welore``, ``global``.
+    (used for both). ``allocation``: one of ``fisher`` (default), ``uniform``, ``energy``,
+    ``welore``, ``global`` (see :mod:`rankwise.compress.allocate`).
     ``calibration``: statistics from :func:`~rankwise.compress.calibrate.calibrate` on this
     model, reused instead of calibrating again (benchmarks comparing methods).
     Returns a :class:`CompressionResult`; with ``out`` the folder is written atomically.
@@ -183,7 +184,8 @@ def compress(
         fingerprint = None
         if not calib_texts:
             raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    if chosen.needs and calibration is None:
+    needs = sorted(set(chosen.needs) | ({"out_grad"} if allocation == "fisher" else set()))
+    if needs and calibration is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
 
     report: dict = {
@@ -205,20 +207,20 @@ def compress(
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     if calibration is not None:
-        missing = sorted(set(chosen.needs) - set(calibration.collected))
+        missing = sorted(set(needs) - set(calibration.collected))
         if missing or set(calibration.stats) != set(layers):
             raise ConfigError(
                 f"the given calibration lacks {missing or 'some of these layers'}; "
-                f"calibrate with statistics={sorted(chosen.needs)} on this model"
+                f"calibrate with statistics={needs} on this model"
             )
-    elif chosen.needs:
+    elif needs:
         calibration = calibrate(
             net,
             tokenizer,
             calib_texts,
             tokens=calib_tokens,
             seq_len=seq_len,
-            statistics=sorted(chosen.needs),
+            statistics=needs,
             layers=layers,
             progress=progress,
         )
@@ -241,7 +243,10 @@ def compress(
                 dec = chosen.decompose(weight, stats)
                 decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
                 weight_s = torch.linalg.svdvals(weight) if allocation == "welore" else None
-                spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S, weight_s)
+                spectra[name] = LayerSpectrum(
+                    layer.out_features, layer.in_features, dec.S, weight_s,
+                    sensitivity=stats.sensitivity if stats is not None else None,
+                )  # fmt: skip
                 bar.update(1)
         finally:
             bar.close()

@@ -7,9 +7,16 @@ For every compressible ``nn.Linear`` with input ``x`` (``in_features`` wide) it 
   whitening, least-squares updates);
 - ``abs_sum``: ``Σ |x|`` per input channel, shape ``(in,)``, float64 (ASVD 2023 scaling;
   ``abs_mean = abs_sum / tokens``);
-- ``fisher_rows`` (only with ``fisher=True``): ``Σ_batches Σ_j (∂L/∂W_ij)²`` per output row,
+- ``fisher_rows`` (statistic ``"fisher"``): ``Σ_batches Σ_j (∂L/∂W_ij)²`` per output row,
   shape ``(out,)``, float64, from a backward pass of the language-model loss of each
-  calibration batch (Fisher-weighted SVD, Hsu et al. 2022).
+  calibration batch (Fisher-weighted SVD, Hsu et al. 2022);
+- ``out_grad_sq`` (statistic ``"out_grad"``): ``Σ_t ‖∂L/∂y_t‖²`` over calibration tokens of
+  the layer's output gradients, a float, from the same backward pass. Divided by tokens
+  and output width it is the layer's *sensitivity* (the diagonal empirical Fisher of its
+  outputs, averaged): a second-order estimate of the loss increase per unit of squared
+  output error, which the ``fisher`` rank allocator uses to compare layers.
+
+Gram products are computed in float32 per batch and accumulated in float64.
 
 Layers fed the same tensor (``q/k/v_proj``, ``gate/up_proj``) share one Gram matrix: it is
 computed once per batch and the :class:`LayerStats` objects point at the same tensors.
@@ -30,7 +37,7 @@ from rankwise.data import token_blocks, tokenize_stream
 from rankwise.errors import ConfigError, DataError, ModelError, ShapeError
 from rankwise.progress import Bar
 
-STATISTICS = ("gram", "abs_mean", "fisher")
+STATISTICS = ("gram", "abs_mean", "fisher", "out_grad")
 
 
 @dataclass
@@ -42,7 +49,15 @@ class LayerStats:
     gram: torch.Tensor | None = None  # (in, in) float64, Σ x xᵀ
     abs_sum: torch.Tensor | None = None  # (in,) float64, Σ |x|
     fisher_rows: torch.Tensor | None = None  # (out,) float64, Σ row-wise squared gradients
+    out_grad_sq: float | None = None  # Σ_t ‖∂L/∂y_t‖² over calibration tokens
     tokens: int = 0
+
+    @property
+    def sensitivity(self) -> float | None:
+        """Mean squared loss gradient per output entry (``None`` without ``"out_grad"``)."""
+        if self.out_grad_sq is None or self.tokens == 0:
+            return None
+        return self.out_grad_sq / (self.tokens * self.out_features)
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -127,8 +142,8 @@ def calibrate(
     """Run ``tokens`` calibration tokens (blocks of ``seq_len``) through ``model`` and return
     per-layer :class:`LayerStats` for ``layers`` (default: :func:`linear_layers`).
 
-    ``statistics`` is any subset of ``("gram", "abs_mean", "fisher")``; ``"fisher"`` adds a
-    backward pass of the causal-LM loss per batch. The model's weights, ``requires_grad``
+    ``statistics`` is any subset of ``("gram", "abs_mean", "fisher", "out_grad")``; the
+    last two add a backward pass of the causal-LM loss per batch. The model's weights, ``requires_grad``
     flags and train/eval mode are left as they were.
     """
     unknown = sorted(set(statistics) - set(STATISTICS))
@@ -138,7 +153,8 @@ def calibrate(
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     layers = linear_layers(model) if layers is None else layers
     blocks = calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
-    want_gram, want_abs, want_fisher = (s in statistics for s in STATISTICS)
+    want_gram, want_abs, want_fisher, want_out_grad = (s in statistics for s in STATISTICS)
+    want_backward = want_fisher or want_out_grad
 
     stats = {n: LayerStats(m.in_features, m.out_features) for n, m in layers.items()}
     owner_of: dict[str, str] = {}  # layer -> the layer whose (shared) input statistics it uses
@@ -158,9 +174,9 @@ def calibrate(
                 return
             owner_of[name] = name
             seen[id(x)] = (weakref.ref(x), name)
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
             s = stats[name]
-            abs_sum = x2.abs().sum(0)
+            abs_sum = x2.abs().sum(0, dtype=torch.float64)
             if not torch.isfinite(abs_sum).all():
                 raise ShapeError(
                     f"calibration activations entering {name!r} contain NaN/Inf; the model's "
@@ -169,19 +185,35 @@ def calibrate(
             if want_abs:
                 s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum.add_(abs_sum)
             if want_gram:
-                g = x2.T @ x2  # (in, in)
+                g = (x2.T @ x2).to(torch.float64)  # (in, in)
                 s.gram = g if s.gram is None else s.gram.add_(g)
 
         return hook
 
+    def out_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if not out.requires_grad:
+                return
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                sq = float(grad.detach().to(torch.float64).pow(2).sum())
+                s = stats[name]
+                s.out_grad_sq = sq if s.out_grad_sq is None else s.out_grad_sq + sq
+
+            out.register_hook(grad_hook)
+
+        return hook
+
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in layers.items()]
+    if want_out_grad:
+        handles += [m.register_forward_hook(out_hook(n)) for n, m in layers.items()]
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
-    if want_fisher:
+    if want_backward:
         for p in model.parameters():
             p.requires_grad_(False)
-        for m in layers.values():
+        for m in layers.values():  # the graph must reach every layer's output
             m.weight.requires_grad_(True)
             m.weight.grad = None
     t0 = time.perf_counter()
@@ -190,19 +222,21 @@ def calibrate(
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size]
             seen.clear()
-            with torch.set_grad_enabled(want_fisher):
-                out = model(input_ids=batch, labels=batch if want_fisher else None)
-            if want_fisher:
+            with torch.set_grad_enabled(want_backward):
+                out = model(input_ids=batch, labels=batch if want_backward else None)
+            if want_backward:
                 if getattr(out, "loss", None) is None:
                     raise ModelError(
-                        f"fisher statistics need a language-model loss; {type(model).__name__} "
-                        "returned none (use a causal LM or a method without 'fisher')"
+                        f"gradient statistics (fisher, out_grad) need a language-model loss; "
+                        f"{type(model).__name__} returned none (use a causal LM, or a method "
+                        "and allocation without gradients)"
                     )
                 out.loss.backward()
                 for name, m in layers.items():
-                    rows = m.weight.grad.to(torch.float64).pow(2).sum(1)  # (out,)
-                    s = stats[name]
-                    s.fisher_rows = rows if s.fisher_rows is None else s.fisher_rows.add_(rows)
+                    if want_fisher:
+                        rows = m.weight.grad.to(torch.float64).pow(2).sum(1)  # (out,)
+                        s = stats[name]
+                        s.fisher_rows = rows if s.fisher_rows is None else s.fisher_rows.add_(rows)
                     m.weight.grad = None
             first_batch[0] = False
             for name in layers:

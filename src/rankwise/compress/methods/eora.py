@@ -294,7 +294,10 @@ class EoRA(CompressionMethod):
         for name, layer in layers.items():
             dec = inner.decompose(layer.weight.detach().to(torch.float64), calibration.stats[name])
             decs[name] = dec
-            spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S)
+            stats = calibration.stats[name]
+            spectra[name] = LayerSpectrum(
+                layer.out_features, layer.in_features, dec.S, sensitivity=stats.sensitivity
+            )
             bar.update(1)
         bar.close()
         ranks = allocate_ranks(spectra, budget - reserve, strategy=allocation)
