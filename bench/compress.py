@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     parser.add_argument("--allocate", default="fisher", help="rank allocation strategy")
+    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
     args = parser.parse_args()
     quick = args.quick
     if quick:
@@ -53,7 +54,7 @@ def main() -> None:
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "tiny-llama (random, 2 layers, hidden 64)", 1024, 1024, 256, 16
     else:
         model, tok = load_model("smollm2")
-        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", 4096, 4096, 512, 64
+        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", args.calib_tokens, 8192, 512, 64
     registered = method_names()  # imports every method module
     methods = args.methods or registered
     corpus = load_corpus("builtin")
@@ -129,7 +130,10 @@ def main() -> None:
         + "\n\nGreedy decode, batch 1, KV cache, best method at each ratio vs dense (interleaved medians):\n\n"
         + markdown_table(["kept", "dense tok/s", "compressed tok/s", "speed-up"], speed_rows)
     )
-    write_results("compress_quick" if quick else "compress", payload, md)
+    name = "compress_quick" if quick else "compress"
+    if args.allocate != "fisher" or (not quick and args.calib_tokens != 16384):  # variants get their own section
+        name += f"_{args.allocate}_{calib_tokens}"
+    write_results(name, payload, md)
     print(md)
 
 

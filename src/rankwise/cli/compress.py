@@ -19,7 +19,7 @@ def compress_command(
     option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o n_iter=2; see docs/compress.md."),
     out: str = typer.Option(None, "--out", help="Output folder (refused if it exists, unless --overwrite)."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
-    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split)."),
+    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split); fewer is faster, more is closer to dense."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="New tokens generated (greedy) to time decoding before/after."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration / evaluation sequence."),

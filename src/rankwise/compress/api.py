@@ -115,7 +115,7 @@ def compress(
     size: str | int | None = None,
     allocation: str = "fisher",
     data: str | os.PathLike | Sequence[str] = "builtin",
-    calib_tokens: int = 4096,
+    calib_tokens: int = 16384,
     seq_len: int = 512,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
