@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rankwise.models import tiny_llama
 
@@ -21,3 +22,13 @@ def texts() -> list[str]:
 @pytest.fixture()
 def tiny():
     return tiny_llama(seed=0, layers=2, hidden=64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test: the suite runs two xdist workers on two cores, and small
+    LAPACK calls from oversubscribed thread pools are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

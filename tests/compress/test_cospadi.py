@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from test_lord import end_to_end
 
 from rankwise.compress.base import damped_cholesky
 from rankwise.compress.layers import SparseDictLinear, storage_parameters
 from rankwise.compress.methods.cospadi import learn_sparse_dictionary, sparse_dict_parameters
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _union_of_subspaces(seed=0):

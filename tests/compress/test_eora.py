@@ -17,14 +17,6 @@ from rankwise.compress.quantize import quantize, quantize_dequantize
 from rankwise.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(48, 64, dtype=torch.float64, generator=g)

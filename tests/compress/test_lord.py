@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from rankwise.compress.base import get_method
 from rankwise.compress.calibrate import LayerStats
 from rankwise.compress.layers import storage_parameters
 from rankwise.models import load_model, tiny_llama
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _stats(x: torch.Tensor, out: int) -> LayerStats:

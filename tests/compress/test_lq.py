@@ -12,14 +12,6 @@ from rankwise.compress.quantize import dequantize
 from rankwise.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _low_rank_plus_noise(seed=0):
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(96, 6, generator=g), torch.randn(6, 128, generator=g)

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from test_lord import end_to_end
 
 from rankwise.compress.layers import GatherLinear, ResizedLinear, ScatterLinear
 from rankwise.compress.methods.modegpt import nystrom_mlp, qk_pairs, vo_svd
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_nystrom_is_exact_when_the_intermediate_activations_have_rank_k():

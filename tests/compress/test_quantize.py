@@ -17,14 +17,6 @@ from rankwise.compress.quantize import (
 from rankwise.errors import ConfigError, ShapeError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_codebooks_are_sorted_in_unit_interval_with_exact_zero(bits):
     nf, uniform = codebook(bits, "nf"), codebook(bits, "int")
