@@ -224,10 +224,8 @@ class LinearView(LayerView):
     kind = "linear"
 
 
-class TransposedLinearView(LayerView):
-    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``(in, out)``."""
-
-    kind = "transposed_linear"
+class _StoredTransposed(LayerView):
+    """Layers whose weight is stored ``(in, out)``: the matrix ``W`` of ``y = W x`` is its transpose."""
 
     @property
     def out_features(self) -> int:
@@ -242,29 +240,21 @@ class TransposedLinearView(LayerView):
 
     def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.t()
+
+
+class TransposedLinearView(_StoredTransposed):
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``(in, out)``."""
+
+    kind = "transposed_linear"
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.to(x.dtype)
 
 
-class EmbeddingView(LayerView):
+class EmbeddingView(_StoredTransposed):
     """``nn.Embedding``: a lookup is ``W.T`` applied to a one-hot vector over the vocabulary."""
 
     kind = "embedding"
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0]
-
-    def weight_matrix(self) -> torch.Tensor:
-        return self.weight.t()
-
-    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.t()
 
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         m = self.module
