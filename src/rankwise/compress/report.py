@@ -20,6 +20,12 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _block_of(name: str, fallback: int) -> int:
+    """The first integer in a layer path (``model.layers.12.mlp.up_proj`` -> 12)."""
+    digits = [part for part in name.split(".") if part.isdigit()]
+    return int(digits[0]) if digits else fallback
+
+
 def _rank_plot(rows: list[dict]) -> str:
     import matplotlib
 
@@ -27,18 +33,19 @@ def _rank_plot(rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
     kinds = sorted({r["kind"] for r in rows})
-    colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
     fig, ax = plt.subplots(figsize=(11, 3.6))
-    for i, r in enumerate(rows):
-        kept = r["parameters_after"] / r["parameters_before"]
-        ax.bar(i, kept, color=colours[r["kind"]], width=0.9)
-    for k in kinds:
-        ax.bar([], [], color=colours[k], label=k)
-    ax.set_xlabel("layer (model order)")
+    for i, kind in enumerate(kinds):
+        mine = [(_block_of(r["name"], j), r) for j, r in enumerate(rows) if r["kind"] == kind]
+        ax.plot(
+            [b for b, _ in mine],
+            [r["parameters_after"] / r["parameters_before"] for _, r in mine],
+            marker="o", markersize=3, linewidth=1, color=plt.cm.tab10(i % 10), label=kind,
+        )  # fmt: skip
+    ax.set_xlabel("block")
     ax.set_ylabel("parameters kept")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Fraction of each layer's parameters kept (1.0 = stays dense)")
-    ax.legend(ncol=min(len(kinds), 7), fontsize=8, loc="lower right")
+    ax.set_title("Fraction of each layer's parameters kept, per block (1.0 = stays dense)")
+    ax.legend(ncol=min(len(kinds), 7), fontsize=8, loc="lower left")
     data = _png(fig)
     plt.close(fig)
     return data
