@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (named in the table's title)")
     parser.add_argument("--allocate", default="fisher", help="rank allocation strategy")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
         model, tok = load_model("smollm2")
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", args.calib_tokens, 8192, 512, 64
     registered = method_names()  # imports every method module
-    methods = args.methods or registered
+    methods = [m for m in (args.methods or registered) if m not in args.skip]
     corpus = load_corpus("builtin")
     ratios = (0.8,) if quick else (0.8, 0.6)
 
@@ -119,7 +120,8 @@ def main() -> None:
         "results": results, "decode": speeds,
     }
     md = (
-        f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}, "
+        f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}"
+        f"{' except ' + ', '.join(args.skip) if args.skip else ''}, "
         f"{args.allocate} rank allocation\n\n"
         f"Dense: {total:,} parameters, validation perplexity **{dense.perplexity:.2f}** "
         f"(seq_len {seq_len}, first {eval_tokens:,} validation tokens of the builtin corpus, no BOS). "
@@ -133,6 +135,8 @@ def main() -> None:
     name = "compress_quick" if quick else "compress"
     if args.allocate != "fisher" or (not quick and args.calib_tokens != 16384):  # variants get their own section
         name += f"_{args.allocate}_{calib_tokens}"
+    if args.methods is not None and not args.skip:  # a subset run gets its own section too
+        name += "_" + "_".join(methods)
     write_results(name, payload, md)
     print(md)
 
