@@ -130,6 +130,7 @@ def relative_difference(ours, theirs, *, dtype=torch.float32) -> float:
     (m1, x1), (m2, x2) = ours, theirs
     if dtype != torch.float32:
         m1, m2 = copy.deepcopy(m1).to(dtype), copy.deepcopy(m2).to(dtype)
+        x1, x2 = (x.detach().to(dtype) if x.is_floating_point() else x for x in (x1, x2))
     y1, y2 = output_of(m1, x1), output_of(m2, x2)
     return ((y1 - y2).abs().max() / y2.abs().max()).item()
 
