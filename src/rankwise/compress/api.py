@@ -295,6 +295,7 @@ def compress(
         "removed": total - after_total,
         "removed_fraction": 1 - after_total / total,
         "never_compressed": fixed,
+        "bytes_per_parameter": bytes_per_param,
         "low_rank_layers": sum(r["rank"] is not None for r in rows),
         "dense_layers": sum(r["rank"] is None for r in rows),
     }

@@ -92,7 +92,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     p = report["parameters"]
     rows = [("parameters", _fmt(p["before"]), f"{_fmt(p['after'])} ({p['kept_fraction']:.1%} kept, {_fmt(p['removed'])} removed)")]
     if "file_bytes" in report:
-        rows.append(("weights file", "", f"{report['file_bytes'] / 1e6:,.1f} MB"))
+        bpp = p.get("bytes_per_parameter")
+        before = f"{p['before'] * bpp / 1e6:,.1f} MB" if bpp else ""
+        rows.append(("weights file", before, f"{report['file_bytes'] / 1e6:,.1f} MB"))
     if "perplexity" in report:
         q = report["perplexity"]
         rows.append(("validation perplexity", f"{q['before']:.3f}", f"{q['after']:.3f}"))
