@@ -61,12 +61,15 @@ def test_two_process_data_parallel_equals_one_process_with_double_batch():
     args = ["finetune", "--model", "tiny-llama", "--rank", "4", "--steps", "4", "--seq-len", "64",
             "--lr", "3e-3", "--eval-tokens", "0", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         "-m", "rankwise", *args, "--batch-size", "2"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    for _attempt in range(3):  # the free port can be taken between probing and binding: retry
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+             "-m", "rankwise", *args, "--batch-size", "2"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        if ddp.returncode == 0 or "error: " in ddp.stderr:  # a rankwise error is not retried
+            break
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     report = json.loads(ddp.stdout[ddp.stdout.index("{"):])
     assert report["world_size"] == 2
