@@ -184,7 +184,8 @@ def compress(
         fingerprint = None
         if not calib_texts:
             raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    needs = sorted(set(chosen.needs) | ({"out_grad"} if allocation == "fisher" else set()))
+    allocator_needs = {"out_grad"} if allocation == "fisher" and chosen.allocates_ranks() else set()
+    needs = sorted(set(chosen.needs) | allocator_needs)
     if needs and calibration is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
 

@@ -259,6 +259,12 @@ class CompressionMethod:
     def options(self) -> dict:
         return dataclasses.asdict(self)
 
+    def allocates_ranks(self) -> bool:
+        """Whether this method's layer sizes come from the rank allocator (``allocation``),
+        so that :func:`~rankwise.compress.api.compress` must collect the allocator's
+        statistics. Whole-model methods that size layers themselves return ``False``."""
+        return True
+
     def compress_model(
         self,
         model: nn.Module,

@@ -219,6 +219,9 @@ class CoSpaDi(CompressionMethod):
                     sizes[nm], used, grew = s + 1, used + step, True
         return sizes
 
+    def allocates_ranks(self) -> bool:
+        return False  # sparsity per layer comes from its own budget split
+
     def compress_model(
         self,
         model: nn.Module,

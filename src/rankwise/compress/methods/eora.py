@@ -205,6 +205,9 @@ class EoRA(CompressionMethod):
                 )
             object.__setattr__(self, "needs", frozenset(inner.needs | {"gram"}))
 
+    def allocates_ranks(self) -> bool:
+        return self.base != "quantize"  # only the base-method path allocates ranks
+
     def compress_model(
         self,
         model: nn.Module,
@@ -292,9 +295,9 @@ class EoRA(CompressionMethod):
         decs, spectra = {}, {}
         bar = Bar(len(layers), f"eora: decompose ({inner.name})", show=progress)
         for name, layer in layers.items():
-            dec = inner.decompose(layer.weight.detach().to(torch.float64), calibration.stats[name])
-            decs[name] = dec
             stats = calibration.stats[name]
+            dec = inner.decompose(layer.weight.detach().to(torch.float64), stats)
+            decs[name] = dec
             spectra[name] = LayerSpectrum(
                 layer.out_features, layer.in_features, dec.S, sensitivity=stats.sensitivity
             )

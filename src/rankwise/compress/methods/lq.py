@@ -232,6 +232,9 @@ class LQLoRA(CompressionMethod):
         if self.fisher:
             object.__setattr__(self, "needs", frozenset({"fisher"}))
 
+    def allocates_ranks(self) -> bool:
+        return False  # bits and ranks come from its own knapsack
+
     def compress_model(
         self,
         model: nn.Module,

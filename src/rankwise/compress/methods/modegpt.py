@@ -198,6 +198,9 @@ class MoDeGPT(CompressionMethod):
             cost += math.ceil((n_kv + n_h) * kept * (h + idx)) if kept < d else (n_kv + n_h) * d * h
         return cost
 
+    def allocates_ranks(self) -> bool:
+        return False  # one keep fraction for every block
+
     def compress_model(
         self,
         model: nn.Module,
