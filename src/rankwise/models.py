@@ -296,13 +296,49 @@ def load_model(
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
+    """Parameters as stored: distinct ``nn.Parameter`` elements (tied weights once), except that
+    a module with a ``storage_bits()`` method (quantized / indexed compressed layers) counts as
+    its exact storage (weight bits + bias bits) in parameters of the model's dtype, rounded up.
+    ``rankwise eval`` and ``rankwise compress`` both report this number for the same folder."""
+    first = next(model.parameters(), None)
+    if first is None:
+        return 0
+    element_bits = first.element_size() * 8
+    stored = {n: m for n, m in model.named_modules() if callable(getattr(m, "storage_bits", None))}
+    outer = {n: m for n, m in stored.items() if not any(n.startswith(o + ".") for o in stored if o)}
+    inside = {id(p) for m in outer.values() for p in m.parameters()}
     seen, total = set(), 0
     for p in model.parameters():
-        if id(p) not in seen:
+        if id(p) not in seen and id(p) not in inside:
             seen.add(id(p))
             total += p.numel()
+    for m in outer.values():
+        bias = getattr(m, "bias", None)
+        bias_bits = bias.numel() * bias.element_size() * 8 if isinstance(bias, torch.Tensor) else 0
+        total += -(-(m.storage_bits() + bias_bits) // element_bits)
     return total
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if it does not say)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: torch.nn.Module, seq_len: int, *, option: str = "--seq-len") -> None:
+    """Refuse a sequence length beyond the model's context (ConfigError naming the limit)."""
+    from rankwise.errors import ConfigError
+
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"{option} {seq_len} is longer than the model's context ({limit} positions, "
+            f"max_position_embeddings); use {option} {limit} or less"
+        )
 
 
 __all__ = [
@@ -316,4 +352,6 @@ __all__ = [
     "byte_tokenizer",
     "cache_dir",
     "count_parameters",
+    "context_length",
+    "check_seq_len",
 ]
