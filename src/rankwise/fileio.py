@@ -116,6 +116,17 @@ def _clean_stale_temps(final: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a folder can be created in ``folder`` (asked of the file system, not guessed)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".rankwise-probe."))
+    except OSError:
+        return False
+    return True
+
+
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
     """Validate an output folder before any work; returns its absolute path.
 
@@ -145,7 +156,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, option
             )
     parent = final.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if existing is None or not existing.is_dir() or not _writable(existing):
         raise CheckpointError(
             f"cannot write {option} {str(path)!r}: {str(existing)!r} is not a writable folder"
         )
