@@ -40,7 +40,7 @@ def test_check_matrix_accepts_huge_finite_values_whose_sum_overflows():
 
 
 def test_check_matrix_not_a_tensor():
-    with pytest.raises(ShapeError, match="must be a torch.Tensor; got list"):
+    with pytest.raises(ShapeError, match=r"must be a torch.Tensor \(or a numpy.ndarray\); got list"):
         check_matrix([[1.0]], "A", "f")
 
 
@@ -69,7 +69,7 @@ def test_check_int_and_float_and_choice():
         with pytest.raises(ConfigError, match=r"'tol' must be a number in \(0, 1\]"):
             check_float(bad, "tol", "f", low=0, high=1, low_open=True)
     with pytest.raises(ConfigError, match="one of 'auto'; got 'fast'"):
-        check_choice("fast", "power_iters", "f", ("auto",))
+        check_choice("fast", "n_iter", "f", ("auto",))
 
 
 def test_check_generator():

@@ -67,7 +67,7 @@ def test_rsvd_matches_dense_svd(shape, decay):
 
 def test_rsvd_float64_is_accurate_to_double_precision():
     A = spectrum_matrix(120, 80, 0.5 ** torch.arange(12.0), dtype=torch.float64)
-    r = rsvd(A, 12, power_iters=2, generator=gen())
+    r = rsvd(A, 12, n_iter=2, generator=gen())
     assert r.U.dtype == torch.float64
     torch.testing.assert_close(r.S, torch.linalg.svdvals(A)[:12], rtol=1e-9, atol=1e-12)
     assert rel_err(A, r) < 1e-10
@@ -88,7 +88,7 @@ def test_more_power_iterations_never_hurt():
     S = torch.linalg.svdvals(A)[:8]
     prev = torch.zeros(8, dtype=torch.float64)
     for q in range(5):
-        s = rsvd(A, 8, oversample=2, power_iters=q, generator=gen(3)).S
+        s = rsvd(A, 8, oversample=2, n_iter=q, generator=gen(3)).S
         assert (s >= prev - 1e-12).all() and (s <= S + 1e-10).all()
         prev = s
     assert float(((S - prev) / S).max()) < 1e-3
@@ -101,13 +101,13 @@ def test_auto_power_iterations_reach_one_percent_on_slow_decay():
     r = rsvd(A, 20, generator=gen())
     assert r.depth >= 1
     assert float(((S[:20] - r.S.double()).abs() / S[:20]).max()) < 0.01
-    plain = rsvd(A, 20, power_iters=0, generator=gen())
+    plain = rsvd(A, 20, n_iter=0, generator=gen())
     assert float(((S[:20] - plain.S.double()).abs() / S[:20]).max()) > 0.05  # needed depth
 
 
 def test_rank_deficient_input_still_gives_orthonormal_factors():
     A = spectrum_matrix(60, 40, [3.0, 2.0, 1.0], dtype=torch.float32)  # exact rank 3
-    r = rsvd(A, 8, power_iters=2, generator=gen())
+    r = rsvd(A, 8, n_iter=2, generator=gen())
     torch.testing.assert_close(r.S[:3], torch.tensor([3.0, 2.0, 1.0]), atol=1e-4, rtol=0)
     assert (r.S[3:] < 1e-4).all()
     assert_orthonormal_cols(r.U, 1e-4)
@@ -164,11 +164,11 @@ def test_batched_equals_looped():
     A = torch.randn(3, 2, 40, 8, generator=g, dtype=torch.float64) @ torch.randn(
         3, 2, 8, 30, generator=g, dtype=torch.float64
     )  # exact rank 8: every run recovers it exactly
-    r = rsvd(A, 5, power_iters=1, generator=gen())
+    r = rsvd(A, 5, n_iter=1, generator=gen())
     assert r.U.shape == (3, 2, 40, 5) and r.residual.shape == (3, 2)
     for i in range(3):
         for j in range(2):
-            one = rsvd(A[i, j], 5, power_iters=1, generator=gen(7))
+            one = rsvd(A[i, j], 5, n_iter=1, generator=gen(7))
             torch.testing.assert_close(r.S[i, j], one.S, rtol=1e-9, atol=0)
             torch.testing.assert_close(
                 (r.U[i, j] * r.S[i, j]) @ r.Vh[i, j], (one.U * one.S) @ one.Vh, atol=1e-9, rtol=0
@@ -178,9 +178,9 @@ def test_batched_equals_looped():
 
 def test_same_seed_same_result_different_seed_differs():
     A = torch.randn(80, 60, generator=gen())
-    a = rsvd(A, 5, power_iters=0, generator=gen(5))
-    b = rsvd(A, 5, power_iters=0, generator=gen(5))
-    c = rsvd(A, 5, power_iters=0, generator=gen(6))
+    a = rsvd(A, 5, n_iter=0, generator=gen(5))
+    b = rsvd(A, 5, n_iter=0, generator=gen(5))
+    c = rsvd(A, 5, n_iter=0, generator=gen(6))
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     assert not torch.allclose(a.S, c.S)
@@ -208,8 +208,8 @@ def test_cuda_matches_cpu():
 def test_operator_input_equals_dense_input():
     A = torch.randn(70, 50, generator=gen())
     op = LinearOperator(A.shape, lambda X: A @ X, lambda Y: A.mT @ Y)
-    d = rsvd(A, 6, power_iters=2, generator=gen(2))
-    o = rsvd(op, 6, power_iters=2, generator=gen(2))
+    d = rsvd(A, 6, n_iter=2, generator=gen(2))
+    o = rsvd(op, 6, n_iter=2, generator=gen(2))
     torch.testing.assert_close(o.S, d.S, rtol=1e-5, atol=0)
     torch.testing.assert_close((o.U * o.S) @ o.Vh, (d.U * d.S) @ d.Vh, atol=1e-4, rtol=0)
 
@@ -237,7 +237,7 @@ def test_operator_with_rmatmul_only_and_batched():
         def rmatmul(self, Y):
             return A.mT @ Y
 
-    r = rsvd(Op(), 4, power_iters=3, generator=gen())
+    r = rsvd(Op(), 4, n_iter=3, generator=gen())
     torch.testing.assert_close(r.S, torch.linalg.svdvals(A)[:, :4], rtol=1e-6, atol=0)
 
 
@@ -264,7 +264,7 @@ def test_bf16_operator_returns_bf16():
 def test_rsvd_properties(m, n, frac, q, oversample, seed):
     k = max(1, round(frac * min(m, n)))
     A = torch.randn(m, n, generator=gen(seed), dtype=torch.float64)
-    r = rsvd(A, k, oversample=oversample, power_iters=q, generator=gen(seed))
+    r = rsvd(A, k, oversample=oversample, n_iter=q, generator=gen(seed))
     assert r.U.shape == (m, k) and r.S.shape == (k,) and r.Vh.shape == (k, n)
     S = torch.linalg.svdvals(A)
     assert (r.S[:-1] >= r.S[1:] - 1e-12).all()
@@ -307,8 +307,8 @@ def test_rsvd_bad_matrix(A, err, pattern):
         ({"rank": 2.5}, "'rank' must be an integer"),
         ({"rank": None}, "'rank' must be an integer"),
         ({"rank": 2, "oversample": -1}, "'oversample'.*got -1"),
-        ({"rank": 2, "power_iters": "fast"}, "'power_iters' must be one of 'auto'"),
-        ({"rank": 2, "power_iters": -1}, "'power_iters'.*got -1"),
+        ({"rank": 2, "n_iter": "fast"}, "'n_iter' must be one of 'auto'"),
+        ({"rank": 2, "n_iter": -1}, "'n_iter'.*got -1"),
         ({"rank": 2, "tol": 0.0}, "'tol' must be a number in"),
         ({"rank": 2, "tol": float("nan")}, "'tol' must be a number in"),
         ({"rank": 2, "generator": 0}, "'generator' must be a torch.Generator"),

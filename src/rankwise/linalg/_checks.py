@@ -13,6 +13,15 @@ Use them at the public boundary of a kernel, before any work is done:
 
 Checks that read tensor values (NaN/Inf) cost one pass over the data; kernels that accept
 implicit operators check only what they can see (shape, dtype) on those.
+
+NumPy input: every array argument goes through :func:`as_tensor`, so a ``numpy.ndarray``
+is accepted wherever a tensor is (converted with ``torch.as_tensor``, without a copy when
+it can be shared) and the results are torch tensors, as scikit-learn's input validation
+turns array-likes into its own arrays. Anything else that is not a tensor (a list, a
+pandas frame, ...) is a ShapeError naming the function, the type seen and the fix.
+
+Extreme magnitudes: :func:`pow2_scale` gives the exact (power-of-two) factor that kernels
+use to bring entries near 1e±30 to order one before forming Gram matrices or squares.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from rankwise.errors import ConfigError, ShapeError
@@ -34,6 +44,30 @@ def _describe(x: object) -> str:
         return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + "..."
+
+
+def as_tensor(x: object, name: str, fn: str) -> torch.Tensor:
+    """Return ``x`` as a tensor: a tensor unchanged, a ``numpy.ndarray`` converted.
+
+    NumPy arrays share memory with the result when torch can (writable, non-negative
+    strides); otherwise they are copied. Anything else raises ShapeError naming the fix.
+    """
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc":
+            raise ShapeError(
+                f"{fn}: argument '{name}' is a numpy array of dtype {x.dtype}; expected a "
+                "numeric array (e.g. a.astype(np.float32))"
+            )
+        if not x.flags.writeable or any(s < 0 for s in x.strides):
+            x = np.array(x)  # torch cannot share read-only or negatively strided memory
+        return torch.as_tensor(x)
+    raise ShapeError(
+        f"{fn}: argument '{name}' must be a torch.Tensor (or a numpy.ndarray); got "
+        f"{type(x).__name__}. Convert it first, e.g. torch.as_tensor({name.split('[')[0]}, "
+        "dtype=torch.float32)"
+    )
 
 
 def check_dtype(dtype: torch.dtype, name: str, fn: str) -> None:
@@ -85,13 +119,12 @@ def check_finite(A: torch.Tensor, name: str, fn: str) -> None:
 def check_matrix(
     A: object, name: str, fn: str, *, batched: bool = True, finite: bool = True
 ) -> torch.Tensor:
-    """Validate a dense matrix argument and return it unchanged.
+    """Validate a dense matrix argument and return it as a tensor (see :func:`as_tensor`).
 
-    Requires a ``torch.Tensor`` of shape ``(..., M, N)`` (``(M, N)`` if ``batched`` is
-    False), no empty dimension, a real floating dtype, and (if ``finite``) no NaN/Inf.
+    Requires a tensor (or NumPy array) of shape ``(..., M, N)`` (``(M, N)`` if ``batched``
+    is False), no empty dimension, a real floating dtype, and (if ``finite``) no NaN/Inf.
     """
-    if not isinstance(A, torch.Tensor):
-        raise ShapeError(f"{fn}: argument '{name}' must be a torch.Tensor; got {type(A).__name__}")
+    A = as_tensor(A, name, fn)
     check_shape(A.shape, name, fn, batched=batched)
     check_dtype(A.dtype, name, fn)
     if finite:
@@ -186,6 +219,39 @@ def check_generator(generator: object, fn: str, device: torch.device | None = No
         )
 
 
+def check_shape_pair(shape: object, name: str, fn: str, what: str = "(m, n)") -> tuple[int, int]:
+    """Require a pair of positive Python integers (a matrix shape); return it as a tuple."""
+    if (
+        not isinstance(shape, tuple | list)
+        or len(shape) != 2
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape)
+    ):
+        raise ConfigError(
+            f"{fn}: argument '{name}' must be a pair of positive integers {what}; got {shape!r}"
+        )
+    return int(shape[0]), int(shape[1])
+
+
+def pow2_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """Elementwise power of two ``c`` with ``c * magnitude`` in ``[0.5, 1)``; 1 where the
+    magnitude is 0 or not finite.
+
+    Multiplying by a power of two is exact (no rounding), so ``A * c`` is the same matrix in
+    other units: kernels scale by it before forming Gram matrices or squares (which
+    overflow float32 for entries near 1e20 and underflow near 1e-20) and scale back after.
+    """
+    _, exponent = torch.frexp(magnitude)
+    ok = torch.isfinite(magnitude) & (magnitude > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(magnitude), -exponent), 1.0)
+
+
+def safe_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Magnitudes (a norm of the data) that ``dtype`` can square and Gram without
+    overflow or underflow, with room for sizes and precision: ``2^±(maxexp / 4)``."""
+    bits = math.log2(torch.finfo(dtype).max) / 4
+    return 2.0**-bits, 2.0**bits
+
+
 def as_float(A: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """Return ``(A in a working dtype, caller's dtype)``.
 
@@ -205,6 +271,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 __all__ = [
     "LOW_PRECISION",
     "as_float",
+    "as_tensor",
     "check_choice",
     "check_dtype",
     "check_finite",
@@ -214,5 +281,8 @@ __all__ = [
     "check_matrix",
     "check_rank",
     "check_shape",
+    "check_shape_pair",
+    "pow2_scale",
+    "safe_range",
     "working_dtype",
 ]

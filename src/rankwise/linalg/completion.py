@@ -14,14 +14,17 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from rankwise.errors import ConfigError, ShapeError
+from rankwise.errors import ShapeError
 from rankwise.linalg._checks import (
+    as_tensor,
     check_choice,
     check_dtype,
     check_float,
     check_generator,
     check_int,
     check_rank,
+    check_shape_pair,
+    pow2_scale,
     working_dtype,
 )
 
@@ -63,10 +66,7 @@ class CompletionResult(NamedTuple):
 
 
 def _check_index(idx: object, name: str, size: int) -> torch.Tensor:
-    if not isinstance(idx, torch.Tensor):
-        raise ShapeError(
-            f"{_FN}: argument '{name}' must be a torch.Tensor; got {type(idx).__name__}"
-        )
+    idx = as_tensor(idx, name, _FN)
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise ShapeError(
             f"{_FN}: argument '{name}' must hold integer indices; got dtype {idx.dtype}"
@@ -264,19 +264,8 @@ def complete_altmin(
         True
     """
     fn = _FN
-    if (
-        not isinstance(shape, tuple | list)
-        or len(shape) != 2
-        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
-    ):
-        raise ConfigError(
-            f"{fn}: argument 'shape' must be a pair of positive integers (m, n); got {shape!r}"
-        )
-    m, n = int(shape[0]), int(shape[1])
-    if not isinstance(values, torch.Tensor):
-        raise ShapeError(
-            f"{fn}: argument 'values' must be a torch.Tensor; got {type(values).__name__}"
-        )
+    m, n = check_shape_pair(shape, "shape", fn)
+    values = as_tensor(values, "values", fn)
     check_dtype(values.dtype, "values", fn)
     if values.ndim != 1 or values.numel() == 0:
         raise ShapeError(
@@ -305,6 +294,10 @@ def complete_altmin(
 
     out_dtype = values.dtype
     vals = values.to(working_dtype(out_dtype))
+    # Fit c·M, c an exact power of two bringing the largest value to ~1, so the squared
+    # residuals and Gram matrices neither overflow nor underflow; U is scaled back at the end.
+    c = pow2_scale(vals.abs().amax())
+    vals = vals * c
     rows, cols = rows.to(vals.device), cols.to(vals.device)
     reg = max(reg, 4 * torch.finfo(vals.dtype).eps)
 
@@ -342,7 +335,7 @@ def complete_altmin(
             converged = True
             break
     return CompletionResult(
-        U.to(out_dtype),
+        (U / c).to(out_dtype),
         V.to(out_dtype),
         torch.tensor(history, dtype=torch.float64),
         len(history),

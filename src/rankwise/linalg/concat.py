@@ -83,6 +83,11 @@ def _check_mats(mats: object, fn: str, *, d: int | None = None) -> list[torch.Te
     return out
 
 
+def _fro(A: torch.Tensor) -> float:
+    """Frobenius norm in float64 (float32 squares overflow for entries near 1e20)."""
+    return float(torch.linalg.vector_norm(A, dtype=torch.float64))
+
+
 def _svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` left singular vectors and values of ``A`` (dense, exact)."""
     U, S, _ = torch.linalg.svd(A, full_matrices=False)
@@ -122,9 +127,9 @@ def concat_svd(mats: Sequence[torch.Tensor], rank: int) -> ConcatSVD:
     A, out_dtype = as_float(torch.cat(mats, dim=1))  # (d, N)
     U, S = _svd(A, rank)
     C = U.mT @ A  # (r, N)
-    residual = float((A - U @ C).norm())
+    residual = _fro(A - U @ C)
     coeffs = tuple(c.to(out_dtype) for c in C.split([M.shape[1] for M in mats], dim=1))
-    return ConcatSVD(U.to(out_dtype), S.to(out_dtype), coeffs, residual, float(A.norm()))
+    return ConcatSVD(U.to(out_dtype), S.to(out_dtype), coeffs, residual, _fro(A))
 
 
 def concat_svd_update(result: ConcatSVD, mats: Sequence[torch.Tensor]) -> ConcatSVD:
@@ -165,10 +170,10 @@ def concat_svd_update(result: ConcatSVD, mats: Sequence[torch.Tensor]) -> Concat
     old = tuple((rot @ c.to(U0)).to(out_dtype) for c in result.coeffs)
     CB = U.mT @ B  # (r, n_B)
     new = tuple(c.to(out_dtype) for c in CB.split([M.shape[1] for M in mats], dim=1))
-    lost_old = math.sqrt(max(float(S0.square().sum() - (rot * S0).square().sum()), 0.0))
-    lost_new = math.sqrt(max(float(B.square().sum() - CB.square().sum()), 0.0))
+    lost_old = math.sqrt(max(_fro(S0) ** 2 - _fro(rot * S0) ** 2, 0.0))
+    lost_new = math.sqrt(max(_fro(B) ** 2 - _fro(CB) ** 2, 0.0))
     residual = math.hypot(result.residual + lost_old, lost_new)
-    norm = math.hypot(result.norm, float(B.norm()))
+    norm = math.hypot(result.norm, _fro(B))
     return ConcatSVD(U.to(out_dtype), S.to(out_dtype), old + new, residual, norm)
 
 

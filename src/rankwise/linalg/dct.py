@@ -20,6 +20,7 @@ from rankwise.linalg._checks import (
     check_int,
     check_matrix,
     check_rank,
+    pow2_scale,
     working_dtype,
 )
 
@@ -114,10 +115,11 @@ def dct_select(
             )
         D = basis.to(device=G.device, dtype=work)
     Gw = G.to(work)
-    if side == "left":
-        scores = (D.mT @ Gw).square().sum(-1)  # (..., m): energy per frequency
-    else:
-        scores = (Gw @ D).square().sum(-2)  # (..., n)
+    proj = D.mT @ Gw if side == "left" else (Gw @ D).mT  # (..., d, other side)
+    # Energy per frequency, in units where the largest coefficient is ~1 (an exact power of
+    # two), so the squares neither overflow (entries near 1e20) nor underflow (near 1e-30).
+    proj = proj * pow2_scale(proj.abs().amax((-2, -1), keepdim=True))
+    scores = proj.square().sum(-1)  # (..., d)
     indices = torch.topk(scores, rank, dim=-1).indices  # (..., rank), highest first
     P = D[:, indices].movedim(0, -2) if indices.ndim > 1 else D[:, indices]  # (..., d, rank)
     return DCTSelection(indices, P.to(G.dtype), side)

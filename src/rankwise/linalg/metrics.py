@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from rankwise.errors import ShapeError
-from rankwise.linalg._checks import as_float, check_dtype, check_float, check_matrix
+from rankwise.linalg._checks import as_float, as_tensor, check_dtype, check_float, check_matrix
 
 
 def _svdvals(A: torch.Tensor, fn: str) -> torch.Tensor:
-    check_matrix(A, "A", fn)
+    A = check_matrix(A, "A", fn)
     work, _ = as_float(A)
     return torch.linalg.svdvals(work)  # (..., min(M, N)) descending
 
@@ -49,10 +49,9 @@ def stable_rank(A: torch.Tensor) -> torch.Tensor:
     0 for the zero matrix.
     """
     S = _svdvals(A, "stable_rank")
-    top = S[..., 0] ** 2
-    return torch.where(
-        top > 0, (S**2).sum(-1) / top.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(top)
-    )
+    top = S[..., :1]
+    ratio = S / top.clamp_min(torch.finfo(S.dtype).tiny)  # in [0, 1]: squares cannot overflow
+    return torch.where(top[..., 0] > 0, ratio.square().sum(-1), torch.zeros_like(top[..., 0]))
 
 
 def energy_rank(S: torch.Tensor, *, energy: float = 0.9) -> torch.Tensor:
@@ -67,14 +66,18 @@ def energy_rank(S: torch.Tensor, *, energy: float = 0.9) -> torch.Tensor:
         int64 tensor (...), in ``[1, K]`` (0 for an all-zero ``S``).
     """
     fn = "energy_rank"
-    if not isinstance(S, torch.Tensor) or S.ndim < 1 or S.shape[-1] == 0:
-        got = tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__
-        raise ShapeError(f"{fn}: argument 'S' must be a non-empty tensor (..., K); got {got}")
+    S = as_tensor(S, "S", fn)
+    if S.ndim < 1 or S.shape[-1] == 0:
+        raise ShapeError(
+            f"{fn}: argument 'S' must be a non-empty tensor (..., K); got shape {tuple(S.shape)}"
+        )
     check_dtype(S.dtype, "S", fn)
     if not bool(torch.isfinite(S).all()) or bool((S < 0).any()):
         raise ShapeError(f"{fn}: argument 'S' must hold finite non-negative singular values")
     energy = check_float(energy, "energy", fn, low=0.0, high=1.0, low_open=True)
-    e = torch.sort(S.double(), dim=-1, descending=True).values.square().cumsum(-1)
+    S = torch.sort(S.double(), dim=-1, descending=True).values
+    S = S / S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)  # in [0, 1]: squares cannot overflow
+    e = S.square().cumsum(-1)
     total = e[..., -1:]
     # Relative slack absorbs rounding in the cumulative sum (energy=1 must give the rank).
     reached = e >= energy * total * (1 - 1e-12)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from rankwise.errors import ShapeError
-from rankwise.linalg._checks import as_float, check_int, check_matrix
+from rankwise.linalg._checks import as_float, as_tensor, check_int, check_matrix
 
 
 class MonarchFactors(NamedTuple):
@@ -37,7 +37,10 @@ class MonarchFactors(NamedTuple):
     R: torch.Tensor
 
 
-def _check_factors(L: torch.Tensor, R: torch.Tensor, fn: str) -> tuple[int, int, int]:
+def _check_factors(
+    L: torch.Tensor, R: torch.Tensor, fn: str
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """Validate Monarch factors; return ``(L, R, k, b_out, b_in)`` (as tensors)."""
     L = check_matrix(L, "L", fn)
     R = check_matrix(R, "R", fn)
     if L.ndim < 3 or R.ndim < 3 or L.shape[-1] != L.shape[-2]:
@@ -52,7 +55,7 @@ def _check_factors(L: torch.Tensor, R: torch.Tensor, fn: str) -> tuple[int, int,
             f"{(*L.shape[:-3], k, b_out, 'b_in')} to match L {tuple(L.shape)}; "
             f"got {tuple(R.shape)}"
         )
-    return k, b_out, R.shape[-1]
+    return L, R, k, b_out, R.shape[-1]
 
 
 def monarch_project(W: torch.Tensor, nblocks: int) -> MonarchFactors:
@@ -125,12 +128,13 @@ def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
         ``(..., n_out)`` with ``n_out = k * b_out``.
     """
     fn = "monarch_matmul"
-    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.numel() == 0:
+    x = as_tensor(x, "x", fn)
+    if x.ndim < 1 or x.numel() == 0:
         raise ShapeError(
             f"{fn}: argument 'x' must be a non-empty tensor of shape (..., n_in); "
-            f"got {getattr(x, 'shape', type(x).__name__)}"
+            f"got shape {tuple(x.shape)}"
         )
-    k, b_out, b_in = _check_factors(L, R, fn)
+    L, R, k, b_out, b_in = _check_factors(L, R, fn)
     if L.ndim != 3:
         raise ShapeError(
             f"{fn}: arguments 'L' and 'R' must be unbatched (3-D); got L {tuple(L.shape)}"
@@ -152,7 +156,7 @@ def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
 def monarch_dense(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Form the dense ``(..., n_out, n_in)`` Monarch matrix ``M[(l, j), (i, s)] = L[j,l,i] R[i,j,s]``."""
     fn = "monarch_dense"
-    k, b_out, b_in = _check_factors(L, R, fn)
+    L, R, k, b_out, b_in = _check_factors(L, R, fn)
     M = torch.einsum("...jli,...ijs->...ljis", L, R)  # (..., k[l], b_out[j], k[i], b_in[s])
     return M.reshape(*L.shape[:-3], k * b_out, k * b_in)
 

@@ -93,7 +93,7 @@ def nystrom(
 
     omega = torch.randn(*op.batch, n, L, generator=generator, device=op.device, dtype=op.dtype)
     omega = torch.linalg.qr(omega).Q  # (..., N, L) orthonormal
-    Y = op.matmul(omega)  # (..., N, L)
+    Y = op.rescale(op.matmul(omega))  # (..., N, L), in the safe range (see _Op)
     if not bool(torch.isfinite(Y).all()):
         raise ShapeError(f"{fn}: operator 'A' produced NaN/Inf values when applied")
     eps = torch.finfo(op.dtype).eps
@@ -111,6 +111,7 @@ def nystrom(
     E = torch.linalg.solve_triangular(chol.mT, Y_nu, upper=True, left=False)  # Y_ν C⁻ᵀ
     U, sig, _ = torch.linalg.svd(E, full_matrices=False)
     lam = (sig[..., :k] ** 2 - nu[..., None]).clamp_min(0)
+    lam = lam.double() * op.unscale.unsqueeze(-1)  # back from the safe range
     return NystromResult(lam.to(op.out_dtype), U[..., :k].to(op.out_dtype))
 
 
@@ -148,13 +149,15 @@ def nystrom_general(
     L = min(k + extra, m)
     X = torch.randn(*op.batch, n, k, generator=generator, device=op.device, dtype=op.dtype)
     Y = torch.randn(*op.batch, m, L, generator=generator, device=op.device, dtype=op.dtype)
-    C = op.matmul(X)  # (..., M, K)
+    C = op.rescale(op.matmul(X))  # (..., M, K) for c·A, c = 1 / op.unscale (see _Op)
     R = op.rmatmul(Y).mT  # (..., L, N)
     if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(R).all())):
         raise ShapeError(f"{fn}: operator 'A' produced NaN/Inf values when applied")
     W = torch.linalg.pinv(Y.mT @ C)  # (..., K, L)
+    # (cC)(W/c)(cR) = c·A: scale C and R back, W up, each by the exact power of two.
+    s = op.unscale[..., None, None]
     out = op.out_dtype
-    return NystromFactors(C.to(out), W.to(out), R.to(out))
+    return NystromFactors((C * s).to(out), (W / s).to(out), (R * s).to(out))
 
 
 __all__ = ["NystromFactors", "NystromResult", "nystrom", "nystrom_general"]

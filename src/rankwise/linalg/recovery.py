@@ -16,13 +16,16 @@ The measurement operator is either a ``(m, n1, n2)`` tensor of sensing matrices
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 
 from rankwise.errors import ConfigError, ShapeError
 from rankwise.linalg._checks import (
+    as_tensor,
     check_choice,
     check_dtype,
     check_finite,
@@ -30,6 +33,8 @@ from rankwise.linalg._checks import (
     check_generator,
     check_int,
     check_rank,
+    check_shape_pair,
+    pow2_scale,
     working_dtype,
 )
 
@@ -73,15 +78,26 @@ class RecoveryResult(NamedTuple):
         return self.L @ self.R.mT
 
 
-def _operator(y: object, A: object, fn: str) -> tuple[torch.Tensor, Callable, Callable, int, int]:
-    """Validate ``y`` and ``A``; return ``(y, forward, adjoint, n1, n2)``."""
-    if not isinstance(y, torch.Tensor):
-        raise ShapeError(f"{fn}: argument 'y' must be a torch.Tensor; got {type(y).__name__}")
+def _operator(
+    y: object, A: object, fn: str
+) -> tuple[torch.Tensor, Callable, Callable, int, int, float]:
+    """Validate ``y`` and ``A``; return ``(c y, forward, adjoint, n1, n2, unscale)``.
+
+    Magnitudes: ``y`` and a tensor ``A`` are scaled by exact powers of two (``c``, ``a``)
+    bringing their largest entries to ~1, so no square or step size overflows or
+    underflows for data near 1e±30; the scaled problem's solution is ``(c / a) X*``, and
+    factors are multiplied by ``unscale = sqrt(a / c)`` (an exact power of two) on return.
+    """
+    y = as_tensor(y, "y", fn)
+    if isinstance(A, np.ndarray):
+        A = as_tensor(A, "A", fn)
     check_dtype(y.dtype, "y", fn)
     if y.ndim != 1 or y.numel() == 0:
         raise ShapeError(f"{fn}: argument 'y' must be a non-empty 1-D tensor; got {tuple(y.shape)}")
     check_finite(y, "y", fn)
     m = y.numel()
+    c = float(pow2_scale(y.abs().amax().double()))
+    a = 1.0
     if isinstance(A, torch.Tensor):
         check_dtype(A.dtype, "A", fn)
         if A.ndim != 3 or A.shape[0] != m or A.shape[1] == 0 or A.shape[2] == 0:
@@ -90,28 +106,21 @@ def _operator(y: object, A: object, fn: str) -> tuple[torch.Tensor, Callable, Ca
                 f"got {tuple(A.shape)}"
             )
         check_finite(A, "A", fn)
-        Aw = A.to(device=y.device, dtype=working_dtype(y.dtype))
+        a = float(pow2_scale(A.abs().amax().double()))
+        Aw = A.to(device=y.device, dtype=working_dtype(y.dtype)) * a
         n1, n2 = A.shape[1], A.shape[2]
         flat = Aw.reshape(m, n1 * n2)  # (m, n1 n2)
+        y, unscale = _scaled(y, c, a)
         return (
             y,
             lambda X: flat @ X.reshape(-1),
             lambda r: (r @ flat).reshape(n1, n2),
             n1,
             n2,
+            unscale,
         )
     if isinstance(A, SensingOperator):
-        shape = A.shape
-        if (
-            not isinstance(shape, tuple | list)
-            or len(shape) != 2
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
-        ):
-            raise ConfigError(
-                f"{fn}: argument 'A' has shape {shape!r}; SensingOperator.shape must be a pair "
-                "of positive integers (n1, n2)"
-            )
-        n1, n2 = int(shape[0]), int(shape[1])
+        n1, n2 = check_shape_pair(A.shape, "A.shape", fn, "(n1, n2)")
 
         def forward(X: torch.Tensor) -> torch.Tensor:
             out = A.forward(X)
@@ -131,10 +140,31 @@ def _operator(y: object, A: object, fn: str) -> tuple[torch.Tensor, Callable, Ca
                 )
             return out
 
-        return y, forward, adjoint, n1, n2
+        y, unscale = _scaled(y, c, a)
+        return y, forward, adjoint, n1, n2, unscale
     raise ShapeError(
         f"{fn}: argument 'A' must be a (m, n1, n2) tensor of sensing matrices or a "
         f"SensingOperator; got {type(A).__name__}"
+    )
+
+
+def _scaled(y: torch.Tensor, c: float, a: float) -> tuple[torch.Tensor, float]:
+    """``(c' y, sqrt(a / c'))`` with ``c'`` = ``c`` or ``2c`` so that ``a / c'`` is an even
+    power of two (its square root, the factors' scale, is then exact)."""
+    if math.frexp(a / c)[1] % 2 == 0:  # a / c = 2^(e - 1): make e - 1 even
+        c *= 2
+    return y * c, math.sqrt(a / c)
+
+
+def _result(L, R, symmetric, history, converged, unscale, dtype) -> RecoveryResult:
+    """Pack factors (scaled back, in the caller's dtype) and the loss history."""
+    L = (L * unscale).to(dtype)
+    return RecoveryResult(
+        L,
+        L if symmetric else (R * unscale).to(dtype),
+        torch.tensor(history, dtype=torch.float64),
+        len(history),
+        converged,
     )
 
 
@@ -226,7 +256,7 @@ def recover_subgradient(
         ``mean |A(X_t) - y|``; ``result.X`` is ``L @ R.T``.
     """
     fn = "recover_subgradient"
-    y, forward, adjoint, n1, n2 = _operator(y, A, fn)
+    y, forward, adjoint, n1, n2, unscale = _operator(y, A, fn)
     rank, max_iter, tol = _common(rank, n1, n2, symmetric, max_iter, tol, generator, y, fn)
     init_scale = check_float(init_scale, "init_scale", fn, low=0.0, low_open=True)
     step = check_float(step, "step", fn, low=0.0, low_open=True)
@@ -277,14 +307,7 @@ def recover_subgradient(
         if change <= tol:
             converged = True
             break
-    L = L.to(y.dtype)
-    return RecoveryResult(
-        L,
-        L if symmetric else R.to(y.dtype),
-        torch.tensor(history, dtype=torch.float64),
-        len(history),
-        converged,
-    )
+    return _result(L, R, symmetric, history, converged, unscale, y.dtype)
 
 
 def recover_sensing(
@@ -335,7 +358,7 @@ def recover_sensing(
         :class:`RecoveryResult`; ``history`` is the relative residual per iteration.
     """
     fn = "recover_sensing"
-    y, forward, adjoint, n1, n2 = _operator(y, A, fn)
+    y, forward, adjoint, n1, n2, unscale = _operator(y, A, fn)
     check_choice(method, "method", fn, ("asymmetric", "symmetric"))
     symmetric = method == "symmetric"
     rank, max_iter, tol = _common(rank, n1, n2, symmetric, max_iter, tol, generator, y, fn)
@@ -378,14 +401,7 @@ def recover_sensing(
             R = L
         else:
             L, R = L - eta * D @ R, R - eta * D.mT @ L
-    L = L.to(y.dtype)
-    return RecoveryResult(
-        L,
-        L if symmetric else R.to(y.dtype),
-        torch.tensor(history, dtype=torch.float64),
-        len(history),
-        converged,
-    )
+    return _result(L, R, symmetric, history, converged, unscale, y.dtype)
 
 
 __all__ = ["RecoveryResult", "SensingOperator", "recover_sensing", "recover_subgradient"]

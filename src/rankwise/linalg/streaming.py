@@ -8,7 +8,14 @@ from typing import NamedTuple
 import torch
 
 from rankwise.errors import ConfigError, ShapeError
-from rankwise.linalg._checks import check_dtype, check_float, check_generator, check_int
+from rankwise.linalg._checks import (
+    as_tensor,
+    check_dtype,
+    check_float,
+    check_generator,
+    check_int,
+    pow2_scale,
+)
 
 _FN = "streaming_top_eigvec"
 
@@ -31,10 +38,7 @@ class TopEigResult(NamedTuple):
 
 
 def _as_block(item: object, index: int, d: int | None) -> torch.Tensor:
-    if not isinstance(item, torch.Tensor):
-        raise ShapeError(
-            f"{_FN}: argument 'stream' item {index} must be a torch.Tensor; got {type(item).__name__}"
-        )
+    item = as_tensor(item, f"stream[{index}]", _FN)
     check_dtype(item.dtype, f"stream[{index}]", _FN)
     if item.ndim == 1:
         item = item[None, :]
@@ -135,16 +139,19 @@ def streaming_top_eigvec(
             work = dtype or (torch.float64 if B.dtype == torch.float64 else torch.float32)
             v = torch.randn(d, dtype=work, generator=generator).to(B.device)
             v = v / v.norm()
-        B = B.to(v.dtype)
-        Bv = B @ v  # (b,)
-        proj = float(Bv.square().sum())
+        # Work with c·B, c an exact power of two bringing the block's entries to ~1, so the
+        # squares below neither overflow (entries near 1e20) nor underflow (near 1e-30).
+        c = float(pow2_scale(B.abs().amax().double()))
+        B = B.to(v.dtype) * c
+        Bv = B @ v  # (b,) = c B v
+        proj = float(Bv.double().square().sum()) / c**2
         b = B.shape[0]
         n_rows += b
         energy += proj
         value_num += n_rows * proj / b
         value_den += n_rows
         if energy > 0.0:
-            w = v + (lr / energy) * (B.mT @ Bv)
+            w = v + (lr / (energy * c**2)) * (B.mT @ Bv)
             norm = float(w.norm())
             if norm > 0.0:
                 v = w / norm

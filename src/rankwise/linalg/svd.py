@@ -18,11 +18,13 @@ import warnings
 from collections.abc import Callable
 from typing import NamedTuple, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from rankwise.errors import ConfigError, ShapeError
 from rankwise.linalg._checks import (
     as_float,
+    as_tensor,
     check_choice,
     check_dtype,
     check_finite,
@@ -32,6 +34,8 @@ from rankwise.linalg._checks import (
     check_matrix,
     check_rank,
     check_shape,
+    pow2_scale,
+    safe_range,
     working_dtype,
 )
 
@@ -160,6 +164,10 @@ class ProductOperator(LinearOperator):
     def __init__(self, *factors: torch.Tensor | MatrixOperator) -> None:
         if len(factors) < 1:
             raise ConfigError("ProductOperator: needs at least one factor; got none")
+        factors = tuple(
+            as_tensor(f, f"factors[{i}]", "ProductOperator") if isinstance(f, np.ndarray) else f
+            for i, f in enumerate(factors)
+        )
         for i, f in enumerate(factors):
             if not hasattr(f, "shape") or not hasattr(f, "__matmul__") or len(f.shape) < 2:
                 raise ShapeError(
@@ -210,21 +218,39 @@ def _rmatmul(A: object, Y: torch.Tensor) -> torch.Tensor:
 
 
 class _Op:
-    """Internal view of a validated input: products in the working dtype, maybe transposed."""
+    """Internal view of a validated input: products in the working dtype, maybe transposed.
+
+    Magnitudes: when ``‖A‖_F`` (dense) or the first sketch (:meth:`rescale`, operators) is
+    outside :func:`safe_range` of the working dtype, the products are computed for
+    ``c A`` with ``c`` an exact power of two per matrix, so Gram matrices and Cholesky-QR
+    neither overflow (entries near 1e20 in float32) nor underflow (near 1e-30). Kernels
+    multiply singular values (or eigenvalues) by ``unscale = 1 / c`` (float64, (...,)).
+    """
 
     def __init__(self, A: object, fn: str, name: str = "A") -> None:
+        if isinstance(A, np.ndarray):
+            A = as_tensor(A, name, fn)
         self.dense = isinstance(A, torch.Tensor)
         self._fro2 = None
+        self._c = None  # (..., 1, 1) multiplier of operator outputs, once rescaled
         if self.dense:
             check_matrix(A, name, fn, finite=False)
             self.A, self.out_dtype = as_float(A)
+            self.shape, self.device = tuple(A.shape), A.device
+            self.unscale = torch.ones(self.batch, dtype=torch.float64, device=self.device)
             # One pass gives ‖A‖_F and, if it is finite, proves every entry is finite.
             fro = torch.linalg.vector_norm(self.A, dim=(-2, -1))
+            low, high = safe_range(self.A.dtype)
             if not bool(torch.isfinite(fro).all()):
                 check_finite(A, name, fn)  # raises on NaN/Inf; else the square overflowed
+            if not bool(((fro >= low) & (fro <= high)).all()):  # maybe under/overflowed
                 fro = torch.linalg.vector_norm(self.A, dim=(-2, -1), dtype=torch.float64)
+                if not bool(((fro == 0) | ((fro >= low) & (fro <= high))).all()):
+                    c = pow2_scale(fro)
+                    self.A = self.A * c[..., None, None].to(self.A.dtype)
+                    self.unscale = 1 / c
+                    fro = fro * c
             self._fro2 = fro.double() ** 2
-            self.shape, self.device = tuple(A.shape), A.device
         else:
             if not hasattr(A, "shape") or not hasattr(A, "__matmul__"):
                 raise ShapeError(
@@ -241,10 +267,28 @@ class _Op:
             self.out_dtype = getattr(A, "dtype", torch.float32)
             check_dtype(self.out_dtype, name, fn)
             self.device = torch.device(getattr(A, "device", "cpu"))
+            self.unscale = torch.ones(self.batch, dtype=torch.float64, device=self.device)
             self.A = A
         self.dtype = working_dtype(self.out_dtype)
         self.fn, self.name = fn, name
         self.transposed = False
+
+    def rescale(self, Y: torch.Tensor) -> torch.Tensor:
+        """Given the first product ``Y = A @ X`` (..., m, k) of an operator, scale this and
+        every later product into the safe range (see the class docstring); return ``c Y``.
+        Dense input is scaled on construction, so this returns ``Y`` unchanged."""
+        if self.dense:
+            return Y
+        if not bool(torch.isfinite(Y).all()):
+            raise ShapeError(f"{self.fn}: operator '{self.name}' produced NaN/Inf values when applied")
+        mag = torch.linalg.vector_norm(Y, dim=(-2, -1), dtype=torch.float64)
+        low, high = safe_range(self.dtype)
+        if bool(((mag == 0) | ((mag >= low) & (mag <= high))).all()):
+            return Y
+        c = pow2_scale(mag)
+        self._c = c[..., None, None].to(self.dtype)
+        self.unscale = 1 / c
+        return Y * self._c
 
     @property
     def m(self) -> int:
@@ -273,7 +317,8 @@ class _Op:
             raise ShapeError(
                 f"{self.fn}: operator '{self.name}' returned {type(Y).__name__}, expected a tensor"
             )
-        return Y.to(self.dtype)
+        Y = Y.to(self.dtype)
+        return Y if self._c is None else Y * self._c
 
     def matmul(self, X: torch.Tensor) -> torch.Tensor:
         """``A @ X`` (or ``Aᵀ @ X`` when transposed), (..., n, k) -> (..., m, k)."""
@@ -284,13 +329,14 @@ class _Op:
         return self._fwd(Y) if self.transposed else self._bwd(Y)
 
     def fro2(self, sketch: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``‖A‖_F²`` (...,) in float64: exact if possible, else from a Gaussian sketch."""
+        """``‖cA‖_F²`` (...,) in float64 (``c = 1 / unscale``): exact if possible, else from
+        a Gaussian sketch of ``cA``."""
         if self._fro2 is not None:
             return self._fro2
         has = getattr(self.A, "has_fro_norm", None)
         if has() if callable(has) else hasattr(self.A, "fro_norm"):
             f = torch.as_tensor(self.A.fro_norm(), dtype=torch.float64, device=self.device)
-            return f.expand(self.batch) ** 2
+            return (f.expand(self.batch) / self.unscale) ** 2
         if sketch is None:
             return None
         # E‖AΩ‖_F² = k‖A‖_F² for Ω with k standard Gaussian columns (Hutchinson).
@@ -369,7 +415,7 @@ def rsvd(
     rank: int | None,
     *,
     oversample: int = 10,
-    power_iters: int | str = "auto",
+    n_iter: int | str = "auto",
     tol: float | None = None,
     generator: torch.Generator | None = None,
 ) -> RSVDResult:
@@ -391,7 +437,8 @@ def rsvd(
             (``None``: ``min(M, N)``).
         oversample: extra columns in each block (``b = rank + oversample``, clamped to
             ``min(M, N)``). With ``tol``, ``b = min(rank, 64) + oversample``.
-        power_iters: Krylov depth q (blocks after the first). ``"auto"``: keep adding
+        n_iter: Krylov depth q (blocks after the first; the power-iteration count, as
+            in ``torch.svd_lowrank``'s ``niter`` and scikit-learn's ``n_iter``). ``"auto"``: keep adding
             blocks until the leading ``rank`` singular value estimates (which only grow)
             change by less than 1e-3 relative over one block, at most 16 blocks; with
             ``tol``, until the tolerance is met and one more block no longer lowers the
@@ -409,7 +456,7 @@ def rsvd(
     Raises:
         ShapeError: empty, complex, integer or non-finite ``A``.
         ConfigError: ``rank`` outside ``[1, min(M, N)]``, bad ``oversample``,
-            ``power_iters``, ``tol`` or ``generator``.
+            ``n_iter``, ``tol`` or ``generator``.
     """
     fn = "rsvd"
     op = _Op(A, fn)
@@ -420,12 +467,12 @@ def rsvd(
         tol = check_float(tol, "tol", fn, low=0.0, high=1.0, low_open=True)
         k = min(m, n) if rank is None else check_rank(rank, m, n, fn)
     oversample = check_int(oversample, "oversample", fn, low=0)
-    if isinstance(power_iters, str):
-        check_choice(power_iters, "power_iters", fn, ("auto",))
+    if isinstance(n_iter, str):
+        check_choice(n_iter, "n_iter", fn, ("auto",))
         max_depth = AUTO_MAX_DEPTH if tol is None else None
     else:
-        max_depth = check_int(power_iters, "power_iters", fn, low=0, what="[0, inf) or 'auto'")
-    auto = isinstance(power_iters, str)
+        max_depth = check_int(n_iter, "n_iter", fn, low=0, what="[0, inf) or 'auto'")
+    auto = isinstance(n_iter, str)
     check_generator(generator, fn, op.device)
 
     op.transposed = m < n  # work with the tall orientation: the small problem is n x n
@@ -435,9 +482,7 @@ def rsvd(
 
     # Krylov blocks: Q_j (..., m, b) orthonormal; Z_j = AᵀQ_j (..., n, b), so QᵀA = Zᵀ.
     omega = torch.randn(*batch, n, b, generator=generator, device=op.device, dtype=op.dtype)
-    Y = op.matmul(omega)  # (..., m, b)
-    if not op.dense and not bool(torch.isfinite(Y).all()):
-        raise ShapeError(f"{fn}: operator 'A' produced NaN/Inf values when applied")
+    Y = op.rescale(op.matmul(omega))  # (..., m, b)
     fro2 = op.fro2(Y)
     Q = Qj = _orth(Y)  # (..., m, L) basis so far, (..., m, b) newest block
     Bt = None  # (..., n, L) = (QᵀA)ᵀ
@@ -495,7 +540,7 @@ def rsvd(
             warnings.warn(
                 f"rsvd: tol={tol:g} was not reached within rank {kk} "
                 f"(max residual {float((resid2[..., -1] / fro2).clamp_min(0).sqrt().max()):.3g});"
-                " raise 'rank' or 'power_iters'",
+                " raise 'rank' or 'n_iter'",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -505,6 +550,7 @@ def rsvd(
     if op.transposed:  # we decomposed Aᵀ = U S Vh, so A = Vhᵀ S Uᵀ
         U, Vh = Vh.mT, U.mT
     out = op.out_dtype
+    S = S.double() * op.unscale.unsqueeze(-1)  # back from the safe range (exact: powers of 2)
     return RSVDResult(U.to(out), S.to(out), Vh.to(out), residual.to(op.dtype), ranks, depth)
 
 
@@ -554,7 +600,7 @@ def truncated_svd(A: torch.Tensor, rank: int | None = None) -> SVDResult:
     unitarily invariant norm.
     """
     fn = "truncated_svd"
-    check_matrix(A, "A", fn)
+    A = check_matrix(A, "A", fn)
     m, n = A.shape[-2:]
     k = min(m, n) if rank is None else check_rank(rank, m, n, fn)
     work, out = as_float(A)
@@ -595,10 +641,10 @@ def svd_update(
         raise ConfigError(
             f"{fn}: argument 'svd' must be a (U, S, Vh) tuple; got {type(svd).__name__}"
         )
-    U, S, Vh = svd
-    check_matrix(U, "svd.U", fn)
-    check_matrix(Vh, "svd.Vh", fn)
-    if not isinstance(S, torch.Tensor) or S.ndim < 1:
+    U = check_matrix(svd[0], "svd.U", fn)
+    Vh = check_matrix(svd[2], "svd.Vh", fn)
+    S = as_tensor(svd[1], "svd.S", fn)
+    if S.ndim < 1:
         raise ShapeError(f"{fn}: argument 'svd.S' must be a tensor of shape (..., K)")
     check_dtype(S.dtype, "svd.S", fn)
     K = S.shape[-1]
@@ -613,7 +659,7 @@ def svd_update(
             f"{'both' if cols is not None else 'neither'}"
         )
     if rows is not None:
-        check_matrix(rows, "rows", fn)
+        rows = check_matrix(rows, "rows", fn)
         if rows.shape[-1] != Vh.shape[-1]:
             raise ShapeError(
                 f"{fn}: argument 'rows' must have N = {Vh.shape[-1]} columns "
@@ -621,7 +667,7 @@ def svd_update(
             )
         res = svd_update(SVDResult(Vh.mT, S, U.mT), cols=rows.mT, rank=rank)
         return SVDResult(res.Vh.mT, res.S, res.U.mT)
-    check_matrix(cols, "cols", fn)
+    cols = check_matrix(cols, "cols", fn)
     if cols.shape[-2] != U.shape[-2]:
         raise ShapeError(
             f"{fn}: argument 'cols' must have M = {U.shape[-2]} rows to match "
