@@ -6,7 +6,10 @@ carries: the ``pydoc`` topic pages (the language reference and library docs behi
 It needs no download, is deterministic for a given Python version, and is split into
 train / validation / calibration parts by document with a fixed seed.
 
-Any user text file, or folder of ``.txt`` files, can replace it (``load_corpus(path)``).
+Any user text file, or folder of ``.txt`` files, can replace it (``load_corpus(path)``
+splits it the same way; ``read_texts(path)`` gives each file whole). User files must be
+UTF-8 text: binary data and undecodable bytes are refused, naming the file and the byte
+offset, never replaced and trained on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ SPLIT_SEED = 0
 SPLIT_FRACTIONS = {"train": 0.90, "validation": 0.05, "calibration": 0.05}
 MIN_DOCSTRING_CHARS = 80
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+BINARY_SAMPLE_BYTES = 1 << 16
+BINARY_FRACTION = 0.3  # more control / undecodable characters than this: binary, not text
+TOKENIZE_MARGIN = 16  # tokens beyond a budget before a prefix's tokenisation is trusted
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,17 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """A short hash of the whole corpus, recorded beside every number computed on it."""
-        h = hashlib.sha256()
-        for part in (self.train, self.validation, self.calibration):
-            for t in part:
-                h.update(t.encode("utf-8"))
-                h.update(b"\0")
-        return h.hexdigest()[:16]
+        return texts_fingerprint(self.train, self.validation, self.calibration)
+
+
+def texts_fingerprint(*parts: Sequence[str]) -> str:
+    """A short hash of lists of texts (in order), recorded beside numbers computed on them."""
+    h = hashlib.sha256()
+    for part in parts:
+        for t in part:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,26 +100,58 @@ def _stdlib_documents() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def _user_documents(path: Path) -> list[str]:
+def _text_files(path: Path) -> list[Path]:
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
+        return [path]
+    if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise DataError(f"data folder {str(path)!r} holds no .txt files; put text in *.txt files")
-    else:
+        return files
+    raise DataError(
+        f"data {str(path)!r} does not exist; pass 'builtin', a text file or a folder of .txt files"
+    )
+
+
+def _looks_binary(raw: bytes) -> bool:
+    """Mostly control characters or undecodable bytes in the first 64 KiB: not text."""
+    sample = raw[:BINARY_SAMPLE_BYTES].decode("utf-8", errors="replace")
+    bad = sum(1 for c in sample if c == "\ufffd" or (c < " " and c not in "\t\n\r\f\v"))
+    return bad > BINARY_FRACTION * max(1, len(sample))
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file; DataError naming the file for binary data or undecodable bytes."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {str(path)!r}: {e.strerror}") from e
+    nul = raw.find(b"\0")
+    if nul >= 0 or _looks_binary(raw):
+        where = f" (a NUL byte at byte offset {nul})" if nul >= 0 else ""
+        raise DataError(f"data file {str(path)!r} is binary, not text{where}; pass UTF-8 text files")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise DataError(
-            f"data {str(path)!r} does not exist; pass 'builtin', a text file or a folder of .txt files"
-        )
-    docs: list[str] = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise DataError(f"cannot read data file {str(f)!r}: {e.strerror}") from e
-        # A blank line separates documents, so one big file still splits three ways.
-        docs += [p.strip() for p in text.split("\n\n") if p.strip()]
-    return docs
+            f"data file {str(path)!r} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset "
+            f"{e.start} cannot be decoded; convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def read_texts(source: str | os.PathLike) -> list[str]:
+    """Each file of a text file or folder of ``.txt`` files, whole (what ``rankwise eval`` scores)."""
+    texts = [read_text_file(f).strip() for f in _text_files(Path(source).expanduser())]
+    if not any(texts):
+        raise DataError(f"data {str(source)!r} is empty; it needs some text")
+    return [t for t in texts if t]
+
+
+def _user_documents(path: Path) -> list[str]:
+    # A blank line separates documents, so one big file still splits three ways.
+    return [p.strip() for f in _text_files(path) for p in read_text_file(f).split("\n\n") if p.strip()]
 
 
 def load_corpus(source: str | os.PathLike = BUILTIN) -> Corpus:
@@ -149,12 +192,43 @@ def resolve_texts(data: str | os.PathLike | Sequence[str], split: str) -> list[s
     return texts
 
 
+def check_max_tokens(max_tokens: int | None, *, option: str = "max_tokens") -> None:
+    """Refuse a token budget that is not a positive integer (None means: all tokens)."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ConfigError(f"{option} must be a positive number of tokens (or None: all); got {max_tokens!r}")
+
+
+def _prefix_ids(tokenizer, text: str, budget: int) -> list[int]:
+    """The first ``budget`` token ids of ``text``, tokenising only a prefix of it.
+
+    Prefixes cut at whitespace grow geometrically until they hold ``budget`` tokens plus a
+    margin (so the tokens kept do not depend on where the prefix was cut); the characters
+    tokenised stay within a small multiple of what the budget needs, even for one huge line.
+    """
+    chars = 4 * (budget + TOKENIZE_MARGIN) + 64
+    while True:
+        if chars >= len(text):
+            return tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
+        cut = max(text.rfind(c, chars // 2, chars) for c in " \n\t")
+        ids = tokenizer(text[: cut if cut > 0 else chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= budget + TOKENIZE_MARGIN:
+            return ids[:budget]
+        chars *= 2
+
+
 def tokenize_stream(tokenizer, texts: Sequence[str], *, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of all texts, concatenated with the EOS token between documents, shape ``(T,)``."""
+    """Token ids of all texts, concatenated with the EOS token between documents, shape ``(T,)``.
+
+    With ``max_tokens``, at most that many ids, and only as much text is tokenised as needed.
+    """
+    check_max_tokens(max_tokens)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_tokens is None:
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids += _prefix_ids(tokenizer, text, max_tokens - len(ids))
         if eos is not None:
             ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:
@@ -320,7 +394,11 @@ __all__ = [
     "BUILTIN",
     "Corpus",
     "PerplexityResult",
+    "check_max_tokens",
     "load_corpus",
+    "read_text_file",
+    "read_texts",
+    "texts_fingerprint",
     "resolve_texts",
     "tokenize_stream",
     "token_blocks",

