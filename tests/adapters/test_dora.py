@@ -28,7 +28,7 @@ def test_factored_norm_equals_dense_float64(m, n, r, s):
 def test_fresh_dora_leaves_outputs_unchanged_and_magnitude_is_row_norm(tiny):
     x = tokens()
     before = logits(tiny, x)
-    attach(tiny, "dora", targets=["q_proj", "v_proj"], r=4)
+    attach(tiny, "dora", targets=["q_proj", "v_proj"], rank=4)
     torch.testing.assert_close(logits(tiny, x), before, atol=1e-6, rtol=1e-5)
     layer = tiny.model.layers[0].self_attn.v_proj
     torch.testing.assert_close(
@@ -37,7 +37,7 @@ def test_fresh_dora_leaves_outputs_unchanged_and_magnitude_is_row_norm(tiny):
 
 
 def test_norm_cache_follows_factor_updates(tiny):
-    attach(tiny, "dora", targets="q_proj", r=4)
+    attach(tiny, "dora", targets="q_proj", rank=4)
     ad = tiny.model.layers[0].self_attn.q_proj.adapters["default"]
     n0 = ad.weight_norm().clone()
     with torch.no_grad():
@@ -53,7 +53,7 @@ def _peft_dora_pair(build, targets, dropout=0.0):
 
     base = build()
     ours = copy.deepcopy(base)
-    attach(ours, "dora", targets=targets, r=4, alpha=8, dropout=dropout)
+    attach(ours, "dora", targets=targets, rank=4, alpha=8, dropout=dropout)
     make_trained(ours, std=0.2)
     theirs = get_peft_model(
         copy.deepcopy(base),
@@ -111,8 +111,8 @@ def test_training_with_dropout_matches_peft_dora():
 
 def test_two_dora_adapters_on_one_layer_merge_exactly():
     model = gpt2()
-    attach(model, "dora", targets="c_attn", r=3, name="a")
-    attach(model, "dora", targets="c_attn", r=2, name="b")
+    attach(model, "dora", targets="c_attn", rank=3, name="a")
+    attach(model, "dora", targets="c_attn", rank=2, name="b")
     make_trained(model, "a", std=0.3)
     make_trained(model, "b", std=0.3, seed=4)
     x = tokens()
@@ -129,7 +129,7 @@ def test_two_dora_adapters_on_one_layer_merge_exactly():
 def test_backward_saves_a_single_activation_for_the_combination():
     """Only t = base + s·lora (tokens × out) is saved by the fused step, not base and lora."""
     layer_model = torch.nn.Sequential(torch.nn.Linear(32, 48))
-    attach(layer_model, "dora", targets="0", r=4)
+    attach(layer_model, "dora", targets="0", rank=4)
     make_trained(layer_model)
     x = torch.randn(10, 32, requires_grad=True)
     saved = []

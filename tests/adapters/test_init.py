@@ -41,7 +41,7 @@ def test_pissa_residual_plus_ba_is_w_and_ba_is_the_truncated_svd(exact):
     w0 = originals(model)
     x = tokens(vocab=200)
     before = logits(model, x)
-    attach(model, "lora", "all-linear", r=4, alpha=8, init="pissa", init_options={"exact": exact})
+    attach(model, "lora", "all-linear", rank=4, alpha=8, init="pissa", init_options={"exact": exact})
     for path, layer in adapted_layers(model).items():
         ad = layer.adapters["default"]
         ba = ad.scaling * ad.lora_B @ ad.lora_A
@@ -63,7 +63,7 @@ def test_pissa_on_dora_keeps_the_model_and_reads_new_row_norms():
     model = llama()
     x = tokens(vocab=200)
     before = logits(model, x)
-    attach(model, "dora", ["q_proj", "down_proj"], r=4, init="pissa")
+    attach(model, "dora", ["q_proj", "down_proj"], rank=4, init="pissa")
     torch.testing.assert_close(logits(model, x), before, atol=2e-5, rtol=0)
     for layer in adapted_layers(model).values():
         ad = layer.adapters["default"]
@@ -77,7 +77,7 @@ def test_pissa_bad_options_leave_the_model_unchanged(options):
     model = llama()
     before = snapshot(model)
     with pytest.raises(ConfigError, match="n_iter|seed|unknown init_options"):
-        attach(model, "lora", "all-linear", r=4, init="pissa", init_options=options)
+        attach(model, "lora", "all-linear", rank=4, init="pissa", init_options=options)
     assert_same_state(model, before)
     assert not adapted_layers(model)
 
@@ -88,7 +88,7 @@ def test_pissa_failing_on_a_later_layer_changes_no_earlier_weight():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     before = snapshot(model)
     with pytest.raises(ModelError, match="NaN"):
-        attach(model, "lora", "all-linear", r=4, init="pissa")
+        attach(model, "lora", "all-linear", rank=4, init="pissa")
     for k, v in before.items():  # NaN != NaN, so compare with equal_nan
         assert torch.allclose(model.state_dict()[k], v, equal_nan=True, rtol=0, atol=0), k
     assert not adapted_layers(model)
@@ -101,7 +101,7 @@ def test_pissa_converts_to_a_plain_lora_that_peft_loads_on_the_original_base(tmp
     base = copy.deepcopy(model)
     w0 = originals(model)
     x = tokens(vocab=200)
-    attach(model, "lora", ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, init="pissa")
+    attach(model, "lora", ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, init="pissa")
     make_trained(model, std=0.05)
     trained = logits(model, x)
     ranks = residual_to_lora(model)
@@ -125,7 +125,7 @@ def test_nystrom_init_is_the_generalized_nystrom_approximation():
     w0 = originals(model)
     x = tokens(vocab=200)
     before = logits(model, x)
-    attach(model, "lora", ["o_proj", "up_proj"], r=4, alpha=4, init="nystrom")
+    attach(model, "lora", ["o_proj", "up_proj"], rank=4, alpha=4, init="nystrom")
     for path, layer in adapted_layers(model).items():
         ad = layer.adapters["default"]
         gen = torch.Generator().manual_seed(0)
@@ -146,7 +146,7 @@ def test_nystrom_recovers_a_rank_r_weight_exactly_like_the_dense_svd():
     with torch.no_grad():
         layer.weight.copy_(low)
     model = nn.Sequential(layer)
-    attach(model, "lora", "0", r=3, init="nystrom")
+    attach(model, "lora", "0", rank=3, init="nystrom")
     ad = model[0].adapters["default"]
     torch.testing.assert_close(ad.scaling * ad.lora_B @ ad.lora_A, dense_rank_r(low, 3))
     assert float(model[0].base_layer.weight.abs().max()) < 1e-10
@@ -182,7 +182,7 @@ def test_eva_a_spans_the_top_right_singular_subspace_and_ranks_follow_dense_rati
     paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in p]
     acts = collect_inputs(copy.deepcopy(model), paths, x)
     r, rho = 4, 2.0
-    attach(model, "lora", "all-linear", r=r, init="eva", init_options={"inputs": x, "rho": rho})
+    attach(model, "lora", "all-linear", rank=r, init="eva", init_options={"inputs": x, "rho": rho})
     ranks = eva_ranks(model)
     # dense reference: explained variance ratio of each layer's top-r components
     pool = []
@@ -210,7 +210,7 @@ def test_eva_streams_batches_and_centres_like_incremental_pca():
     x = tokens(n=8, length=16, vocab=200, seed=4)
     paths = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
     acts = collect_inputs(copy.deepcopy(model), paths, x)
-    attach(model, "lora", paths, r=4, init="eva",
+    attach(model, "lora", paths, rank=4, init="eva",
            init_options={"inputs": x, "batch_size": 2, "rho": 1.0, "center": True})  # fmt: skip
     assert set(eva_ranks(model).values()) == {4}
     for path in paths:
@@ -242,7 +242,7 @@ def test_eva_stream_without_truncation_reproduces_the_scatter_matrix(center):
 def test_eva_zeroed_components_stay_zero_under_adamw():
     model = llama()
     x = tokens(n=4, length=16, vocab=200)
-    attach(model, "lora", "all-linear", r=4, init="eva", init_options={"inputs": x, "rho": 4.0})
+    attach(model, "lora", "all-linear", rank=4, init="eva", init_options={"inputs": x, "rho": 4.0})
     ranks = eva_ranks(model)
     assert min(ranks.values()) < 4
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -270,7 +270,7 @@ def test_eva_failures_leave_the_model_unchanged(targets, options, error):
     model = llama()
     before = snapshot(model)
     with pytest.raises(error):
-        attach(model, "lora", targets, r=4, init="eva", init_options=options)
+        attach(model, "lora", targets, rank=4, init="eva", init_options=options)
     assert_same_state(model, before)
     assert not adapted_layers(model)
 
@@ -281,7 +281,7 @@ def test_eva_adapter_loads_in_peft_as_a_plain_lora(tmp_path):
     model = llama()
     base = copy.deepcopy(model)
     x = tokens(vocab=200)
-    attach(model, "lora", ["q_proj", "up_proj"], r=4, init="eva", init_options={"inputs": x})
+    attach(model, "lora", ["q_proj", "up_proj"], rank=4, init="eva", init_options={"inputs": x})
     make_trained(model, std=0.05)
     save_adapter(model, tmp_path, format="peft")
     theirs = PeftModel.from_pretrained(base, tmp_path).eval()

@@ -30,7 +30,7 @@ def train_steps(model, x, steps: int = 30, lr: float = 1e-2) -> list[float]:
 def test_training_lowers_the_loss_and_touches_only_the_adapter(method):
     model = llama()
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    attach(model, method, targets="all-linear", r=4, alpha=8)
+    attach(model, method, targets="all-linear", rank=4, alpha=8)
     losses = train_steps(model, tokens(n=4, length=16, vocab=200))
     assert losses[-1] < losses[0] - 0.5
     for path, layer in adapted_layers(model).items():
@@ -39,7 +39,7 @@ def test_training_lowers_the_loss_and_touches_only_the_adapter(method):
 
 @pytest.mark.parametrize(("rslora", "expected"), [(False, 16 / 4), (True, 16 / math.sqrt(4))])
 def test_scaling_and_rslora(tiny, rslora, expected):
-    attach(tiny, "lora", targets="q_proj", r=4, alpha=16, use_rslora=rslora)
+    attach(tiny, "lora", targets="q_proj", rank=4, alpha=16, use_rslora=rslora)
     layer = tiny.model.layers[0].self_attn.q_proj
     adapter = layer.adapters["default"]
     assert adapter.scaling == pytest.approx(expected)
@@ -52,7 +52,7 @@ def test_scaling_and_rslora(tiny, rslora, expected):
 def test_fresh_lora_is_the_identity_change(tiny):
     x = tokens()
     before = logits(tiny, x)
-    attach(tiny, "lora", targets="all-linear", r=4)
+    attach(tiny, "lora", targets="all-linear", rank=4)
     assert torch.equal(logits(tiny, x), before)
 
 
@@ -61,7 +61,7 @@ def _peft_pair(build, targets, **lora_kwargs):
 
     base = build()
     ours = copy.deepcopy(base)
-    attach(ours, "lora", targets=targets, r=4, alpha=8, **{k: v for k, v in lora_kwargs.items()})
+    attach(ours, "lora", targets=targets, rank=4, alpha=8, **{k: v for k, v in lora_kwargs.items()})
     make_trained(ours, std=0.2)
     peft_model = get_peft_model(
         copy.deepcopy(base),

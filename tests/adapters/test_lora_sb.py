@@ -27,7 +27,7 @@ def test_init_is_the_best_rank_r_fit_of_the_first_adam_step_and_restores_flags()
     model = llama().double()
     x = tokens(n=2, length=16, vocab=200)
     grads = weight_grads(model, x)
-    attach(model, "lora_sb", TARGETS, r=4, alpha=2,
+    attach(model, "lora_sb", TARGETS, rank=4, alpha=2,
            init_options={"inputs": x, "lr": 1e-3, "exact": True})  # fmt: skip
     for path, layer in adapted_layers(model).items():
         ad = layer.adapters["default"]
@@ -47,7 +47,7 @@ def test_training_r_moves_w_by_the_projected_full_gradient_whatever_alpha():
     induced = []
     for alpha in (1.0, 16.0):
         model = llama().double()
-        attach(model, "lora_sb", TARGETS, r=4, alpha=alpha,
+        attach(model, "lora_sb", TARGETS, rank=4, alpha=alpha,
                init_options={"inputs": x, "exact": True})  # fmt: skip
         layers = adapted_layers(model)
         bases = [layer.base_layer.weight.requires_grad_(True) for layer in layers.values()]
@@ -71,7 +71,7 @@ def test_training_r_moves_w_by_the_projected_full_gradient_whatever_alpha():
 def test_parameter_count_loss_drops_and_merged_equals_unmerged():
     model = llama()
     x = tokens(n=4, length=16, vocab=200)
-    plan = attach(model, "lora_sb", "all-linear", r=4, init_options={"inputs": x, "lr": 1e-2})
+    plan = attach(model, "lora_sb", "all-linear", rank=4, init_options={"inputs": x, "lr": 1e-2})
     assert plan.parameters == 16 * len(plan.layers)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -105,7 +105,7 @@ def test_failures_leave_the_model_unchanged(method, options):
     before = snapshot(model)
     flags = [p.requires_grad for p in model.parameters()]
     with pytest.raises(ConfigError):
-        attach(model, method, TARGETS, r=4, init="lora_sb", init_options=options)
+        attach(model, method, TARGETS, rank=4, init="lora_sb", init_options=options)
     assert_same_state(model, before)
     assert not adapted_layers(model)
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -120,7 +120,7 @@ def test_custom_loss_and_sgd_update():
         calls.append(batch.shape)
         return m(batch).logits.square().mean()
 
-    attach(model, "lora_sb", "q_proj", r=2,
+    attach(model, "lora_sb", "q_proj", rank=2,
            init_options={"inputs": x, "loss_fn": loss_fn, "optimizer": "sgd"})  # fmt: skip
     assert calls == [torch.Size([2, 8])]
     assert all(layer.adapters["default"].lora_R.any() for layer in adapted_layers(model).values())
@@ -129,7 +129,7 @@ def test_custom_loss_and_sgd_update():
 def test_save_load_round_trip(tmp_path):
     model = llama()
     x = tokens(vocab=200)
-    attach(model, "lora_sb", TARGETS, r=4, init_options={"inputs": x})
+    attach(model, "lora_sb", TARGETS, rank=4, init_options={"inputs": x})
     make_trained(model, std=0.1)
     want = logits(model, x)
     save_adapter(model, tmp_path)

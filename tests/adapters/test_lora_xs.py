@@ -11,7 +11,7 @@ from rankwise.adapters import adapted_layers, attach, load_adapter, merge, save_
 
 def test_parameter_count_is_r_squared_per_layer():
     model = llama()
-    plan = attach(model, "lora_xs", "all-linear", r=4)
+    plan = attach(model, "lora_xs", "all-linear", rank=4)
     assert plan.parameters == 16 * len(plan.layers)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("lora_R") for n in trainable)
@@ -20,7 +20,7 @@ def test_parameter_count_is_r_squared_per_layer():
 def test_frozen_factors_are_the_truncated_svd_of_w():
     model = llama().double()
     weights = {p: m.weight.detach().clone() for p, m in model.named_modules() if p.endswith("proj")}
-    attach(model, "lora_xs", ["k_proj", "gate_proj"], r=5, exact=True)
+    attach(model, "lora_xs", ["k_proj", "gate_proj"], rank=5, exact=True)
     for path, layer in adapted_layers(model).items():
         ad = layer.adapters["default"]
         U, S, Vh = torch.linalg.svd(weights[path], full_matrices=False)
@@ -39,7 +39,7 @@ def test_training_fits_an_update_inside_the_top_subspaces():
     target = w + U[:, :4] * S[:4] @ r_star @ Vh[:4]
     x = torch.randn(256, 24, generator=g, dtype=torch.float64)
     y = x @ target.T
-    attach(model, "lora_xs", "0", r=4, exact=True)
+    attach(model, "lora_xs", "0", rank=4, exact=True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = []
     for _ in range(150):
@@ -56,7 +56,7 @@ def test_lm_loss_drops_and_merged_equals_unmerged():
     model = llama()
     x = tokens(n=4, length=16, vocab=200)
     before = logits(model, x)
-    attach(model, "lora_xs", "all-linear", r=8, alpha=64)
+    attach(model, "lora_xs", "all-linear", rank=8, alpha=64)
     assert torch.equal(logits(model, x), before)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     model.train()
@@ -79,7 +79,7 @@ def test_lm_loss_drops_and_merged_equals_unmerged():
 def test_save_load_round_trip(tmp_path):
     model = llama()
     x = tokens(vocab=200)
-    attach(model, "lora_xs", ["v_proj", "up_proj"], r=4)
+    attach(model, "lora_xs", ["v_proj", "up_proj"], rank=4)
     make_trained(model, std=0.5)
     want = logits(model, x)
     save_adapter(model, tmp_path)

@@ -22,7 +22,7 @@ def test_nystrom_start_keeps_the_model_with_orthonormal_outer_factors():
     w0 = weights(model)
     x = tokens(vocab=200)
     before = logits(model, x)
-    attach(model, "nlora", "all-linear", r=4, alpha=8)
+    attach(model, "nlora", "all-linear", rank=4, alpha=8)
     torch.testing.assert_close(logits(model, x), before, atol=1e-10, rtol=0)
     eye = torch.eye(4, dtype=torch.float64)
     for path, layer in adapted_layers(model).items():
@@ -42,7 +42,7 @@ def test_nystrom_start_is_exact_on_a_rank_r_weight():
     with torch.no_grad():
         model[0].weight.copy_(torch.randn(12, 3, dtype=torch.float64) @ torch.randn(3, 20).double())
     w = model[0].weight.detach().clone()
-    attach(model, "nlora", "0", r=3)
+    attach(model, "nlora", "0", rank=3)
     ad = model[0].adapters["default"]
     torch.testing.assert_close(ad.scaling * ad.lora_B @ ad.lora_R @ ad.lora_A, w)
     assert float(model[0].base_layer.weight.abs().max()) < 1e-10
@@ -51,7 +51,7 @@ def test_nystrom_start_is_exact_on_a_rank_r_weight():
 @pytest.mark.parametrize("int_tune", [False, True])
 def test_parameter_counts_and_what_trains(int_tune):
     model = llama()
-    plan = attach(model, "nlora", "all-linear", r=4, int_tune=int_tune)
+    plan = attach(model, "nlora", "all-linear", rank=4, int_tune=int_tune)
     layers = adapted_layers(model)
     want = sum(
         16 + (0 if int_tune else 4 * (ly.view.out_features + ly.view.in_features))
@@ -66,7 +66,7 @@ def test_parameter_counts_and_what_trains(int_tune):
 def test_loss_drops_and_merged_equals_unmerged(int_tune):
     model = llama()
     x = tokens(n=4, length=16, vocab=200)
-    attach(model, "nlora", "all-linear", r=4, int_tune=int_tune)
+    attach(model, "nlora", "all-linear", rank=4, int_tune=int_tune)
     frozen = {p: ly.adapters["default"].lora_A.clone() for p, ly in adapted_layers(model).items()}
     lr = 3e-2 if int_tune else 1e-2  # r² parameters need a bigger step to move as far
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -92,7 +92,7 @@ def test_loss_drops_and_merged_equals_unmerged(int_tune):
 def test_save_load_round_trip_on_the_residual_base(tmp_path):
     model = llama()
     x = tokens(vocab=200)
-    attach(model, "nlora", ["q_proj", "up_proj"], r=4, int_tune=True)
+    attach(model, "nlora", ["q_proj", "up_proj"], rank=4, int_tune=True)
     make_trained(model, std=0.1)
     want = logits(model, x)
     residual_base = copy.deepcopy(model)  # the saved adapter is relative to W_res
@@ -113,7 +113,7 @@ def test_converts_to_a_plain_lora_on_the_original_weights():
     model = llama()
     w0 = weights(model)
     x = tokens(vocab=200)
-    attach(model, "nlora", ["k_proj", "down_proj"], r=4)
+    attach(model, "nlora", ["k_proj", "down_proj"], rank=4)
     make_trained(model, std=0.1)
     want = logits(model, x)
     assert set(residual_to_lora(model).values()) == {8}

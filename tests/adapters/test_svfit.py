@@ -17,18 +17,18 @@ def single_linear(out: int = 16, inp: int = 24, seed: int = 0) -> nn.Module:
 
 def test_parameter_count_is_r_per_layer_and_only_sigma_trains():
     model = llama()
-    plan = attach(model, "svfit", "all-linear", r=4, n_iter=1)
+    plan = attach(model, "svfit", "all-linear", rank=4, n_iter=1)
     assert plan.parameters == 4 * len(plan.layers)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("lora_sigma") for n in trainable)
-    dry = attach(llama(), "svfit", "all-linear", r=4, dry_run=True)  # shape-only: no SVD
+    dry = attach(llama(), "svfit", "all-linear", rank=4, dry_run=True)  # shape-only: no SVD
     assert dry.parameters == plan.parameters
 
 
 def test_factors_are_the_top_singular_vectors_and_sigma_shifts_the_singular_values():
     model = single_linear()
     w = model[0].weight.detach().clone()
-    attach(model, "svfit", "0", r=3, exact=True)
+    attach(model, "svfit", "0", rank=3, exact=True)
     ad = model[0].adapters["default"]
     U, S, Vh = torch.linalg.svd(w)
     torch.testing.assert_close(ad.lora_B * S[:3] @ ad.lora_A, U[:, :3] * S[:3] @ Vh[:3])
@@ -48,7 +48,7 @@ def test_training_fits_a_change_of_the_top_singular_values():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 24, generator=g, dtype=torch.float64)
     y = x @ target.T
-    attach(model, "svfit", "0", r=4, exact=True)
+    attach(model, "svfit", "0", rank=4, exact=True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = []
     for _ in range(150):
@@ -64,7 +64,7 @@ def test_fresh_adapter_changes_nothing_and_merged_equals_unmerged():
     model = llama()
     x = tokens(vocab=200)
     before = logits(model, x)
-    attach(model, "svfit", "all-linear", r=4)
+    attach(model, "svfit", "all-linear", rank=4)
     assert torch.equal(logits(model, x), before)
     make_trained(model, std=0.5)
     adapted = logits(model, x)
@@ -78,7 +78,7 @@ def test_fresh_adapter_changes_nothing_and_merged_equals_unmerged():
 def test_save_load_round_trip_restores_vectors_and_values(tmp_path):
     model = llama()
     x = tokens(vocab=200)
-    attach(model, "svfit", ["q_proj", "down_proj"], r=4, name="sv")
+    attach(model, "svfit", ["q_proj", "down_proj"], rank=4, name="sv")
     make_trained(model, "sv", std=0.5)
     want = logits(model, x)
     save_adapter(model, tmp_path, "sv")
@@ -95,4 +95,4 @@ def test_bad_svd_options_are_config_errors(bad):
     from rankwise.errors import ConfigError
 
     with pytest.raises(ConfigError):
-        attach(llama(), "svfit", "q_proj", r=2, **bad)
+        attach(llama(), "svfit", "q_proj", rank=2, **bad)

@@ -1,7 +1,7 @@
 """rankwise.adapters: trainable low-rank weight deltas (LoRA, DoRA, ...) on frozen models.
 
     from rankwise.adapters import attach, merge, save_adapter
-    attach(model, "lora", targets=["q_proj", "v_proj"], r=8, alpha=16)
+    attach(model, "lora", targets=["q_proj", "v_proj"], rank=8, alpha=16)
 
 See ``base.py`` for how to add a method and ``docs/adapters.md`` for the guide.
 """

@@ -10,11 +10,14 @@ How to add a method
 1. Create ``src/rankwise/adapters/methods/<name>.py``. It is discovered automatically
    (``methods/__init__.py`` imports every module in that folder); nothing else to edit.
 2. Define a frozen config dataclass that subclasses :class:`AdapterConfig` (which already
-   has ``r``, ``alpha``, ``dropout``, ``use_rslora``, ``init``, ``init_options``). Add your
-   fields with defaults; validate them in ``validate()`` (call ``super().validate()``) and
-   raise :class:`~rankwise.errors.ConfigError` naming the field, the value and what is valid.
-3. Subclass :class:`Adapter`, set ``config_class``, decorate it with
-   ``@register_method("<name>")`` and define:
+   has ``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``init``, ``init_options``). Add your
+   fields with defaults and type annotations: every value is checked against its field's
+   annotation (``-o dropout=abc`` is a ConfigError naming the option and the type). Check
+   ranges in ``validate()`` (call ``super().validate()``) and raise
+   :class:`~rankwise.errors.ConfigError` naming the field, the value and what is valid.
+3. Subclass :class:`Adapter`, set ``config_class`` and ``summary`` (one line, shown by
+   ``rankwise finetune --list-methods``), decorate it with ``@register_method("<name>")``
+   and define:
 
    - ``build()``: create the ``nn.Parameter``/buffer tensors, using ``self.layer`` (a
      :class:`LayerView`: ``out_features``, ``in_features``, ``weight_matrix()``...) and
@@ -30,7 +33,7 @@ How to add a method
      matrix such that ``W + ΔW`` computes ``W x + Δ(x)`` (dropout off). Merging uses it.
 
    Optional: ``compose(y, x, base)`` if adding ``delta`` to ``y`` is wasteful (DoRA fuses
-   it); ``check_layer(layer, config)`` for per-layer limits (default: ``r <= min(out,
+   it); ``check_layer(layer, config)`` for per-layer limits (default: ``rank <= min(out,
    in)``); ``peft_state()``/``load_peft_state()`` plus ``peft_config()`` if the method
    has a PEFT on-disk equivalent (see ``methods/lora.py``). Parameters named in
    ``state_dict()`` are what ``save_adapter`` writes; no other code is needed to save.
@@ -40,8 +43,8 @@ How to add a method
 Initialisers
 ------------
 ``init="<name>"`` (with typed options in ``init_options``) chooses how an adapter starts.
-``"default"`` calls ``reset_parameters()``. Any other name is looked up in the initialiser
-registry, filled by ``rankwise.adapters.init`` (imported lazily on first lookup)::
+``"default"`` calls ``reset_parameters()``. Any other name is looked up in
+:data:`INITIALISERS`, filled by ``rankwise.adapters.init`` (imported on the first lookup)::
 
     @register_initialiser("pissa")                      # scope="layer": once per adapted layer
     def pissa(adapter: Adapter, *, n_iter: int = 4) -> None: ...
@@ -60,31 +63,85 @@ whole attach is validated; an initialiser that raises leaves the adapter removed
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import functools
+import inspect
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError, ModelError
+from rankwise.registry import Registry
 
 # ----------------------------------------------------------------------------- config
+
+
+def normalise_rank(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with PEFT's spelling ``r`` renamed to ``rank`` (ConfigError if both are given)."""
+    out = dict(options)
+    if "r" in out:
+        if "rank" in out:
+            raise ConfigError(
+                f"got both rank={out['rank']!r} and r={out['r']!r}; give the adapter rank once "
+                "as rank=... (r is PEFT's name for it, accepted as an alias)"
+            )
+        out["rank"] = out.pop("r")
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    """A readable name of a type annotation: ``float | None`` -> "float or None"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if hint is Any:
+        return "any value"
+    origin = typing.get_origin(hint) or hint
+    if origin is Mapping or (isinstance(origin, type) and issubclass(origin, Mapping)):
+        return "a mapping"
+    return getattr(origin, "__name__", str(origin))
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (bool is not an int; an int is a float)."""
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint) or hint
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """Options every method shares. Subclass it (frozen) to add a method's own fields.
 
-    ``r`` is the rank, ``alpha`` the scale numerator (``None`` means ``alpha = r``):
-    the update is scaled by ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``
-    (rsLoRA, Kalajdzievski 2023). ``dropout`` is applied to the adapter's input only.
+    ``rank`` is the adapter rank (PEFT calls it ``r``; ``attach`` accepts ``r=`` as an
+    alias), ``alpha`` the scale numerator (``None`` means ``alpha = rank``): the update is
+    scaled by ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora`` (rsLoRA,
+    Kalajdzievski 2023). ``dropout`` is applied to the adapter's input only. Every field's
+    value is checked against its annotation before ``validate()`` checks ranges.
     """
 
-    r: int = 8
+    rank: int = 8
     alpha: float | None = None
     dropout: float = 0.0
     use_rslora: bool = False
@@ -92,36 +149,61 @@ class AdapterConfig:
     init_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.check_types()
         self.validate()
 
+    def check_types(self) -> None:
+        """ConfigError naming the first field whose value does not fit its annotation."""
+        for f in dataclasses.fields(self):
+            hint = _field_types(type(self))[f.name]
+            value = getattr(self, f.name)
+            if not _has_type(value, hint):
+                raise ConfigError(
+                    f"option {f.name!r} must be {_type_name(hint)}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+
     def validate(self) -> None:
-        """Raise ConfigError on a bad field. Subclasses extend it (call super first)."""
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r (the adapter rank) must be a positive integer, got {self.r!r}")
-        if self.alpha is not None and not (
-            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0
-        ):
+        """Raise ConfigError on a bad value. Subclasses extend it (call super first)."""
+        if self.rank <= 0:
+            raise ConfigError(
+                f"rank (the adapter rank) must be a positive integer, got {self.rank!r}"
+            )
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.init, str) or not self.init:
+        if not self.init:
             raise ConfigError(f"init must be an initialiser name, got {self.init!r}")
-        if not isinstance(self.init_options, Mapping):
-            raise ConfigError(f"init_options must be a mapping, got {type(self.init_options)}")
 
     @property
     def scaling(self) -> float:
-        alpha = float(self.r) if self.alpha is None else float(self.alpha)
-        return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
+        alpha = float(self.rank) if self.alpha is None else float(self.alpha)
+        return alpha / math.sqrt(self.rank) if self.use_rslora else alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["init_options"] = dict(self.init_options)
         return out
 
+    def same_adapter(self, other: AdapterConfig) -> bool:
+        """Same config class and fields, ignoring ``init_options`` (how it started, which may
+        hold tensors or callables and is not saved)."""
+        if type(self) is not type(other):
+            return False
+        return all(
+            getattr(self, f.name) == getattr(other, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "init_options"
+        )
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, strict: bool = True) -> tuple[Any, list[str]]:
-        """Build a config; returns ``(config, unknown_keys)``. Unknown keys raise if strict."""
+        """Build a config; returns ``(config, unknown_keys)``. Unknown keys raise if strict.
+
+        ``r`` is read as ``rank`` (:func:`normalise_rank`).
+        """
+        values = normalise_rank(values)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in values if k not in names)
         if unknown and strict:
@@ -331,11 +413,12 @@ class Adapter(nn.Module):
     """One adapter on one layer. Subclass per method; see the module docstring.
 
     Attributes available to subclasses: ``self.layer`` (:class:`LayerView`),
-    ``self.config`` (the method's frozen config), ``self.scaling`` (``alpha/r`` or
-    ``alpha/√r``), ``self.param_dtype`` (create parameters in it), ``self.dtype`` (their dtype now).
+    ``self.config`` (the method's frozen config), ``self.scaling`` (``alpha/rank`` or
+    ``alpha/√rank``), ``self.param_dtype`` (create parameters in it), ``self.dtype`` (their dtype now).
     """
 
     method: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for ``rankwise finetune --list-methods``
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
 
     def __init__(self, layer: LayerView, config: AdapterConfig, *, dtype: torch.dtype) -> None:
@@ -345,6 +428,7 @@ class Adapter(nn.Module):
         self.scaling = config.scaling
         self.param_dtype = dtype  # what build() creates parameters in
         self.merged = False  # set by the engine while this adapter is folded into the weight
+        self.trainable = True  # False: stays frozen even when active (loaded for inference)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.build()
         self.reset_parameters()
@@ -392,9 +476,9 @@ class Adapter(nn.Module):
     def check_layer(cls, layer: LayerView, config: AdapterConfig) -> str | None:
         """A reason this layer cannot take this adapter, or None. Default: rank limit."""
         limit = min(layer.out_features, layer.in_features)
-        if config.r > limit:
+        if config.rank > limit:
             return (
-                f"r={config.r} exceeds min(out, in) = min({layer.out_features}, "
+                f"rank={config.rank} exceeds min(out, in) = min({layer.out_features}, "
                 f"{layer.in_features}) = {limit}"
             )
         return None
@@ -412,41 +496,49 @@ class Adapter(nn.Module):
         raise ConfigError(f"method {self.method!r} has no PEFT equivalent")
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, r={self.config.r}, scaling={self.scaling:g}"
+        return f"method={self.method}, rank={self.config.rank}, scaling={self.scaling:g}"
 
 
 # ----------------------------------------------------------------------------- registries
 
-_METHODS: dict[str, type[Adapter]] = {}
-_INITIALISERS: dict[str, tuple[str, Callable[..., None]]] = {}
+METHODS: Registry[type[Adapter]] = Registry(
+    "adapter method", plugins=("rankwise.adapters.methods",)
+)
+
+
+class Initialiser(NamedTuple):
+    """A registered ``init=``: ``scope`` is "layer" (once per adapter) or "model" (once)."""
+
+    scope: str
+    fn: Callable[..., None]
+
+
+INITIALISERS: Registry[Initialiser] = Registry("initialiser", plugins=("rankwise.adapters.init",))
 
 
 def register_method(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator: make an :class:`Adapter` subclass available as ``method=name``."""
 
     def deco(cls: type[Adapter]) -> type[Adapter]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ConfigError(f"adapter method {name!r} is already registered")
         if not (isinstance(cls, type) and issubclass(cls, Adapter)):
             raise ConfigError(f"{cls!r} must subclass rankwise.adapters.base.Adapter")
+        METHODS.register(name, cls)
         cls.method = name
-        _METHODS[name] = cls
+        if not cls.__dict__.get("summary"):
+            cls.summary = (inspect.getdoc(cls) or name).splitlines()[0]
         return cls
 
     return deco
 
 
 def method_names() -> list[str]:
-    importlib.import_module("rankwise.adapters.methods")
-    return sorted(_METHODS)
+    """The registered adapter methods, sorted."""
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[Adapter]:
     """The adapter class registered as ``name``; ConfigError listing the known ones."""
-    names = method_names()
-    if name not in _METHODS:
-        raise ConfigError(f"unknown adapter method {name!r}; registered methods: {names}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def register_initialiser(
@@ -455,38 +547,37 @@ def register_initialiser(
     """Decorator: make ``init=name`` call this function (``scope`` "layer" or "model")."""
     if scope not in ("layer", "model"):
         raise ConfigError(f"initialiser scope must be 'layer' or 'model', got {scope!r}")
+    if name == "default":
+        raise ConfigError("'default' is reserved for the method's own reset_parameters()")
 
     def deco(fn: Callable[..., None]) -> Callable[..., None]:
-        if name == "default":
-            raise ConfigError("'default' is reserved for the method's own reset_parameters()")
-        _INITIALISERS[name] = (scope, fn)
+        INITIALISERS.register(name, Initialiser(scope, fn))
         return fn
 
     return deco
 
 
 def initialiser_names() -> list[str]:
-    try:
-        importlib.import_module("rankwise.adapters.init")
-    except ModuleNotFoundError as e:
-        if e.name != "rankwise.adapters.init":
-            raise
-    return ["default", *sorted(_INITIALISERS)]
+    """``"default"`` and the registered initialisers."""
+    return ["default", *INITIALISERS.names()]
 
 
-def get_initialiser(name: str) -> tuple[str, Callable[..., None]] | None:
-    """``(scope, fn)`` for ``init=name``; None for "default"; ConfigError if unknown."""
-    names = initialiser_names()
+def get_initialiser(name: str) -> Initialiser | None:
+    """The :class:`Initialiser` for ``init=name``; None for "default"; ConfigError if unknown."""
     if name == "default":
         return None
-    if name not in _INITIALISERS:
-        raise ConfigError(f"unknown init {name!r}; available initialisers: {names}")
-    return _INITIALISERS[name]
+    if name not in INITIALISERS:
+        raise ConfigError(f"unknown init {name!r}; available initialisers: {initialiser_names()}")
+    return INITIALISERS.get(name)
 
 
 __all__ = [
     "Adapter",
     "AdapterConfig",
+    "METHODS",
+    "INITIALISERS",
+    "Initialiser",
+    "normalise_rank",
     "LayerView",
     "view_for",
     "register_method",

@@ -40,7 +40,7 @@ from rankwise.adapters.base import Adapter, AdapterConfig, register_initialiser
 from rankwise.errors import ConfigError, ModelError
 from rankwise.linalg import SVDResult, nystrom_general, rsvd, truncated_svd
 
-PowerIters = int | str
+NIter = int | str
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -70,7 +70,7 @@ def _check_seed(seed: object, where: str) -> int:
     return seed
 
 
-def _check_power_iters(n_iter: object, where: str) -> PowerIters:
+def _check_n_iter(n_iter: object, where: str) -> NIter:
     if n_iter == "auto" or (
         isinstance(n_iter, int) and not isinstance(n_iter, bool) and n_iter >= 0
     ):
@@ -105,33 +105,30 @@ class SVDInitConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_power_iters(self.n_iter, "n_iter")
-        _check_seed(self.seed, "seed")
-        if not isinstance(self.exact, bool):
-            raise ConfigError(f"exact must be True or False, got {self.exact!r}")
+        _check_n_iter(self.n_iter, "n_iter")
 
     def svd_of(self, w: torch.Tensor) -> SVDResult:
         """Top-``r`` SVD of ``w`` with these options."""
-        return weight_svd(w, self.r, n_iter=self.n_iter, exact=self.exact, seed=self.seed)
+        return weight_svd(w, self.rank, n_iter=self.n_iter, exact=self.exact, seed=self.seed)
 
 
 def weight_svd(
     w: torch.Tensor,
     rank: int,
     *,
-    n_iter: PowerIters = 4,
+    n_iter: NIter = 4,
     exact: bool = False,
     seed: int = 0,
 ) -> SVDResult:
     """Top-``rank`` SVD of a weight ``(out, in)``: randomized (block Krylov) or exact.
 
-    ``n_iter`` is :func:`rankwise.linalg.rsvd`'s ``power_iters`` (default 4; "auto": until
+    ``n_iter`` is passed to :func:`rankwise.linalg.rsvd` (default 4; "auto": until
     the leading singular values settle); ``exact=True`` uses a dense SVD (small matrices,
     references). Shared by ``svfit``, ``lora_xs`` and ``pissa``.
     """
     if exact:
         return truncated_svd(w, rank)
-    U, S, Vh = rsvd(w, rank, power_iters=n_iter, generator=_generator(w.device, seed))[:3]
+    U, S, Vh = rsvd(w, rank, n_iter=n_iter, generator=_generator(w.device, seed))[:3]
     return SVDResult(U, S, Vh)
 
 
@@ -181,7 +178,7 @@ def pissa(
     model: nn.Module,
     adapters: Mapping[str, Adapter],
     *,
-    n_iter: PowerIters = 4,
+    n_iter: NIter = 4,
     exact: bool = False,
     seed: int = 0,
     **unknown: object,
@@ -199,13 +196,13 @@ def pissa(
     """
     _no_unknown(pissa, unknown)
     where = "init='pissa'"
-    n_iter = _check_power_iters(n_iter, where)
+    n_iter = _check_n_iter(n_iter, where)
     seed = _check_seed(seed, where)
     plans = []
     for path, ad in adapters.items():
         _require(ad, ("lora_A", "lora_B"), "pissa", path)
         w = float_weight(ad, f"{where} on {path}")
-        U, S, Vh = weight_svd(w, ad.config.r, n_iter=n_iter, exact=bool(exact), seed=seed)
+        U, S, Vh = weight_svd(w, ad.config.rank, n_iter=n_iter, exact=bool(exact), seed=seed)
         root = (S / ad.scaling).sqrt()  # (r,)
         b, a = U * root, root[:, None] * Vh  # (out, r), (r, in)
         plans.append((ad, b, a, w - ad.scaling * (b @ a)))
@@ -246,7 +243,7 @@ def nystrom(
         if not is_nlora:
             _require(ad, ("lora_A", "lora_B"), "nystrom", path)
         w = float_weight(ad, f"{where} on {path}")
-        q_b, k, q_a = nystrom_split(w, ad.config.r, seed=seed)
+        q_b, k, q_a = nystrom_split(w, ad.config.rank, seed=seed)
         if is_nlora:
             m = k / ad.scaling
             nlora_plans.append((ad, q_b, m, q_a, w - ad.scaling * (q_b @ m @ q_a)))
@@ -309,7 +306,7 @@ def residual_to_lora(model: nn.Module, name: str = "default") -> dict[str, int]:
         )
         plans[path] = (ad, b, a, w0, name in layer.active)
     first = next(iter(plans.values()))[0]
-    cfg, r2 = first.config, 2 * first.config.r
+    cfg, r2 = first.config, 2 * first.config.rank
     alpha = first.scaling * (math.sqrt(r2) if cfg.use_rslora else r2)
     for ad, _, _, w0, _ in plans.values():
         ad.layer.set_weight_matrix(w0)
@@ -317,7 +314,7 @@ def residual_to_lora(model: nn.Module, name: str = "default") -> dict[str, int]:
     delete(model, name)
     targets = [re.compile(re.escape(p)) for p in plans]
     attach(
-        model, "lora", targets, name, r=r2, alpha=alpha, dropout=cfg.dropout,
+        model, "lora", targets, name, rank=r2, alpha=alpha, dropout=cfg.dropout,
         use_rslora=cfg.use_rslora, activate=active,
     )  # fmt: skip
     new = adapted_layers(model)
@@ -393,7 +390,7 @@ class _Stream:
     (incremental PCA, Ross et al. 2008).
     """
 
-    def __init__(self, k: int, *, center: bool, n_iter: PowerIters, seed: int) -> None:
+    def __init__(self, k: int, *, center: bool, n_iter: NIter, seed: int) -> None:
         self.k, self.center, self.n_iter, self.seed = k, center, n_iter, seed
         self.sv: torch.Tensor | None = None  # (k', d) = diag(S) Vh
         self.energy = 0.0
@@ -422,7 +419,7 @@ class _Stream:
         stack = x if self.sv is None else torch.cat([self.sv, x])  # (k' + n_b, d)
         k = min(self.k, *stack.shape)
         gen = _generator(x.device, self.seed)
-        _, S, Vh = rsvd(stack, k, power_iters=self.n_iter, generator=gen)[:3]
+        _, S, Vh = rsvd(stack, k, n_iter=self.n_iter, generator=gen)[:3]
         self.sv = S[:, None] * Vh
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,7 +451,7 @@ def eva(
     rho: float = 2.0,
     batch_size: int = 8,
     center: bool = False,
-    n_iter: PowerIters = 4,
+    n_iter: NIter = 4,
     seed: int = 0,
     **unknown: object,
 ) -> None:
@@ -467,9 +464,9 @@ def eva(
     layers' components compete for a budget of ``round(L · r / rho)`` components
     (L layers); each layer keeps its winners: ``A[:k] = Vh[:k]``, ``B = 0``.
 
-    Ranks: the engine gives every layer of one adapter the same shape, so ``r`` is the
-    per-layer *maximum* and the average is ``r / rho`` (PEFT's EVA with ``r=8, rho=2`` ≈
-    rankwise's ``r=16, rho=2``; ``rho=1`` keeps r everywhere). A layer granted ``k < r``
+    Ranks: the engine gives every layer of one adapter the same shape, so ``rank`` is the
+    per-layer *maximum* and the average is ``rank / rho`` (PEFT's EVA with ``r=8, rho=2`` ≈
+    rankwise's ``rank=16, rho=2``; ``rho=1`` keeps the rank everywhere). A layer granted ``k < r``
     components has rows ``k:`` of ``A`` (and columns of ``B``) set to zero; with both
     factors zero those components get zero gradient and stay zero under gradient
     training (weight decay included), so the layer trains at rank k, and the adapter is an
@@ -487,7 +484,7 @@ def eva(
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
         raise ConfigError(f"{where}: rho must be a number >= 1, got {rho!r}")
     batch_size = _check_batch_size(batch_size, where)
-    n_iter = _check_power_iters(n_iter, where)
+    n_iter = _check_n_iter(n_iter, where)
     seed = _check_seed(seed, where)
     for path, ad in adapters.items():
         _require(ad, ("lora_A", "lora_B"), "eva", path)
@@ -497,7 +494,7 @@ def eva(
                 "(its input rows are the activations)"
             )
     streams = {
-        p: _Stream(min(2 * ad.config.r, ad.layer.in_features), center=bool(center),
+        p: _Stream(min(2 * ad.config.rank, ad.layer.in_features), center=bool(center),
                    n_iter=n_iter, seed=seed)
         for p, ad in adapters.items()
     }  # fmt: skip
@@ -544,8 +541,8 @@ def eva(
     if missing:
         raise ModelError(f"{where}: layers {missing[:3]} were never called by the model's forward")
     found = {p: streams[alias.get(p, p)].result() for p in adapters}
-    ratios = {p: ratio[: adapters[p].config.r] for p, (_, ratio) in found.items()}
-    budget = max(1, round(sum(ad.config.r for ad in adapters.values()) / float(rho)))
+    ratios = {p: ratio[: adapters[p].config.rank] for p, (_, ratio) in found.items()}
+    budget = max(1, round(sum(ad.config.rank for ad in adapters.values()) / float(rho)))
     counts = _redistribute(ratios, budget)
     with torch.no_grad():
         for path, ad in adapters.items():
@@ -580,7 +577,7 @@ def lora_sb(
     optimizer: str = "adam",
     batch_size: int = 8,
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
-    n_iter: PowerIters = 4,
+    n_iter: NIter = 4,
     exact: bool = False,
     seed: int = 0,
     **unknown: object,
@@ -608,7 +605,7 @@ def lora_sb(
     if optimizer not in ("adam", "sgd"):
         raise ConfigError(f"{where}: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     batch_size = _check_batch_size(batch_size, where)
-    n_iter = _check_power_iters(n_iter, where)
+    n_iter = _check_n_iter(n_iter, where)
     seed = _check_seed(seed, where)
     for path, ad in adapters.items():
         if ad.method not in ("lora_sb", "lora_xs"):
@@ -623,7 +620,7 @@ def lora_sb(
         update = -lr * (torch.sign(g) if optimizer == "adam" else g)
         if not bool(update.any()):
             raise ModelError(f"{where}: the loss does not depend on {path} (zero gradient)")
-        U, S, Vh = weight_svd(update, ad.config.r, n_iter=n_iter, exact=bool(exact), seed=seed)
+        U, S, Vh = weight_svd(update, ad.config.rank, n_iter=n_iter, exact=bool(exact), seed=seed)
         root = math.sqrt(ad.scaling)
         plans.append((ad, U / root, torch.diag(S), Vh / root))
     with torch.no_grad():

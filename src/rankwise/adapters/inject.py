@@ -34,6 +34,7 @@ from rankwise.adapters.base import (
     view_for,
 )
 from rankwise.errors import ConfigError, ModelError
+from rankwise.modules import replace_module
 
 Targets = str | re.Pattern | Sequence[str | re.Pattern]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -143,6 +144,13 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def matching_paths(model: nn.Module, patterns: Sequence[str | re.Pattern]) -> list[str]:
+    """Adaptable module paths matched by any of ``patterns`` (see :func:`resolve_targets`);
+    unlike it, a pattern that matches nothing is not an error."""
+    found, _ = _candidates(model)
+    return [p for p in found if any(_matches(t, p) for t in patterns)]
+
+
 def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
     """Module paths matched by ``targets``; every pattern must match an adaptable module.
 
@@ -222,9 +230,22 @@ def _default_dtype(view: LayerView) -> torch.dtype:
     return w if w in (torch.float32, torch.float64) else torch.float32
 
 
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, child = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), child
+def _name_conflict(model: nn.Module, name: str, method: str, cfg: AdapterConfig) -> str | None:
+    """Why ``name`` cannot take a ``method`` adapter with ``cfg``: it already holds another one.
+
+    One name is one adapter (one method and config), as saving and loading expect; the same
+    method and config may be added to more layers under that name.
+    """
+    for path, layer in adapted_layers(model).items():
+        if name not in layer.adapters:
+            continue
+        other = layer.adapters[name]
+        if other.method != method or not other.config.same_adapter(cfg):
+            return (
+                f"name {name!r} already holds a {other.method} adapter with another config "
+                f"(on {path}); choose another name"
+            )
+    return None
 
 
 def attach(
@@ -236,17 +257,20 @@ def attach(
     dry_run: bool = False,
     dtype: torch.dtype | None = None,
     activate: bool = True,
+    trainable: bool = True,
     **config: Any,
 ) -> AttachPlan:
     """Add adapter ``name`` of ``method`` to every module matched by ``targets``.
 
-    ``config`` are the method's options (``r=8, alpha=16, dropout=0.05, use_rslora=True``,
-    ``init="pissa"``...). Adapter parameters are float32 unless the base weight is
-    float32/float64 (then they follow it) or ``dtype`` says otherwise. The base model's
-    parameters are frozen; the new adapter is trainable and, with ``activate``, joins the
-    active set. Returns the :class:`AttachPlan`; with ``dry_run=True`` nothing changes.
-    Raises ConfigError (unknown method/option, bad rank, unmatched target, name clash)
-    or ModelError (a target is merged or cannot take this method), model unchanged.
+    ``config`` are the method's options (``rank=8, alpha=16, dropout=0.05,
+    use_rslora=True``, ``init="pissa"``...; PEFT's ``r=`` is accepted for ``rank=``).
+    Adapter parameters are float32 unless the base weight is float32/float64 (then they
+    follow it) or ``dtype`` says otherwise. The base model's parameters are frozen; the new
+    adapter, with ``activate``, joins the active set, and trains while active unless
+    ``trainable=False``. Returns the :class:`AttachPlan`; with ``dry_run=True`` nothing
+    changes. Raises ConfigError (unknown method/option, bad rank, unmatched target, a name
+    that already holds another adapter) or ModelError (a target is merged or cannot take
+    this method), model unchanged.
     """
     cls = get_method(method)
     cfg, _ = cls.config_class.from_dict(config)
@@ -258,6 +282,8 @@ def attach(
     init = get_initialiser(cfg.init)
     if not isinstance(model, nn.Module):
         raise ModelError(f"attach needs a torch.nn.Module, got {type(model).__name__}")
+    if conflict := _name_conflict(model, name, method, cfg):
+        raise ConfigError(f"cannot attach {method} adapter {name!r}: {conflict}")
     paths = resolve_targets(model, targets)
     plan = AttachPlan(name=name, method=method, config=cfg)
     problems: list[tuple[type[Exception], str]] = []
@@ -297,17 +323,17 @@ def attach(
                 module = model.get_submodule(path)
                 layer = AdaptedLayer(module, view_for(module))
             adapter = cls(layer.view, cfg, dtype=dtype or _default_dtype(layer.view))
-            if init is not None and init[0] == "layer":
-                init[1](adapter, **cfg.init_options)
+            adapter.trainable = trainable
+            if init is not None and init.scope == "layer":
+                init.fn(adapter, **cfg.init_options)
                 adapter.after_init()
             created[path] = adapter
             if path not in existing:
-                parent, child = _parent(model, path)
-                setattr(parent, child, layer)
+                replace_module(model, path, layer)
                 wrapped.append(path)
             layer.adapters[name] = adapter
-        if init is not None and init[0] == "model":
-            init[1](model, created, **cfg.init_options)
+        if init is not None and init.scope == "model":
+            init.fn(model, created, **cfg.init_options)
             for adapter in created.values():
                 adapter.after_init()
     except BaseException:
@@ -316,8 +342,7 @@ def attach(
             if isinstance(layer, AdaptedLayer) and name in layer.adapters:
                 del layer.adapters[name]
         for path in wrapped:
-            parent, child = _parent(model, path)
-            setattr(parent, child, getattr(parent, child).base_layer)
+            replace_module(model, path, model.get_submodule(path).base_layer)
         raise
     for p in model.parameters():
         p.requires_grad_(False)
@@ -362,7 +387,7 @@ def _sync_trainable(model: nn.Module) -> None:
     for layer in adapted_layers(model).values():
         for n, adapter in layer.adapters.items():
             for p in adapter.parameters():
-                p.requires_grad_(n in layer.active)
+                p.requires_grad_(n in layer.active and adapter.trainable)
 
 
 def _check_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -373,7 +398,8 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make exactly ``names`` active (and trainable) on every layer that has them."""
+    """Make exactly ``names`` active on every layer that has them (and trainable, except
+    adapters attached or loaded with ``trainable=False``)."""
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
     layers = adapted_layers(model)
@@ -500,8 +526,7 @@ def delete(model: nn.Module, name: str) -> None:
         del layer.adapters[name]
         layer.active = [n for n in layer.active if n != name]
         if not layer.adapters:
-            parent, child = _parent(model, path)
-            setattr(parent, child, layer.base_layer)
+            replace_module(model, path, layer.base_layer, expect=AdaptedLayer)
 
 
 @dataclass(frozen=True)
@@ -544,6 +569,7 @@ __all__ = [
     "TrainableReport",
     "attach",
     "resolve_targets",
+    "matching_paths",
     "adapted_layers",
     "adapter_names",
     "active_adapters",

@@ -9,11 +9,14 @@ A folder holds ``adapter_config.json`` and the tensors:
   ``fan_in_fan_out``...). ``peft.PeftModel.from_pretrained`` loads it, and PEFT's folders
   load here.
 - rankwise format (every method): ``adapter.safetensors`` keyed ``<module path>.<param>``
-  and a config naming the method and its options.
+  and a config naming the method, its options, the layers and their target patterns.
 
-Writes are atomic (temporary file, then ``os.replace``). Loading checks every key and
-shape against the model before touching it: a bad file raises ``CheckpointError`` naming
-the key and leaves the model unchanged.
+Both record the base model as the user named it (``base_model_name_or_path``). The folder
+is written through :func:`rankwise.fileio.output_dir` (an existing non-empty folder is
+refused unless ``overwrite``, and only an adapter folder is replaced; built in a temporary
+sibling and renamed into place). Loading checks every key and shape against the model
+before touching it: a bad file raises ``CheckpointError`` naming the key and leaves the
+model unchanged.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +35,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankwise.adapters.base import Adapter, AdapterConfig, get_method, view_for
+from rankwise.adapters.base import Adapter, AdapterConfig, get_method, normalise_rank, view_for
 from rankwise.adapters.inject import (
     AttachPlan,
     ShapeOnlyView,
     adapted_layers,
     attach,
+    matching_paths,
     resolve_targets,
 )
 from rankwise.errors import CheckpointError, ConfigError
+from rankwise.fileio import output_dir, write_json
 
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -107,29 +112,9 @@ _PEFT_MUST_BE_DEFAULT = (
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write_bytes(path, write)
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write_bytes(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+    save_file(plain, str(path), metadata={"format": "pt"})
 
 
 def _named_adapters(model: nn.Module, name: str) -> dict[str, Adapter]:
@@ -146,7 +131,10 @@ def _named_adapters(model: nn.Module, name: str) -> dict[str, Adapter]:
 
 def _check_savable(name: str, adapters: dict[str, Adapter]) -> AdapterConfig:
     first = next(iter(adapters.values()))
-    if any(a.config != first.config or a.method != first.method for a in adapters.values()):
+    if any(
+        a.method != first.method or not a.config.same_adapter(first.config)
+        for a in adapters.values()
+    ):
         raise ConfigError(
             f"adapter {name!r} has different methods/configs on different layers; "
             "save each attach under its own name"
@@ -167,7 +155,7 @@ def _check_savable(name: str, adapters: dict[str, Adapter]) -> AdapterConfig:
     return first.config
 
 
-def _peft_target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     """Leaf names if they select exactly ``paths``; otherwise the full paths."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     try:
@@ -178,65 +166,99 @@ def _peft_target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     return sorted(paths)
 
 
+def _base_model_name(model: nn.Module) -> str | None:
+    """The base model's name from its config, unless it is a path into rankwise's cache
+    (a machine-specific folder, not what the user named)."""
+    from rankwise.models import cache_dir
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    path, cache = Path(str(name)).expanduser().absolute(), cache_dir().expanduser().absolute()
+    if path == cache or cache in path.parents:
+        return None
+    return str(name)
+
+
+def _peft_files(model, adapters, base_model) -> tuple[dict, dict[str, torch.Tensor]]:
+    first = next(iter(adapters.values()))
+    cfg = dict(first.peft_config())
+    cfg.update(
+        fan_in_fan_out=any(a.layer.kind == "transposed_linear" for a in adapters.values()),
+        target_modules=_target_modules(model, list(adapters)),
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+        task_type=None,
+        modules_to_save=None,
+        rank_pattern={},
+        alpha_pattern={},
+    )
+    tensors = {
+        f"{PEFT_PREFIX}{path}.{suffix}": t
+        for path, a in adapters.items()
+        for suffix, t in a.peft_state().items()
+    }
+    return cfg, tensors
+
+
+def _native_files(model, adapters, config, base_model) -> tuple[dict, dict[str, torch.Tensor]]:
+    options = config.to_dict()
+    # init options may hold tensors or callables (EVA inputs, LoRA-SB's loss_fn); the
+    # saved tensors already are the initial state, and loading resets init anyway
+    options["init_options"] = {}
+    cfg = {
+        "format": NATIVE_FORMAT,
+        "version": 1,
+        "method": next(iter(adapters.values())).method,
+        "config": options,
+        "layers": sorted(adapters),
+        "target_modules": _target_modules(model, list(adapters)),
+        "base_model_name_or_path": base_model,
+    }
+    tensors = {
+        f"{path}.{key}": t for path, a in adapters.items() for key, t in a.state_dict().items()
+    }
+    return cfg, tensors
+
+
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", *, format: str = "auto"
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    *,
+    format: str = "auto",
+    overwrite: bool = False,
+    base_model: str | None = None,
 ) -> Path:
-    """Write adapter ``name`` to ``directory``; returns the folder.
+    """Write adapter ``name`` to the folder ``directory``; returns the folder.
 
     ``format`` is ``"peft"`` (PEFT's files; lora/dora only), ``"rankwise"`` (any method),
-    or ``"auto"`` (PEFT when the method has a PEFT form). Refuses an adapter whose tensors
-    are all zero or contain NaN/Inf.
+    or ``"auto"`` (PEFT when every layer's method has a PEFT form, rankwise's otherwise).
+    ``base_model`` is recorded as ``base_model_name_or_path`` (default: the model config's
+    ``_name_or_path`` unless it points into rankwise's cache). An existing non-empty folder
+    is refused unless ``overwrite`` (and even then only an adapter folder is replaced).
+    Refuses an adapter whose tensors are all zero or contain NaN/Inf.
     """
     if format not in ("auto", "peft", "rankwise"):
         raise ConfigError(f"format must be 'auto', 'peft' or 'rankwise', got {format!r}")
     adapters = _named_adapters(model, name)
     config = _check_savable(name, adapters)
-    first = next(iter(adapters.values()))
     peft_ok = all(a.peft_config() is not None for a in adapters.values())
     if format == "peft" and not peft_ok:
-        raise ConfigError(f"method {first.method!r} has no PEFT format; use format='rankwise'")
-    use_peft = format == "peft" or (format == "auto" and peft_ok)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    if use_peft:
-        tensors = {
-            f"{PEFT_PREFIX}{path}.{suffix}": t
-            for path, a in adapters.items()
-            for suffix, t in a.peft_state().items()
-        }
-        cfg = dict(first.peft_config())
-        cfg["fan_in_fan_out"] = any(a.layer.kind == "transposed_linear" for a in adapters.values())
-        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-        cfg.update(
-            target_modules=_peft_target_modules(model, list(adapters)),
-            base_model_name_or_path=name_or_path or None,
-            inference_mode=True,
-            task_type=None,
-            modules_to_save=None,
-            rank_pattern={},
-            alpha_pattern={},
-        )
-        _write_tensors(out / PEFT_WEIGHTS, tensors, {"format": "pt"})
-        _write_json(out / CONFIG_FILE, cfg)
+        method = next(iter(adapters.values())).method
+        raise ConfigError(f"method {method!r} has no PEFT format; use format='rankwise' or 'auto'")
+    base = base_model if base_model is not None else _base_model_name(model)
+    if format == "peft" or (format == "auto" and peft_ok):
+        cfg, tensors = _peft_files(model, adapters, base)
+        weights = PEFT_WEIGHTS
     else:
-        tensors = {
-            f"{path}.{key}": t for path, a in adapters.items() for key, t in a.state_dict().items()
-        }
-        options = config.to_dict()
-        # init options may hold tensors or callables (EVA inputs, LoRA-SB's loss_fn); the
-        # saved tensors already are the initial state, and loading resets init anyway
-        options["init_options"] = {}
-        cfg = {
-            "format": NATIVE_FORMAT,
-            "version": 1,
-            "method": first.method,
-            "config": options,
-            "layers": sorted(adapters),
-        }
-        json.dumps(cfg)  # fail before anything is written
-        _write_tensors(out / NATIVE_WEIGHTS, tensors, {"format": "pt"})
-        _write_json(out / CONFIG_FILE, cfg)
-    return out
+        cfg, tensors = _native_files(model, adapters, config, base)
+        weights = NATIVE_WEIGHTS
+    json.dumps(cfg)  # fail before anything is written
+    with output_dir(directory, overwrite=overwrite, kind="adapter", option="directory") as tmp:
+        _write_tensors(tmp / weights, tensors)
+        write_json(tmp / CONFIG_FILE, cfg)
+    return Path(directory)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -285,7 +307,7 @@ def _from_peft_config(cfg: dict, folder: Path) -> tuple[str, dict[str, Any]]:
         )
     method = "dora" if cfg.get("use_dora") else "lora"
     options = {
-        "r": cfg.get("r", 8),
+        "rank": cfg.get("r", 8),
         "alpha": cfg.get("lora_alpha", 8),
         "dropout": cfg.get("lora_dropout", 0.0) or 0.0,
         "use_rslora": bool(cfg.get("use_rslora", False)),
@@ -341,62 +363,62 @@ def _check_tensor(key: str, t: torch.Tensor, expected: torch.Size) -> None:
         raise CheckpointError(f"tensor {key!r} contains NaN or Inf")
 
 
-def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", *, activate: bool = True
-) -> AttachPlan:
-    """Attach the adapter saved in ``directory`` (PEFT or rankwise format) as ``name``.
+@dataclass
+class _SavedAdapter:
+    """What an adapter folder holds, parsed but not yet checked against a model."""
 
-    Every key and shape is checked against the model before anything changes; a missing,
-    extra, misshapen or corrupt tensor raises CheckpointError naming it. Unknown config
-    keys only warn. Returns the :class:`AttachPlan` of the attached adapter.
-    """
-    folder = Path(directory)
-    cfg = _read_config(folder)
-    if cfg.get("format") == NATIVE_FORMAT:
-        method = cfg.get("method")
-        try:
-            cls = get_method(method)
-        except ConfigError as e:
-            raise CheckpointError(f"{folder}: {e}") from None
-        options = dict(cfg.get("config") or {})
-        paths = list(cfg.get("layers") or [])
-        tensors = _read_tensors(folder / NATIVE_WEIGHTS)
-        grouped: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
-        for key, t in tensors.items():
-            path, param = _split_native_key(key, paths)
-            grouped[path][param] = t
-        peft = False
-    else:
-        method, options = _from_peft_config(cfg, folder)
-        cls = get_method(method)
-        tensors = _read_tensors(folder / PEFT_WEIGHTS)
-        grouped = {}
-        for key, t in tensors.items():
-            if key.endswith(".base_layer.weight"):  # PEFT copies targeted embeddings' weights
-                _check_base_copy(model, key, t, folder)
-                continue
-            path, suffix = _split_peft_key(key)
-            grouped.setdefault(path, {})[suffix] = t
-        paths = list(grouped)
-        peft = True
-    if not paths:
-        raise CheckpointError(f"{folder}: the adapter has no layers")
-    options["init"] = "default"  # the saved tensors are the initial state
-    field_names = set(cls.config_class.__dataclass_fields__)
-    unknown = sorted(k for k in options if k not in field_names)
+    method: str
+    options: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]]  # layer path -> {tensor name: tensor}
+    targets: Any  # the target patterns it was made with (list, regex string, or None)
+    peft: bool
+
+
+def _read_native(folder: Path, cfg: dict) -> _SavedAdapter:
+    paths = list(cfg.get("layers") or [])
+    grouped: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
+    for key, t in _read_tensors(folder / NATIVE_WEIGHTS).items():
+        path, param = _split_native_key(key, paths)
+        grouped[path][param] = t
+    targets = cfg.get("target_modules") or sorted({p.rsplit(".", 1)[-1] for p in paths})
+    options = normalise_rank(cfg.get("config") or {})
+    return _SavedAdapter(cfg.get("method"), options, grouped, targets, peft=False)
+
+
+def _read_peft(model: nn.Module, folder: Path, cfg: dict) -> _SavedAdapter:
+    method, options = _from_peft_config(cfg, folder)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in _read_tensors(folder / PEFT_WEIGHTS).items():
+        if key.endswith(".base_layer.weight"):  # PEFT copies targeted embeddings' weights
+            _check_base_copy(model, key, t, folder)
+            continue
+        path, suffix = _split_peft_key(key)
+        grouped.setdefault(path, {})[suffix] = t
+    return _SavedAdapter(method, options, grouped, cfg.get("target_modules"), peft=True)
+
+
+def _saved_config(folder: Path, cls: type[Adapter], saved: _SavedAdapter) -> AdapterConfig:
+    options = {**saved.options, "init": "default"}  # the saved tensors are the initial state
+    unknown = sorted(k for k in options if k not in cls.config_class.__dataclass_fields__)
     if unknown:
-        warnings.warn(f"{folder}: ignoring unknown {method} options {unknown}", stacklevel=2)
+        warnings.warn(f"{folder}: ignoring unknown {saved.method} options {unknown}", stacklevel=3)
     try:
-        config, _ = cls.config_class.from_dict(options, strict=False)
+        return cls.config_class.from_dict(options, strict=False)[0]
     except ConfigError as e:
         raise CheckpointError(f"{folder}/{CONFIG_FILE}: {e}") from None
 
-    # validate against throwaway adapters built on the model's real layers
+
+def _checked_tensors(
+    model: nn.Module, folder: Path, cls: type[Adapter], config: AdapterConfig, saved: _SavedAdapter
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each layer's tensors under the adapter's own names, checked against throwaway
+    (shape-only) adapters built on the model's real layers."""
     found = {p: layer.base_layer for p, layer in adapted_layers(model).items()}
+    prefix = PEFT_PREFIX if saved.peft else ""
     native: dict[str, dict[str, torch.Tensor]] = {}
-    for path in paths:
+    for path, have in saved.tensors.items():
         try:
-            module = found.get(path) or model.get_submodule(path)
+            module = found[path] if path in found else model.get_submodule(path)
         except AttributeError:
             raise CheckpointError(
                 f"{folder}: layer {path!r} does not exist in this model (made for another base model?)"
@@ -404,31 +426,103 @@ def load_adapter(
         view = view_for(module)
         if view is None:
             raise CheckpointError(f"{folder}: {path!r} is a {type(module).__name__}, not adaptable")
-        reason = cls.check_layer(view, config)
-        if reason:
+        if reason := cls.check_layer(view, config):
             raise CheckpointError(f"{folder}: {path}: {reason}")
         probe = cls(ShapeOnlyView(view), config, dtype=torch.float32)
-        expected = probe.peft_state() if peft else probe.state_dict()
-        have = grouped.get(path, {})
-        prefix = PEFT_PREFIX if peft else ""
+        expected = probe.peft_state() if saved.peft else probe.state_dict()
         for key in expected:
             if key not in have:
                 raise CheckpointError(f"{folder}: tensor {prefix}{path}.{key} is missing")
         for key, t in have.items():
             if key not in expected:
                 raise CheckpointError(
-                    f"{folder}: tensor {prefix}{path}.{key} is not a {method} tensor for this layer"
+                    f"{folder}: tensor {prefix}{path}.{key} is not a {saved.method} tensor for this layer"
                 )
             _check_tensor(f"{prefix}{path}.{key}", t, expected[key].shape)
-        native[path] = probe.peft_to_native(have) if peft else dict(have)
+        native[path] = probe.peft_to_native(have) if saved.peft else dict(have)
+    return native
 
-    targets = [re.compile(re.escape(p)) for p in paths]
-    plan = attach(model, method, targets, name, activate=activate, **config.to_dict())
+
+def _layers_without_weights(model: nn.Module, saved: _SavedAdapter) -> list[str]:
+    """Layers of ``model`` that the adapter's own target patterns select but the file has no
+    weights for (e.g. an adapter made on a 2-layer model, loaded into a 3-layer one)."""
+    targets = saved.targets
+    if not targets:
+        return []
+    if targets == "all-linear":
+        matched = resolve_targets(model, "all-linear")
+    elif isinstance(targets, str):  # PEFT: a regex the full module path must match
+        try:
+            matched = matching_paths(model, [re.compile(targets)])
+        except re.error:
+            return []
+    else:
+        matched = matching_paths(model, [t for t in targets if isinstance(t, str)])
+    return [p for p in matched if p not in saved.tensors]
+
+
+def _check_coverage(model: nn.Module, folder: Path, saved: _SavedAdapter, strict: bool) -> None:
+    missing = _layers_without_weights(model, saved)
+    if not missing:
+        return
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    text = (
+        f"{folder}: the adapter targets {saved.targets} but has no weights for "
+        f"{len(missing)} layer(s) of this model: {missing[:5]}{more} (made for a model "
+        "with fewer layers?)"
+    )
+    if strict:
+        raise CheckpointError(
+            f"{text}; pass strict=False to load it anyway, leaving those layers without the adapter"
+        )
+    warnings.warn(f"{text}; those layers stay without the adapter", stacklevel=3)
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    strict: bool = True,
+    activate: bool = True,
+) -> AttachPlan:
+    """Attach the adapter saved in ``directory`` (PEFT or rankwise format) as ``name``.
+
+    Loads for inference: the adapter's parameters stay frozen (``requires_grad=False``)
+    unless ``trainable=True`` (to continue training it). Every key and shape is checked
+    against the model before anything changes; a missing, extra, misshapen or corrupt
+    tensor raises CheckpointError naming it. Layers that the adapter's own target patterns
+    select in this model but that the file has no weights for raise CheckpointError naming
+    them (``strict=False``: a warning, and those layers stay unadapted). Unknown config
+    keys only warn. The model is unchanged on any error. Returns the :class:`AttachPlan`.
+    """
+    folder = Path(directory)
+    cfg = _read_config(folder)
+    saved = (
+        _read_native(folder, cfg)
+        if cfg.get("format") == NATIVE_FORMAT
+        else _read_peft(model, folder, cfg)
+    )
+    try:
+        cls = get_method(saved.method)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    if not saved.tensors:
+        raise CheckpointError(f"{folder}: the adapter has no layers")
+    config = _saved_config(folder, cls, saved)
+    native = _checked_tensors(model, folder, cls, config, saved)
+    _check_coverage(model, folder, saved, strict)
+
+    targets = [re.compile(re.escape(p)) for p in native]
+    plan = attach(
+        model, saved.method, targets, name, activate=activate, trainable=trainable,
+        **config.to_dict(),
+    )  # fmt: skip
     layers = adapted_layers(model)
     with torch.no_grad():
         for path, values in native.items():
-            adapter = layers[path].adapters[name]
-            state = adapter.state_dict()
+            state = layers[path].adapters[name].state_dict()
             for key, t in values.items():
                 state[key].copy_(t)
     return plan

@@ -32,7 +32,7 @@ from rankwise.adapters.methods.lora import LoraAdapter, LoraConfig
 
 @dataclass(frozen=True)
 class DoraConfig(LoraConfig):
-    """DoRA options: the LoRA ones (r, alpha, dropout, use_rslora)."""
+    """DoRA options: the LoRA ones (rank, alpha, dropout, use_rslora)."""
 
 
 def _factored_row_norm(
@@ -73,6 +73,7 @@ class _DoraCompose(torch.autograd.Function):
 class DoraAdapter(LoraAdapter):
     """LoRA factors plus ``lora_magnitude`` ``(out,)``; row norms from factors (see module doc)."""
 
+    summary = "DoRA: LoRA plus a learned per-row magnitude (Liu et al. 2024); PEFT format"
     config_class = DoraConfig
 
     def build(self) -> None:

@@ -25,17 +25,18 @@ from rankwise.adapters.base import Adapter, AdapterConfig, register_method
 
 @dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
-    """LoRA options: everything is in :class:`AdapterConfig` (r, alpha, dropout, use_rslora)."""
+    """LoRA options: everything is in :class:`AdapterConfig` (rank, alpha, dropout, use_rslora)."""
 
 
 @register_method("lora")
 class LoraAdapter(Adapter):
     """``Δ(x) = s · B (A x)``; ``ΔW = s · B A``."""
 
+    summary = "LoRA: trainable rank-r update s·B A (Hu et al. 2021); PEFT format"
     config_class = LoraConfig
 
     def build(self) -> None:
-        r, dev, dt = self.config.r, self.layer.device, self.param_dtype
+        r, dev, dt = self.config.rank, self.layer.device, self.param_dtype
         self.lora_A = nn.Parameter(torch.empty(r, self.layer.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(self.layer.out_features, r, device=dev, dtype=dt))
 
@@ -67,8 +68,8 @@ class LoraAdapter(Adapter):
         c = self.config
         return {
             "peft_type": "LORA",
-            "r": c.r,
-            "lora_alpha": float(c.r if c.alpha is None else c.alpha),
+            "r": c.rank,
+            "lora_alpha": float(c.rank if c.alpha is None else c.alpha),
             "lora_dropout": float(c.dropout),
             "use_rslora": bool(c.use_rslora),
             "use_dora": False,

@@ -33,6 +33,9 @@ class LoraSBConfig(LoraXSConfig):
 class LoraSBAdapter(LoraXSAdapter):
     """``ΔW = s · B R A``, ``B``/``A`` frozen; initialised from the update approximation."""
 
+    summary = (
+        "LoRA-SB: LoRA-XS started from the first full fine-tuning update (Ponkshe et al. 2024)"
+    )
     config_class = LoraSBConfig
 
     def reset_parameters(self) -> None:

@@ -26,13 +26,14 @@ from rankwise.adapters.init import SVDInitConfig, float_weight
 
 @dataclass(frozen=True)
 class LoraXSConfig(SVDInitConfig):
-    """LoRA-XS options: r, alpha, dropout, plus the SVD's ``n_iter``, ``exact``, ``seed``."""
+    """LoRA-XS options: rank, alpha, dropout, plus the SVD's ``n_iter``, ``exact``, ``seed``."""
 
 
 @register_method("lora_xs")
 class LoraXSAdapter(Adapter):
     """``Δ(x) = s · B (R A) x``; ``ΔW = s · B R A``; ``B``, ``A`` frozen, ``R`` trained."""
 
+    summary = "LoRA-XS: trainable r×r matrix between frozen SVD factors of W (Bałazy et al. 2024)"
     config_class = LoraXSConfig
 
     def _factor(self, *shape: int, trainable: bool) -> torch.Tensor | nn.Parameter:
@@ -40,7 +41,7 @@ class LoraXSAdapter(Adapter):
         return nn.Parameter(t) if trainable else t
 
     def build(self) -> None:
-        r, out, inp = self.config.r, self.layer.out_features, self.layer.in_features
+        r, out, inp = self.config.rank, self.layer.out_features, self.layer.in_features
         self.register_buffer("lora_B", self._factor(out, r, trainable=False))
         self.register_buffer("lora_A", self._factor(r, inp, trainable=False))
         self.lora_R = self._factor(r, r, trainable=True)

@@ -23,20 +23,14 @@ from torch import nn
 
 from rankwise.adapters.base import AdapterConfig, register_method
 from rankwise.adapters.methods.lora_xs import LoraXSAdapter
-from rankwise.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class NLoraConfig(AdapterConfig):
-    """NLoRA options: r, alpha, dropout, ``int_tune`` (train only ``M``); init "nystrom"."""
+    """NLoRA options: rank, alpha, dropout, ``int_tune`` (train only ``M``); init "nystrom"."""
 
     init: str = "nystrom"
     int_tune: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        if not isinstance(self.int_tune, bool):
-            raise ConfigError(f"int_tune must be True or False, got {self.int_tune!r}")
 
 
 @register_method("nlora")
@@ -44,10 +38,11 @@ class NLoraAdapter(LoraXSAdapter):
     """``ΔW = s · B M A`` (``lora_B``, ``lora_R`` = M, ``lora_A``); ``B``, ``A`` frozen with
     ``int_tune``."""
 
+    summary = "NLoRA: B M A factors started by a Nyström sketch on a residual base (2025)"
     config_class = NLoraConfig
 
     def build(self) -> None:
-        r, out, inp = self.config.r, self.layer.out_features, self.layer.in_features
+        r, out, inp = self.config.rank, self.layer.out_features, self.layer.in_features
         train = not self.config.int_tune
         for name, shape in (("lora_B", (out, r)), ("lora_A", (r, inp))):
             t = self._factor(*shape, trainable=train)
@@ -60,5 +55,5 @@ class NLoraAdapter(LoraXSAdapter):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            self.lora_R.copy_(torch.eye(self.config.r))
+            self.lora_R.copy_(torch.eye(self.config.rank))
             self.lora_B.zero_()

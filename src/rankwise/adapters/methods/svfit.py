@@ -22,17 +22,18 @@ from rankwise.adapters.methods.lora_xs import LoraXSAdapter, LoraXSConfig
 
 @dataclass(frozen=True)
 class SVFitConfig(LoraXSConfig):
-    """SVFit options: r, alpha, dropout, and the SVD's ``n_iter``, ``exact``, ``seed``."""
+    """SVFit options: rank, alpha, dropout, and the SVD's ``n_iter``, ``exact``, ``seed``."""
 
 
 @register_method("svfit")
 class SVFitAdapter(LoraXSAdapter):
     """``ΔW = s · U diag(Δσ) Vᵀ`` (``lora_B = U``, ``lora_A = Vᵀ``, ``lora_sigma = Δσ``)."""
 
+    summary = "SVFit: train only offsets of the top-r singular values of W (2024)"
     config_class = SVFitConfig
 
     def build(self) -> None:
-        r, out, inp = self.config.r, self.layer.out_features, self.layer.in_features
+        r, out, inp = self.config.rank, self.layer.out_features, self.layer.in_features
         self.register_buffer("lora_B", self._factor(out, r, trainable=False))
         self.register_buffer("lora_A", self._factor(r, inp, trainable=False))
         self.lora_sigma = self._factor(r, trainable=True)
