@@ -86,7 +86,7 @@ def test_least_squares_up_beats_truncated_up_under_a_damped_whitening():
 def test_whitened_methods_beat_plain_svd_on_correlated_inputs():
     x = anisotropic_inputs(2000, 48, seed=3)
     w = torch.randn(32, 48, dtype=torch.float64)
-    stats = LayerStats(48, 32, gram=x.T @ x, abs_sum=x.abs().sum(0), tokens=2000)
+    stats = LayerStats(out_features=32, in_features=48, gram=x.T @ x, abs_sum=x.abs().sum(0), tokens=2000)
 
     def output_error(name: str) -> float:
         method = get_method(name)
@@ -101,7 +101,7 @@ def test_whitened_methods_beat_plain_svd_on_correlated_inputs():
 def test_registry_names_and_errors():
     names = method_names()
     assert {"svd", "asvd", "svdllm", "fwsvd"} <= set(names)
-    with pytest.raises(ConfigError, match="valid methods"):
+    with pytest.raises(ConfigError, match="'nope' is not registered; valid: asvd"):
         get_method("nope")
     with pytest.raises(ConfigError, match="no option"):
         get_method("svdllm", bogus=1)

@@ -1,13 +1,17 @@
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 
 from rankwise.compress.api import compress
 from rankwise.compress.base import LowRankLinear
-from rankwise.compress.checkpoint import load_compressed, save_compressed
+from rankwise.compress.checkpoint import COMPRESSED_MARKER, load_compressed, save_compressed
 from rankwise.errors import CheckpointError
-from rankwise.models import COMPRESSED_MARKER, count_parameters, load_model, tiny_llama
+from rankwise.fileio import MANIFEST
+from rankwise.models import count_parameters, load_model, tiny_llama
 
 
 def _compressed(texts, *, tie: bool = False):
@@ -38,17 +42,57 @@ def test_round_trip_gives_identical_logits_and_low_rank_modules(tmp_path, texts,
     assert not any(p.name.endswith((".pt", ".bin", ".pkl")) for p in folder.iterdir())
 
 
-def test_existing_folder_is_refused_and_overwrite_replaces_it(tmp_path, texts):
+def test_a_folder_of_user_files_is_never_replaced_even_with_overwrite(tmp_path, texts):
     result = _compressed(texts)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("four years of work")
+    (out / "sub" / "data.csv").write_text("a,b\n1,2\n")
     with pytest.raises(CheckpointError, match="already exists.*overwrite"):
         save_compressed(result.model, result.tokenizer, out, method="svdllm")
-    assert (out / "keep.txt").read_text() == "user data"
-    save_compressed(result.model, result.tokenizer, out, method="svdllm", overwrite=True)
-    assert (out / COMPRESSED_MARKER).exists() and not (out / "keep.txt").exists()
+    with pytest.raises(CheckpointError, match="did not write.*'sub'"):
+        save_compressed(result.model, result.tokenizer, out, method="svdllm", overwrite=True)
+    assert (out / "thesis.txt").read_text() == "four years of work"
+    assert (out / "sub" / "data.csv").read_text() == "a,b\n1,2\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+
+
+def test_overwrite_replaces_a_folder_rankwise_wrote(tmp_path, texts):
+    result = _compressed(texts)
+    out = save_compressed(result.model, result.tokenizer, tmp_path / "out", method="svdllm")
+    assert json.loads((out / MANIFEST).read_text())["kind"] == "compressed"
+    with pytest.raises(CheckpointError, match="overwrite"):
+        save_compressed(result.model, result.tokenizer, out, method="svdllm")
+    save_compressed(result.model, result.tokenizer, out, method="svd", overwrite=True)
+    assert json.loads((out / COMPRESSED_MARKER).read_text())["method"] == "svd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    load_model(out)
+
+
+def test_folder_and_weights_get_the_users_umask(tmp_path, texts):
+    result = _compressed(texts)
+    old = os.umask(0o022)
+    try:
+        out = save_compressed(result.model, result.tokenizer, tmp_path / "out", method="svdllm")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / COMPRESSED_MARKER).stat().st_mode) == 0o644
+
+
+def test_load_model_finds_the_registered_folder_format(tmp_path, texts):
+    """The compressed format is registered with rankwise.models (models.py knows no compress)."""
+    import rankwise.models as models
+
+    if not hasattr(models, "register_folder_format"):
+        pytest.skip("rankwise.models.register_folder_format has not landed yet")
+    assert models.folder_format(Path("/nonexistent")) is None
+    result = _compressed(texts)
+    folder = save_compressed(result.model, result.tokenizer, tmp_path / "out", method="svdllm")
+    assert models.folder_format(folder).loader is load_compressed
+    loaded, _ = models.load_model(folder)  # the lowest layer's own load_model
+    assert any(isinstance(m, LowRankLinear) for m in loaded.modules())
 
 
 def test_a_failure_while_saving_leaves_no_folder(tmp_path, texts):

@@ -1,4 +1,7 @@
 import json
+import os
+
+import pytest
 
 from rankwise.cli import main
 
@@ -28,6 +31,7 @@ def test_cli_compress_bad_input_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ratio must be in (0, 1]") and "\n" not in err
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("mine")
     assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "exists")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["compress", "--model", "tiny-llama", "--method", "nope", "--out", str(tmp_path / "y")]) == 2
@@ -37,3 +41,73 @@ def test_cli_compress_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _no_loading(monkeypatch):
+    """Make any model load fail loudly: the checks under test must come before it."""
+    import rankwise.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(rankwise.models, "load_model", refuse)
+
+
+def test_cli_compress_refuses_out_dot_before_any_work(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compress", "--model", "tiny-llama", "--out", ".", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "current folder" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_compress_overwrite_never_deletes_user_files(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    out = tmp_path / "u"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("chapter 1")
+    (out / "sub" / "data.csv").write_text("x,y\n")
+    assert main(["compress", "--model", "tiny-llama", "--out", str(out), "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (out / "thesis.txt").read_text() == "chapter 1"
+    assert (out / "sub" / "data.csv").read_text() == "x,y\n"
+
+
+def test_cli_compress_unwritable_destination_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "a-file" / "out")]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cli_compress_read_only_parent_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["compress", "--model", "tiny-llama", "--out", str(locked / "out")]) == 2
+        assert "not a writable folder" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_cli_compress_option_of_the_wrong_type_is_one_line(tmp_path, capsys):
+    assert main(["compress", "--model", "tiny-llama", "-o", "damp=abc", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "option damp='abc' has the wrong type: expected float" in err and "\n" not in err
+
+
+def test_cli_compress_refuses_an_encoder_model(tmp_path, capsys):
+    assert main(["compress", "--model", "tiny-bert", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "compress needs a causal language model" in err and "is a BertModel" in err
+    assert "\n" not in err and not (tmp_path / "b").exists()
+
+
+def test_cli_compress_allocation_a_method_cannot_honour(tmp_path, capsys):
+    args = ["compress", "--model", "tiny-llama", "--method", "modegpt", "--out", str(tmp_path / "m")]
+    assert main([*args, "--allocate", "fisher"]) == 2
+    assert "'modegpt' cannot allocate with 'fisher'; it supports --allocate auto (= uniform)" in capsys.readouterr().err

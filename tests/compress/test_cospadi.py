@@ -6,8 +6,9 @@ import torch
 from test_lord import end_to_end
 
 from rankwise.compress.base import damped_cholesky
-from rankwise.compress.layers import SparseDictLinear, storage_parameters
+from rankwise.compress.layers import SparseDictLinear
 from rankwise.compress.methods.cospadi import learn_sparse_dictionary, sparse_dict_parameters
+from rankwise.models import count_parameters
 
 
 def _union_of_subspaces(seed=0):
@@ -58,4 +59,4 @@ def test_cospadi_end_to_end(tmp_path, texts):
     assert layers and all(m.indices.dtype == torch.int16 for m in layers)
     assert rel < 0.3
     file_bytes = (res.path / "model.safetensors").stat().st_size
-    assert abs(file_bytes - 4 * storage_parameters(res.model)) < 0.02 * file_bytes
+    assert abs(file_bytes - 4 * count_parameters(res.model)) < 0.02 * file_bytes

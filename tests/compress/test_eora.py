@@ -49,7 +49,7 @@ def test_eora_compensate_wraps_any_compressed_layer():
     model = torch.nn.Sequential(
         QuantizedLinear.from_quantized(quantize(layer.weight, bits=3), layer.bias.detach())
     )
-    stats = {"0": LayerStats(64, 48, gram=x.T @ x, tokens=500)}
+    stats = {"0": LayerStats(out_features=48, in_features=64, gram=x.T @ x, tokens=500)}
     xf = x.float()
     before = (model(xf) - layer(xf)).norm()
     errors = eora_compensate(model, {"0": layer.weight.detach()}, stats, rank=6)

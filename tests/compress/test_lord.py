@@ -6,12 +6,11 @@ import torch
 
 from rankwise.compress.base import get_method
 from rankwise.compress.calibrate import LayerStats
-from rankwise.compress.layers import storage_parameters
-from rankwise.models import load_model, tiny_llama
+from rankwise.models import count_parameters, load_model, tiny_llama
 
 
 def _stats(x: torch.Tensor, out: int) -> LayerStats:
-    return LayerStats(x.shape[1], out, gram=x.T @ x, tokens=x.shape[0])
+    return LayerStats(out_features=out, in_features=x.shape[1], gram=x.T @ x, tokens=x.shape[0])
 
 
 def test_lord_is_the_projection_on_top_output_eigenvectors():
@@ -57,7 +56,7 @@ def end_to_end(method, options, ratio, texts, out=None):
     ids = token_blocks(tok, texts, seq_len=64, max_tokens=256)
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-    before = storage_parameters(model)
+    before = count_parameters(model)
     res = compress(
         model,
         tokenizer=tok,
@@ -73,13 +72,13 @@ def end_to_end(method, options, ratio, texts, out=None):
         report_html=False,
     )
     after = res.report["parameters"]["after"]
-    assert after == storage_parameters(res.model)
+    assert after == count_parameters(res.model)
     assert abs(after - ratio * before) <= 0.01 * before, (after, ratio * before)
     with torch.no_grad():
         logits = res.model(input_ids=ids).logits
     if out is not None:
         loaded, _ = load_model(res.path)
-        assert storage_parameters(loaded) == after
+        assert count_parameters(loaded) == after
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=ids).logits, logits)
     return float((logits - dense).norm() / dense.norm()), res

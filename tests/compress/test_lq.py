@@ -6,10 +6,12 @@ import pytest
 import torch
 from test_lord import end_to_end
 
-from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear, storage_parameters
-from rankwise.compress.methods.lq import choose_configurations, lq_decompose
+from rankwise.compress.allocate import choose_configurations
+from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
+from rankwise.compress.methods.lq import lq_decompose
 from rankwise.compress.quantize import dequantize
 from rankwise.errors import ConfigError
+from rankwise.models import count_parameters
 
 
 def _low_rank_plus_noise(seed=0):
@@ -63,7 +65,7 @@ def test_lq_end_to_end_counts_storage_honestly(tmp_path, texts):
     assert rel < 0.3
     # the file really is as small as the count says: float32 tensors + packed codes + scales
     file_bytes = (res.path / "model.safetensors").stat().st_size
-    assert abs(file_bytes - 4 * storage_parameters(res.model)) < 0.02 * file_bytes
+    assert abs(file_bytes - 4 * count_parameters(res.model)) < 0.02 * file_bytes
     codes = [m.codes for m in res.model.modules() if isinstance(m, QuantizedLinear)]
     assert codes and all(c.dtype == torch.uint8 for c in codes)
 

@@ -14,33 +14,38 @@ def compress_command(
     model: str = typer.Option("smollm2", "--model", "-m", help="Model name (smollm2, tiny-llama, ...) or local folder."),
     method: str = typer.Option("svdllm", "--method", help="Compression method (see `rankwise compress --list-methods`)."),
     ratio: float = typer.Option(None, "--ratio", help="Fraction of ALL model parameters to keep, in (0, 1] (default 0.8)."),
-    size: str = typer.Option(None, "--size", help="Target weights-file size instead of --ratio, e.g. 400MB."),
-    allocation: str = typer.Option("fisher", "--allocate", help="Rank allocation: fisher (loss-sensitivity-weighted greedy, default), uniform, energy, welore or global."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o n_iter=2; see docs/compress.md."),
+    size: str = typer.Option(None, "--size", help="Cap on the weights file (model.safetensors, header included) instead of --ratio, e.g. 400MB."),
+    allocation: str = typer.Option("auto", "--allocate", help="Rank allocation: auto (the method's default: fisher for SVD methods), fisher, uniform, energy, welore or global; methods that size layers themselves support only their own (see docs/compress.md)."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o damp=0.001; values are checked against the option's type; see docs/compress.md."),
     out: str = typer.Option(None, "--out", help="Output folder (refused if it exists, unless --overwrite)."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split); fewer is faster, more is closer to dense."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="New tokens generated (greedy) to time decoding before/after."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration / evaluation sequence."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that rankwise wrote (a folder holding other files is refused)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's own choice).", min=1),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html (report.json is always written)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity and decode speed before/after."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     list_methods: bool = typer.Option(False, "--list-methods", help="List registered methods and exit."),
 ) -> None:
     """Compress a model with low-rank factorisation; save it, a report, and print before/after."""
-    from rankwise.compress.base import METHODS, method_names
+    from rankwise.compress.base import METHODS
 
     if list_methods:
-        for name in method_names():
-            typer.echo(f"{name:10s} {METHODS[name].summary}")
+        for name, cls in METHODS.items():
+            typer.echo(f"{name:10s} {cls.summary}")
         return
     from rankwise.compress.api import compress
     from rankwise.errors import ConfigError
 
     if out is None:
         raise ConfigError("--out is required: the folder to write the compressed model to")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     result = compress(
         model,
         method=method,

@@ -21,11 +21,14 @@ from rankwise.compress.base import (
     register_method,
 )
 from rankwise.compress.calibrate import Calibration, LayerStats, calibrate, linear_layers
-from rankwise.compress.checkpoint import load_compressed, save_compressed
+from rankwise.compress.checkpoint import COMPRESSED_MARKER, load_compressed, save_compressed
+from rankwise.compress.report import LayerReport
 
 __all__ = [
     "compress",
     "CompressionResult",
+    "LayerReport",
+    "COMPRESSED_MARKER",
     "STRATEGIES",
     "allocate_ranks",
     "load_compressed",

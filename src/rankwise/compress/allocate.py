@@ -25,20 +25,123 @@ otherwise (``r ≥ ⌈mn/(m+n)⌉``: factors would be no smaller). Strategies:
 The first three pick their knob ``t`` by bisection (largest ``t`` that fits); the leftover
 budget — never more than a few ranks — is then filled greedily as in ``global``, so every
 strategy ends within one rank step of the budget.
+
+Budget fitting for every method lives here: :func:`bisect_knob` (the largest knob that
+fits), :func:`greedy_fill` (spend a leftover one step at a time, best gain per cost first)
+and :func:`choose_configurations` (one configuration per layer, a greedy multiple-choice
+knapsack). Methods that size layers themselves (``modegpt``, ``cospadi``, ``lq``, quantized
+``eora``) call these instead of writing their own loops.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from rankwise.compress.base import breakeven_rank, layer_parameters
 from rankwise.errors import ConfigError
 
 STRATEGIES = ("fisher", "uniform", "energy", "welore", "global")
+K = TypeVar("K", bound=Hashable)
+
+
+def breakeven_rank(out_features: int, in_features: int) -> int:
+    """Smallest rank at which factors are no smaller than the dense weight: ``⌈mn/(m+n)⌉``.
+
+    A layer is factorised only at ranks strictly below this; otherwise it stays dense.
+    """
+    return math.ceil(out_features * in_features / (out_features + in_features))
+
+
+def layer_parameters(out_features: int, in_features: int, rank: int | None) -> int:
+    """Weight parameters of a layer at ``rank`` (``None``: dense), bias excluded."""
+    if rank is None or rank >= breakeven_rank(out_features, in_features):
+        return out_features * in_features
+    return rank * (out_features + in_features)
+
+
+# ----------------------------------------------------------------------------- generic fitting
+
+
+def bisect_knob(cost_at: Callable[[float], int], budget: float, *, steps: int = 40) -> float:
+    """The largest knob ``t ∈ [0, 1]`` with ``cost_at(t) <= budget`` (``cost_at`` non-decreasing).
+
+    Returns 1.0 when everything fits; the caller checks ``cost_at(0.0)`` (the floor) first.
+    """
+    if cost_at(1.0) <= budget:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost_at(mid) <= budget else (lo, mid)
+    return lo
+
+
+def greedy_fill(
+    sizes: dict[K, int],
+    budget: float,
+    *,
+    step: Callable[[K, int], float | None],
+    gain: Callable[[K, int], float],
+) -> dict[K, int]:
+    """Grow ``sizes`` one unit at a time within ``budget`` (what is left to spend).
+
+    ``step(key, size)``: the cost of going from ``size`` to ``size + 1`` (``None``: cannot
+    grow). ``gain(key, size)``: what that step buys; the largest gain per call is taken
+    first, equal gains in turn (round robin). A step that no longer fits retires its key
+    (smaller steps of other keys may still fit). Returns the new sizes.
+    """
+    sizes, left, order = dict(sizes), budget, 0
+    heap = []
+    for key, size in sizes.items():
+        if step(key, size) is not None:
+            heap.append((-gain(key, size), order, key))
+            order += 1
+    heapq.heapify(heap)
+    while heap:
+        _, _, key = heapq.heappop(heap)
+        cost = step(key, sizes[key])
+        if cost is None or cost > left:
+            continue
+        sizes[key] += 1
+        left -= cost
+        if step(key, sizes[key]) is not None:
+            heapq.heappush(heap, (-gain(key, sizes[key]), order, key))
+            order += 1
+    return sizes
+
+
+def choose_configurations(costs: torch.Tensor, errors: torch.Tensor, budget: float) -> torch.Tensor:
+    """Greedy multiple-choice knapsack: one configuration per layer, ``Σ cost ≤ budget``.
+
+    ``costs``, ``errors``: ``(layers, configs)``. Start at each layer's cheapest
+    configuration; repeatedly take the upgrade (higher cost, lower error) with the largest
+    error decrease per unit cost that fits. Returns the chosen index per layer.
+    """
+    choice = costs.argmin(1)
+    rows = torch.arange(costs.shape[0])
+    used = float(costs[rows, choice].sum())
+    if used > budget:
+        raise ConfigError(f"budget {budget:,.0f} is below the cheapest configuration ({used:,.0f})")
+    while True:
+        cur_cost = costs[rows, choice][:, None]
+        cur_err = errors[rows, choice][:, None]
+        extra = costs - cur_cost
+        gain = (cur_err - errors) / extra.clamp(min=1e-12)
+        ok = (extra > 0) & (errors < cur_err) & (used + extra <= budget)
+        if not bool(ok.any()):
+            return choice
+        gain = torch.where(ok, gain, torch.full_like(gain, -1.0))
+        layer, config = divmod(int(gain.argmax()), costs.shape[1])
+        used += float(extra[layer, config])
+        choice[layer] = config
+
+
+# ----------------------------------------------------------------------------- rank allocation
 
 
 @dataclass(frozen=True)
@@ -87,43 +190,28 @@ def _fill(
     """Greedily add ranks (most error removed per parameter first) while they fit.
 
     ``weighted``: multiply each layer's errors by its ``sensitivity``."""
-    ranks = dict(ranks)
-    used = total_parameters(_normalise(ranks, layers), layers)
     energy = {n: layer.spectrum.double().pow(2) for n, layer in layers.items()}
     totals = {n: (float(e.sum()) or 1.0) if relative else 1.0 for n, e in energy.items()}
     if weighted:
         totals = {n: t / layers[n].sensitivity for n, t in totals.items()}
 
+    def step(name: str, rank: int) -> int | None:
+        layer = layers[name]
+        if rank >= layer.breakeven or rank >= len(layer.spectrum):
+            return None
+        return layer.cost(rank + 1) - layer.cost(rank)
+
     def gain(name: str, rank: int) -> float:
         layer = layers[name]
         return float(energy[name][rank]) / totals[name] / (layer.out_features + layer.in_features)
 
-    heap = [(-gain(n, r), n) for n, r in ranks.items() if r < layers[n].breakeven]
-    heapq.heapify(heap)
-    while heap:
-        _, name = heapq.heappop(heap)
-        layer, rank = layers[name], ranks[name]
-        step = layer.cost(rank + 1) - layer.cost(rank)
-        if used + step > budget:
-            continue  # this layer's next rank no longer fits; smaller layers' may
-        ranks[name], used = rank + 1, used + step
-        if rank + 1 < layer.breakeven and rank + 1 < len(layer.spectrum):
-            heapq.heappush(heap, (-gain(name, rank + 1), name))
-    return ranks
+    left = budget - total_parameters(_normalise(ranks, layers), layers)
+    return greedy_fill(ranks, left, step=step, gain=gain)
 
 
 def _bisect(rank_at: Callable[[float], dict[str, int]], layers: dict[str, LayerSpectrum], budget: int) -> dict[str, int]:
     """Ranks at the largest knob ``t ∈ [0, 1]`` whose allocation fits the budget."""
-    lo, hi = 0.0, 1.0
-    if total_parameters(_normalise(rank_at(hi), layers), layers) <= budget:
-        return rank_at(hi)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if total_parameters(_normalise(rank_at(mid), layers), layers) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return rank_at(lo)
+    return rank_at(bisect_knob(lambda t: total_parameters(_normalise(rank_at(t), layers), layers), budget))
 
 
 def _uniform(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int]]:
@@ -198,4 +286,9 @@ __all__ = [
     "allocate_ranks",
     "total_parameters",
     "minimum_parameters",
+    "breakeven_rank",
+    "layer_parameters",
+    "bisect_knob",
+    "greedy_fill",
+    "choose_configurations",
 ]

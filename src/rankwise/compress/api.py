@@ -5,9 +5,11 @@ decompose every linear layer → allocate ranks to the budget → factorise → 
 save (safetensors + config + marker + ``report.json`` + ``report.html``).
 
 The target counts **all distinct model parameters** (embeddings included, tied weights
-once): ``ratio=0.8`` means the compressed model has 80% of the dense model's parameters, or
-``size="200MB"`` means the weights file holds at most that many bytes. Only linear layers
-outside the embeddings are compressed, so the rest is a fixed cost inside the target.
+once; quantized and indexed layers as their storage, :func:`rankwise.models.count_parameters`):
+``ratio=0.8`` means the compressed model has 80% of the dense model's parameters, or
+``size="200MB"`` means the weights file, safetensors header included, holds at most that many
+bytes. Only linear layers outside the embeddings are compressed, so the rest is a fixed cost
+inside the target.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.compress.allocate import STRATEGIES, LayerSpectrum, allocate_ranks, minimum_parameters
+from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, minimum_parameters
 from rankwise.compress.base import Decomposition, get_method
 from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
-from rankwise.compress.checkpoint import check_output_folder, save_compressed
-from rankwise.errors import ConfigError, DataError
+from rankwise.compress.checkpoint import save_compressed, weights_header_bound
+from rankwise.compress.report import LayerReport
+from rankwise.errors import ConfigError, DataError, ModelError
+from rankwise.fileio import check_output_dir
+from rankwise.models import count_parameters
+from rankwise.modules import replace_module
 from rankwise.progress import Bar
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -61,13 +67,6 @@ class CompressionResult:
     path: Path | None
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters; quantized/indexed layers count as their storage (``layers.storage_parameters``)."""
-    from rankwise.compress.layers import storage_parameters
-
-    return storage_parameters(model)
-
-
 @torch.no_grad()
 def decode_speed(model: nn.Module, tokenizer, *, new_tokens: int = 64, repeats: int = 3, prompt: str | None = None) -> float:
     """Greedy-decoding speed (new tokens per second, KV cache on, batch 1), median of ``repeats``."""
@@ -84,25 +83,32 @@ def decode_speed(model: nn.Module, tokenizer, *, new_tokens: int = 64, repeats: 
     return new_tokens / statistics.median(times)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+def check_causal_lm(model: nn.Module, name: str) -> None:
+    """Refuse a model that is not a causal language model (compress calibrates and scores
+    with the next-token loss), naming what it is."""
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        raise ModelError(
+            f"compress needs a causal language model (e.g. smollm2, tiny-llama or a *ForCausalLM "
+            f"folder); {name!r} is a {type(model).__name__}"
+        )
 
 
-def _target_parameters(total: int, ratio: float | None, size: str | int | None, bytes_per_param: int) -> tuple[int, dict]:
+def _target_parameters(
+    total: int, ratio: float | None, size: str | int | None, bytes_per_param: int, header_bytes: int = 0
+) -> tuple[int, dict]:
+    """Parameters the compressed model may hold; ``size`` caps the file, so the safetensors
+    header (``header_bytes``, a bound) comes off it first."""
     if ratio is not None and size is not None:
         raise ConfigError("give either ratio (--ratio) or size (--size), not both")
     if size is not None:
         size_bytes = parse_size(size)
-        return size_bytes // bytes_per_param, {"size_bytes": size_bytes, "bytes_per_parameter": bytes_per_param}
+        info = {"size_bytes": size_bytes, "bytes_per_parameter": bytes_per_param, "header_bytes_bound": header_bytes}
+        return max(0, size_bytes - header_bytes) // bytes_per_param, info
     ratio = 0.8 if ratio is None else ratio
     if not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
         raise ConfigError(f"ratio must be in (0, 1] (the fraction of parameters kept); got {ratio!r}")
     return math.floor(ratio * total), {"ratio": ratio}
-
-
-def _layer_kind(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
 
 
 def compress(
@@ -113,7 +119,7 @@ def compress(
     method_options: dict | None = None,
     ratio: float | None = None,
     size: str | int | None = None,
-    allocation: str = "fisher",
+    allocation: str = "auto",
     data: str | os.PathLike | Sequence[str] = "builtin",
     calib_tokens: int = 16384,
     seq_len: int = 512,
@@ -132,8 +138,12 @@ def compress(
     ``model``: a name or folder for :func:`rankwise.load_model`, or a module (modified in
     place; pass ``tokenizer`` too). ``data``: ``"builtin"``, a text file/folder (its
     calibration split calibrates, its validation split evaluates) or a list of strings
-    (used for both). ``allocation``: one of ``fisher`` (default), ``uniform``, ``energy``,
-    ``welore``, ``global`` (see :mod:`rankwise.compress.allocate`).
+    (used for both). ``allocation``: ``"auto"`` (the method's own default: ``fisher`` for the
+    per-layer SVD methods), or one of the allocations the method supports — ``fisher``,
+    ``uniform``, ``energy``, ``welore``, ``global`` for SVD methods (see
+    :mod:`rankwise.compress.allocate`); a method that cannot honour it raises ConfigError.
+    ``model`` must be a causal LM (ModelError otherwise, before any calibration); ``out`` is
+    checked (:func:`rankwise.fileio.check_output_dir`) before anything is loaded.
     ``calibration``: statistics from :func:`~rankwise.compress.calibrate.calibrate` on this
     model, reused instead of calibrating again (benchmarks comparing methods).
     Returns a :class:`CompressionResult`; with ``out`` the folder is written atomically.
@@ -142,14 +152,13 @@ def compress(
 
     t_start = time.perf_counter()
     chosen = get_method(method, **(method_options or {}))
-    if allocation not in STRATEGIES:
-        raise ConfigError(f"allocation {allocation!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    allocation = chosen.resolve_allocation(allocation)
     if min(calib_tokens, eval_tokens, decode_tokens) < 1:
         raise ConfigError(
             f"calib_tokens, eval_tokens and decode_tokens must be positive; got {calib_tokens}, {eval_tokens}, {decode_tokens}"
         )
     if out is not None:
-        check_output_folder(out, overwrite=overwrite)
+        check_output_dir(out, overwrite=overwrite)
     _target_parameters(1, ratio, size, 4)  # validates ratio / size before anything is loaded
     if isinstance(model, nn.Module):
         if tokenizer is None:
@@ -160,10 +169,12 @@ def compress(
 
         net, tokenizer = load_model(model)
         model_name = str(model)
+    check_causal_lm(net, model_name)
     layers = linear_layers(net)
     total = count_parameters(net)
     bytes_per_param = next(net.parameters()).element_size()
-    target, target_info = _target_parameters(total, ratio, size, bytes_per_param)
+    header = weights_header_bound(net, layers, parse_size(size), chosen.layer_tensors) if size is not None else 0
+    target, target_info = _target_parameters(total, ratio, size, bytes_per_param, header)
     dense_weights = sum(m.weight.numel() for m in layers.values())
     fixed = total - dense_weights
     shapes = {n: LayerSpectrum(m.out_features, m.in_features, torch.ones(1)) for n, m in layers.items()}
@@ -184,8 +195,7 @@ def compress(
         fingerprint = None
         if not calib_texts:
             raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    allocator_needs = {"out_grad"} if allocation == "fisher" and chosen.allocates_ranks() else set()
-    needs = sorted(set(chosen.needs) | allocator_needs)
+    needs = sorted(chosen.statistics(allocation))
     if needs and calibration is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
 
@@ -262,22 +272,17 @@ def compress(
         bar = Bar(len(layers), "factorise", show=progress)
         try:
             for name, layer in layers.items():
-                rank, dec = ranks[name], decompositions.pop(name)
-                rows.append(
-                    {
-                        "name": name,
-                        "kind": _layer_kind(name),
-                        "shape": [layer.out_features, layer.in_features],
-                        "rank": rank,
-                        "breakeven_rank": spectra[name].breakeven,
-                        "parameters_before": layer.weight.numel(),
-                        "parameters_after": spectra[name].cost(rank),
-                        "relative_error": 0.0 if rank is None else math.sqrt(dec.relative_error(rank)),
-                    }
-                )
+                rank, dec, new = ranks[name], decompositions.pop(name), layer
                 if rank is not None:
                     stats = calibration.stats[name] if calibration is not None else None
-                    _replace(net, name, chosen.factorize(layer, stats, rank, dec))
+                    new = chosen.factorize(layer, stats, rank, dec)
+                    replace_module(net, name, new, expect=nn.Linear)
+                error = 0.0 if rank is None else math.sqrt(dec.relative_error(rank))
+                rows.append(
+                    LayerReport.of(
+                        name, layer, new, rank=rank, parameters_after=spectra[name].cost(rank), relative_error=error
+                    )
+                )
                 bar.update(1)
         finally:
             bar.close()
@@ -297,8 +302,9 @@ def compress(
         "removed_fraction": 1 - after_total / total,
         "never_compressed": fixed,
         "bytes_per_parameter": bytes_per_param,
-        "low_rank_layers": sum(r["rank"] is not None for r in rows),
-        "dense_layers": sum(r["rank"] is None for r in rows),
+        "counts": "storage: nn.Parameter elements, quantized/indexed layers as their bits (rankwise.models.count_parameters)",
+        "compressed_layers": sum(not r.dense for r in rows),
+        "dense_layers": sum(r.dense for r in rows),
     }
     if evaluate:
         after = perplexity(net, tokenizer, eval_texts, **eval_kwargs, progress=progress)
@@ -320,7 +326,7 @@ def compress(
         }
     report["calibration"] = calibration_info
     report["timing"] = {k: round(v, 3) for k, v in timing.items()}
-    report["layers"] = rows
+    report["layers"] = [r.to_dict() for r in rows]
 
     path = None
     if out is not None:
@@ -341,4 +347,4 @@ def compress(
     return CompressionResult(model=net, tokenizer=tokenizer, report=report, path=path)
 
 
-__all__ = ["compress", "CompressionResult", "decode_speed", "parse_size"]
+__all__ = ["compress", "CompressionResult", "check_causal_lm", "decode_speed", "parse_size"]

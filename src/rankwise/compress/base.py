@@ -29,6 +29,11 @@ How to add a method (one file, one test, one docs row — nothing else changes)
 5. Add ``tests/compress/test_<name>.py`` (the generic tests in ``test_methods.py`` already run
    every registered method) and a row in the table of ``docs/compress.md``.
 
+Options given by name (``get_method(name, **options)``, ``--option key=value``) are checked
+against the field types before the dataclass is built (a ``float`` field refuses ``"abc"``).
+A method that sizes its layers itself (``compress_model``) sets ``allocations`` to the
+``--allocate`` names it honours (the first is its default, used for ``"auto"``).
+
 Shared helpers for methods: :func:`weighted_svd`, :func:`damped_cholesky`,
 :func:`least_squares_up` (the optimal ``U`` for a fixed ``V`` under the input Gram).
 """
@@ -36,16 +41,24 @@ Shared helpers for methods: :func:`weighted_svd`, :func:`damped_cholesky`,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.compress.calibrate import Calibration, LayerStats
+from rankwise.compress.allocate import STRATEGIES, breakeven_rank, layer_parameters
+from rankwise.compress.calibrate import STATISTICS, Calibration, LayerStats
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.registry import Registry
+
+if TYPE_CHECKING:
+    from rankwise.compress.report import LayerReport
 
 # ----------------------------------------------------------------------------- the layer
 
@@ -106,21 +119,6 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
-def breakeven_rank(out_features: int, in_features: int) -> int:
-    """Smallest rank at which factors are no smaller than the dense weight: ``⌈mn/(m+n)⌉``.
-
-    A layer is factorised only at ranks strictly below this; otherwise it stays dense.
-    """
-    return math.ceil(out_features * in_features / (out_features + in_features))
-
-
-def layer_parameters(out_features: int, in_features: int, rank: int | None) -> int:
-    """Weight parameters of a layer at ``rank`` (``None``: dense), bias excluded."""
-    if rank is None or rank >= breakeven_rank(out_features, in_features):
-        return out_features * in_features
-    return rank * (out_features + in_features)
-
-
 # ----------------------------------------------------------------------------- decompositions
 
 
@@ -148,23 +146,6 @@ class Decomposition:
         return float(energy[rank:].sum()) / total if total > 0 else 0.0
 
 
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``(U, S, Vh)`` of an ``(m, n)`` matrix, on one CPU thread.
-
-    LAPACK's threaded SVD of layer-sized matrices gains little when idle and collapses when
-    the cores are shared: 576x1536 float64 took 22 s on 2 threads vs 1.9 s on 1 on a busy
-    2-core machine (0.12 s idle), so CPU SVDs run single-threaded.
-    """
-    if matrix.device.type != "cpu":
-        return torch.linalg.svd(matrix, full_matrices=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.svd(matrix, full_matrices=False)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def weighted_svd(
     weight: torch.Tensor,
     *,
@@ -188,7 +169,7 @@ def weighted_svd(
         m = left[:, None] * m
     if right is not None:
         m = m * right[None, :] if right.ndim == 1 else m @ right
-    u, s, vh = _svd(m)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
     if left is not None:
         u = u / left[:, None]
     if right is not None:
@@ -242,11 +223,20 @@ def least_squares_up(
 
 @dataclass(frozen=True)
 class CompressionMethod:
-    """Base of every method: a frozen dataclass of options plus ``decompose`` / ``refine``."""
+    """Base of every method: a frozen dataclass of options plus ``decompose`` / ``refine``.
+
+    ``allocations``: the ``--allocate`` strategies the method honours; the first is what
+    ``"auto"`` means. Per-layer SVD methods honour every rank allocator (default ``fisher``).
+    ``layer_tensors``: the tensors (besides a bias) a layer this method compresses holds at
+    most, as named in ``model.safetensors`` after the layer's path (``--size`` bounds the
+    file's header with them).
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    allocations: ClassVar[tuple[str, ...]] = STRATEGIES
+    layer_tensors: ClassVar[tuple[str, ...]] = ("U", "V")
 
     def decompose(self, weight: torch.Tensor, stats: LayerStats | None) -> Decomposition:
         raise NotImplementedError
@@ -259,11 +249,28 @@ class CompressionMethod:
     def options(self) -> dict:
         return dataclasses.asdict(self)
 
-    def allocates_ranks(self) -> bool:
-        """Whether this method's layer sizes come from the rank allocator (``allocation``),
-        so that :func:`~rankwise.compress.api.compress` must collect the allocator's
-        statistics. Whole-model methods that size layers themselves return ``False``."""
-        return True
+    def supported_allocations(self) -> tuple[str, ...]:
+        """The allocations this configuration honours (the first is the default)."""
+        return self.allocations
+
+    def resolve_allocation(self, requested: str) -> str:
+        """``requested`` (``"auto"``: the method's default) if this method honours it, else a
+        :class:`~rankwise.errors.ConfigError` naming the allocations it supports."""
+        supported = self.supported_allocations()
+        if requested == "auto":
+            return supported[0]
+        if requested not in supported:
+            raise ConfigError(
+                f"method {self.name!r} cannot allocate with {requested!r}; it supports "
+                f"--allocate auto (= {supported[0]}), {', '.join(supported)}"
+            )
+        return requested
+
+    def statistics(self, allocation: str = "auto") -> frozenset[str]:
+        """Calibration statistics this method needs with ``allocation`` (the ``fisher``
+        allocator reads each layer's sensitivity, statistic ``out_grad``)."""
+        extra = {"out_grad"} if self.resolve_allocation(allocation) == "fisher" else set()
+        return frozenset(self.needs) | extra
 
     def compress_model(
         self,
@@ -272,18 +279,28 @@ class CompressionMethod:
         calibration: Calibration | None,
         budget: int,
         *,
-        allocation: str = "global",
+        allocation: str,
         progress: bool = False,
-    ) -> list[dict] | None:
+    ) -> list[LayerReport] | None:
         """Whole-model path for methods that are not one weighted SVD per layer (quantized,
         sparse-dictionary, module-pair methods; see ``compress/layers.py``).
 
         Replace modules of ``model`` in place so that ``layers`` take at most ``budget``
-        parameters of the model's dtype (as :func:`rankwise.compress.layers.storage_parameters`
-        counts them: bits / bits-per-parameter) and return one report row per layer, with the
-        keys ``api.compress`` writes. ``None`` (the default) selects the per-layer SVD path.
+        parameters of the model's dtype (as :func:`rankwise.models.count_parameters` counts
+        them: storage bits / bits-per-parameter) and return one
+        :class:`~rankwise.compress.report.LayerReport` per layer. ``allocation`` is already
+        resolved (one of :meth:`supported_allocations`). ``None`` (the default) selects the
+        per-layer SVD path.
         """
         return None
+
+    def require(self, calibration: Calibration | None) -> Calibration:
+        """``calibration``, or a ConfigError naming the statistics this method needs."""
+        if calibration is None:
+            raise ConfigError(
+                f"{self.name} needs calibration statistics ({', '.join(sorted(self.needs))}); none were given"
+            )
+        return calibration
 
     def factorize(
         self, layer: nn.Linear, stats: LayerStats | None, rank: int, decomposition: Decomposition | None = None
@@ -297,43 +314,97 @@ class CompressionMethod:
         return LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
 
 
-METHODS: dict[str, type[CompressionMethod]] = {}
+METHODS: Registry[type[CompressionMethod]] = Registry(
+    "compression method", plugins=("rankwise.compress.methods",)
+)
 
 
 def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
     """Class decorator: make ``cls`` available as ``cls.name`` (``--method``)."""
     if not cls.name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class variable 'name'")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise TypeError(f"compression method {cls.name!r} is registered twice")
-    unknown = set(cls.needs) - {"gram", "abs_mean", "fisher"}
+        raise ConfigError(f"{cls.__name__} needs a non-empty class variable 'name'")
+    unknown = set(cls.needs) - set(STATISTICS)
     if unknown:
-        raise TypeError(f"{cls.__name__}.needs has unknown statistics {sorted(unknown)}")
-    METHODS[cls.name] = cls
-    return cls
+        raise ConfigError(f"{cls.__name__}.needs has unknown statistics {sorted(unknown)}")
+    return METHODS.register(cls.name, cls)
 
 
 def method_names() -> list[str]:
-    import rankwise.compress.methods  # noqa: F401  (imports every method module)
+    """Every registered compression method (importing the built-in ones first)."""
+    return METHODS.names()
 
-    return sorted(METHODS)
+
+def _type_name(expected: object) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    if origin is dict or expected is dict:
+        return "a JSON object (dict)"
+    return getattr(expected, "__name__", str(expected))
+
+
+def _coerce(value: object, expected: object) -> tuple[bool, object]:
+    """``(ok, value)``: ``value`` checked against a field type (int counts as float; a list
+    or a single item as a tuple of items)."""
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(expected):
+            ok, out = _coerce(value, option)
+            if ok:
+                return True, out
+        return False, value
+    if origin is tuple:
+        item = typing.get_args(expected)[0]
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        checked = [_coerce(v, item) for v in items]
+        return all(ok for ok, _ in checked), tuple(v for _, v in checked)
+    if origin is dict or expected is dict:
+        return isinstance(value, dict), value
+    if expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if expected is type(None):
+        return value is None, value
+    if isinstance(expected, type):
+        return isinstance(value, expected), value
+    return True, value
 
 
 def get_method(name: str | CompressionMethod, **options: object) -> CompressionMethod:
-    """An instance of the registered method ``name`` with ``options`` (its dataclass fields)."""
+    """An instance of the registered method ``name`` with ``options`` (its dataclass fields).
+
+    Unknown names and options, and option values of the wrong type, raise a
+    :class:`~rankwise.errors.ConfigError` naming the option, the value and what is expected.
+    """
     if isinstance(name, CompressionMethod):
         return name
-    names = method_names()
-    if name not in METHODS:
-        raise ConfigError(f"method {name!r} is not registered; valid methods: {', '.join(names)}")
-    cls = METHODS[name]
+    cls = METHODS.get(name)
+    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(options) - fields)
     if bad:
         raise ConfigError(
             f"method {name!r} has no option(s) {bad}; its options are: {', '.join(sorted(fields)) or 'none'}"
         )
-    return cls(**options)
+    checked = {}
+    for key, value in options.items():
+        ok, checked[key] = _coerce(value, hints[key])
+        if not ok:
+            raise ConfigError(
+                f"method {name!r} option {key}={value!r} has the wrong type: expected "
+                f"{_type_name(hints[key])} (e.g. -o {key}={_example(cls, key)})"
+            )
+    return cls(**checked)
+
+
+def _example(cls: type[CompressionMethod], key: str) -> str:
+    default = next(f for f in dataclasses.fields(cls) if f.name == key)
+    value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
 
 
 __all__ = [

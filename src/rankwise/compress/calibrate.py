@@ -40,12 +40,16 @@ from rankwise.progress import Bar
 STATISTICS = ("gram", "abs_mean", "fisher", "out_grad")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerStats:
-    """Streaming statistics of one linear layer's inputs (and, optionally, its gradients)."""
+    """Streaming statistics of one linear layer's inputs (and, optionally, its gradients).
 
-    in_features: int
+    Fields are keyword-only (``LayerStats(out_features=..., in_features=..., gram=...)``), so
+    the layer's shape cannot be given in the wrong order.
+    """
+
     out_features: int
+    in_features: int
     gram: torch.Tensor | None = None  # (in, in) float64, Σ x xᵀ
     abs_sum: torch.Tensor | None = None  # (in,) float64, Σ |x|
     fisher_rows: torch.Tensor | None = None  # (out,) float64, Σ row-wise squared gradients
@@ -156,7 +160,7 @@ def calibrate(
     want_gram, want_abs, want_fisher, want_out_grad = (s in statistics for s in STATISTICS)
     want_backward = want_fisher or want_out_grad
 
-    stats = {n: LayerStats(m.in_features, m.out_features) for n, m in layers.items()}
+    stats = {n: LayerStats(out_features=m.out_features, in_features=m.in_features) for n, m in layers.items()}
     owner_of: dict[str, str] = {}  # layer -> the layer whose (shared) input statistics it uses
     seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input tensor) -> (ref, first layer), per batch
     first_batch = [True]

@@ -20,8 +20,9 @@ Registry: ``@register_layer`` makes a class savable. A registered class implemen
 ``from_spec(spec, dtype)`` (classmethod) and ``storage_bits()`` (the exact bits its weights
 take, codes and indices included; the bias is not counted, as everywhere in ``compress``).
 ``checkpoint.py`` writes ``{"type": name, **spec}`` for every registered module and rebuilds
-them on load; :func:`storage_parameters` is the honest size of a model in parameters of its
-own dtype (what the ``ratio`` / ``size`` targets count).
+them on load; :func:`rankwise.models.count_parameters` counts every module with a
+``storage_bits()`` as that storage, in parameters of the model's dtype (what the ``ratio`` /
+``size`` targets count, and what ``rankwise eval`` prints).
 """
 
 from __future__ import annotations
@@ -32,18 +33,25 @@ from torch import nn
 
 from rankwise.compress.base import LowRankLinear
 from rankwise.compress.quantize import Quantized, dequantize_parts, storage_bits
-from rankwise.errors import CheckpointError, ShapeError
+from rankwise.errors import CheckpointError, ConfigError, ModelError, ShapeError
+from rankwise.modules import replace_module
+from rankwise.registry import Registry
 
-LAYER_TYPES: dict[str, type[nn.Module]] = {}
+LAYER_TYPES: Registry[type[nn.Module]] = Registry("compressed layer type")
 
 
 def register_layer(cls: type[nn.Module]) -> type[nn.Module]:
     """Class decorator: make ``cls`` savable by :mod:`rankwise.compress.checkpoint` under its name."""
     for attr in ("spec", "from_spec", "storage_bits"):
         if not hasattr(cls, attr):
-            raise TypeError(f"{cls.__name__} needs a {attr!r} method to be a registered layer")
-    LAYER_TYPES[cls.__name__] = cls
-    return cls
+            raise ConfigError(f"{cls.__name__} needs a {attr!r} method to be a registered layer")
+    return LAYER_TYPES.register(cls.__name__, cls)
+
+
+def is_registered(module: nn.Module) -> bool:
+    """Whether ``module``'s class is a registered compressed layer type."""
+    name = type(module).__name__
+    return name in LAYER_TYPES and LAYER_TYPES[name] is type(module)
 
 
 def _bits(t: torch.Tensor | None) -> int:
@@ -52,7 +60,7 @@ def _bits(t: torch.Tensor | None) -> int:
 
 def module_spec(module: nn.Module) -> dict:
     """``{"type": ..., **spec}`` for a registered layer, a :class:`LowRankLinear` or an ``nn.Linear``."""
-    if type(module).__name__ in LAYER_TYPES:
+    if is_registered(module):
         return {"type": type(module).__name__, **module.spec()}
     if isinstance(module, LowRankLinear):
         return {
@@ -96,7 +104,7 @@ def build_module(spec: dict, dtype: torch.dtype) -> nn.Module:
         ) from e
     raise CheckpointError(
         f"compressed layer type {kind!r} is unknown to this rankwise; known: "
-        f"{', '.join(sorted(['Linear', 'LowRankLinear', *LAYER_TYPES]))}"
+        f"{', '.join(sorted(['Linear', 'LowRankLinear', *LAYER_TYPES.names()]))}"
     )
 
 
@@ -104,61 +112,39 @@ def registered_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The outermost modules of registered types in ``model``, by qualified name."""
     found: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
-        if type(m).__name__ in LAYER_TYPES and not any(name.startswith(o + ".") for o in found):
+        if is_registered(m) and not any(name.startswith(o + ".") for o in found):
             found[name] = m
     return found
 
 
 def install_module(model: nn.Module, name: str, spec: dict, dtype: torch.dtype) -> None:
-    """Replace the ``nn.Linear`` ``name`` of a freshly built base model by an empty ``spec`` module."""
-    parent_name, _, child = name.rpartition(".")
+    """Replace the ``nn.Linear`` ``name`` of a freshly built base model by an empty ``spec``
+    module; a :class:`~rankwise.errors.CheckpointError` if the base has no such linear layer,
+    or (for ``LowRankLinear``/``Linear`` specs) one of another shape."""
+    new = build_module(spec, dtype)
     try:
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-    except AttributeError as e:
+        old = replace_module(model, name, new, expect=nn.Linear)
+    except ModelError as e:
+        raise CheckpointError(f"the checkpoint does not fit the base architecture: {e}") from None
+    if spec.get("type") in ("LowRankLinear", "Linear") and (old.out_features, old.in_features) != (
+        new.out_features,
+        new.in_features,
+    ):
         raise CheckpointError(
-            f"compressed module {name!r} does not exist in {type(model).__name__}"
-        ) from e
-    if not isinstance(old, nn.Linear):
-        raise CheckpointError(
-            f"module {name!r} is {type(old).__name__} in the base architecture, not a linear layer"
+            f"module {name!r} is a {old.out_features}x{old.in_features} linear layer in the base "
+            f"architecture, but the checkpoint describes a {new.out_features}x{new.in_features} one"
         )
-    setattr(parent, child, build_module(spec, dtype))
 
 
 def module_storage_bits(module: nn.Module) -> int:
     """Weight bits of a linear-like module (bias excluded): exact for registered types."""
-    if type(module).__name__ in LAYER_TYPES:
+    if is_registered(module):
         return module.storage_bits()
     if isinstance(module, LowRankLinear):
         return _bits(module.U) + _bits(module.V)
     if isinstance(module, nn.Linear):
         return _bits(module.weight)
     raise ShapeError(f"cannot count the storage of a {type(module).__name__}")
-
-
-def storage_parameters(model: nn.Module) -> int:
-    """Distinct parameters, with every registered layer counted as its exact storage in
-    parameters of the model's dtype (``storage_bits / bits-per-parameter``, rounded up).
-
-    Equal to the plain parameter count for models without registered layers, so a 4-bit layer
-    of a float32 model counts as ~1/8 of its weights (plus its scales).
-    """
-    element_bits = next(model.parameters()).element_size() * 8
-    registered = {n: m for n, m in model.named_modules() if type(m).__name__ in LAYER_TYPES}
-    inside = {id(p) for m in registered.values() for p in m.parameters()}
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen and id(p) not in inside:
-            seen.add(id(p))
-            total += p.numel()
-    for name, m in registered.items():
-        if any(name.startswith(other + ".") for other in registered):
-            continue  # counted by its enclosing registered layer
-        bias = getattr(m, "bias", None)
-        bias_bits = _bits(bias) if isinstance(bias, torch.Tensor) else 0
-        total += -(-(m.storage_bits() + bias_bits) // element_bits)
-    return total
 
 
 # ----------------------------------------------------------------------------- quantized
@@ -574,7 +560,7 @@ __all__ = [
     "module_storage_bits",
     "registered_modules",
     "install_module",
-    "storage_parameters",
+    "is_registered",
     "dense_weight",
     "QuantizedLinear",
     "CompensatedLinear",

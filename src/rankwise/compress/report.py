@@ -1,6 +1,6 @@
-"""The compression report: ``report.json`` (every number with its recipe) and ``report.html``
-(a summary table plus per-layer rank and singular-value plots, PNGs embedded as base64 so
-the single file opens in any browser)."""
+"""The compression report: one :class:`LayerReport` per layer, ``report.json`` (every number
+with its recipe) and ``report.html`` (a summary table plus per-layer rank and singular-value
+plots, PNGs embedded as base64 so the single file opens in any browser)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,107 @@ import html
 import io
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
-from rankwise.compress.allocate import LayerSpectrum
+from torch import nn
+
+from rankwise.compress.allocate import LayerSpectrum, breakeven_rank
+from rankwise.errors import ShapeError
+from rankwise.fileio import atomic_write, write_json
+
+Detail = Mapping[str, "int | float | str"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What compression did to one linear layer (one row of ``report.json``'s ``layers``).
+
+    - ``name``: the module's path; ``kind``: its role (``q_proj``, ``down_proj``, ...).
+    - ``shape``: ``(out_features, in_features)`` of the dense layer.
+    - ``layer_type``: the class that now computes the layer (``"Linear"``: it stays dense).
+    - ``rank``: the rank of the layer's low-rank term — ``U V`` of a ``LowRankLinear``, the
+      compensation ``B A`` of ``eora``/``lq`` layers — or ``None`` when it has none (a dense
+      layer, or a quantized / sparse / resized layer without a low-rank term). Never 0.
+    - ``detail``: method-specific structure, flat ``str → int | float | str``:
+      ``modegpt`` ``kept`` (inner channels / head dims kept of ``full``); ``cospadi``
+      ``atoms``, ``nonzeros`` (per row of the codes); ``lq`` ``bits`` (of the quantized
+      base); ``eora`` ``base`` (``"quantize"`` or a method name) with ``bits`` or
+      ``base_rank`` (the rank the base method gave the layer).
+    - ``parameters_before`` / ``parameters_after``: the weight's storage in parameters of the
+      model's dtype (bias excluded); ``relative_error``: the method's own relative error
+      (output error for calibrated methods), 0.0 for a dense layer.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    layer_type: str
+    rank: int | None
+    parameters_before: int
+    parameters_after: int
+    relative_error: float
+    detail: Detail = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ShapeError(f"layer {self.name!r}: rank must be a positive int or None; got {self.rank!r}")
+        bad = {k: v for k, v in self.detail.items() if isinstance(v, bool) or not isinstance(v, int | float | str)}
+        if bad:
+            raise ShapeError(f"layer {self.name!r}: detail values must be int, float or str; got {bad}")
+        object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
+        object.__setattr__(self, "detail", MappingProxyType(dict(self.detail)))
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        dense: nn.Linear,
+        new: nn.Module,
+        *,
+        rank: int | None,
+        parameters_after: int,
+        relative_error: float,
+        kind: str | None = None,
+        **detail: int | float | str,
+    ) -> LayerReport:
+        """The row for ``dense`` (the original layer), now computed by ``new``."""
+        return cls(
+            name=name,
+            kind=kind or name.rsplit(".", 1)[-1],
+            shape=(dense.out_features, dense.in_features),
+            layer_type=type(new).__name__,
+            rank=rank,
+            parameters_before=dense.weight.numel(),
+            parameters_after=int(parameters_after),
+            relative_error=float(relative_error),
+            detail=detail,
+        )
+
+    @property
+    def dense(self) -> bool:
+        return self.layer_type == "Linear"
+
+    @property
+    def breakeven_rank(self) -> int:
+        return breakeven_rank(*self.shape)
+
+    def to_dict(self) -> dict:
+        """The JSON row of ``report.json``."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "layer_type": self.layer_type,
+            "rank": self.rank,
+            "breakeven_rank": self.breakeven_rank,
+            "parameters_before": self.parameters_before,
+            "parameters_after": self.parameters_after,
+            "relative_error": self.relative_error,
+            "detail": dict(self.detail),
+        }
 
 
 def _png(fig) -> str:
@@ -87,6 +185,13 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _structure(row: dict) -> str:
+    """``dense``, or the layer type with its method-specific detail (``SparseDictLinear atoms=8 ...``)."""
+    if row["layer_type"] == "Linear":
+        return "dense"
+    return " ".join([row["layer_type"], *(f"{k}={v}" for k, v in sorted(row["detail"].items()))])
+
+
 def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     """(metric, before, after) rows shared by the HTML report and the CLI table."""
     p = report["parameters"]
@@ -117,7 +222,8 @@ def render_html(report: dict, spectra: dict[str, LayerSpectrum] | None = None) -
             for v in (
                 r["name"],
                 f"{r['shape'][0]}x{r['shape'][1]}",
-                "dense" if r["rank"] is None else r["rank"],
+                _structure(r),
+                "–" if r["rank"] is None else r["rank"],
                 r["breakeven_rank"],
                 r["parameters_after"],
                 r["relative_error"],
@@ -139,7 +245,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{t
 <p>Parameters count every distinct model parameter (embeddings included, tied weights once).</p>
 <table><tr><th>metric</th><th>before</th><th>after</th></tr>{head}</table>
 <h2>Layers</h2>{plots}
-<table><tr><th>layer</th><th>shape</th><th>rank</th><th>break-even rank</th><th>parameters</th><th>relative error</th></tr>{layer_rows}</table>
+<table><tr><th>layer</th><th>shape</th><th>now</th><th>rank</th><th>break-even rank</th><th>parameters</th><th>relative error</th></tr>{layer_rows}</table>
 <h2>Recipe</h2><pre>{recipe}</pre></body></html>
 """
 
@@ -149,9 +255,10 @@ def write_report(
 ) -> None:
     """Write ``report.json`` (and ``report.html``) into ``folder``."""
     folder = Path(folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(folder / "report.json", report)
     if html:
-        (folder / "report.html").write_text(render_html(report, spectra))
+        page = render_html(report, spectra)
+        atomic_write(folder / "report.html", lambda tmp: Path(tmp).write_text(page))
 
 
-__all__ = ["write_report", "render_html", "summary_rows"]
+__all__ = ["LayerReport", "write_report", "render_html", "summary_rows"]

@@ -23,7 +23,8 @@ Storage counted honestly: ``k·in`` dictionary entries, ``out·s`` values (model
 ``out·s`` int16 indices (int32 when ``k ≥ 2^15``), i.e. a 16-bit index costs half a float32
 parameter. Sizes: ``k = ⌈atom_ratio · s⌉`` (≤ ``in``); one keep-fraction ``t`` of each layer's
 break-even ``s`` is found by bisection so all layers fit the budget, then the leftover is
-filled one ``s`` at a time. A layer whose cost would reach ``out · in`` stays dense.
+filled one ``s`` at a time, largest layers first (``allocate.py``; the only allocation
+supported is this ``uniform`` one). A layer whose cost would reach ``out · in`` stays dense.
 """
 
 from __future__ import annotations
@@ -35,15 +36,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rankwise.compress.base import (
-    CompressionMethod,
-    breakeven_rank,
-    damped_cholesky,
-    register_method,
-)
+from rankwise.compress.allocate import bisect_knob, greedy_fill
+from rankwise.compress.base import CompressionMethod, damped_cholesky, register_method
 from rankwise.compress.calibrate import Calibration
 from rankwise.compress.layers import SparseDictLinear
+from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.modules import replace_module
 from rankwise.progress import Bar
 
 
@@ -157,6 +156,8 @@ class CoSpaDi(CompressionMethod):
     name = "cospadi"
     summary = "CoSpaDi: calibrated sparse dictionary W = S D, s non-zeros per row (CoSpaDi 2025)"
     needs = frozenset({"gram"})
+    allocations = ("uniform",)
+    layer_tensors = ("D", "values", "indices")
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.atom_ratio <= 64.0:
@@ -198,29 +199,16 @@ class CoSpaDi(CompressionMethod):
             raise ConfigError(
                 f"cospadi: a budget of {budget:,} is below the smallest dictionary model ({total(at(0.0)):,})"
             )
-        if total(at(1.0)) <= budget:
-            sizes = at(1.0)
-        else:
-            lo, hi = 0.0, 1.0
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if total(at(mid)) <= budget else (lo, mid)
-            sizes = at(lo)
-        used = total(sizes)
-        grew = True
-        while grew:  # fill the leftover one non-zero at a time, biggest layers first
-            grew = False
-            for nm in sorted(sizes, key=lambda x: -shapes[x][0] * shapes[x][1]):
-                s = sizes[nm]
-                if s is None or s >= limit[nm]:
-                    continue
-                step = cost(nm, s + 1) - cost(nm, s)
-                if used + step <= budget:
-                    sizes[nm], used, grew = s + 1, used + step, True
-        return sizes
+        sizes = at(bisect_knob(lambda t: total(at(t)), budget))
+        grow = {nm: s for nm, s in sizes.items() if s is not None}  # dense layers stay dense
 
-    def allocates_ranks(self) -> bool:
-        return False  # sparsity per layer comes from its own budget split
+        def step(nm: str, s: int) -> int | None:
+            return cost(nm, s + 1) - cost(nm, s) if s < limit[nm] else None
+
+        grown = greedy_fill(
+            grow, budget - total(sizes), step=step, gain=lambda nm, s: shapes[nm][0] * shapes[nm][1]
+        )
+        return sizes | grown
 
     def compress_model(
         self,
@@ -229,11 +217,10 @@ class CoSpaDi(CompressionMethod):
         calibration: Calibration | None,
         budget: int,
         *,
-        allocation: str = "global",
+        allocation: str,
         progress: bool = False,
-    ) -> list[dict]:
-        if calibration is None:
-            raise ConfigError("cospadi needs calibration statistics (gram); none were given")
+    ) -> list[LayerReport]:
+        stats = self.require(calibration).stats
         element_bits = next(model.parameters()).element_size() * 8
         shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
         sizes = self.allocate(shapes, budget, element_bits)
@@ -244,37 +231,31 @@ class CoSpaDi(CompressionMethod):
         for name, layer in layers.items():
             s = sizes[name]
             m, n = shapes[name]
-            error, after = 0.0, m * n
-            if s is not None:
-                gram = calibration.stats[name].gram
-                if id(gram) not in chol_cache:
-                    chol_cache[id(gram)] = damped_cholesky(gram, damp=self.damp)
-                chol = chol_cache[id(gram)]
-                atoms, after = sparse_dict_parameters(m, n, s, self.atom_ratio, element_bits)
-                w = layer.weight.detach().to(torch.float64)
-                learned = learn_sparse_dictionary(
-                    w @ chol, atoms, s, iterations=self.iterations, generator=generator
-                )
-                d = torch.linalg.solve_triangular(chol, learned.D, upper=False, left=False)  # D̃ L⁻¹
-                dtype = layer.weight.dtype
-                bias = None if layer.bias is None else layer.bias.detach()
-                module = SparseDictLinear.from_parts(
-                    d.to(dtype), learned.values.to(dtype), learned.indices, bias
-                )
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module)
-                error = math.sqrt(learned.error)
+            if s is None:
+                rows.append(LayerReport.of(name, layer, layer, rank=None, parameters_after=m * n, relative_error=0.0))
+                bar.update(1)
+                continue
+            gram = stats[name].gram
+            if id(gram) not in chol_cache:
+                chol_cache[id(gram)] = damped_cholesky(gram, damp=self.damp)
+            chol = chol_cache[id(gram)]
+            atoms, after = sparse_dict_parameters(m, n, s, self.atom_ratio, element_bits)
+            w = layer.weight.detach().to(torch.float64)
+            learned = learn_sparse_dictionary(
+                w @ chol, atoms, s, iterations=self.iterations, generator=generator
+            )
+            d = torch.linalg.solve_triangular(chol, learned.D, upper=False, left=False)  # D̃ L⁻¹
+            dtype = layer.weight.dtype
+            bias = None if layer.bias is None else layer.bias.detach()
+            module = SparseDictLinear.from_parts(
+                d.to(dtype), learned.values.to(dtype), learned.indices, bias
+            )
+            replace_module(model, name, module, expect=nn.Linear)
             rows.append(
-                {
-                    "name": name,
-                    "kind": name.rsplit(".", 1)[-1],
-                    "shape": [m, n],
-                    "rank": s,
-                    "breakeven_rank": breakeven_rank(m, n),
-                    "parameters_before": m * n,
-                    "parameters_after": after,
-                    "relative_error": error,
-                }
+                LayerReport.of(
+                    name, layer, module, rank=None, parameters_after=after,
+                    relative_error=math.sqrt(learned.error), atoms=atoms, nonzeros=s,
+                )  # fmt: skip
             )
             bar.update(1)
         bar.close()

@@ -15,19 +15,20 @@ Two ways to use it:
 - ``--method eora`` (``base="quantize"``, the default): quantize every layer group-wise
   (``bits``, ``fmt``, ``group_size``; ``quantize.py``), then spend what is left of the budget
   on compensation ranks, greedily by output error removed per parameter (the ``Σ_i²`` of
-  ``ΔW'`` relative to the layer's output energy ``‖W X‖²``, per ``out + in`` parameters).
+  ``ΔW'`` relative to the layer's output energy ``‖W X‖²``, per ``out + in`` parameters:
+  the ``global`` allocation, the only one this path supports).
   ``--ratio`` counts storage: a ``bits``-bit weight costs ``bits/32`` of a float32 parameter
   (plus 16 bits per group scale), so ``ratio`` must exceed what the quantized model takes.
 - ``base=<any other method>`` (e.g. ``"svdllm"``): reserve ``rank (out + in)`` parameters per
   layer, let that method compress to the rest of the budget, then compensate each layer at
-  ``rank``. For models compressed elsewhere, :func:`eora_compensate` does the post-step on
-  a model given the original weights and calibration statistics.
+  ``rank``; the base method's ``--allocate`` choices apply. For models compressed elsewhere,
+  :func:`eora_compensate` does the post-step on a model given the original weights and
+  calibration statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,8 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rankwise.compress.allocate import LayerSpectrum, allocate_ranks
-from rankwise.compress.base import CompressionMethod, breakeven_rank, get_method, register_method
+from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, greedy_fill
+from rankwise.compress.base import CompressionMethod, get_method, register_method
 from rankwise.compress.calibrate import Calibration, LayerStats
 from rankwise.compress.layers import (
     CompensatedLinear,
@@ -45,7 +46,9 @@ from rankwise.compress.layers import (
     module_storage_bits,
 )
 from rankwise.compress.quantize import FORMATS, quantize
+from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.modules import replace_module
 from rankwise.progress import Bar
 
 
@@ -106,11 +109,6 @@ def _eigenspaces(names, stats: dict[str, LayerStats], damp: float) -> dict[str, 
     return out
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def eora_compensate(
     model: nn.Module,
     originals: dict[str, torch.Tensor],
@@ -145,26 +143,12 @@ def eora_compensate(
         w = weight.to(torch.float64)
         comp = eigenspace_compensation(w - dense_weight(module).to(torch.float64), spaces[name], r)
         dtype = weight.dtype
-        _replace(
+        replace_module(
             model, name, CompensatedLinear.from_factors(module, comp.B.to(dtype), comp.A.to(dtype))
         )
         energy = float((w @ (spaces[name].Q * spaces[name].root)).pow(2).sum()) or 1.0
         errors[name] = math.sqrt(float(comp.S[r:].pow(2).sum()) / energy)
     return errors
-
-
-def _row(name: str, layer: nn.Linear, after: int, rank: int, error: float, **extra: object) -> dict:
-    return {
-        "name": name,
-        "kind": name.rsplit(".", 1)[-1],
-        "shape": [layer.out_features, layer.in_features],
-        "rank": rank,
-        "breakeven_rank": breakeven_rank(layer.out_features, layer.in_features),
-        "parameters_before": layer.weight.numel(),
-        "parameters_after": after,
-        "relative_error": error,
-        **extra,
-    }
 
 
 @register_method
@@ -183,6 +167,7 @@ class EoRA(CompressionMethod):
     name = "eora"
     summary = "EoRA: quantize (or compress) then add low-rank compensation in the activation eigenspace (EoRA 2024)"
     needs = frozenset({"gram"})
+    layer_tensors = ("base.codes", "base.scales", "A", "B")  # base.U/base.V are shorter
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -205,8 +190,10 @@ class EoRA(CompressionMethod):
                 )
             object.__setattr__(self, "needs", frozenset(inner.needs | {"gram"}))
 
-    def allocates_ranks(self) -> bool:
-        return self.base != "quantize"  # only the base-method path allocates ranks
+    def supported_allocations(self) -> tuple[str, ...]:
+        if self.base == "quantize":
+            return ("global",)  # greedy on compensation ranks, relative output error
+        return get_method(self.base, **self.base_options).supported_allocations()
 
     def compress_model(
         self,
@@ -215,16 +202,15 @@ class EoRA(CompressionMethod):
         calibration: Calibration | None,
         budget: int,
         *,
-        allocation: str = "global",
+        allocation: str,
         progress: bool = False,
-    ) -> list[dict]:
-        if calibration is None:
-            raise ConfigError("eora needs calibration statistics (gram); none were given")
+    ) -> list[LayerReport]:
+        calibration = self.require(calibration)
         if self.base == "quantize":
             return self._on_quantized(model, layers, calibration, budget, progress)
         return self._on_method(model, layers, calibration, budget, allocation, progress)
 
-    def _on_quantized(self, model, layers, calibration, budget, progress) -> list[dict]:
+    def _on_quantized(self, model, layers, calibration, budget, progress) -> list[LayerReport]:
         element_bits = next(model.parameters()).element_size() * 8
         spaces = _eigenspaces(layers, calibration.stats, self.damp)
         quantized, spectra, energy, used = {}, {}, {}, 0
@@ -250,27 +236,16 @@ class EoRA(CompressionMethod):
                 f"eora: the {self.bits}-bit quantized layers alone take {used:,} parameter-equivalents, "
                 f"more than the budget of {budget:,}; raise --ratio or lower bits"
             )
-        ranks = {n: 0 for n in layers}
-        heap = [
-            (-(float(spectra[n][0]) ** 2) / energy[n] / (m.in_features + m.out_features), n)
-            for n, m in layers.items()
-        ]
-        heapq.heapify(heap)
-        while heap:
-            _, name = heapq.heappop(heap)
-            layer = layers[name]
-            step = layer.in_features + layer.out_features
-            if used + step > budget:
-                continue
-            ranks[name] += 1
-            used += step
-            r = ranks[name]
-            if r < len(spectra[name]):
-                heapq.heappush(heap, (-(float(spectra[name][r]) ** 2) / energy[name] / step, name))
-        rows = []
+        width = {n: m.in_features + m.out_features for n, m in layers.items()}
+        ranks = greedy_fill(
+            {n: 0 for n in layers},
+            budget - used,
+            step=lambda n, r: width[n] if r < len(spectra[n]) else None,
+            gain=lambda n, r: float(spectra[n][r]) ** 2 / energy[n] / width[n],
+        )
         originals = {n: m.weight.detach().clone() for n, m in layers.items()}
         for name, q in quantized.items():
-            _replace(model, name, q)
+            replace_module(model, name, q, expect=nn.Linear)
         errors = eora_compensate(
             model,
             {n: originals[n] for n in layers if ranks[n] > 0},
@@ -278,15 +253,20 @@ class EoRA(CompressionMethod):
             ranks,
             damp=self.damp,
         )
+        rows = []
         for name, layer in layers.items():
-            r = ranks[name]
             module = model.get_submodule(name)
             err = errors.get(name, math.sqrt(float(spectra[name].pow(2).sum()) / energy[name]))
             after = -(-module_storage_bits(module) // element_bits)
-            rows.append(_row(name, layer, after, r, err, bits=self.bits))
+            rows.append(
+                LayerReport.of(
+                    name, layer, module, rank=ranks[name] or None, parameters_after=after,
+                    relative_error=err, base="quantize", bits=self.bits,
+                )  # fmt: skip
+            )
         return rows
 
-    def _on_method(self, model, layers, calibration, budget, allocation, progress) -> list[dict]:
+    def _on_method(self, model, layers, calibration, budget, allocation, progress) -> list[LayerReport]:
         inner = get_method(self.base, **self.base_options)
         comp_rank = {
             n: min(self.rank, min(m.in_features, m.out_features)) for n, m in layers.items()
@@ -323,17 +303,20 @@ class EoRA(CompressionMethod):
         for name, layer in layers.items():
             if ranks[name] is not None:
                 originals[name] = layer.weight.detach().clone()
-                _replace(
-                    model,
-                    name,
-                    inner.factorize(layer, calibration.stats[name], ranks[name], decs.pop(name)),
-                )
+                new = inner.factorize(layer, calibration.stats[name], ranks[name], decs.pop(name))
+                replace_module(model, name, new, expect=nn.Linear)
         errors = eora_compensate(
             model, originals, calibration, {n: comp_rank[n] for n in originals}, damp=self.damp
         )
         for name, layer in layers.items():
             module = model.get_submodule(name)
             after = module_storage_bits(module) // (layer.weight.element_size() * 8)
-            rank = None if ranks[name] is None else f"{ranks[name]}+{comp_rank[name]}"
-            rows.append(_row(name, layer, after, rank, errors.get(name, 0.0)))
+            compensated = ranks[name] is not None
+            detail = {"base": self.base, "base_rank": ranks[name]} if compensated else {}
+            rows.append(
+                LayerReport.of(
+                    name, layer, module, rank=comp_rank[name] if compensated else None,
+                    parameters_after=after, relative_error=errors.get(name, 0.0), **detail,
+                )  # fmt: skip
+            )
         return rows

@@ -15,9 +15,11 @@ sums, so the weighting is per output row), and ``L`` is the exact weighted best 
 term ``diag(f)^-½ SVD_r(diag(f)^½ (W − Q))``.
 
 Allocation (the paper solves an integer linear program over quantization configurations):
-a greedy multiple-choice knapsack — every layer starts at its cheapest configuration, then
-repeatedly the (layer, configuration) upgrade with the most error removed per extra bit that
-still fits is taken, until none fits. Errors are absolute (``Σ`` over layers, as the ILP).
+a greedy multiple-choice knapsack (:func:`~rankwise.compress.allocate.choose_configurations`)
+— every layer starts at its cheapest configuration, then repeatedly the (layer,
+configuration) upgrade with the most error removed per extra bit that still fits is taken,
+until none fits; the leftover buys more rank (:func:`grow_ranks`). Errors are absolute (``Σ``
+over layers, as the ILP). This ``knapsack`` is the only ``--allocate`` it supports.
 
 Storage and ``--ratio``: a layer at ``(b, r)`` costs ``b`` bits per weight, 16 bits per group
 scale and ``r (out + in)`` parameters of the model's dtype for ``L1 (out, r)``, ``L2 (r, in)``;
@@ -29,18 +31,20 @@ dequantized on the fly in each forward (nothing cached).
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from rankwise.compress.base import CompressionMethod, breakeven_rank, register_method
+from rankwise.compress.allocate import breakeven_rank, choose_configurations, greedy_fill
+from rankwise.compress.base import CompressionMethod, register_method
 from rankwise.compress.calibrate import Calibration
 from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
 from rankwise.compress.quantize import FORMATS, Quantized, dequantize, quantize, storage_bits
+from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError
+from rankwise.modules import replace_module
 from rankwise.progress import Bar
 
 
@@ -102,33 +106,6 @@ def _config_bits(
     )
 
 
-def choose_configurations(costs: torch.Tensor, errors: torch.Tensor, budget: float) -> torch.Tensor:
-    """Greedy multiple-choice knapsack: one configuration per layer, ``Σ cost ≤ budget``.
-
-    ``costs``, ``errors``: ``(layers, configs)``. Start at each layer's cheapest
-    configuration; repeatedly take the upgrade (higher cost, lower error) with the largest
-    error decrease per unit cost that fits. Returns the chosen index per layer.
-    """
-    choice = costs.argmin(1)
-    rows = torch.arange(costs.shape[0])
-    used = float(costs[rows, choice].sum())
-    if used > budget:
-        raise ConfigError(f"budget {budget:,.0f} is below the cheapest configuration ({used:,.0f})")
-    while True:
-        cur_cost = costs[rows, choice][:, None]
-        cur_err = errors[rows, choice][:, None]
-        extra = costs - cur_cost
-        gain = (cur_err - errors) / extra.clamp(min=1e-12)
-        ok = (extra > 0) & (errors < cur_err) & (used + extra <= budget)
-        if not bool(ok.any()):
-            return choice
-        gain = torch.where(ok, gain, torch.full_like(gain, -1.0))
-        flat = int(gain.argmax())
-        layer, config = divmod(flat, costs.shape[1])
-        used += float(extra[layer, config])
-        choice[layer] = config
-
-
 def grow_ranks(
     layers: dict[str, nn.Linear],
     chosen: dict[str, LQResult | None],
@@ -153,22 +130,14 @@ def grow_ranks(
         )
         u, s, vh = torch.linalg.svd(root * (w - dequantize(res.Q).double()), full_matrices=False)
         spectra[name], factors[name] = s, (u, vh, root)
-    ranks = {n: chosen[n].L1.shape[1] for n in spectra}
-    heap = [
-        (-(float(s[ranks[n]]) ** 2) / sum(layers[n].weight.shape), n)
-        for n, s in spectra.items()
-        if ranks[n] < len(s)
-    ]
-    heapq.heapify(heap)
-    while heap:
-        _, name = heapq.heappop(heap)
-        step = sum(layers[name].weight.shape)
-        if step > leftover:
-            continue
-        ranks[name] += 1
-        leftover -= step
-        if ranks[name] < len(spectra[name]):
-            heapq.heappush(heap, (-(float(spectra[name][ranks[name]]) ** 2) / step, name))
+    start = {n: chosen[n].L1.shape[1] for n in spectra}
+    width = {n: layers[n].out_features + layers[n].in_features for n in spectra}
+    ranks = greedy_fill(
+        start,
+        leftover,
+        step=lambda n, r: width[n] if r < len(spectra[n]) else None,
+        gain=lambda n, r: float(spectra[n][r]) ** 2 / width[n],
+    )
     grown = {}
     for name, r in ranks.items():
         if r == chosen[name].L1.shape[1]:
@@ -211,6 +180,8 @@ class LQLoRA(CompressionMethod):
     name = "lq"
     summary = "LQ-LoRA: W = quantized + low-rank, bits/rank per layer under a storage budget (LQ-LoRA 2023)"
     needs = frozenset()
+    allocations = ("knapsack",)
+    layer_tensors = ("base.codes", "base.scales", "A", "B")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
@@ -232,9 +203,6 @@ class LQLoRA(CompressionMethod):
         if self.fisher:
             object.__setattr__(self, "needs", frozenset({"fisher"}))
 
-    def allocates_ranks(self) -> bool:
-        return False  # bits and ranks come from its own knapsack
-
     def compress_model(
         self,
         model: nn.Module,
@@ -242,9 +210,9 @@ class LQLoRA(CompressionMethod):
         calibration: Calibration | None,
         budget: int,
         *,
-        allocation: str = "global",
+        allocation: str,
         progress: bool = False,
-    ) -> list[dict]:
+    ) -> list[LayerReport]:
         element_bits = next(model.parameters()).element_size() * 8
         names = list(layers)
         configs = [(b, r) for b in self.bits for r in self.ranks]
@@ -294,32 +262,23 @@ class LQLoRA(CompressionMethod):
                 rank = res.L1.shape[1]
                 costs[i, j] += (rank - configs[j][1]) * (layer.in_features + layer.out_features)
                 errors[i, j] = res.error
+            module = layer
             if res is not None:
                 dtype = layer.weight.dtype
                 bias = None if layer.bias is None else layer.bias.detach()
-                base = QuantizedLinear.from_quantized(res.Q, bias)
-                module = (
-                    QuantizedLowRankLinear.from_factors(base, res.L1.to(dtype), res.L2.to(dtype))
-                    if rank > 0
-                    else base
-                )
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module)
+                module = QuantizedLinear.from_quantized(res.Q, bias)
+                if rank > 0:
+                    module = QuantizedLowRankLinear.from_factors(module, res.L1.to(dtype), res.L2.to(dtype))
+                replace_module(model, name, module, expect=nn.Linear)
             energy = layer.weight.detach().double().pow(2)
             if self.fisher:
                 energy = _row_weights(calibration, name)[:, None] * energy
             scale = float(energy.sum())
+            detail = {} if bits is None else {"bits": bits}
             rows.append(
-                {
-                    "name": name,
-                    "kind": name.rsplit(".", 1)[-1],
-                    "shape": [layer.out_features, layer.in_features],
-                    "rank": rank,
-                    "bits": bits,
-                    "breakeven_rank": breakeven_rank(layer.out_features, layer.in_features),
-                    "parameters_before": layer.weight.numel(),
-                    "parameters_after": int(-(-costs[i, j] // 1)),
-                    "relative_error": (float(errors[i, j]) / scale) ** 0.5 if scale > 0 else 0.0,
-                }
+                LayerReport.of(
+                    name, layer, module, rank=rank or None, parameters_after=int(-(-costs[i, j] // 1)),
+                    relative_error=(float(errors[i, j]) / scale) ** 0.5 if scale > 0 else 0.0, **detail,
+                )  # fmt: skip
             )
         return rows

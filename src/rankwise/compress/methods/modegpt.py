@@ -29,9 +29,9 @@ paper (plus the int32 slot indices, counted); attention FLOPs and the KV cache d
 custom attention with per-layer ``qk_dim``/``v_dim`` would, and is not written.
 
 Budget: one keep fraction ``t`` for every part (``k = t·I``, ``k_v = t·d``, ``p = t·d/2``),
-largest ``t`` that fits (bisection), then the leftover is filled one MLP channel at a time.
-The paper allocates per-layer sparsity from block-importance scores; that is not done here
-(``allocation`` is ignored).
+largest ``t`` that fits (bisection), then the leftover is filled one MLP channel per block in
+turn (``allocate.py``). The paper allocates per-layer sparsity from block-importance scores;
+that is not done here: the only ``--allocate`` it supports is this ``uniform`` one.
 """
 
 from __future__ import annotations
@@ -42,15 +42,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankwise.compress.base import (
-    CompressionMethod,
-    breakeven_rank,
-    damped_cholesky,
-    register_method,
-)
+from rankwise.compress.allocate import bisect_knob, greedy_fill
+from rankwise.compress.base import CompressionMethod, damped_cholesky, register_method
 from rankwise.compress.calibrate import Calibration
 from rankwise.compress.layers import GatherLinear, ResizedLinear, ScatterLinear, module_storage_bits
+from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ModelError
+from rankwise.modules import replace_module
 from rankwise.progress import Bar
 
 PARTS = ("mlp", "vo", "qk")
@@ -167,6 +165,8 @@ class MoDeGPT(CompressionMethod):
     name = "modegpt"
     summary = "MoDeGPT: shrink MLP/head dims per module pair (Nystrom, CR, SVD; MoDeGPT 2024)"
     needs = frozenset({"gram"})
+    allocations = ("uniform",)
+    layer_tensors = ("weight", "index")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts", tuple(self.parts))
@@ -198,9 +198,6 @@ class MoDeGPT(CompressionMethod):
             cost += math.ceil((n_kv + n_h) * kept * (h + idx)) if kept < d else (n_kv + n_h) * d * h
         return cost
 
-    def allocates_ranks(self) -> bool:
-        return False  # one keep fraction for every block
-
     def compress_model(
         self,
         model: nn.Module,
@@ -208,11 +205,10 @@ class MoDeGPT(CompressionMethod):
         calibration: Calibration | None,
         budget: int,
         *,
-        allocation: str = "global",
+        allocation: str,
         progress: bool = False,
-    ) -> list[dict]:
-        if calibration is None:
-            raise ConfigError("modegpt needs calibration statistics (gram); none were given")
+    ) -> list[LayerReport]:
+        calibration = self.require(calibration)
         element_bits = next(model.parameters()).element_size() * 8
         blocks = _block_parts(model, layers)
         covered = {n for b in blocks for n in b["names"].values()}
@@ -225,57 +221,44 @@ class MoDeGPT(CompressionMethod):
             for b in blocks
         ]
 
-        def total(t: float, extra: list[int] | None = None) -> int:
-            out = fixed
-            for i, (b, dm) in enumerate(zip(blocks, dims, strict=True)):
-                size = self._sizes(b, dm, t)
-                if extra is not None:
-                    size["mlp"] = min(dm["mlp"], size["mlp"] + extra[i])
-                out += self._cost(b, dm, size, element_bits)
-            return out
+        def block_cost(i: int, t: float, extra: int = 0) -> int:
+            size = self._sizes(blocks[i], dims[i], t)
+            size["mlp"] = min(dims[i]["mlp"], size["mlp"] + extra)
+            return self._cost(blocks[i], dims[i], size, element_bits)
+
+        def total(t: float) -> int:
+            return fixed + sum(block_cost(i, t) for i in range(len(blocks)))
 
         floor = total(0.0)
         if floor > budget:
             raise ConfigError(
                 f"modegpt: a budget of {budget:,} is below the smallest model it makes ({floor:,})"
             )
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
-        extra = [0] * len(blocks)
-        grew = True
-        while grew:  # leftover: one MLP channel per block at a time
-            grew = False
-            for i in range(len(blocks)):
-                extra[i] += 1
-                if (
-                    total(lo, extra) <= budget
-                    and self._sizes(blocks[i], dims[i], lo)["mlp"] + extra[i] <= dims[i]["mlp"]
-                ):
-                    grew = True
-                else:
-                    extra[i] -= 1
-        rows: list[dict] = []
+        t = bisect_knob(total, budget)
+
+        def step(i: int, extra: int) -> int | None:  # one more MLP channel in block i
+            if self._sizes(blocks[i], dims[i], t)["mlp"] + extra >= dims[i]["mlp"]:
+                return None
+            return block_cost(i, t, extra + 1) - block_cost(i, t, extra)
+
+        extra = greedy_fill(
+            {i: 0 for i in range(len(blocks))}, budget - total(t), step=step, gain=lambda i, e: 1.0
+        )
+        rows: list[LayerReport] = []
         bar = Bar(len(blocks), "modegpt: decompose blocks", show=progress)
         for i, block in enumerate(blocks):
-            size = self._sizes(block, dims[i], lo)
+            size = self._sizes(block, dims[i], t)
             size["mlp"] = min(dims[i]["mlp"], size["mlp"] + extra[i])
             errors = self._compress_block(model, layers, calibration, block, size)
             for part, name in block["names"].items():
-                layer = layers[name]
-                module = model.get_submodule(name)
+                layer, module = layers[name], model.get_submodule(name)
+                kept, error = errors.get(part, (None, 0.0))
                 rows.append(
-                    {
-                        "name": name,
-                        "kind": part,
-                        "shape": [layer.out_features, layer.in_features],
-                        "rank": errors.get(part, (None, 0.0))[0],
-                        "breakeven_rank": breakeven_rank(layer.out_features, layer.in_features),
-                        "parameters_before": layer.weight.numel(),
-                        "parameters_after": -(-module_storage_bits(module) // element_bits),
-                        "relative_error": errors.get(part, (None, 0.0))[1],
-                    }
+                    LayerReport.of(
+                        name, layer, module, kind=part, rank=None,
+                        parameters_after=-(-module_storage_bits(module) // element_bits),
+                        relative_error=error, **({} if kept is None else {"kept": kept}),
+                    )  # fmt: skip
                 )
             bar.update(1)
         bar.close()
@@ -290,8 +273,7 @@ class MoDeGPT(CompressionMethod):
         errors: dict[str, tuple[int, float]] = {}
 
         def put(name: str, module: nn.Module) -> None:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
+            replace_module(model, name, module, expect=nn.Linear)
 
         def weight(part: str) -> torch.Tensor:
             return layers[names[part]].weight.detach().to(torch.float64)
