@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from rankwise.errors import ModelError
+import rankwise
+from rankwise import models
+from rankwise.errors import CheckpointError, ConfigError, ModelError
 from rankwise.models import EMBEDDED, count_parameters, load_model, model_names
+from rankwise.registry import Registry
 
 
 def test_tiny_models_are_deterministic():
@@ -72,9 +73,11 @@ def test_smollm2_loads_and_second_load_uses_cache(tmp_path, monkeypatch):
     assert 130e6 < count_parameters(model) < 140e6
     cached = list((tmp_path / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
-    t0 = time.perf_counter()
-    again, _ = load_model("smollm2")
-    assert time.perf_counter() - t0 < 10
+    loads = []
+    real_load_hf = models._load_hf
+    monkeypatch.setattr(models, "_load_hf", lambda source: loads.append(source) or real_load_hf(source))
+    again, _ = load_model("smollm2")  # from the cache, not dequantized again (speed: bench/)
+    assert loads == [cached[0]]
     ids = torch.tensor([tok("The quick brown fox")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, again(input_ids=ids).logits, atol=1e-5)
@@ -86,3 +89,203 @@ def test_minilm_loads():
     model, tok = load_model("minilm")
     out = model(**tok(["a sentence"], return_tensors="pt"))
     assert out.last_hidden_state.shape[-1] == 384
+
+
+# --- damaged or incomplete Hugging Face folders ----------------------------------------
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A tiny Llama saved as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
+    model, tok = models.tiny_llama()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _edit_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_truncated_safetensors_is_a_checkpoint_error(hf_folder):
+    weights = hf_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated or corrupt"):
+        load_model(hf_folder)
+
+
+def test_garbage_safetensors_is_a_checkpoint_error(hf_folder):
+    (hf_folder / "model.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(hf_folder)
+
+
+def test_wrong_shape_tensor_names_the_tensor_and_both_shapes(hf_folder):
+    key = "model.layers.0.self_attn.q_proj.weight"
+    _edit_weights(hf_folder, lambda t: t.__setitem__(key, torch.zeros(3, 3)))
+    with pytest.raises(CheckpointError, match=rf"{key}.*\(3, 3\).*\(64, 64\)"):
+        load_model(hf_folder)
+
+
+def test_missing_tensor_is_refused_not_random_initialised(hf_folder):
+    keys = ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
+    _edit_weights(hf_folder, lambda t: [t.pop(k) for k in keys])
+    with pytest.raises(CheckpointError, match="2 tensor.*missing") as e:
+        load_model(hf_folder)
+    assert all(k in str(e.value) for k in keys)
+
+
+def test_tied_lm_head_is_not_missing(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    base, tok = models.tiny_llama()
+    config = base.config
+    config.tie_word_embeddings = True
+    tied = LlamaForCausalLM(config)
+    tied.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, tied.model.embed_tokens.weight)
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(hf_folder, monkeypatch):
+    model, _ = models.tiny_llama()
+    torch.save(model.state_dict(), hf_folder / "pytorch_model.bin")
+    (hf_folder / "model.safetensors").unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*pickle.*convert it to safetensors"):
+        load_model(hf_folder)
+
+
+def test_folder_without_weights_is_refused(hf_folder):
+    (hf_folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights.*model.safetensors"):
+        load_model(hf_folder)
+
+
+# --- damaged GGUF files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (bytes(range(256)) * 16, "not a GGUF file"),
+        (b"GGUF" + bytes(range(255, -1, -1)) * 16, "corrupt"),  # magic, then an absurd version
+        (b"GGUF\x03\x00\x00\x00" + bytes(range(1, 256)) * 16, "corrupt"),  # version 3, junk header
+    ],
+)
+def test_damaged_gguf_is_a_checkpoint_error(tmp_path, monkeypatch, content, message):
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(path)
+    assert str(path) in str(e.value)
+
+
+# --- names that are not on disk -----------------------------------------------------------
+
+
+def _no_hub(source):
+    raise AssertionError(f"the hub was tried for {source!r}")
+
+
+def test_missing_local_path_offline_is_refused_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_load_hf", _no_hub)
+    with pytest.raises(ModelError, match="no such local folder 'builds/my-model'.*offline"):
+        load_model("builds/my-model")
+
+
+@pytest.mark.parametrize("name", ["./builds/my-model", "/no/such/dir", "~/no-such-model-dir", "a/b/c", "x.gguf"])
+def test_paths_that_are_not_hub_ids_are_never_looked_up(monkeypatch, name):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_load_hf", _no_hub)
+    with pytest.raises(ModelError, match="no such local folder"):
+        load_model(name)
+
+
+def test_hub_id_is_tried_only_when_online_and_not_local(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    tried = []
+
+    def fake_hub(source):
+        tried.append(source)
+        raise ModelError("404 not found")
+
+    monkeypatch.setattr(models, "_load_hf", fake_hub)
+    with pytest.raises(ModelError, match="no such local folder 'org/name', and as a hub id: 404"):
+        load_model("org/name")
+    assert tried == ["org/name"]
+
+
+# --- folder formats of the layers above -------------------------------------------------
+
+
+@pytest.fixture
+def formats(monkeypatch):
+    """An empty folder-format registry for the test (the real one is left untouched)."""
+    registry = Registry("model folder format")
+    monkeypatch.setattr(models, "FOLDER_FORMATS", registry)
+    return registry
+
+
+def test_registered_folder_format_is_dispatched_on_its_marker(tmp_path, formats):
+    (tmp_path / "my_format.json").write_text("{}")
+    sentinel = (torch.nn.Linear(2, 2), None)
+    calls = []
+
+    def loader(folder):
+        calls.append(folder)
+        return sentinel
+
+    models.register_folder_format("my_format.json", loader)
+    models.register_folder_format("my_format.json", loader)  # the same loader again: no-op
+    assert load_model(tmp_path)[0] is sentinel[0] and calls == [tmp_path]
+    with pytest.raises(ConfigError, match="already registered"):
+        models.register_folder_format("my_format.json", lambda folder: sentinel)
+    with pytest.raises(ConfigError, match="file name"):
+        models.register_folder_format("sub/marker.json", loader)
+
+
+def test_compressed_folder_without_a_registered_loader_is_refused_by_models(tmp_path, hf_folder, formats):
+    (hf_folder / models.COMPRESSED_MARKER).write_text("{}")
+    with pytest.raises(ModelError, match="rankwise compress.*rankwise.load_model"):
+        load_model(hf_folder)
+
+
+def test_top_level_load_model_imports_the_provider_of_a_marker(tmp_path, formats, monkeypatch):
+    import sys
+    import types
+
+    provider = types.ModuleType("fake_provider")
+    provider.load = lambda folder: ("loaded by provider", folder)
+    monkeypatch.setitem(sys.modules, "fake_provider", provider)
+    monkeypatch.setattr(rankwise, "_FOLDER_FORMAT_PROVIDERS", {"fake_marker.json": "fake_provider:load"})
+    (tmp_path / "fake_marker.json").write_text("{}")
+    assert rankwise.load_model(tmp_path) == ("loaded by provider", tmp_path)
+    assert models.has_folder_format("fake_marker.json")
+
+
+def test_models_does_not_import_upper_layers():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(models))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    upper = ("rankwise.compress", "rankwise.adapters", "rankwise.cli", "rankwise.evaluation")
+    assert not [m for m in imported if m and m.startswith(upper)]
