@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankwise.data import load_corpus, perplexity, token_blocks, tokenize_stream
+from rankwise.data import (
+    load_corpus,
+    perplexity,
+    read_text_file,
+    read_texts,
+    token_blocks,
+    tokenize_stream,
+)
 from rankwise.errors import ConfigError, DataError
 from rankwise.models import byte_tokenizer
 
@@ -141,3 +148,110 @@ def test_perplexity_bad_options(tiny_llama):
         perplexity(model, tok, ["text"], seq_len=8, stride=9)
     with pytest.raises(DataError):
         perplexity(model, tok, ["a"], seq_len=8, max_tokens=1)
+
+
+# --- text that is not text ------------------------------------------------------------------
+
+
+def test_latin1_file_names_the_file_and_byte_offset(tmp_path):
+    f = tmp_path / "latin.txt"
+    f.write_bytes("caf\u00e9 au lait\n\nsecond\n\nthird".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt.*not valid UTF-8.*0xe9 at byte offset 3.*convert"):
+        load_corpus(f)
+
+
+def test_invalid_utf8_in_the_middle_of_a_folder_names_that_file(tmp_path):
+    (tmp_path / "a.txt").write_text("fine text\n\nmore\n\nand more")
+    (tmp_path / "b.txt").write_bytes(b"ok so far " * 10 + b"\xff\xfe" + b" tail")
+    with pytest.raises(DataError, match=r"b.txt.*byte offset 100"):
+        load_corpus(tmp_path)
+
+
+def test_random_bytes_are_binary_not_text(tmp_path):
+    f = tmp_path / "random.txt"
+    raw = torch.randint(0, 256, (8192,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    f.write_bytes(raw.numpy().tobytes())
+    with pytest.raises(DataError, match=r"random.txt.*binary.*NUL byte at byte offset"):
+        load_corpus(f)
+    f.write_bytes(bytes(b for b in raw.tolist() if b))  # no NUL byte: still mostly not text
+    with pytest.raises(DataError, match=r"random.txt.*binary"):
+        read_text_file(f)
+
+
+def test_control_characters_are_binary(tmp_path):
+    f = tmp_path / "ctrl.txt"
+    f.write_bytes(bytes(range(1, 32)) * 100 + b"a little text")
+    with pytest.raises(DataError, match="binary"):
+        read_texts(f)
+
+
+def test_utf8_bom_and_non_ascii_text_are_read(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffnaïve café — 東京".encode())
+    assert read_text_file(f) == "naïve café — 東京"
+
+
+def test_read_texts_gives_each_file_whole(tmp_path):
+    (tmp_path / "a.txt").write_text("first para\n\nsecond para\n")
+    (tmp_path / "b.txt").write_text("other file")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert read_texts(tmp_path) == ["first para\n\nsecond para", "other file"]
+    assert read_texts(tmp_path / "a.txt") == ["first para\n\nsecond para"]
+    with pytest.raises(DataError, match="empty"):
+        read_texts(tmp_path / "empty.txt")
+
+
+# --- token budgets ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, True])
+def test_bad_max_tokens_is_refused(tiny_llama, bad):
+    model, tok = tiny_llama
+    with pytest.raises(ConfigError, match="max_tokens"):
+        tokenize_stream(tok, ["some text"], max_tokens=bad)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        perplexity(model, tok, ["some text"] * 3, seq_len=8, max_tokens=bad)
+
+
+class CharCountingTokenizer:
+    """Wraps a tokenizer and counts the characters it is asked to tokenise."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.eos_token_id = inner.eos_token_id
+        self.chars = 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.inner(text, **kwargs)
+
+
+def test_token_budget_bounds_the_text_tokenised():
+    line = "words on one very long line " * 200_000  # ~5.6 MB, no newline
+    tok = CharCountingTokenizer(byte_tokenizer())
+    ids = tokenize_stream(tok, [line, "a second text"], max_tokens=512)
+    assert len(ids) == 512
+    assert ids.tolist() == byte_tokenizer()(line[:512], add_special_tokens=False)["input_ids"]
+    assert tok.chars <= 20 * 512  # not the 5.6 MB
+
+
+def _trained_bpe(text: str):
+    """A small BPE tokenizer with merges (so tokens span characters), trained in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "</s>"], show_progress=False)
+    bpe.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("budget", [1, 37, 500, 4000])
+def test_bounded_tokenisation_equals_the_prefix_of_the_full_one(budget):
+    text = " ".join(f"token{i % 97} and words{i % 13}, more text" for i in range(4000))
+    tok = _trained_bpe(text)
+    full = tokenize_stream(tok, [text, "second document"])
+    for limit in (budget, len(full) - 2):  # within the first text, and into the second one
+        bounded = tokenize_stream(tok, [text, "second document"], max_tokens=limit)
+        assert torch.equal(bounded, full[:limit])
