@@ -32,3 +32,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_registry_leftovers():
+    """A test may register methods or layer types only for its own duration."""
+    from rankwise.compress.base import METHODS
+    from rankwise.compress.layers import LAYER_TYPES
+
+    before = (METHODS.names(), LAYER_TYPES.names())
+    yield
+    assert (METHODS.names(), LAYER_TYPES.names()) == before, "a test left registry entries behind"

@@ -106,3 +106,26 @@ def test_full_budget_keeps_everything_dense():
     layers = spectra()
     ranks = allocate_ranks(layers, dense_total(layers), strategy="global")
     assert all(r is None for r in ranks.values())
+
+
+def test_bisect_knob_finds_the_largest_fitting_knob():
+    from rankwise.compress.allocate import bisect_knob
+
+    cost = lambda t: int(1000 * t)  # noqa: E731
+    assert bisect_knob(cost, 2000) == 1.0
+    t = bisect_knob(cost, 437)
+    assert cost(t) <= 437 and cost(t + 1e-6) >= 437
+
+
+def test_greedy_fill_takes_the_best_gain_per_step_and_rounds_robin_on_ties():
+    from rankwise.compress.allocate import greedy_fill
+
+    caps = {"a": 3, "b": 5, "c": 5}
+    step = lambda k, s: (2 if k == "a" else 1) if s < caps[k] else None  # noqa: E731
+    # gains fall with size: a's first steps are worth most, then b and c in turn
+    gains = {"a": [10, 9, 8], "b": [5, 4, 3, 2, 1], "c": [5, 4, 3, 2, 1]}
+    grown = greedy_fill({"a": 0, "b": 0, "c": 0}, 9, step=step, gain=lambda k, s: gains[k][s])
+    assert grown == {"a": 3, "b": 2, "c": 1}  # 6 + 3 = 9 spent, b before c on the tie
+    equal = greedy_fill({"x": 0, "y": 0}, 5, step=lambda k, s: 1, gain=lambda k, s: 1.0)
+    assert equal == {"x": 3, "y": 2}  # equal gains: in turn, not all to one key
+    assert greedy_fill({"a": 0}, 1, step=step, gain=lambda k, s: 1.0) == {"a": 0}  # a step too big

@@ -78,3 +78,34 @@ def test_every_allocation_reaches_the_ratio(tiny, texts, allocation):
     p = result.report["parameters"]
     assert abs(p["after"] - 0.7 * p["before"]) <= 0.01 * p["before"]
     assert p["removed"] == p["before"] - p["after"]
+
+
+def test_an_encoder_model_is_refused_before_any_work(texts):
+    from rankwise.errors import ModelError
+    from rankwise.models import tiny_bert
+
+    model, tok = tiny_bert()
+    with pytest.raises(ModelError, match="compress needs a causal language model.*is a BertModel"):
+        compress(model, tokenizer=tok, data=texts, **FAST)
+
+
+def test_compress_and_eval_print_the_same_parameter_count(tmp_path, texts):
+    """A quantized method's folder: report.json's parameters.after is what `rankwise eval` says."""
+    import json
+
+    from rankwise.evaluation import evaluate
+
+    out = tmp_path / "q"
+    compress(
+        "tiny-llama", method="lq", method_options={"bits": [3, 4], "ranks": [0, 4], "iterations": 1},
+        ratio=0.5, data=texts, out=out, report_html=False, **FAST,
+    )  # fmt: skip
+    after = json.loads((out / "report.json").read_text())["parameters"]["after"]
+    assert evaluate(out, texts, seq_len=64, max_tokens=128)["parameters"] == after
+
+
+def test_the_default_allocation_is_the_methods_own(tiny, texts):
+    model, tok = tiny
+    result = compress(model, tokenizer=tok, method="modegpt", ratio=0.9, data=texts, **FAST)
+    assert result.report["allocation"] == "uniform"
+    assert {r["detail"].get("kept") for r in result.report["layers"]} - {None}

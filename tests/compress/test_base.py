@@ -108,3 +108,72 @@ def test_registry_names_and_errors():
     with pytest.raises(ConfigError, match="damp"):
         get_method("svdllm", damp=-1.0)
     assert get_method("svdllm", update=False).update is False
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "value", "expected"),
+    [
+        ("svdllm", "damp", "abc", "float"),
+        ("svdllm", "update", "yes", "bool"),
+        ("cospadi", "iterations", 2.5, "int"),
+        ("lq", "bits", ["4", 8], "a list of int"),
+        ("eora", "base_options", "x", "a JSON object"),
+        ("eora", "rank", True, "int"),
+    ],
+)
+def test_option_values_are_type_checked_from_the_dataclass_fields(method, option, value, expected):
+    with pytest.raises(ConfigError, match=rf"method '{method}' option {option}=.* wrong type: expected {expected}"):
+        get_method(method, **{option: value})
+
+
+def test_option_values_are_converted_where_unambiguous():
+    assert get_method("asvd", alpha=1).alpha == 1.0  # an int is a float
+    assert get_method("lq", bits=4).bits == (4,)  # one item is a list of one
+    assert get_method("lq", ranks=[0, 8]).ranks == (0, 8)
+    assert get_method("modegpt", parts="mlp").parts == ("mlp",)  # not ('m', 'l', 'p')
+
+
+def test_a_method_registered_for_a_test_is_gone_afterwards():
+    from dataclasses import dataclass
+
+    from rankwise.compress.base import METHODS, CompressionMethod
+
+    @dataclass(frozen=True)
+    class Identity(CompressionMethod):
+        name = "identity-test"
+
+    with METHODS.temporary("identity-test", Identity):
+        assert "identity-test" in method_names()
+        with pytest.raises(ConfigError, match="already registered"):
+            METHODS.register("identity-test", type("Other", (CompressionMethod,), {}))
+    assert "identity-test" not in method_names()
+
+
+def test_the_library_leaves_thread_counts_to_the_caller(monkeypatch):
+    def forbidden(n):
+        raise AssertionError("the library must not call torch.set_num_threads")
+
+    monkeypatch.setattr(torch, "set_num_threads", forbidden)
+    w = torch.randn(20, 30, dtype=torch.float64)
+    dec = weighted_svd(w, right=torch.rand(30, dtype=torch.float64) + 0.5)
+    torch.testing.assert_close(dec.U @ torch.diag(dec.S) @ dec.Vh, w)
+
+
+def test_allocations_each_method_supports():
+    assert get_method("svdllm").resolve_allocation("auto") == "fisher"
+    assert get_method("svdllm").statistics("uniform") == frozenset({"gram"})
+    assert get_method("svdllm").statistics("auto") == frozenset({"gram", "out_grad"})
+    assert get_method("modegpt").resolve_allocation("auto") == "uniform"
+    assert get_method("cospadi").resolve_allocation("uniform") == "uniform"
+    assert get_method("lq").resolve_allocation("auto") == "knapsack"
+    assert get_method("eora").resolve_allocation("auto") == "global"
+    assert get_method("eora", base="svdllm").resolve_allocation("welore") == "welore"
+    for method, bad, supported in [
+        ("modegpt", "fisher", "uniform"),
+        ("cospadi", "global", "uniform"),
+        ("lq", "uniform", "knapsack"),
+        ("eora", "fisher", "global"),
+        ("svdllm", "knapsack", "fisher, uniform, energy, welore, global"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"'{method}' cannot allocate with '{bad}'; it supports .*{supported}"):
+            get_method(method).resolve_allocation(bad)
