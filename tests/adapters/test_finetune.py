@@ -5,11 +5,21 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import logits, tokens
+from safetensors.torch import load_file
 
-from rankwise.adapters.finetune import FinetuneConfig, finetune
-from rankwise.errors import ConfigError
+from rankwise.adapters import finetune as finetune_module
+from rankwise.adapters import load_adapter, method_names
+from rankwise.adapters.finetune import FinetuneConfig, checkpoint_dir, finetune
+from rankwise.cli import main
+from rankwise.errors import CheckpointError, ConfigError
+from rankwise.models import tiny_llama
 
 TINY = dict(model="tiny-llama", rank=4, seq_len=64, lr=3e-3, eval_tokens=1024, seed=0)
 
@@ -45,9 +55,188 @@ def test_refuses_non_causal_model():
 
 def test_refuses_existing_output_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
-    with pytest.raises(ConfigError, match="overwrite"):
+    with pytest.raises(CheckpointError, match="not empty.*overwrite"):
         finetune(FinetuneConfig(**TINY, steps=1, out=str(tmp_path)), progress=False)
+    with pytest.raises(CheckpointError, match="keep.txt"):
+        finetune(FinetuneConfig(**TINY, steps=1, out=str(tmp_path), overwrite=True), progress=False)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def _no_model_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(finetune_module, "load_model", fail)
+
+
+def _read_only_folder(tmp_path) -> Path:
+    if os.geteuid() == 0:  # root writes anywhere except on read-only file systems
+        return Path("/proc")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_read_only_destination_fails_before_any_work(tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
+    out = _read_only_folder(tmp_path) / "rankwise-test" / "adapter"
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="not a writable folder"):
+        finetune(FinetuneConfig(**TINY, steps=1, out=str(out)), progress=False)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"dropout": "abc"}, r"option 'dropout' must be float, got 'abc' \(str\)"),
+        ({"use_rslora": 3}, "option 'use_rslora' must be bool"),
+        ({"nonsense": 1}, "unknown option"),
+        ({"r": 4}, "give it as rank="),
+        ({"init": "no-such-init"}, "unknown init"),
+    ],
+)
+def test_bad_method_options_fail_before_loading(monkeypatch, options, pattern):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=pattern):
+        finetune(FinetuneConfig(**TINY, steps=1, method_options=options), progress=False)
+
+
+def test_checkpointing_needs_an_output_folder():
+    with pytest.raises(ConfigError, match="need out"):
+        FinetuneConfig(**TINY, checkpoint_every=2)
+    with pytest.raises(ConfigError, match="checkpoint_every must be >= 0"):
+        FinetuneConfig(**TINY, checkpoint_every=-1, out="x")
+
+
+def test_seq_len_beyond_the_context_is_refused_at_once(capsys):
+    code = main(
+        [
+            "finetune",
+            "--model",
+            "tiny-llama",
+            "--seq-len",
+            "100000",
+            "--steps",
+            "1",
+            "--eval-tokens",
+            "0",
+        ]
+    )
+    assert code == 2
+    assert "100000 is longer than the model's context (1024" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- every method, end to end
+
+
+def _cli_finetune(method: str, out: Path, *extra: str) -> int:
+    return main(
+        ["finetune", "--model", "tiny-llama", "--method", method, "--rank", "4", "--steps", "3",
+         "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "0", "--out", str(out), *extra]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_trains_saves_and_loads_back(tmp_path, method):
+    out = tmp_path / "a"
+    assert _cli_finetune(method, out) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    weights = "adapter_model.safetensors" if cfg.get("peft_type") else "adapter.safetensors"
+    assert (out / weights).is_file()
+    assert cfg["base_model_name_or_path"] == "tiny-llama"
+    assert not checkpoint_dir(out).exists()
+    x = tokens()
+    base, _ = tiny_llama()
+    loaded, _ = tiny_llama()
+    load_adapter(loaded, out)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+    ours = logits(loaded, x)
+    assert (ours - logits(base, x)).abs().max() > 1e-5
+    if method in ("lora", "dora"):
+        from peft import PeftModel
+
+        theirs = PeftModel.from_pretrained(tiny_llama()[0], out)
+        torch.testing.assert_close(logits(theirs, x), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_init_is_saved_as_a_lora_on_the_original_base(tmp_path):
+    out = tmp_path / "a"
+    config = FinetuneConfig(**{**TINY, "eval_tokens": 0}, method="nlora", steps=3, out=str(out))
+    finetune(config, progress=False)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8  # rank 2r LoRA, loads in PEFT too
+
+
+def test_residual_init_that_cannot_be_converted_is_refused_before_training(monkeypatch):
+    config = FinetuneConfig(**TINY, method="dora", method_options={"init": "pissa"}, steps=1)
+    with pytest.raises(ConfigError, match="rewrites the base weights.*dora"):
+        finetune(config, progress=False, on_step=lambda *a: pytest.fail("trained anyway"))
+
+
+def test_list_methods_names_every_method_with_a_summary(capsys):
+    assert main(["finetune", "--list-methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == method_names()
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+    assert "DoRA" in lines[method_names().index("dora")]
+
+
+def test_cli_bad_option_type_is_one_line(capsys):
+    assert main(["finetune", "--model", "tiny-llama", "-o", "dropout=abc", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "option 'dropout' must be float" in err
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def on_step(done: int, loss: float) -> None:
+        if done == step:
+            raise _Interrupt
+
+    return on_step
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    common = {**TINY, "eval_tokens": 256, "steps": 6, "batch_size": 2, "seq_len": 32}
+    common["method_options"] = {"dropout": 0.1}  # dropout makes the RNG state matter
+    whole = finetune(FinetuneConfig(**common, out=str(tmp_path / "whole")), progress=False)
+
+    out = tmp_path / "parts"
+    config = FinetuneConfig(**common, out=str(out), checkpoint_every=2)
+    with pytest.raises(_Interrupt):
+        finetune(config, progress=False, on_step=_stop_at(5))  # step 5 is lost, 4 is saved
+    assert json.loads((checkpoint_dir(out) / "checkpoint.json").read_text())["step"] == 4
+    assert not out.exists()
+    resumed = finetune(replace(config, resume=True), progress=False)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == whole.losses
+    assert resumed.perplexity_before == whole.perplexity_before
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not checkpoint_dir(out).exists()  # removed once the adapter is saved
+
+
+def test_resume_refuses_a_missing_or_mismatched_checkpoint(tmp_path):
+    out = tmp_path / "a"
+    base = {**TINY, "eval_tokens": 0, "steps": 4, "batch_size": 2, "seq_len": 32}
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        finetune(FinetuneConfig(**base, out=str(out), resume=True), progress=False)
+    config = FinetuneConfig(**base, out=str(out), checkpoint_every=1)
+    with pytest.raises(_Interrupt):
+        finetune(config, progress=False, on_step=_stop_at(2))
+    with pytest.raises(ConfigError, match="other options.*lr=0.003"):
+        finetune(replace(config, lr=1e-2, resume=True), progress=False)
+    with pytest.raises(CheckpointError, match="interrupted run.*--resume"):
+        finetune(config, progress=False)  # a fresh run does not silently drop the checkpoint
 
 
 def _free_port() -> int:
@@ -58,20 +247,50 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_data_parallel_equals_one_process_with_double_batch():
-    args = ["finetune", "--model", "tiny-llama", "--rank", "4", "--steps", "4", "--seq-len", "64",
-            "--lr", "3e-3", "--eval-tokens", "0", "--json"]
+    args = [
+        "finetune",
+        "--model",
+        "tiny-llama",
+        "--rank",
+        "4",
+        "--steps",
+        "4",
+        "--seq-len",
+        "64",
+        "--lr",
+        "3e-3",
+        "--eval-tokens",
+        "0",
+        "--json",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     for _attempt in range(3):  # the free port can be taken between probing and binding: retry
         ddp = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-             "-m", "rankwise", *args, "--batch-size", "2"],
-            capture_output=True, text=True, env=env, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(_free_port()),
+                "-m",
+                "rankwise",
+                *args,
+                "--batch-size",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         if ddp.returncode == 0 or "error: " in ddp.stderr:  # a rankwise error is not retried
             break
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    report = json.loads(ddp.stdout[ddp.stdout.index("{"):])
+    report = json.loads(ddp.stdout[ddp.stdout.index("{") :])
     assert report["world_size"] == 2
     single = finetune(
         FinetuneConfig(**{**TINY, "eval_tokens": 0}, steps=4, batch_size=4), progress=False

@@ -3,7 +3,24 @@
 ``finetune(FinetuneConfig(...))`` loads a model, attaches an adapter of any registered
 method, trains it with AdamW (gradient accumulation, gradient clipping, linear warm-up then
 cosine decay, optional gradient checkpointing), measures validation perplexity before and
-after, and saves the adapter in PEFT's format.
+after, and saves the adapter with :func:`~rankwise.adapters.save_adapter` (``format="auto"``:
+PEFT's format for lora/dora, rankwise's for the other methods), recording the base model as
+the user named it.
+
+Before any slow work the output folder is checked (:func:`rankwise.fileio.check_output_dir`),
+the method options are validated, and right after loading, ``seq_len`` is checked against
+the model's context. Initialisers that need data (``lora_sb``'s default init, ``init=eva``)
+get the first :data:`INIT_BLOCKS` training blocks as ``inputs``. Residual inits (``pissa``,
+``nystrom``, nlora's default) rewrite the base weights; before saving, the adapter is
+converted with :func:`~rankwise.adapters.init.residual_to_lora` into a plain LoRA that
+loads on the original model.
+
+Checkpoints: with ``checkpoint_every=N`` the adapter tensors (safetensors), optimizer and
+scheduler state, the RNG state, the data cursor and the losses so far are written every N
+steps to ``<out>.checkpoint/`` (:func:`checkpoint_dir`; atomically, replacing the previous
+one). ``resume=True`` continues from it, so an interrupted and resumed run ends with the
+same adapter weights and losses as an uninterrupted one. The folder is removed after the
+adapter is saved.
 
 Data parallel: run the same command under ``torchrun --nproc_per_node N``; each process
 takes its slice of every global batch (gloo on CPU, NCCL on GPUs), DDP averages the
@@ -15,26 +32,44 @@ the batch.
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankwise.adapters.base import AdapterConfig, get_initialiser, get_method
+from rankwise.adapters.init import has_residual_init, residual_to_lora, residual_unconvertible
+from rankwise.adapters.inject import adapted_layers, attach, trainable_parameters
+from rankwise.adapters.io import save_adapter
 from rankwise.data import check_window, load_corpus, perplexity, token_blocks
-from rankwise.errors import ConfigError, DataError
-from rankwise.models import count_parameters, load_model
-from rankwise.progress import Bar
+from rankwise.errors import CheckpointError, ConfigError, DataError
+from rankwise.fileio import MANIFEST, check_output_dir, output_dir, write_json
+from rankwise.models import check_seq_len, count_parameters, load_model
+from rankwise.progress import Bar, stage
+
+INIT_BLOCKS = 8  # training blocks given to data-driven initialisers (lora_sb, eva) as inputs
+_NOT_IN_FINGERPRINT = ("out", "overwrite", "resume", "checkpoint_every")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Options of :func:`finetune`; ``method_options`` go to the adapter method (``attach``)."""
+    """Options of :func:`finetune`; ``method_options`` go to the adapter method (``attach``).
+
+    ``checkpoint_every``: write a checkpoint every N optimizer steps (0: never; needs
+    ``out``). ``resume``: continue from the checkpoint in :func:`checkpoint_dir` of ``out``.
+    """
 
     model: str = "smollm2"
     method: str = "lora"
@@ -56,6 +91,8 @@ class FinetuneConfig:
     seed: int = 0
     out: str | None = None
     overwrite: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "grad_accum"):
@@ -73,6 +110,22 @@ class FinetuneConfig:
             raise ConfigError(
                 f"eval_tokens must be >= 0 (0 skips evaluation), got {self.eval_tokens}"
             )
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int):
+            raise ConfigError(f"checkpoint_every must be an integer, got {self.checkpoint_every!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}"
+            )
+        if (self.checkpoint_every or self.resume) and self.out is None:
+            raise ConfigError(
+                "checkpoint_every/resume need out (--out): the checkpoint lives beside the adapter"
+            )
+        for key in ("rank", "r", "alpha"):
+            if key in self.method_options:
+                flag = "alpha" if key == "alpha" else "rank"
+                raise ConfigError(
+                    f"method option {key!r}: give it as {flag}=... (--{flag}), not as a method option"
+                )
 
 
 @dataclass
@@ -90,6 +143,23 @@ class FinetuneResult:
     world_size: int
     rank: int  # this process's rank; only rank 0 evaluates, saves and reports
     out: str | None
+    resumed_from: int = 0  # the step a resumed run continued from (0: started fresh)
+
+
+@dataclass
+class _Progress:
+    """The training state a checkpoint carries besides tensors."""
+
+    step: int = 0
+    cursor: int = 0
+    losses: list[float] = field(default_factory=list)
+    perplexity_before: float | None = None
+
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    """Where :func:`finetune` keeps the checkpoints of a run saving to ``out``: ``<out>.checkpoint``."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
 
 
 def _distributed() -> tuple[int, int]:
@@ -114,35 +184,177 @@ def _lr_lambda(steps: int, warmup: int):
     return factor
 
 
-def _check_out(out: str | None, overwrite: bool) -> None:
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise ConfigError(
-            f"output folder {out!r} exists and is not empty; pass overwrite=True (--overwrite)"
+# ----------------------------------------------------------------------------- checks before work
+
+
+def _adapter_config(config: FinetuneConfig) -> tuple[dict[str, Any], AdapterConfig]:
+    """The options for ``attach`` and the config they make (validated: method, types, init)."""
+    options = {"rank": config.rank, "alpha": config.alpha, **config.method_options}
+    adapter_config, _ = get_method(config.method).config_class.from_dict(options)
+    get_initialiser(adapter_config.init)
+    return options, adapter_config
+
+
+def _check_destination(config: FinetuneConfig) -> None:
+    """The output folder and the checkpoint folder, before anything slow happens."""
+    if config.out is None:
+        return
+    check_output_dir(config.out, overwrite=config.overwrite)
+    folder = checkpoint_dir(config.out)
+    if config.resume:
+        if not (folder / "checkpoint.json").is_file():
+            raise CheckpointError(
+                f"--resume: no checkpoint at {str(folder)!r} (written with --checkpoint-every); "
+                "run without --resume to start over"
+            )
+        return
+    if folder.exists() and not config.overwrite:
+        raise CheckpointError(
+            f"a checkpoint of an interrupted run is at {str(folder)!r}; pass --resume to continue "
+            "it, or --overwrite to start over (it is then replaced)"
         )
+    if config.checkpoint_every:
+        check_output_dir(folder, overwrite=True, option="checkpoint folder")
 
 
-def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``config.model`` with a ``config.method`` adapter; see the module docstring."""
-    from rankwise.adapters import attach, trainable_parameters
+# ----------------------------------------------------------------------------- checkpoints
 
-    _check_out(config.out, config.overwrite)
+
+def _fingerprint(config: FinetuneConfig) -> dict[str, Any]:
+    """The options a resumed run must share with the run that wrote the checkpoint."""
+    values = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_FINGERPRINT}
+    return json.loads(json.dumps(values, default=repr))
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{path}.{key}": t
+        for path, layer in adapted_layers(model).items()
+        for key, t in layer.adapters["default"].state_dict().items()
+    }
+
+
+def _save_checkpoint(folder: Path, model, optimizer, schedule, progress: _Progress, config) -> None:
+    tensors = {k: t.detach().cpu().contiguous() for k, t in _adapter_state(model).items()}
+    trainer = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "step": progress.step,
+        "cursor": progress.cursor,
+        "losses": torch.tensor(progress.losses, dtype=torch.float64),
+    }
+    meta = {
+        "step": progress.step,
+        "config": _fingerprint(config),
+        "perplexity_before": progress.perplexity_before,
+    }
+    with output_dir(folder, overwrite=True, kind="finetune-checkpoint", option="checkpoint") as tmp:
+        save_file(tensors, str(tmp / "adapter.safetensors"))
+        torch.save(trainer, tmp / "trainer.pt")
+        write_json(tmp / "checkpoint.json", meta)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progress:
+    """Restore adapter tensors, optimizer, scheduler and RNG; CheckpointError if it does not fit."""
+    try:
+        meta = json.loads((folder / "checkpoint.json").read_text())
+        tensors = load_file(str(folder / "adapter.safetensors"))
+        trainer = torch.load(folder / "trainer.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {str(folder)!r} cannot be read: {e}") from None
+    saved, now = meta.get("config", {}), _fingerprint(config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume: the checkpoint in {str(folder)!r} was written with other options "
+            f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same options"
+        )
+    state = _adapter_state(model)
+    if set(tensors) != set(state) or any(tensors[k].shape != state[k].shape for k in state):
+        raise CheckpointError(f"checkpoint {str(folder)!r} does not match this adapter's tensors")
+    with torch.no_grad():
+        for key, t in state.items():
+            t.copy_(tensors[key])
+    optimizer.load_state_dict(trainer["optimizer"])
+    schedule.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return _Progress(
+        step=int(trainer["step"]),
+        cursor=int(trainer["cursor"]),
+        losses=trainer["losses"].tolist(),
+        perplexity_before=meta.get("perplexity_before"),
+    )
+
+
+def _checkpoint_due(config: FinetuneConfig, step: int) -> bool:
+    """Every ``checkpoint_every`` steps, except after the last one (the adapter is saved then)."""
+    every = config.checkpoint_every
+    return bool(every) and step % every == 0 and step < config.steps
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    if (folder / MANIFEST).is_file():
+        shutil.rmtree(folder)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _with_init_inputs(
+    options: dict[str, Any], adapter_config: AdapterConfig, inputs: torch.Tensor
+) -> dict[str, Any]:
+    """Give an initialiser that takes ``inputs`` (and was given none) these token blocks."""
+    init = get_initialiser(adapter_config.init)
+    init_options = dict(adapter_config.init_options)
+    if init is None or "inputs" in init_options:
+        return options
+    if "inputs" not in inspect.signature(init.fn).parameters:
+        return options
+    return {**options, "init_options": {**init_options, "inputs": inputs}}
+
+
+def _check_residual(model: nn.Module) -> None:
+    """A residual init must be convertible to a LoRA on the original base, or saving fails."""
+    for layer in adapted_layers(model).values():
+        adapter = layer.adapters["default"]
+        if has_residual_init(adapter) and (reason := residual_unconvertible(adapter)):
+            raise ConfigError(
+                f"init={adapter.config.init!r} rewrites the base weights, and the adapter must be "
+                f"converted to load on the original model: {reason}; choose another init or method"
+            )
+
+
+def _save(model: nn.Module, config: FinetuneConfig, progress: bool) -> None:
+    if any(
+        has_residual_init(layer.adapters["default"]) for layer in adapted_layers(model).values()
+    ):
+        residual_to_lora(model)  # base weights back to W; the adapter becomes a rank-2r LoRA
+    with stage(f"save adapter to {config.out}", show=progress):
+        save_adapter(model, config.out, overwrite=config.overwrite, base_model=config.model)
+
+
+def finetune(
+    config: FinetuneConfig,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``config.model`` with a ``config.method`` adapter; see the module docstring.
+
+    ``on_step(step, loss)`` is called after every optimizer step (and its checkpoint).
+    """
+    options, adapter_config = _adapter_config(config)
+    _check_destination(config)
     rank, world = _distributed()
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model)
+    with stage(f"load {config.model}", show=progress and rank == 0):
+        model, tokenizer = load_model(config.model)
     if not hasattr(model, "lm_head"):
         raise ConfigError(
             f"finetune trains causal LMs; {config.model!r} ({type(model).__name__}) is not one"
         )
-    attach(
-        model,
-        config.method,
-        config.targets,
-        r=config.rank,
-        alpha=config.alpha,
-        **config.method_options,
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    report = trainable_parameters(model)
+    check_seq_len(model, config.seq_len)
 
     corpus = load_corpus(config.data)
     global_batch = config.batch_size * world * config.grad_accum
@@ -156,6 +368,16 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult
             f"global batch ({global_batch}); use more text or a smaller --batch-size/--seq-len"
         )
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed))
+    init_inputs = blocks[order[:INIT_BLOCKS]]
+    attach(
+        model,
+        config.method,
+        config.targets,
+        **_with_init_inputs(options, adapter_config, init_inputs),
+    )
+    _check_residual(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    report = trainable_parameters(model)
 
     def evaluate() -> float | None:
         if config.eval_tokens == 0 or rank != 0:
@@ -170,28 +392,33 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult
         )
         return res.perplexity
 
-    ppl_before = evaluate()
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
+    folder = checkpoint_dir(config.out) if config.out is not None else None
+    if config.resume:
+        state = _load_checkpoint(folder, model, optimizer, schedule, config)
+    else:
+        state = _Progress(perplexity_before=evaluate())
+    resumed_from = state.step
+
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
 
     model.train()
-    losses: list[float] = []
     tokens = 0
     t0 = time.perf_counter()
     bar = Bar(config.steps, f"finetune {config.method}", show=progress and rank == 0)
-    cursor = 0
+    bar.update(state.step)
     try:
-        for _ in range(config.steps):
+        while state.step < config.steps:
             step_loss = 0.0
             for micro in range(config.grad_accum):
-                idx = order[(cursor + torch.arange(config.batch_size * world)) % len(blocks)]
-                cursor += config.batch_size * world
+                idx = order[(state.cursor + torch.arange(config.batch_size * world)) % len(blocks)]
+                state.cursor += config.batch_size * world
                 mine = blocks[idx[rank * config.batch_size : (rank + 1) * config.batch_size]]
                 last = micro == config.grad_accum - 1
                 sync = net.no_sync() if world > 1 and not last else nullcontext()
@@ -208,10 +435,18 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            state.losses.append(step_loss)
+            state.step += 1
+            if _checkpoint_due(config, state.step):
+                if rank == 0:
+                    _save_checkpoint(folder, model, optimizer, schedule, state, config)
+                if world > 1:
+                    torch.distributed.barrier()
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set(loss=step_loss, tok_s=round(tokens / elapsed), lr=schedule.get_last_lr()[0])
+            if on_step is not None:
+                on_step(state.step, step_loss)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -220,22 +455,22 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult
     model.eval()
     ppl_after = evaluate()
     if config.out is not None and rank == 0:
-        from rankwise.adapters.io import save_adapter
-
-        save_adapter(model, config.out, format="peft", overwrite=config.overwrite)
+        _save(model, config, progress)
+        _remove_checkpoint(folder)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return FinetuneResult(
         config=asdict(config),
-        losses=losses,
-        perplexity_before=ppl_before,
+        losses=state.losses,
+        perplexity_before=state.perplexity_before,
         perplexity_after=ppl_after,
-        tokens_per_second=tokens / seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         seconds=seconds,
         trainable_parameters=report.trainable,
         total_parameters=count_parameters(model),
         world_size=world,
         rank=rank,
         out=config.out,
+        resumed_from=resumed_from,
     )

@@ -265,6 +265,21 @@ def nystrom(
 # ----------------------------------------------------------------------------- undo residual
 
 
+def has_residual_init(adapter: Adapter) -> bool:
+    """Whether ``adapter`` was started by a residual init (its base weight is ``W - s·ΔW₀``)."""
+    return hasattr(adapter, "residual_B0")
+
+
+def residual_unconvertible(adapter: Adapter) -> str | None:
+    """Why :func:`residual_to_lora` cannot convert this adapter's method, or None."""
+    if adapter.method in ("lora", "nlora"):
+        return None
+    return (
+        f"residual_to_lora converts lora/nlora adapters, not {adapter.method!r} "
+        "(a DoRA magnitude has no plain-LoRA equivalent)"
+    )
+
+
 @torch.no_grad()
 def residual_to_lora(model: nn.Module, name: str = "default") -> dict[str, int]:
     """Undo a residual init: original base weights back, the adapter as a plain rank-2r LoRA.
@@ -288,12 +303,9 @@ def residual_to_lora(model: nn.Module, name: str = "default") -> dict[str, int]:
         ad = layer.adapters[name]
         if name in layer.merged:
             raise ModelError(f"adapter {name!r} is merged into {path}; unmerge first")
-        if ad.method not in ("lora", "nlora"):
-            raise ConfigError(
-                f"residual_to_lora converts lora/nlora adapters; {path} has {ad.method!r} "
-                "(a DoRA magnitude has no plain-LoRA equivalent)"
-            )
-        if not hasattr(ad, "residual_B0"):
+        if reason := residual_unconvertible(ad):
+            raise ConfigError(f"{path}: {reason}")
+        if not has_residual_init(ad):
             raise ConfigError(
                 f"adapter {name!r} on {path} has no residual init to undo (init was not "
                 "'pissa'/'nystrom', or it was loaded from disk)"
@@ -690,6 +702,8 @@ __all__ = [
     "eva",
     "eva_ranks",
     "float_weight",
+    "has_residual_init",
+    "residual_unconvertible",
     "lora_sb",
     "nystrom",
     "nystrom_split",
