@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, minimum_parameters
-from rankwise.compress.base import Decomposition, get_method
+from rankwise.compress.base import CompressionJob, Decomposition, get_method
 from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
 from rankwise.compress.checkpoint import save_compressed, weights_header_bound
 from rankwise.compress.report import LayerReport
@@ -239,7 +239,7 @@ def compress(
 
     t0 = time.perf_counter()
     spectra: dict[str, LayerSpectrum] = {}
-    rows = chosen.compress_model(net, layers, calibration, target - fixed, allocation=allocation, progress=progress)
+    rows = chosen.compress_model(CompressionJob(net, layers, calibration, target - fixed, allocation, progress))
     if rows is not None:  # a whole-model method (layers.py types) did everything itself
         timing["factorise_s"] = time.perf_counter() - t0
     else:

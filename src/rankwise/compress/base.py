@@ -222,6 +222,26 @@ def least_squares_up(
 
 
 @dataclass(frozen=True)
+class CompressionJob:
+    """What a whole-model method's ``compress_model`` gets: the ``model`` (modified in place),
+    its compressible ``layers``, the ``calibration`` (``None`` for data-free methods), the
+    ``budget`` of those layers in parameters of the model's dtype, the ``allocation``
+    (already resolved: one the method supports) and whether to show ``progress``."""
+
+    model: nn.Module
+    layers: dict[str, nn.Linear]
+    calibration: Calibration | None
+    budget: int
+    allocation: str
+    progress: bool = False
+
+    @property
+    def element_bits(self) -> int:
+        """Bits of one parameter of the model's dtype (storage is counted in these)."""
+        return next(self.model.parameters()).element_size() * 8
+
+
+@dataclass(frozen=True)
 class CompressionMethod:
     """Base of every method: a frozen dataclass of options plus ``decompose`` / ``refine``.
 
@@ -272,25 +292,15 @@ class CompressionMethod:
         extra = {"out_grad"} if self.resolve_allocation(allocation) == "fisher" else set()
         return frozenset(self.needs) | extra
 
-    def compress_model(
-        self,
-        model: nn.Module,
-        layers: dict[str, nn.Linear],
-        calibration: Calibration | None,
-        budget: int,
-        *,
-        allocation: str,
-        progress: bool = False,
-    ) -> list[LayerReport] | None:
+    def compress_model(self, job: CompressionJob) -> list[LayerReport] | None:
         """Whole-model path for methods that are not one weighted SVD per layer (quantized,
         sparse-dictionary, module-pair methods; see ``compress/layers.py``).
 
-        Replace modules of ``model`` in place so that ``layers`` take at most ``budget``
-        parameters of the model's dtype (as :func:`rankwise.models.count_parameters` counts
-        them: storage bits / bits-per-parameter) and return one
-        :class:`~rankwise.compress.report.LayerReport` per layer. ``allocation`` is already
-        resolved (one of :meth:`supported_allocations`). ``None`` (the default) selects the
-        per-layer SVD path.
+        Replace modules of ``job.model`` in place so that ``job.layers`` take at most
+        ``job.budget`` parameters of the model's dtype (as
+        :func:`rankwise.models.count_parameters` counts them: storage bits / bits-per-parameter)
+        and return one :class:`~rankwise.compress.report.LayerReport` per layer. ``None`` (the
+        default) selects the per-layer SVD path.
         """
         return None
 
@@ -411,6 +421,7 @@ __all__ = [
     "LowRankLinear",
     "Decomposition",
     "CompressionMethod",
+    "CompressionJob",
     "METHODS",
     "register_method",
     "method_names",

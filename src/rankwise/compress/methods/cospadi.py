@@ -37,8 +37,12 @@ import torch
 from torch import nn
 
 from rankwise.compress.allocate import bisect_knob, greedy_fill
-from rankwise.compress.base import CompressionMethod, damped_cholesky, register_method
-from rankwise.compress.calibrate import Calibration
+from rankwise.compress.base import (
+    CompressionJob,
+    CompressionMethod,
+    damped_cholesky,
+    register_method,
+)
 from rankwise.compress.layers import SparseDictLinear
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ShapeError
@@ -210,24 +214,15 @@ class CoSpaDi(CompressionMethod):
         )
         return sizes | grown
 
-    def compress_model(
-        self,
-        model: nn.Module,
-        layers: dict[str, nn.Linear],
-        calibration: Calibration | None,
-        budget: int,
-        *,
-        allocation: str,
-        progress: bool = False,
-    ) -> list[LayerReport]:
-        stats = self.require(calibration).stats
-        element_bits = next(model.parameters()).element_size() * 8
+    def compress_model(self, job: CompressionJob) -> list[LayerReport]:
+        stats = self.require(job.calibration).stats
+        model, layers, element_bits = job.model, job.layers, job.element_bits
         shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
-        sizes = self.allocate(shapes, budget, element_bits)
+        sizes = self.allocate(shapes, job.budget, element_bits)
         generator = torch.Generator().manual_seed(self.seed)
         rows = []
         chol_cache: dict[int, torch.Tensor] = {}
-        bar = Bar(len(layers), "cospadi: learn dictionaries", show=progress)
+        bar = Bar(len(layers), "cospadi: learn dictionaries", show=job.progress)
         for name, layer in layers.items():
             s = sizes[name]
             m, n = shapes[name]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, greedy_fill
-from rankwise.compress.base import CompressionMethod, get_method, register_method
+from rankwise.compress.base import CompressionJob, CompressionMethod, get_method, register_method
 from rankwise.compress.calibrate import Calibration, LayerStats
 from rankwise.compress.layers import (
     CompensatedLinear,
@@ -195,26 +195,17 @@ class EoRA(CompressionMethod):
             return ("global",)  # greedy on compensation ranks, relative output error
         return get_method(self.base, **self.base_options).supported_allocations()
 
-    def compress_model(
-        self,
-        model: nn.Module,
-        layers: dict[str, nn.Linear],
-        calibration: Calibration | None,
-        budget: int,
-        *,
-        allocation: str,
-        progress: bool = False,
-    ) -> list[LayerReport]:
-        calibration = self.require(calibration)
+    def compress_model(self, job: CompressionJob) -> list[LayerReport]:
+        calibration = self.require(job.calibration)
         if self.base == "quantize":
-            return self._on_quantized(model, layers, calibration, budget, progress)
-        return self._on_method(model, layers, calibration, budget, allocation, progress)
+            return self._on_quantized(job, calibration)
+        return self._on_method(job, calibration)
 
-    def _on_quantized(self, model, layers, calibration, budget, progress) -> list[LayerReport]:
-        element_bits = next(model.parameters()).element_size() * 8
+    def _on_quantized(self, job: CompressionJob, calibration: Calibration) -> list[LayerReport]:
+        model, layers, budget, element_bits = job.model, job.layers, job.budget, job.element_bits
         spaces = _eigenspaces(layers, calibration.stats, self.damp)
         quantized, spectra, energy, used = {}, {}, {}, 0
-        bar = Bar(len(layers), "eora: quantize", show=progress)
+        bar = Bar(len(layers), "eora: quantize", show=job.progress)
         for name, layer in layers.items():
             q = QuantizedLinear.from_quantized(
                 quantize(
@@ -266,14 +257,15 @@ class EoRA(CompressionMethod):
             )
         return rows
 
-    def _on_method(self, model, layers, calibration, budget, allocation, progress) -> list[LayerReport]:
+    def _on_method(self, job: CompressionJob, calibration: Calibration) -> list[LayerReport]:
+        model, layers, budget, allocation = job.model, job.layers, job.budget, job.allocation
         inner = get_method(self.base, **self.base_options)
         comp_rank = {
             n: min(self.rank, min(m.in_features, m.out_features)) for n, m in layers.items()
         }
         reserve = sum(comp_rank[n] * (m.in_features + m.out_features) for n, m in layers.items())
         decs, spectra = {}, {}
-        bar = Bar(len(layers), f"eora: decompose ({inner.name})", show=progress)
+        bar = Bar(len(layers), f"eora: decompose ({inner.name})", show=job.progress)
         for name, layer in layers.items():
             stats = calibration.stats[name]
             dec = inner.decompose(layer.weight.detach().to(torch.float64), stats)

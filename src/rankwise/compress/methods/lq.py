@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from rankwise.compress.allocate import breakeven_rank, choose_configurations, greedy_fill
-from rankwise.compress.base import CompressionMethod, register_method
+from rankwise.compress.base import CompressionJob, CompressionMethod, register_method
 from rankwise.compress.calibrate import Calibration
 from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
 from rankwise.compress.quantize import FORMATS, Quantized, dequantize, quantize, storage_bits
@@ -203,17 +203,8 @@ class LQLoRA(CompressionMethod):
         if self.fisher:
             object.__setattr__(self, "needs", frozenset({"fisher"}))
 
-    def compress_model(
-        self,
-        model: nn.Module,
-        layers: dict[str, nn.Linear],
-        calibration: Calibration | None,
-        budget: int,
-        *,
-        allocation: str,
-        progress: bool = False,
-    ) -> list[LayerReport]:
-        element_bits = next(model.parameters()).element_size() * 8
+    def compress_model(self, job: CompressionJob) -> list[LayerReport]:
+        model, layers, calibration, element_bits = job.model, job.layers, job.calibration, job.element_bits
         names = list(layers)
         configs = [(b, r) for b in self.bits for r in self.ranks]
         if self.allow_dense:
@@ -221,7 +212,7 @@ class LQLoRA(CompressionMethod):
         costs = torch.full((len(names), len(configs)), float("inf"), dtype=torch.float64)
         errors = torch.full_like(costs, float("inf"))
         results: dict[tuple[str, int], LQResult] = {}
-        bar = Bar(len(names) * len(configs), "lq: decompose", show=progress)
+        bar = Bar(len(names) * len(configs), "lq: decompose", show=job.progress)
         for i, name in enumerate(names):
             layer = layers[name]
             m, n = layer.out_features, layer.in_features
@@ -248,8 +239,8 @@ class LQLoRA(CompressionMethod):
                 )
                 errors[i, j] = res.error
         bar.close()
-        choice = choose_configurations(costs, errors, float(budget))
-        leftover = float(budget) - float(costs[torch.arange(len(names)), choice].sum())
+        choice = choose_configurations(costs, errors, float(job.budget))
+        leftover = float(job.budget) - float(costs[torch.arange(len(names)), choice].sum())
         chosen = {name: results.get((name, int(choice[i]))) for i, name in enumerate(names)}
         weights = {n: _row_weights(calibration, n) if self.fisher else None for n in names}
         grown = grow_ranks(layers, chosen, weights, int(leftover))

@@ -43,8 +43,12 @@ import torch
 from torch import nn
 
 from rankwise.compress.allocate import bisect_knob, greedy_fill
-from rankwise.compress.base import CompressionMethod, damped_cholesky, register_method
-from rankwise.compress.calibrate import Calibration
+from rankwise.compress.base import (
+    CompressionJob,
+    CompressionMethod,
+    damped_cholesky,
+    register_method,
+)
 from rankwise.compress.layers import GatherLinear, ResizedLinear, ScatterLinear, module_storage_bits
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ModelError
@@ -198,18 +202,9 @@ class MoDeGPT(CompressionMethod):
             cost += math.ceil((n_kv + n_h) * kept * (h + idx)) if kept < d else (n_kv + n_h) * d * h
         return cost
 
-    def compress_model(
-        self,
-        model: nn.Module,
-        layers: dict[str, nn.Linear],
-        calibration: Calibration | None,
-        budget: int,
-        *,
-        allocation: str,
-        progress: bool = False,
-    ) -> list[LayerReport]:
-        calibration = self.require(calibration)
-        element_bits = next(model.parameters()).element_size() * 8
+    def compress_model(self, job: CompressionJob) -> list[LayerReport]:
+        calibration = self.require(job.calibration)
+        model, layers, budget, element_bits = job.model, job.layers, job.budget, job.element_bits
         blocks = _block_parts(model, layers)
         covered = {n for b in blocks for n in b["names"].values()}
         fixed = sum(m.weight.numel() for n, m in layers.items() if n not in covered)
@@ -245,7 +240,7 @@ class MoDeGPT(CompressionMethod):
             {i: 0 for i in range(len(blocks))}, budget - total(t), step=step, gain=lambda i, e: 1.0
         )
         rows: list[LayerReport] = []
-        bar = Bar(len(blocks), "modegpt: decompose blocks", show=progress)
+        bar = Bar(len(blocks), "modegpt: decompose blocks", show=job.progress)
         for i, block in enumerate(blocks):
             size = self._sizes(block, dims[i], t)
             size["mlp"] = min(dims[i]["mlp"], size["mlp"] + extra[i])
