@@ -6,7 +6,7 @@ The bar (the same for every method, rankwise included), for rank k:
   * leading singular values: each of the top k returned values within 1% (relative) of the
     true σ_1..σ_k.
 Each method's iteration knob (torch `niter`, sklearn `n_iter`, fbpca `n_iter`, rankwise
-`power_iters` = Krylov depth) is the smallest that meets the bar (seed 0; found by doubling
+`n_iter` = Krylov depth) is the smallest that meets the bar (seed 0; found by doubling
 then bisection); oversampling stays
 at each library's usual value (torch/sklearn/rankwise: k + 10 columns; fbpca: its default
 k + 2). Then all chosen settings are timed interleaved in one process (median of repeats).
@@ -91,7 +91,7 @@ def smollm2_stacks(layers: list[int], kinds: list[str]):
 def run_method(method: str, A: torch.Tensor, k: int, it: int):
     """(U, S, Vh) of one matrix (2D) or a list of them for a stack (3D, peers loop)."""
     if method == "rankwise":
-        r = rsvd(A, k, power_iters=it, generator=torch.Generator().manual_seed(0))
+        r = rsvd(A, k, n_iter=it, generator=torch.Generator().manual_seed(0))
         return r.U, r.S, r.Vh
     if A.ndim == 3:
         one = "rankwise" if method == "rankwise (loop)" else method
@@ -186,11 +186,7 @@ def bench_case(label: str, A: torch.Tensor, S_true: torch.Tensor, k: int, repeat
             setting, acc, ok = f"auto (depth {auto.depth})", auto_acc, passes(auto_acc)
         else:
             it, acc, ok = chosen[m]
-            name = {
-                "rankwise": "power_iters",
-                "rankwise (loop)": "power_iters",
-                "torch": "niter",
-            }.get(m, "n_iter")
+            name = "niter" if m == "torch" else "n_iter"
             setting = f"{name}={it}" + ("" if ok else " (bar not reached)")
         rows.append(
             {
@@ -314,8 +310,8 @@ def report(mode: str, rows: list[dict], summaries: list[dict]) -> None:
         "Equal accuracy: every method's iteration count is raised until "
         "‖A − USVh‖_F ≤ 1.02·‖A − A_k‖_F and each of the top-k singular values is within 1% "
         "of the truth (full SVD). Oversampling: k+10 columns (rankwise, torch, sklearn), k+2 "
-        "(fbpca default). rankwise's knob is the block Krylov depth `power_iters`; "
-        '`rankwise auto` is the default `power_iters="auto"` (untuned). SmolLM2 stacks: '
+        "(fbpca default). rankwise's knob is the block Krylov depth `n_iter`; "
+        '`rankwise auto` is the default `n_iter="auto"` (untuned). SmolLM2 stacks: '
         "rankwise decomposes the whole stack in one batched call, peers loop (`rankwise "
         "(loop)` shows rankwise looping too). floor = one A·Ω plus one Aᵀ·Q with k+10 "
         "columns. Times are medians of interleaved repeats on a shared, noisy machine "

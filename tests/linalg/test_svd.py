@@ -287,7 +287,7 @@ BAD_A = [
     (torch.ones(4, 4, dtype=torch.complex64), ShapeError, "'A' has complex dtype"),
     (torch.ones(0, 4), ShapeError, "'A' is empty"),
     (torch.ones(4), ShapeError, "'A' must have shape"),
-    ("matrix", ShapeError, "'A' must be a torch.Tensor or a matrix operator"),
+    ("matrix", ShapeError, "'A' must be a torch.Tensor, a numpy.ndarray or a matrix operator"),
 ]
 
 

@@ -46,11 +46,14 @@ def _describe(x: object) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def as_tensor(x: object, name: str, fn: str) -> torch.Tensor:
+def as_tensor(
+    x: object, name: str, fn: str, *, accepted: str = "a torch.Tensor (or a numpy.ndarray)"
+) -> torch.Tensor:
     """Return ``x`` as a tensor: a tensor unchanged, a ``numpy.ndarray`` converted.
 
     NumPy arrays share memory with the result when torch can (writable, non-negative
-    strides); otherwise they are copied. Anything else raises ShapeError naming the fix.
+    strides); otherwise they are copied. Anything else raises ShapeError naming the type
+    seen and the fix; ``accepted`` says what the argument may be.
     """
     if isinstance(x, torch.Tensor):
         return x
@@ -64,7 +67,7 @@ def as_tensor(x: object, name: str, fn: str) -> torch.Tensor:
             x = np.array(x)  # torch cannot share read-only or negatively strided memory
         return torch.as_tensor(x)
     raise ShapeError(
-        f"{fn}: argument '{name}' must be a torch.Tensor (or a numpy.ndarray); got "
+        f"{fn}: argument '{name}' must be {accepted}; got "
         f"{type(x).__name__}. Convert it first, e.g. torch.as_tensor({name.split('[')[0]}, "
         "dtype=torch.float32)"
     )
@@ -232,17 +235,21 @@ def check_shape_pair(shape: object, name: str, fn: str, what: str = "(m, n)") ->
     return int(shape[0]), int(shape[1])
 
 
-def pow2_scale(magnitude: torch.Tensor) -> torch.Tensor:
-    """Elementwise power of two ``c`` with ``c * magnitude`` in ``[0.5, 1)``; 1 where the
-    magnitude is 0 or not finite.
+def pow2_scale(
+    X: torch.Tensor, dim: int | tuple[int, ...] | None = None, *, keepdim: bool = False
+) -> torch.Tensor:
+    """The power of two ``c`` (float64) with ``c * max|X|`` in ``[0.5, 1)``, the maximum
+    taken over ``dim`` (all entries if None); 1 where that maximum is 0.
 
-    Multiplying by a power of two is exact (no rounding), so ``A * c`` is the same matrix in
+    Multiplying by a power of two is exact (no rounding), so ``X * c`` is the same data in
     other units: kernels scale by it before forming Gram matrices or squares (which
     overflow float32 for entries near 1e20 and underflow near 1e-20) and scale back after.
     """
-    _, exponent = torch.frexp(magnitude)
-    ok = torch.isfinite(magnitude) & (magnitude > 0)
-    return torch.where(ok, torch.ldexp(torch.ones_like(magnitude), -exponent), 1.0)
+    absX = X.abs()
+    mag = (absX.amax() if dim is None else absX.amax(dim=dim, keepdim=keepdim)).double()
+    _, exponent = torch.frexp(mag)
+    ok = torch.isfinite(mag) & (mag > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(mag), -exponent), 1.0)
 
 
 def safe_range(dtype: torch.dtype) -> tuple[float, float]:

@@ -296,7 +296,7 @@ def complete_altmin(
     vals = values.to(working_dtype(out_dtype))
     # Fit c·M, c an exact power of two bringing the largest value to ~1, so the squared
     # residuals and Gram matrices neither overflow nor underflow; U is scaled back at the end.
-    c = pow2_scale(vals.abs().amax())
+    c = pow2_scale(vals).to(vals.dtype)
     vals = vals * c
     rows, cols = rows.to(vals.device), cols.to(vals.device)
     reg = max(reg, 4 * torch.finfo(vals.dtype).eps)

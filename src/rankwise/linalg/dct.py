@@ -118,7 +118,7 @@ def dct_select(
     proj = D.mT @ Gw if side == "left" else (Gw @ D).mT  # (..., d, other side)
     # Energy per frequency, in units where the largest coefficient is ~1 (an exact power of
     # two), so the squares neither overflow (entries near 1e20) nor underflow (near 1e-30).
-    proj = proj * pow2_scale(proj.abs().amax((-2, -1), keepdim=True))
+    proj = proj * pow2_scale(proj, (-2, -1), keepdim=True).to(proj.dtype)
     scores = proj.square().sum(-1)  # (..., d)
     indices = torch.topk(scores, rank, dim=-1).indices  # (..., rank), highest first
     P = D[:, indices].movedim(0, -2) if indices.ndim > 1 else D[:, indices]  # (..., d, rank)

@@ -134,8 +134,8 @@ def nystrom_general(
     Args:
         A: dense (..., M, N) or an operator with ``@`` and ``.mT``/``rmatmul``.
         rank: K, 1 <= K <= min(M, N).
-        oversample: ``L - K``; default ``ceil(K / 2)`` (L ≈ 1.5K as recommended by
-            Nakatsukasa 2020), clamped so ``L <= M``.
+        oversample: ``L - K``; ``None`` (the default) means ``ceil(K / 2)`` (L ≈ 1.5K as
+            recommended by Nakatsukasa 2020). Clamped so ``L <= M``.
         generator: source of ``X`` and ``Y``.
     Returns:
         :class:`NystromFactors` ``(C (..., M, K), W (..., K, L), R (..., L, N))``.

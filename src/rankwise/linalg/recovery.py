@@ -96,7 +96,7 @@ def _operator(
         raise ShapeError(f"{fn}: argument 'y' must be a non-empty 1-D tensor; got {tuple(y.shape)}")
     check_finite(y, "y", fn)
     m = y.numel()
-    c = float(pow2_scale(y.abs().amax().double()))
+    c = float(pow2_scale(y))
     a = 1.0
     if isinstance(A, torch.Tensor):
         check_dtype(A.dtype, "A", fn)
@@ -106,7 +106,7 @@ def _operator(
                 f"got {tuple(A.shape)}"
             )
         check_finite(A, "A", fn)
-        a = float(pow2_scale(A.abs().amax().double()))
+        a = float(pow2_scale(A))
         Aw = A.to(device=y.device, dtype=working_dtype(y.dtype)) * a
         n1, n2 = A.shape[1], A.shape[2]
         flat = Aw.reshape(m, n1 * n2)  # (m, n1 n2)

@@ -141,7 +141,7 @@ def streaming_top_eigvec(
             v = v / v.norm()
         # Work with c·B, c an exact power of two bringing the block's entries to ~1, so the
         # squares below neither overflow (entries near 1e20) nor underflow (near 1e-30).
-        c = float(pow2_scale(B.abs().amax().double()))
+        c = float(pow2_scale(B))
         B = B.to(v.dtype) * c
         Bv = B @ v  # (b,) = c B v
         proj = float(Bv.double().square().sum()) / c**2

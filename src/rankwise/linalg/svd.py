@@ -44,6 +44,11 @@ from rankwise.linalg._checks import (
 AUTO_RTOL = 1e-3
 AUTO_MAX_DEPTH = 16
 
+# What a matrix argument of rsvd/nystrom may be (for error messages).
+_OPERAND = (
+    "a torch.Tensor, a numpy.ndarray or a matrix operator (with .shape, @ and .mT or .rmatmul)"
+)
+
 
 class SVDResult(NamedTuple):
     """A (thin or truncated) SVD: ``A ≈ U @ diag(S) @ Vh``.
@@ -165,14 +170,16 @@ class ProductOperator(LinearOperator):
         if len(factors) < 1:
             raise ConfigError("ProductOperator: needs at least one factor; got none")
         factors = tuple(
-            as_tensor(f, f"factors[{i}]", "ProductOperator") if isinstance(f, np.ndarray) else f
+            f
+            if hasattr(f, "shape") and hasattr(f, "__matmul__") and not isinstance(f, np.ndarray)
+            else as_tensor(f, f"factors[{i}]", "ProductOperator", accepted=_OPERAND)
             for i, f in enumerate(factors)
         )
         for i, f in enumerate(factors):
-            if not hasattr(f, "shape") or not hasattr(f, "__matmul__") or len(f.shape) < 2:
+            if len(f.shape) < 2:
                 raise ShapeError(
                     f"ProductOperator: factor {i} must be a tensor or operator of shape "
-                    f"(..., M, N); got {type(f).__name__}"
+                    f"(..., M, N); got shape {tuple(f.shape)}"
                 )
             check_dtype(getattr(f, "dtype", torch.float32), f"factors[{i}]", "ProductOperator")
         for i in range(len(factors) - 1):
@@ -222,14 +229,15 @@ class _Op:
 
     Magnitudes: when ``‖A‖_F`` (dense) or the first sketch (:meth:`rescale`, operators) is
     outside :func:`safe_range` of the working dtype, the products are computed for
-    ``c A`` with ``c`` an exact power of two per matrix, so Gram matrices and Cholesky-QR
-    neither overflow (entries near 1e20 in float32) nor underflow (near 1e-30). Kernels
+    ``c A``, ``c`` the exact power of two of each matrix's largest entry (of the sketch's,
+    for operators), so Gram matrices and Cholesky-QR neither overflow (entries near 1e20
+    in float32) nor underflow (near 1e-30). Kernels
     multiply singular values (or eigenvalues) by ``unscale = 1 / c`` (float64, (...,)).
     """
 
     def __init__(self, A: object, fn: str, name: str = "A") -> None:
-        if isinstance(A, np.ndarray):
-            A = as_tensor(A, name, fn)
+        if isinstance(A, np.ndarray) or not (hasattr(A, "shape") and hasattr(A, "__matmul__")):
+            A = as_tensor(A, name, fn, accepted=_OPERAND)
         self.dense = isinstance(A, torch.Tensor)
         self._fro2 = None
         self._c = None  # (..., 1, 1) multiplier of operator outputs, once rescaled
@@ -240,23 +248,16 @@ class _Op:
             self.unscale = torch.ones(self.batch, dtype=torch.float64, device=self.device)
             # One pass gives ‖A‖_F and, if it is finite, proves every entry is finite.
             fro = torch.linalg.vector_norm(self.A, dim=(-2, -1))
-            low, high = safe_range(self.A.dtype)
             if not bool(torch.isfinite(fro).all()):
                 check_finite(A, name, fn)  # raises on NaN/Inf; else the square overflowed
-            if not bool(((fro >= low) & (fro <= high)).all()):  # maybe under/overflowed
+            low, high = safe_range(self.A.dtype)
+            if not bool(((fro >= low) & (fro <= high)).all()):  # tiny, huge (or zero)
+                c = pow2_scale(self.A, (-2, -1))
+                self.A = self.A * c[..., None, None].to(self.A.dtype)
+                self.unscale = 1 / c
                 fro = torch.linalg.vector_norm(self.A, dim=(-2, -1), dtype=torch.float64)
-                if not bool(((fro == 0) | ((fro >= low) & (fro <= high))).all()):
-                    c = pow2_scale(fro)
-                    self.A = self.A * c[..., None, None].to(self.A.dtype)
-                    self.unscale = 1 / c
-                    fro = fro * c
             self._fro2 = fro.double() ** 2
         else:
-            if not hasattr(A, "shape") or not hasattr(A, "__matmul__"):
-                raise ShapeError(
-                    f"{fn}: argument '{name}' must be a torch.Tensor or a matrix operator "
-                    f"(with .shape, @ and .mT or .rmatmul); got {type(A).__name__}"
-                )
             if not hasattr(A, "mT") and not hasattr(A, "rmatmul"):
                 raise ShapeError(
                     f"{fn}: operator '{name}' ({type(A).__name__}) has neither .mT nor "
@@ -281,11 +282,11 @@ class _Op:
             return Y
         if not bool(torch.isfinite(Y).all()):
             raise ShapeError(f"{self.fn}: operator '{self.name}' produced NaN/Inf values when applied")
-        mag = torch.linalg.vector_norm(Y, dim=(-2, -1), dtype=torch.float64)
+        mag = torch.linalg.vector_norm(Y, dim=(-2, -1))
         low, high = safe_range(self.dtype)
-        if bool(((mag == 0) | ((mag >= low) & (mag <= high))).all()):
+        if bool(((mag >= low) & (mag <= high)).all()):
             return Y
-        c = pow2_scale(mag)
+        c = pow2_scale(Y, (-2, -1))
         self._c = c[..., None, None].to(self.dtype)
         self.unscale = 1 / c
         return Y * self._c
@@ -396,13 +397,29 @@ def _orth(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(X).Q
 
 
-def _orth_against(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+def _orth_against(
+    W: torch.Tensor, Q: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Orthonormalise ``W`` against the orthonormal ``Q`` and itself (block Gram-Schmidt,
-    twice, so the new block stays orthogonal to ``Q`` even when W is nearly inside it)."""
-    W = W - Q @ (Q.mT @ W)
-    W = _orth(W)
-    W = W - Q @ (Q.mT @ W)
-    return _orth(W)
+    twice, so the new block stays orthogonal to ``Q`` even when W is nearly inside it).
+
+    When the Krylov space is numerically exhausted (a matrix of low numerical rank, or
+    one graded over many orders of magnitude), the projected block is rounding noise that
+    normalisation turns into columns lying back inside ``Q``; those columns are replaced
+    by Gaussian directions, which any orthonormal basis may contain without harm to the
+    Rayleigh-Ritz step.
+    """
+    for attempt in range(2):
+        for _ in range(2):
+            W = W - Q @ (Q.mT @ W)
+            W = _orth(W)
+        leak = (Q.mT @ W).abs().amax(-2)  # (..., b): worst overlap of each new column
+        bad = leak > 1e3 * torch.finfo(W.dtype).eps
+        if attempt or not bool(bad.any()):
+            return W
+        fresh = torch.randn(W.shape, generator=generator, dtype=W.dtype, device=W.device)
+        W = torch.where(bad.unsqueeze(-2), fresh, W)
+    return W
 
 
 # --------------------------------------------------------------------------------------
@@ -520,7 +537,7 @@ def rsvd(
             break
         prev = ritz if auto or tol is not None else None
         W = op.matmul(Z)[..., : min(b, n - width)]  # (..., m, b_j)
-        Qj = _orth_against(W, Q)
+        Qj = _orth_against(W, Q, generator)
         Q = torch.cat([Q, Qj], -1)
         depth += 1
 
