@@ -18,7 +18,7 @@ import typer.main
 
 from rankwise.errors import RankwiseError
 
-COMMANDS = ["info", "evaluate", "finetune", "compress"]
+COMMANDS = ["info", "evaluate", "generate", "finetune", "compress", "analyze"]
 
 app = typer.Typer(
     name="rankwise",
