@@ -34,7 +34,7 @@ class LayerReport:
       compensation ``B A`` of ``eora``/``lq`` layers — or ``None`` when it has none (a dense
       layer, or a quantized / sparse / resized layer without a low-rank term). Never 0.
     - ``detail``: method-specific structure, flat ``str → int | float | str``:
-      ``modegpt`` ``kept`` (inner channels / head dims kept of ``full``); ``cospadi``
+      ``modegpt`` ``kept`` (MLP channels, or value / query-key head dims, kept); ``cospadi``
       ``atoms``, ``nonzeros`` (per row of the codes); ``lq`` ``bits`` (of the quantized
       base); ``eora`` ``base`` (``"quantize"`` or a method name) with ``bits`` or
       ``base_rank`` (the rank the base method gave the layer).

@@ -371,24 +371,12 @@ class MoDeGPT(CompressionMethod):
                 k_index.append(dims + g * d)
                 q_index.extend(dims + h * d for h in heads)
             q_index, k_index = torch.cat(q_index), torch.cat(k_index)
-            put(
-                names["q_proj"],
-                ScatterLinear.from_parts(
-                    q[q_index].to(dtype),
-                    q_index,
-                    n_h * d,
-                    None if bq is None else bq[q_index].to(dtype),
-                ),
-            )
-            put(
-                names["k_proj"],
-                ScatterLinear.from_parts(
-                    kw[k_index].to(dtype),
-                    k_index,
-                    n_kv * d,
-                    None if bk is None else bk[k_index].to(dtype),
-                ),
-            )
+            for part, w, b, index, full in (
+                ("q_proj", q, bq, q_index, n_h * d),
+                ("k_proj", kw, bk, k_index, n_kv * d),
+            ):
+                kept_bias = None if b is None else b[index].to(dtype)
+                put(names[part], ScatterLinear.from_parts(w[index].to(dtype), index, full, kept_bias))
             dropped = 1.0 - float((q[q_index] @ chol).pow(2).sum() / (q @ chol).pow(2).sum())
             errors["q_proj"] = errors["k_proj"] = (2 * size["qk"], math.sqrt(max(dropped, 0.0)))
         return errors
