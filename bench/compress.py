@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, markdown_table, write_results  # noqa: E402
 
 from rankwise.compress.api import compress  # noqa: E402
-from rankwise.compress.base import METHODS, method_names  # noqa: E402
+from rankwise.compress.base import get_method, method_names  # noqa: E402
 from rankwise.compress.calibrate import calibrate  # noqa: E402
 from rankwise.data import load_corpus, perplexity  # noqa: E402
+from rankwise.errors import ConfigError  # noqa: E402
 from rankwise.models import count_parameters, load_model, tiny_llama  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (named in the table's title)")
-    parser.add_argument("--allocate", default="fisher", help="rank allocation strategy")
+    parser.add_argument("--allocate", default="auto", help="allocation (auto: each method's own; fisher for SVD methods)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
     args = parser.parse_args()
     quick = args.quick
@@ -63,11 +64,19 @@ def main() -> None:
 
     dense = perplexity(model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens)
     t0 = time.perf_counter()
-    extra = {"out_grad"} if args.allocate == "fisher" else set()  # the allocator's statistic
-    needs = sorted({s for m in methods for s in METHODS[m].needs} | extra)
+
+    def statistics(name: str) -> frozenset[str]:
+        """What the method (and its allocation) calibrate; none if it cannot honour --allocate
+        (compress then reports that as the method's failure)."""
+        try:
+            return get_method(name).statistics(args.allocate)
+        except ConfigError:
+            return frozenset()
 
     def calibrated(name: str) -> bool:
-        return bool(METHODS[name].needs or extra)
+        return bool(statistics(name))
+
+    needs = sorted({s for m in methods for s in statistics(m)})
 
     calibration = calibrate(model, tok, corpus.calibration, tokens=calib_tokens, seq_len=seq_len, statistics=needs)
     calib_seconds = time.perf_counter() - t0
@@ -115,10 +124,11 @@ def main() -> None:
         "allocation": args.allocate, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
         "results": results, "decode_new_tokens": new_tokens,
     }
+    allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
     md = (
         f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}"
         f"{' except ' + ', '.join(args.skip) if args.skip else ''}, "
-        f"{args.allocate} rank allocation\n\n"
+        f"{allocation_label} allocation\n\n"
         f"Dense: {total:,} parameters, validation perplexity **{dense.perplexity:.2f}** "
         f"(seq_len {seq_len}, first {eval_tokens:,} validation tokens of the builtin corpus, no BOS). "
         f"'kept' counts ALL parameters (embeddings included, tied once). Calibration: {calib_tokens:,} tokens "
@@ -130,7 +140,7 @@ def main() -> None:
         + markdown_table(["method", "target kept", "kept", "perplexity", "vs dense", "compress s", "decode tok/s", "decode speed-up"], rows)
     )
     name = "compress_quick" if quick else "compress"
-    if args.allocate != "fisher" or (not quick and args.calib_tokens != 16384):  # variants get their own section
+    if args.allocate != "auto" or (not quick and args.calib_tokens != 16384):  # variants get their own section
         name += f"_{args.allocate}_{calib_tokens}"
     if args.methods is not None and not args.skip:  # a subset run gets its own section too
         name += "_" + "_".join(methods)
