@@ -135,6 +135,18 @@ def check_matrix(
     return A
 
 
+def check_vector(x: object, name: str, fn: str) -> torch.Tensor:
+    """Validate a non-empty 1-D real floating, finite vector; return it as a tensor."""
+    x = as_tensor(x, name, fn)
+    check_dtype(x.dtype, name, fn)
+    if x.ndim != 1 or x.numel() == 0:
+        raise ShapeError(
+            f"{fn}: argument '{name}' must be a non-empty 1-D tensor; got shape {tuple(x.shape)}"
+        )
+    check_finite(x, name, fn)
+    return x
+
+
 def check_int(
     value: object,
     name: str,
@@ -289,6 +301,7 @@ __all__ = [
     "check_rank",
     "check_shape",
     "check_shape_pair",
+    "check_vector",
     "pow2_scale",
     "safe_range",
     "working_dtype",

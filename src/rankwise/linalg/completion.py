@@ -18,12 +18,12 @@ from rankwise.errors import ShapeError
 from rankwise.linalg._checks import (
     as_tensor,
     check_choice,
-    check_dtype,
     check_float,
     check_generator,
     check_int,
     check_rank,
     check_shape_pair,
+    check_vector,
     pow2_scale,
     working_dtype,
 )
@@ -265,12 +265,7 @@ def complete_altmin(
     """
     fn = _FN
     m, n = check_shape_pair(shape, "shape", fn)
-    values = as_tensor(values, "values", fn)
-    check_dtype(values.dtype, "values", fn)
-    if values.ndim != 1 or values.numel() == 0:
-        raise ShapeError(
-            f"{fn}: argument 'values' must be a non-empty 1-D tensor; got shape {tuple(values.shape)}"
-        )
+    values = check_vector(values, "values", fn)
     rows = _check_index(rows, "rows", m)
     cols = _check_index(cols, "cols", n)
     if not (rows.numel() == cols.numel() == values.numel()):
@@ -278,9 +273,6 @@ def complete_altmin(
             f"{fn}: arguments 'rows', 'cols' and 'values' must have the same length; got "
             f"{rows.numel()}, {cols.numel()} and {values.numel()}"
         )
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise ShapeError(f"{fn}: argument 'values' contains {bad} NaN/Inf value(s)")
     rank = check_rank(rank, m, n, fn)
     max_iter = check_int(max_iter, "max_iter", fn, low=1)
     tol = check_float(tol, "tol", fn, low=0.0)

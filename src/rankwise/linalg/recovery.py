@@ -34,6 +34,7 @@ from rankwise.linalg._checks import (
     check_int,
     check_rank,
     check_shape_pair,
+    check_vector,
     pow2_scale,
     working_dtype,
 )
@@ -88,13 +89,9 @@ def _operator(
     underflows for data near 1e±30; the scaled problem's solution is ``(c / a) X*``, and
     factors are multiplied by ``unscale = sqrt(a / c)`` (an exact power of two) on return.
     """
-    y = as_tensor(y, "y", fn)
+    y = check_vector(y, "y", fn)
     if isinstance(A, np.ndarray):
         A = as_tensor(A, "A", fn)
-    check_dtype(y.dtype, "y", fn)
-    if y.ndim != 1 or y.numel() == 0:
-        raise ShapeError(f"{fn}: argument 'y' must be a non-empty 1-D tensor; got {tuple(y.shape)}")
-    check_finite(y, "y", fn)
     m = y.numel()
     c = float(pow2_scale(y))
     a = 1.0

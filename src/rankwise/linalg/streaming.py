@@ -11,6 +11,7 @@ from rankwise.errors import ConfigError, ShapeError
 from rankwise.linalg._checks import (
     as_tensor,
     check_dtype,
+    check_finite,
     check_float,
     check_generator,
     check_int,
@@ -52,8 +53,7 @@ def _as_block(item: object, index: int, d: int | None) -> torch.Tensor:
             f"{_FN}: argument 'stream' item {index} has {item.shape[1]} columns; earlier items "
             f"(or 'dim') have d = {d}"
         )
-    if not bool(torch.isfinite(item).all()):
-        raise ShapeError(f"{_FN}: argument 'stream' item {index} contains NaN/Inf values")
+    check_finite(item, f"stream[{index}]", _FN)
     return item
 
 
