@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,17 +96,19 @@ def test_minilm_loads():
 # --- damaged or incomplete Hugging Face folders ----------------------------------------
 
 
-@pytest.fixture
-def hf_folder(tmp_path):
+MISSING = ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
+MISSHAPEN = "model.layers.0.self_attn.q_proj.weight"
+
+
+def make_hf_folder(folder: Path) -> Path:
     """A tiny Llama saved as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
     model, tok = models.tiny_llama()
-    folder = tmp_path / "hf"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def _edit_weights(folder, edit):
+def _edit_weights(folder: Path, edit) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(folder / "model.safetensors")
@@ -112,32 +116,47 @@ def _edit_weights(folder, edit):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_truncated_safetensors_is_a_checkpoint_error(hf_folder):
-    weights = hf_folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+def damage(folder: Path, kind: str) -> None:
+    """Damage a folder from :func:`make_hf_folder` the way a user's download or edit would."""
+    weights = folder / "model.safetensors"
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "garbage":
+        weights.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    elif kind == "wrong-shape":
+        _edit_weights(folder, lambda t: t.__setitem__(MISSHAPEN, torch.zeros(3, 3)))
+    elif kind == "missing":
+        _edit_weights(folder, lambda t: [t.pop(k) for k in MISSING])
+    elif kind == "pickle-only":
+        torch.save(models.tiny_llama()[0].state_dict(), folder / "pytorch_model.bin")
+        weights.unlink()
+    else:
+        raise ValueError(kind)
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    return make_hf_folder(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_damaged_safetensors_is_a_checkpoint_error(hf_folder, kind):
+    damage(hf_folder, kind)
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated or corrupt"):
         load_model(hf_folder)
 
 
-def test_garbage_safetensors_is_a_checkpoint_error(hf_folder):
-    (hf_folder / "model.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_model(hf_folder)
-
-
 def test_wrong_shape_tensor_names_the_tensor_and_both_shapes(hf_folder):
-    key = "model.layers.0.self_attn.q_proj.weight"
-    _edit_weights(hf_folder, lambda t: t.__setitem__(key, torch.zeros(3, 3)))
-    with pytest.raises(CheckpointError, match=rf"{key}.*\(3, 3\).*\(64, 64\)"):
+    damage(hf_folder, "wrong-shape")
+    with pytest.raises(CheckpointError, match=rf"{MISSHAPEN}.*\(3, 3\).*\(64, 64\)"):
         load_model(hf_folder)
 
 
 def test_missing_tensor_is_refused_not_random_initialised(hf_folder):
-    keys = ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
-    _edit_weights(hf_folder, lambda t: [t.pop(k) for k in keys])
+    damage(hf_folder, "missing")
     with pytest.raises(CheckpointError, match="2 tensor.*missing") as e:
         load_model(hf_folder)
-    assert all(k in str(e.value) for k in keys)
+    assert all(k in str(e.value) for k in MISSING)
 
 
 def test_tied_lm_head_is_not_missing(tmp_path):
@@ -155,9 +174,7 @@ def test_tied_lm_head_is_not_missing(tmp_path):
 
 
 def test_pickle_only_folder_is_refused_without_unpickling(hf_folder, monkeypatch):
-    model, _ = models.tiny_llama()
-    torch.save(model.state_dict(), hf_folder / "pytorch_model.bin")
-    (hf_folder / "model.safetensors").unlink()
+    damage(hf_folder, "pickle-only")
 
     def no_unpickling(*args, **kwargs):
         raise AssertionError("torch.load was called")
