@@ -2,13 +2,13 @@
 
 PiSSA: rankwise ``init="pissa"`` (randomized block-Krylov SVD, ``n_iter="auto"`` and
 ``n_iter=4``) vs PEFT ``init_lora_weights="pissa"`` (full ``torch.linalg.svd``) and
-``"pissa_niter_4"`` (``torch.svd_lowrank``), all linear layers, r=16. Quality: PiSSA's
+``"pissa_niter_4"`` (``torch.svd_lowrank``), all linear layers, rank 16. Quality: PiSSA's
 ``W_res + s·B A`` must equal ``W`` (max abs error), how close ``B A`` is to the best rank-r
 approximation (``‖W - BA‖_F / ‖W - W_r‖_F``, 1 = optimal) and the agreement of each
 method's top-r right-singular subspace with the full SVD's (mean ``cos²`` of the principal
 angles).
 
-EVA: rankwise ``init="eva"`` (r=32, rho=2, centred) vs PEFT ``init_lora_weights="eva"``
+EVA: rankwise ``init="eva"`` (rank=32, rho=2, centred) vs PEFT ``init_lora_weights="eva"``
 (r=16, ``EvaConfig(rho=2)``), which is the same budget (16 per layer on average) and cap
 (32); then the agreement of the two ``A`` subspaces, layer by layer, over the components
 both kept.
@@ -160,7 +160,7 @@ def main() -> None:
         return timed
 
     def ours_pissa(n_iter):
-        return lambda m: (attach(m, "lora", pattern, r=R, init="pissa",
+        return lambda m: (attach(m, "lora", pattern, rank=R, init="pissa",
                                  init_options={"n_iter": n_iter}), m)[1]  # fmt: skip
 
     def peft_pissa(init):
@@ -168,7 +168,7 @@ def main() -> None:
 
     def ours_eva(m):
         options = {"inputs": blocks, "rho": 2.0, "batch_size": batch, "center": True}
-        attach(m, "lora", pattern, r=2 * R, init="eva", init_options=options)
+        attach(m, "lora", pattern, rank=2 * R, init="eva", init_options=options)
         return m
 
     def peft_eva(m):
@@ -241,7 +241,7 @@ def main() -> None:
     mode = "quick (layers 0-1)" if quick else "full"
     md = "\n\n".join([
         f"### Adapter initialisers: PiSSA and EVA on SmolLM2-135M ({mode}, {n_layers} linear "
-        f"layers, r={R}, median of {repeats})",
+        f"layers, rank {R}, median of {repeats})",
         "Wall time and process CPU time (the machine may be shared; CPU time is the steadier "
         "measure). Ratio columns are the peer's CPU time over this row's (>1: this row is "
         "faster). `excess err %` is how much ‖W − BA‖_F exceeds the best rank-r error; "
@@ -250,7 +250,7 @@ def main() -> None:
             ["method", "wall (s)", "cpu (s)", "vs peft full", "vs peft niter_4",
              "max |W_res+BA−W|",
              "excess err % mean", "excess err % max", "agree"], rows),
-        f"EVA: {len(blocks)} blocks × {seq_len} tokens, batch {batch}; rankwise r={2 * R} "
+        f"EVA: {len(blocks)} blocks × {seq_len} tokens, batch {batch}; rankwise rank={2 * R} "
         f"rho=2 centred = PEFT r={R} rho=2 (same budget and cap). Subspace agreement of the "
         f"two `A`s over the components both kept: mean "
         f"{results['rankwise eva']['subspace_agreement_with_peft_mean']:.3f}, min "

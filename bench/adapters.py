@@ -70,7 +70,7 @@ def build(lib: str, method: str, case: str, quick: bool, donor=None):
     model, x, targets, loss_fn = _base(case, quick)
     g = torch.Generator().manual_seed(1)
     if lib == "rankwise":
-        attach(model, method, targets=targets, r=RANK, alpha=2 * RANK)
+        attach(model, method, targets=targets, rank=RANK, alpha=2 * RANK)
         with torch.no_grad():
             for layer in adapted_layers(model).values():
                 ad = layer.adapters["default"]
