@@ -12,6 +12,10 @@ Three ways to the same table, on the same loaded model, interleaved, median of `
 Accuracy against the dense peer: worst error of the top-64 singular values (relative to σ₁),
 and of the effective rank and 90% energy rank.
 
+Second table: ``nuclear_norm_score`` on ``--texts`` validation documents of the built-in
+corpus (256 tokens each): the paper's L1,2 approximation against the exact SVD nuclear norm
+of the same probability matrices (time of the norms alone; the forward passes are shared).
+
 Writes bench/results/analysis.json and prints the markdown table (docs/benchmarks.md is
 edited by hand from it).
 
@@ -34,7 +38,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, interleaved, machine, markdown_table  # noqa: E402
 
-from rankwise.analysis import spectrum  # noqa: E402
+from rankwise.analysis import nuclear_norm_score, spectrum  # noqa: E402
+from rankwise.data import load_corpus  # noqa: E402
 from rankwise.linalg import effective_rank, energy_rank  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
 
@@ -69,11 +74,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--texts", type=int, default=8, help="documents for the nuclear-norm table")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     t0 = time.perf_counter()
-    model, _ = load_model(args.model)
+    model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
     out: dict = {}
     names = [layer.name for layer in spectrum(model, top_k=1, exact_below=0).layers]
@@ -102,6 +108,22 @@ def main() -> None:
         f"\n\n{args.model}: {len(names)} linear layers (the tied output head is the embedding and is "
         f"skipped). Median of {repeats} interleaved runs; model load {load_s:.1f} s."
     )
+    texts = [t for t in load_corpus("builtin").validation if len(t) > 2000][: args.texts]
+    nn_result = nuclear_norm_score(model, tokenizer, texts, max_tokens=256, exact=True)
+    rel = [abs(t.approx - t.exact) / t.exact for t in nn_result.texts]
+    nn_table = markdown_table(
+        ["Matrix Nuclear-Norm", "score (mean ‖A‖_*/L)", "time of the norms", "speed-up"],
+        [
+            ["exact (SVD)", f"{nn_result.exact_score:.4f}", f"{nn_result.seconds_exact:.3f} s", "1.0x"],
+            ["L1,2 approximation (paper)", f"{nn_result.score:.4f}", f"{nn_result.seconds_approx:.4f} s",
+             f"{nn_result.seconds_exact / max(nn_result.seconds_approx, 1e-9):.0f}x"],
+        ],
+    )
+    nn_table += (
+        f"\n\n{len(texts)} built-in validation documents, 256 tokens each, vocabulary {nn_result.texts[0] and len(tokenizer)}; "
+        f"per-text relative difference approx vs exact: median {sorted(rel)[len(rel) // 2]:.1%}, max {max(rel):.1%}."
+    )
+    table += "\n\n" + nn_table
     payload = {
         "benchmark": "analysis",
         "machine": machine(),
@@ -111,6 +133,7 @@ def main() -> None:
         "seconds": times,
         "accuracy": acc,
         "load_seconds": load_s,
+        "nuclear_norm": nn_result.to_dict(),
         "markdown": table,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
