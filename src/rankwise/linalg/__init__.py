@@ -1,7 +1,9 @@
 """rankwise.linalg: numerical kernels for low-rank structure (pure functions on tensors).
 
 Shapes are ``(..., M, N)`` (batched over leading dimensions); results are NamedTuples;
-randomness comes from an explicit ``generator``.
+randomness comes from an explicit ``generator``. Inputs are tensors or NumPy arrays
+(converted with ``torch.as_tensor``; results are tensors), of any finite magnitude (see
+:mod:`rankwise.linalg._checks`).
 """
 
 from rankwise.linalg.metrics import effective_rank, energy_rank, nuclear_norm, stable_rank
