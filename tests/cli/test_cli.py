@@ -109,7 +109,8 @@ def test_every_option_has_help(name):
 
 
 @pytest.mark.parametrize("name", [n for n, _ in all_commands()])
-def test_help_shows_flags_without_type_and_marks_required(name, capsys):
+def test_help_shows_flags_without_type_and_marks_required(name, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option: long names are not folded
     command = dict(all_commands())[name]
     assert main([*name.split()[1:], "--help"]) == 0
     out = capsys.readouterr().out
@@ -123,6 +124,7 @@ def test_help_shows_flags_without_type_and_marks_required(name, capsys):
 def test_required_option_and_flag_shown_as_such(monkeypatch, capsys):
     import typer
 
+    monkeypatch.setenv("COLUMNS", "300")
     from rankwise.cli import app
 
     def probe(
