@@ -85,8 +85,6 @@ def test_load_model_finds_the_registered_folder_format(tmp_path, texts):
     """The compressed format is registered with rankwise.models (models.py knows no compress)."""
     import rankwise.models as models
 
-    if not hasattr(models, "register_folder_format"):
-        pytest.skip("rankwise.models.register_folder_format has not landed yet")
     assert models.folder_format(Path("/nonexistent")) is None
     result = _compressed(texts)
     folder = save_compressed(result.model, result.tokenizer, tmp_path / "out", method="svdllm")

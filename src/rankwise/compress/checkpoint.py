@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise import models
 from rankwise.compress.base import LowRankLinear
 from rankwise.compress.layers import install_module, module_spec, registered_modules
 from rankwise.errors import CheckpointError
 from rankwise.fileio import output_dir, write_json
+from rankwise.models import register_folder_format
 
 COMPRESSED_MARKER = "rankwise_compressed.json"
 FORMAT = "rankwise-compressed"
@@ -182,11 +182,7 @@ def load_compressed(path: str | os.PathLike):
 
 
 # models.py knows nothing of compress: the compressed folder format registers itself there.
-# (register_folder_format lands in rankwise.models with issue 10; until then load_model
-# still dispatches on the marker by itself.)
-_register_folder_format = getattr(models, "register_folder_format", None)
-if _register_folder_format is not None:
-    _register_folder_format(COMPRESSED_MARKER, load_compressed)
+register_folder_format(COMPRESSED_MARKER, load_compressed)
 
 
 __all__ = ["COMPRESSED_MARKER", "save_compressed", "load_compressed", "low_rank_modules", "weights_header_bound"]
