@@ -81,3 +81,32 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
 @pytest.fixture
 def tiny() -> nn.Module:
     return llama()
+
+
+def train(
+    model: nn.Module, loss_fn, *, steps: int, lr: float, train_mode: bool = False
+) -> list[float]:
+    """Adam on the trainable parameters for ``steps`` steps of ``loss_fn()``; the losses.
+    With ``train_mode`` the model trains in train mode and is put back in eval mode."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train(train_mode)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def assert_merge_round_trip(model: nn.Module, x: torch.Tensor) -> None:
+    """Merged and then unmerged outputs equal the adapted model's (1e-5)."""
+    from rankwise.adapters import merge, unmerge
+
+    trained = logits(model, x)
+    merge(model)
+    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
+    unmerge(model)
+    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)

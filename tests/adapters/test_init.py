@@ -41,7 +41,9 @@ def test_pissa_residual_plus_ba_is_w_and_ba_is_the_truncated_svd(exact):
     w0 = originals(model)
     x = tokens(vocab=200)
     before = logits(model, x)
-    attach(model, "lora", "all-linear", rank=4, alpha=8, init="pissa", init_options={"exact": exact})
+    attach(
+        model, "lora", "all-linear", rank=4, alpha=8, init="pissa", init_options={"exact": exact}
+    )
     for path, layer in adapted_layers(model).items():
         ad = layer.adapters["default"]
         ba = ad.scaling * ad.lora_B @ ad.lora_A

@@ -6,10 +6,19 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_state, llama, logits, make_trained, snapshot, tokens
+from conftest import (
+    assert_merge_round_trip,
+    assert_same_state,
+    llama,
+    logits,
+    make_trained,
+    snapshot,
+    tokens,
+    train,
+)
 from torch import nn
 
-from rankwise.adapters import adapted_layers, attach, load_adapter, merge, save_adapter, unmerge
+from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
 from rankwise.errors import ConfigError
 
 TARGETS = ["q_proj", "down_proj"]
@@ -73,22 +82,9 @@ def test_parameter_count_loss_drops_and_merged_equals_unmerged():
     x = tokens(n=4, length=16, vocab=200)
     plan = attach(model, "lora_sb", "all-linear", rank=4, init_options={"inputs": x, "lr": 1e-2})
     assert plan.parameters == 16 * len(plan.layers)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    model.eval()
+    losses = train(model, lambda: model(x, labels=x).loss, steps=15, lr=1e-2, train_mode=True)
     assert losses[-1] < losses[0] - 0.1
-    trained = logits(model, x)
-    merge(model)
-    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
-    unmerge(model)
-    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
+    assert_merge_round_trip(model, x)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import llama, logits, make_trained, tokens
+from conftest import assert_merge_round_trip, llama, logits, make_trained, tokens, train
 from torch import nn
 
-from rankwise.adapters import adapted_layers, attach, load_adapter, merge, save_adapter, unmerge
+from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
 
 
 def test_parameter_count_is_r_squared_per_layer():
@@ -40,14 +40,7 @@ def test_training_fits_an_update_inside_the_top_subspaces():
     x = torch.randn(256, 24, generator=g, dtype=torch.float64)
     y = x @ target.T
     attach(model, "lora_xs", "0", rank=4, exact=True)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(150):
-        loss = (model(x) - y).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, lambda: (model(x) - y).square().mean(), steps=150, lr=0.05)
     assert losses[-1] < 1e-3 * losses[0]
     torch.testing.assert_close(model[0].adapters["default"].lora_R, r_star, atol=1e-3, rtol=0)
 
@@ -58,22 +51,9 @@ def test_lm_loss_drops_and_merged_equals_unmerged():
     before = logits(model, x)
     attach(model, "lora_xs", "all-linear", rank=8, alpha=64)
     assert torch.equal(logits(model, x), before)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = train(model, lambda: model(x, labels=x).loss, steps=15, lr=5e-2, train_mode=True)
     assert losses[-1] < losses[0] - 0.1
-    trained = logits(model, x)
-    merge(model)
-    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
-    unmerge(model)
-    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
+    assert_merge_round_trip(model, x)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import llama, logits, make_trained, tokens
+from conftest import assert_merge_round_trip, llama, logits, make_trained, tokens, train
 from torch import nn
 
-from rankwise.adapters import adapted_layers, attach, load_adapter, merge, save_adapter, unmerge
+from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
 from rankwise.adapters.init import residual_to_lora
 
 
@@ -69,24 +69,11 @@ def test_loss_drops_and_merged_equals_unmerged(int_tune):
     attach(model, "nlora", "all-linear", rank=4, int_tune=int_tune)
     frozen = {p: ly.adapters["default"].lora_A.clone() for p, ly in adapted_layers(model).items()}
     lr = 3e-2 if int_tune else 1e-2  # r² parameters need a bigger step to move as far
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = train(model, lambda: model(x, labels=x).loss, steps=15, lr=lr, train_mode=True)
     assert losses[-1] < losses[0] - 0.1
     for path, layer in adapted_layers(model).items():
         assert torch.equal(layer.adapters["default"].lora_A, frozen[path]) == int_tune
-    trained = logits(model, x)
-    merge(model)
-    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
-    unmerge(model)
-    torch.testing.assert_close(logits(model, x), trained, atol=1e-5, rtol=0)
+    assert_merge_round_trip(model, x)
 
 
 def test_save_load_round_trip_on_the_residual_base(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import llama, logits, make_trained, tokens
+from conftest import llama, logits, make_trained, tokens, train
 from torch import nn
 
 from rankwise.adapters import adapted_layers, attach, load_adapter, merge, save_adapter, unmerge
@@ -49,14 +49,7 @@ def test_training_fits_a_change_of_the_top_singular_values():
     x = torch.randn(256, 24, generator=g, dtype=torch.float64)
     y = x @ target.T
     attach(model, "svfit", "0", rank=4, exact=True)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(150):
-        loss = (model(x) - y).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, lambda: (model(x) - y).square().mean(), steps=150, lr=0.05)
     assert losses[-1] < 1e-3 * losses[0]
 
 
