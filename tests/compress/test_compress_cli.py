@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from rankwise.cli import main
 
@@ -12,9 +13,10 @@ def test_cli_compress_tiny_llama_writes_folder_and_report(tmp_path, capsys, text
     code = main(
         ["compress", "--model", "tiny-llama", "--method", "svdllm", "--ratio", "0.8", "--out", str(out),
          "--data", str(data), "--calib-tokens", "512", "--eval-tokens", "512", "--seq-len", "128",
-         "--decode-tokens", "8", "--json", "-o", "damp=0.001", "--option", "update=false"]
+         "--decode-tokens", "8", "--json", "-o", "damp=0.001", "--option", "update=false", "--threads", "2"]
     )
     assert code == 0
+    assert torch.get_num_threads() == 2  # the CLI sets what it was asked (the library never does)
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
@@ -23,7 +25,9 @@ def test_cli_compress_tiny_llama_writes_folder_and_report(tmp_path, capsys, text
     assert report["perplexity"]["after"] > 0 and report["decode"]["after_tokens_per_s"] > 0
     assert report["calibration"]["tokens"] == 512 and report["layers"]
     assert report["method_options"] == {"damp": 0.001, "update": False}
+    assert report["allocation"] == "fisher" and report["layers"][0]["layer_type"] in ("LowRankLinear", "Linear")
     assert main(["eval", "--model", str(out), "--data", str(data), "--max-tokens", "256", "--seq-len", "128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == report["parameters"]["after"]
 
 
 def test_cli_compress_bad_input_exits_2_with_one_line(tmp_path, capsys):
