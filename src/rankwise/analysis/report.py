@@ -71,16 +71,20 @@ def spectra_plot(result: SpectrumResult, title: str) -> str:
     return _png(fig)
 
 
-def heatmap(values: dict[str, float], title: str, label: str, *, cmap: str = "viridis", vmax: float | None = None) -> str:
-    """A kinds × blocks heat map of one number per layer (layers without a block: block 0)."""
+def heatmap(values: dict[str, float], title: str, label: str, *, cmap: str = "viridis", vmax: float | None = None) -> str | None:
+    """A kinds × blocks heat map of one number per layer; layers outside the numbered blocks
+    (an output head) are left out. None when no layer is in a block."""
     from rankwise.analysis._layers import block_of, layer_kind
 
+    values = {n: v for n, v in values.items() if block_of(n) is not None}
+    if not values:
+        return None
     plt = _pyplot()
     kinds = list(dict.fromkeys(layer_kind(n) for n in values))
-    blocks = sorted({block_of(n) or 0 for n in values})
+    blocks = sorted({block_of(n) for n in values})
     grid = [[float("nan")] * len(blocks) for _ in kinds]
     for name, v in values.items():
-        grid[kinds.index(layer_kind(name))][blocks.index(block_of(name) or 0)] = v
+        grid[kinds.index(layer_kind(name))][blocks.index(block_of(name))] = v
     fig, ax = plt.subplots(figsize=(min(14, 1.5 + 0.35 * len(blocks)), 0.9 + 0.38 * len(kinds)))
     image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
@@ -125,9 +129,7 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
     summary = _table(report["summary"], ["metric", "value"])
     parts = [f"<h1>{html.escape(title)}</h1>", summary]
     parts.append("<h2>Spectra</h2>")
-    parts.extend(_img(plots[k], k) for k in ("spectra", "ranks") if k in plots)
-    if "tuned_spectra" in plots:
-        parts.append(_img(plots["tuned_spectra"], "tuned spectra"))
+    parts.extend(_img(plots[k], k) for k in ("spectra", "ranks", "tuned_spectra") if plots.get(k))
     if "intruders" in report:
         i = report["intruders"]
         parts.append(
@@ -135,15 +137,21 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
             f"weight whose largest |cos| with every base singular vector is below {i['threshold']:g} "
             "(Shuttleworth et al. 2024). LoRA updates tend to create them; full fine-tuning does not.</p>"
         )
-        parts.append(_img(plots["intruders"], "intruder dimensions"))
-        parts.append(_table(i["rows"], ["name", "shape", "count", "indices", "min_max_cosine"]))
+        if plots.get("intruders"):
+            parts.append(_img(plots["intruders"], "intruder dimensions"))
+        hit = [r for r in i["rows"] if r["count"]]
+        parts.append(
+            _table(hit, ["name", "shape", "count", "indices", "min_max_cosine"])
+            if hit
+            else "<p>No layer has an intruder dimension.</p>"
+        )
     if "nuclear_norm" in report:
         n = report["nuclear_norm"]
         parts.append(
             "<h2>Matrix Nuclear-Norm</h2><p>Mean ‖A‖<sub>*</sub>/L of the next-token probability matrix "
             "A over the texts, by the paper's L1,2 approximation (Li et al. 2024).</p>"
         )
-        parts.append(_table(n["rows"], ["model", "score", "exact_score", "texts", "tokens"]))
+        parts.append(_table(n["rows"], ["model", "score", "texts", "tokens"]))
     parts.append("<h2>Layers</h2>")
     parts.append(_table(report["spectrum"]["rows"], SPECTRUM_COLUMNS))
     recipe = html.escape(json.dumps(report["recipe"], indent=2))
@@ -203,7 +211,7 @@ def _score_row(name: str, model, tokenizer, docs: list[str], max_tokens: int, *,
 
     with disable(model) if without_adapters else contextlib.nullcontext():
         r = nuclear_norm_score(model, tokenizer, docs, max_tokens=max_tokens)
-    return {"model": name, "score": r.score, "exact_score": r.exact_score, "texts": len(r.texts), "tokens": sum(t.tokens for t in r.texts)}
+    return {"model": name, "score": r.score, "texts": len(r.texts), "tokens": sum(t.tokens for t in r.texts)}
 
 
 def _summary(report: dict) -> list[dict]:
@@ -311,7 +319,8 @@ def analyze(
         del report["intruders"]["layers"]
         plots["tuned_spectra"] = spectra_plot(tuned_spec, f"Singular values of {tuned_name} per layer kind")
         plots["intruders"] = heatmap(
-            intruders.counts(), "Intruder dimensions per layer", "count", cmap="magma", vmax=max(1, intruder_top_k)
+            intruders.counts(), "Intruder dimensions per layer", "count", cmap="magma",
+            vmax=max(1, *intruders.counts().values()),
         )
     if docs:
         if tokenizer is None:
