@@ -109,3 +109,9 @@ def test_the_default_allocation_is_the_methods_own(tiny, texts):
     result = compress(model, tokenizer=tok, method="modegpt", ratio=0.9, data=texts, **FAST)
     assert result.report["allocation"] == "uniform"
     assert {r["detail"].get("kept") for r in result.report["layers"]} - {None}
+
+
+def test_a_sequence_longer_than_the_context_is_refused(tiny, texts):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="--seq-len 4096 is longer than the model's context .1024"):
+        compress(model, tokenizer=tok, data=texts, **{**FAST, "seq_len": 4096})

@@ -33,7 +33,7 @@ from rankwise.compress.checkpoint import save_compressed, weights_header_bound
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, DataError, ModelError
 from rankwise.fileio import check_output_dir
-from rankwise.models import count_parameters
+from rankwise.models import check_seq_len, count_parameters
 from rankwise.modules import replace_module
 from rankwise.progress import Bar
 
@@ -170,6 +170,7 @@ def compress(
         net, tokenizer = load_model(model)
         model_name = str(model)
     check_causal_lm(net, model_name)
+    check_seq_len(net, seq_len)
     layers = linear_layers(net)
     total = count_parameters(net)
     bytes_per_param = next(net.parameters()).element_size()
