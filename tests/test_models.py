@@ -279,8 +279,8 @@ def test_registered_folder_format_is_dispatched_on_its_marker(tmp_path, formats)
 
 
 def test_compressed_folder_without_a_registered_loader_is_refused_by_models(tmp_path, hf_folder, formats):
-    (hf_folder / models.COMPRESSED_MARKER).write_text("{}")
-    with pytest.raises(ModelError, match="rankwise compress.*rankwise.load_model"):
+    (hf_folder / "rankwise_compressed.json").write_text("{}")
+    with pytest.raises(ModelError, match="written by rankwise .rankwise_compressed.json.*rankwise.load_model"):
         load_model(hf_folder)
 
 
@@ -306,3 +306,10 @@ def test_models_does_not_import_upper_layers():
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     upper = ("rankwise.compress", "rankwise.adapters", "rankwise.cli", "rankwise.evaluation")
     assert not [m for m in imported if m and m.startswith(upper)]
+
+
+def test_adapter_folder_given_as_model_says_to_pass_it_as_adapter(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="is an adapter, not a model.*--adapter"):
+        load_model(tmp_path)

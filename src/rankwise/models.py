@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 
 from rankwise.errors import CheckpointError, ModelError
+from rankwise.fileio import MANIFEST
 from rankwise.registry import Registry
 
 DEFAULT_MODEL = "smollm2"
-COMPRESSED_MARKER = "rankwise_compressed.json"
 GGUF_MAGIC = b"GGUF"
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -213,11 +213,6 @@ class FolderFormat:
 FOLDER_FORMATS: Registry[FolderFormat] = Registry("model folder format")
 
 
-def _format_key(marker: str) -> str:
-    # Registry names are letters, digits, '_' and '-'; a marker is a file name with dots.
-    return re.sub(r"[^A-Za-z0-9_\-]", "-", marker)
-
-
 def register_folder_format(marker: str, loader: Callable[[Path], tuple]) -> None:
     """Load a folder holding the file ``marker`` with ``loader(folder) -> (model, tokenizer)``.
 
@@ -228,18 +223,17 @@ def register_folder_format(marker: str, loader: Callable[[Path], tuple]) -> None
 
     if not isinstance(marker, str) or not marker or Path(marker).name != marker:
         raise ConfigError(f"a folder-format marker must be a file name, got {marker!r}")
-    key = _format_key(marker)
-    if key in FOLDER_FORMATS and FOLDER_FORMATS.get(key).loader is loader:
+    if marker in FOLDER_FORMATS and FOLDER_FORMATS.get(marker).loader is loader:
         return
-    FOLDER_FORMATS.register(key, FolderFormat(marker, loader))
+    FOLDER_FORMATS.register(marker, FolderFormat(marker, loader))
 
 
 def unregister_folder_format(marker: str) -> None:
-    FOLDER_FORMATS.unregister(_format_key(marker))
+    FOLDER_FORMATS.unregister(marker)
 
 
 def has_folder_format(marker: str) -> bool:
-    return _format_key(marker) in FOLDER_FORMATS
+    return marker in FOLDER_FORMATS
 
 
 def folder_format(folder: Path) -> FolderFormat | None:
@@ -449,9 +443,15 @@ def _load_folder(folder: Path):
     fmt = folder_format(folder)
     if fmt is not None:
         return fmt.loader(folder)
-    if (folder / COMPRESSED_MARKER).is_file():
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ModelError(
-            f"{str(folder)!r} is a folder written by rankwise compress and its loader is not "
+            f"{str(folder)!r} is an adapter, not a model; load the base model and pass the "
+            "folder as --adapter (rankwise.adapters.load_adapter in Python)"
+        )
+    markers = sorted(p.name for p in folder.glob("rankwise_*.json") if p.name != MANIFEST)
+    if markers:
+        raise ModelError(
+            f"{str(folder)!r} is a folder written by rankwise ({markers[0]}) and its loader is not "
             "registered here; load it with rankwise.load_model, which registers it"
         )
     if not (folder / "config.json").is_file():

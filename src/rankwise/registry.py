@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 from rankwise.errors import ConfigError
 
 T = TypeVar("T")
-NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*")
 
 
 class Registry(Generic[T]):
@@ -44,7 +44,7 @@ class Registry(Generic[T]):
         """Add ``entry`` as ``name``; a bad name or a name taken by another entry raises."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ConfigError(
-                f"{self.kind} name {name!r} is invalid; use letters, digits, '_' or '-', "
+                f"{self.kind} name {name!r} is invalid; use letters, digits, '_', '.' or '-', "
                 "starting with a letter"
             )
         if name in self._entries and self._entries[name] is not entry:
