@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, minimum_parameters
-from rankwise.compress.base import CompressionJob, Decomposition, get_method
+from rankwise.compress.base import CompressionJob, CompressionMethod, Decomposition, get_method
 from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
 from rankwise.compress.checkpoint import save_compressed, weights_header_bound
 from rankwise.compress.report import LayerReport
@@ -109,6 +109,56 @@ def _target_parameters(
     if not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
         raise ConfigError(f"ratio must be in (0, 1] (the fraction of parameters kept); got {ratio!r}")
     return math.floor(ratio * total), {"ratio": ratio}
+
+
+def _per_layer_svd(
+    method: CompressionMethod, job: CompressionJob, timing: dict[str, float]
+) -> tuple[list[LayerReport], dict[str, LayerSpectrum]]:
+    """The SVD path: decompose every layer, allocate ranks to the budget, factorise.
+
+    Replaces layers of ``job.model`` by :class:`LowRankLinear` where that is smaller; records
+    the time of each stage in ``timing``. Returns the report rows and the spectra (for the
+    HTML report's plots)."""
+    t0 = time.perf_counter()
+    stats = job.calibration.stats if job.calibration is not None else {}
+    decompositions: dict[str, Decomposition] = {}
+    spectra: dict[str, LayerSpectrum] = {}
+    bar = Bar(len(job.layers), f"decompose ({method.name})", show=job.progress)
+    try:
+        for name, layer in job.layers.items():
+            bar.set(layer=name)
+            weight = layer.weight.detach().to(torch.float64)
+            dec = method.decompose(weight, stats.get(name))
+            decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
+            weight_s = torch.linalg.svdvals(weight) if job.allocation == "welore" else None
+            sensitivity = stats[name].sensitivity if name in stats else None
+            spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S, weight_s, sensitivity)
+            bar.update(1)
+    finally:
+        bar.close()
+    timing["decompose_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ranks = allocate_ranks(spectra, job.budget, strategy=job.allocation)
+    timing["allocate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows = []
+    bar = Bar(len(job.layers), "factorise", show=job.progress)
+    try:
+        for name, layer in job.layers.items():
+            rank, dec, new = ranks[name], decompositions.pop(name), layer
+            if rank is not None:
+                new = method.factorize(layer, stats.get(name), rank, dec)
+                replace_module(job.model, name, new, expect=nn.Linear)
+            error = 0.0 if rank is None else math.sqrt(dec.relative_error(rank))
+            after = spectra[name].cost(rank)
+            rows.append(LayerReport.of(name, layer, new, rank=rank, parameters_after=after, relative_error=error))
+            bar.update(1)
+    finally:
+        bar.close()
+    timing["factorise_s"] = time.perf_counter() - t0
+    return rows, spectra
 
 
 def compress(
@@ -239,55 +289,12 @@ def compress(
     timing["calibrate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    spectra: dict[str, LayerSpectrum] = {}
-    rows = chosen.compress_model(CompressionJob(net, layers, calibration, target - fixed, allocation, progress))
+    job = CompressionJob(net, layers, calibration, target - fixed, allocation, progress)
+    rows, spectra = chosen.compress_model(job), {}
     if rows is not None:  # a whole-model method (layers.py types) did everything itself
         timing["factorise_s"] = time.perf_counter() - t0
     else:
-        t0 = time.perf_counter()
-        decompositions: dict[str, Decomposition] = {}
-        bar = Bar(len(layers), f"decompose ({chosen.name})", show=progress)
-        try:
-            for name, layer in layers.items():
-                bar.set(layer=name)
-                weight = layer.weight.detach().to(torch.float64)
-                stats = calibration.stats[name] if calibration is not None else None
-                dec = chosen.decompose(weight, stats)
-                decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
-                weight_s = torch.linalg.svdvals(weight) if allocation == "welore" else None
-                spectra[name] = LayerSpectrum(
-                    layer.out_features, layer.in_features, dec.S, weight_s,
-                    sensitivity=stats.sensitivity if stats is not None else None,
-                )  # fmt: skip
-                bar.update(1)
-        finally:
-            bar.close()
-        timing["decompose_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        ranks = allocate_ranks(spectra, target - fixed, strategy=allocation)
-        timing["allocate_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        rows = []
-        bar = Bar(len(layers), "factorise", show=progress)
-        try:
-            for name, layer in layers.items():
-                rank, dec, new = ranks[name], decompositions.pop(name), layer
-                if rank is not None:
-                    stats = calibration.stats[name] if calibration is not None else None
-                    new = chosen.factorize(layer, stats, rank, dec)
-                    replace_module(net, name, new, expect=nn.Linear)
-                error = 0.0 if rank is None else math.sqrt(dec.relative_error(rank))
-                rows.append(
-                    LayerReport.of(
-                        name, layer, new, rank=rank, parameters_after=spectra[name].cost(rank), relative_error=error
-                    )
-                )
-                bar.update(1)
-        finally:
-            bar.close()
-        timing["factorise_s"] = time.perf_counter() - t0
+        rows, spectra = _per_layer_svd(chosen, job, timing)
     timing["compress_s"] = sum(timing.values())
     calibration_info = None
     if calibration is not None:
