@@ -13,6 +13,7 @@ from rankwise.compress.allocate import STRATEGIES, allocate_ranks
 from rankwise.compress.api import CompressionResult, compress
 from rankwise.compress.base import (
     METHODS,
+    CompressionJob,
     CompressionMethod,
     Decomposition,
     LowRankLinear,
@@ -35,6 +36,7 @@ __all__ = [
     "save_compressed",
     "METHODS",
     "CompressionMethod",
+    "CompressionJob",
     "Decomposition",
     "LowRankLinear",
     "get_method",

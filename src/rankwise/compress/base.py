@@ -31,8 +31,11 @@ How to add a method (one file, one test, one docs row — nothing else changes)
 
 Options given by name (``get_method(name, **options)``, ``--option key=value``) are checked
 against the field types before the dataclass is built (a ``float`` field refuses ``"abc"``).
-A method that sizes its layers itself (``compress_model``) sets ``allocations`` to the
-``--allocate`` names it honours (the first is its default, used for ``"auto"``).
+A method that sizes its layers itself overrides ``compress_model(job)`` (one
+:class:`CompressionJob`; budget fitting with the helpers of ``allocate.py``), returns one
+:class:`~rankwise.compress.report.LayerReport` per layer, and sets ``allocations`` to the
+``--allocate`` names it honours (the first is its default, used for ``"auto"``) and
+``layer_tensors`` to the tensors its layers hold (for the ``--size`` header bound).
 
 Shared helpers for methods: :func:`weighted_svd`, :func:`damped_cholesky`,
 :func:`least_squares_up` (the optimal ``U`` for a fixed ``V`` under the input Gram).
