@@ -83,6 +83,16 @@ def tiny() -> nn.Module:
     return llama()
 
 
+@pytest.fixture(autouse=True)
+def registries_left_as_found():
+    """Every test leaves the method and initialiser registries as it found them."""
+    from rankwise.adapters.base import INITIALISERS, METHODS
+
+    before = (METHODS.names(), INITIALISERS.names())
+    yield
+    assert (METHODS.names(), INITIALISERS.names()) == before, "a test left registry entries behind"
+
+
 def train(
     model: nn.Module, loss_fn, *, steps: int, lr: float, train_mode: bool = False
 ) -> list[float]:

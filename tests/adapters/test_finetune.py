@@ -161,6 +161,24 @@ def test_every_method_trains_saves_and_loads_back(tmp_path, method):
         torch.testing.assert_close(logits(theirs, x), ours, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["eva", "pissa"])
+def test_initialisers_through_finetune_load_back_unchanged(tmp_path, init):
+    out = tmp_path / "a"
+    options = {"init": init, "init_options": {"rho": 1.0}} if init == "eva" else {"init": init}
+    config = FinetuneConfig(
+        **{**TINY, "eval_tokens": 0}, steps=2, method_options=options, out=str(out)
+    )
+    finetune(config, progress=False)
+    x = tokens()
+    loaded, _ = tiny_llama()
+    load_adapter(loaded, out)
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(tiny_llama()[0], out)  # on the original base weights
+    torch.testing.assert_close(logits(theirs, x), logits(loaded, x), atol=1e-5, rtol=1e-5)
+    assert (logits(loaded, x) - logits(tiny_llama()[0], x)).abs().max() > 1e-5
+
+
 def test_residual_init_is_saved_as_a_lora_on_the_original_base(tmp_path):
     out = tmp_path / "a"
     config = FinetuneConfig(**{**TINY, "eval_tokens": 0}, method="nlora", steps=3, out=str(out))
