@@ -1,6 +1,7 @@
 import pytest
 
 from rankwise.compress.api import compress, parse_size
+from rankwise.compress.base import method_names
 from rankwise.errors import CheckpointError, ConfigError, DataError
 from rankwise.models import tiny_llama
 
@@ -22,7 +23,7 @@ def test_size_below_what_any_rank_allows_names_the_option(tiny, texts):
         compress(model, tokenizer=tok, ratio=0.5, size="1MB", data=texts, **FAST)
 
 
-@pytest.mark.parametrize("method", ["svdllm", "lq"])
+@pytest.mark.parametrize("method", method_names())
 def test_size_caps_the_weights_file_header_included(tiny, texts, tmp_path, method):
     model, tok = tiny
     result = compress(
