@@ -301,6 +301,45 @@ def _remove_checkpoint(folder: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
+def _training_blocks(
+    config: FinetuneConfig, tokenizer, texts: list[str], world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token blocks ``(n, seq_len)`` for the whole run and their seeded order."""
+    global_batch = config.batch_size * world * config.grad_accum
+    max_tokens = config.steps * global_batch * config.seq_len
+    blocks = token_blocks(tokenizer, texts, seq_len=config.seq_len, max_tokens=max_tokens)
+    if len(blocks) < global_batch:
+        raise DataError(
+            f"training text gives {len(blocks)} blocks of {config.seq_len} tokens, fewer than one "
+            f"global batch ({global_batch}); use more text or a smaller --batch-size/--seq-len"
+        )
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed))
+    return blocks, order
+
+
+def _accumulate_gradients(
+    net: nn.Module, config: FinetuneConfig, blocks, order, state: _Progress, rank: int, world: int
+) -> float:
+    """Backward over the ``grad_accum`` micro-batches of one optimizer step (this process's
+    share of each); advances ``state.cursor``; returns the global batch's mean loss."""
+    step_loss = 0.0
+    share = config.batch_size * world
+    for micro in range(config.grad_accum):
+        idx = order[(state.cursor + torch.arange(share)) % len(blocks)]
+        state.cursor += share
+        mine = blocks[idx[rank * config.batch_size : (rank + 1) * config.batch_size]]
+        last = micro == config.grad_accum - 1
+        with net.no_sync() if world > 1 and not last else nullcontext():
+            loss = net(input_ids=mine, labels=mine).loss / config.grad_accum
+            loss.backward()
+        step_loss += loss.item()
+    if world > 1:  # report the loss of the whole global batch, not this rank's share
+        reduced = torch.tensor(step_loss)
+        torch.distributed.all_reduce(reduced)
+        step_loss = reduced.item() / world
+    return step_loss
+
+
 def _with_init_inputs(
     options: dict[str, Any], adapter_config: AdapterConfig, inputs: torch.Tensor
 ) -> dict[str, Any]:
@@ -357,17 +396,7 @@ def finetune(
     check_seq_len(model, config.seq_len)
 
     corpus = load_corpus(config.data)
-    global_batch = config.batch_size * world * config.grad_accum
-    needed = config.steps * global_batch
-    blocks = token_blocks(
-        tokenizer, corpus.train, seq_len=config.seq_len, max_tokens=needed * config.seq_len
-    )
-    if len(blocks) < global_batch:
-        raise DataError(
-            f"training text gives {len(blocks)} blocks of {config.seq_len} tokens, fewer than one "
-            f"global batch ({global_batch}); use more text or a smaller --batch-size/--seq-len"
-        )
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed))
+    blocks, order = _training_blocks(config, tokenizer, corpus.train, world)
     init_inputs = blocks[order[:INIT_BLOCKS]]
     attach(
         model,
@@ -415,22 +444,8 @@ def finetune(
     bar.update(state.step)
     try:
         while state.step < config.steps:
-            step_loss = 0.0
-            for micro in range(config.grad_accum):
-                idx = order[(state.cursor + torch.arange(config.batch_size * world)) % len(blocks)]
-                state.cursor += config.batch_size * world
-                mine = blocks[idx[rank * config.batch_size : (rank + 1) * config.batch_size]]
-                last = micro == config.grad_accum - 1
-                sync = net.no_sync() if world > 1 and not last else nullcontext()
-                with sync:
-                    loss = net(input_ids=mine, labels=mine).loss / config.grad_accum
-                    loss.backward()
-                step_loss += loss.item()
-                tokens += mine.numel() * world
-            if world > 1:  # report the loss of the whole global batch, not this rank's share
-                reduced = torch.tensor(step_loss)
-                torch.distributed.all_reduce(reduced)
-                step_loss = reduced.item() / world
+            step_loss = _accumulate_gradients(net, config, blocks, order, state, rank, world)
+            tokens += config.grad_accum * config.batch_size * world * config.seq_len
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             schedule.step()
