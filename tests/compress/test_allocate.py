@@ -129,3 +129,19 @@ def test_greedy_fill_takes_the_best_gain_per_step_and_rounds_robin_on_ties():
     equal = greedy_fill({"x": 0, "y": 0}, 5, step=lambda k, s: 1, gain=lambda k, s: 1.0)
     assert equal == {"x": 3, "y": 2}  # equal gains: in turn, not all to one key
     assert greedy_fill({"a": 0}, 1, step=step, gain=lambda k, s: 1.0) == {"a": 0}  # a step too big
+
+
+def test_allocation_with_overhead_fits_the_budget_and_gives_back_unused_reserve():
+    from rankwise.compress.allocate import allocate_with_overhead
+
+    layers = spectra()
+    budget = int(0.9 * dense_total(layers))
+    zero = {n: 0 for n in layers}
+    assert allocate_with_overhead(layers, budget, zero, strategy="global") == allocate_ranks(layers, budget, strategy="global")
+    overhead = {n: 4 * (layer.out_features + layer.in_features) for n, layer in layers.items()}
+    ranks = allocate_with_overhead(layers, budget, overhead, strategy="global")
+    used = total_parameters(ranks, layers) + sum(overhead[n] for n, r in ranks.items() if r is not None)
+    assert used <= budget
+    naive = allocate_ranks(layers, budget - sum(overhead.values()), strategy="global")
+    assert any(r is None for r in naive.values())  # some layers stay dense, their reserve unused...
+    assert total_parameters(ranks, layers) > total_parameters(naive, layers)  # ...and is given back

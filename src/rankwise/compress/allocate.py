@@ -280,10 +280,28 @@ def allocate_ranks(
     return _normalise(_fill(ranks, layers, budget, relative=relative), layers)
 
 
+def allocate_with_overhead(
+    layers: dict[str, LayerSpectrum], budget: int, overhead: dict[str, int], *, strategy: str, rounds: int = 4
+) -> Ranks:
+    """:func:`allocate_ranks` when every factorised layer also costs ``overhead[name]`` (e.g.
+    a compensation term): reserve all overheads first, then give back those of layers left
+    dense and allocate again, while the result still fits (at most ``rounds`` times)."""
+    ranks = allocate_ranks(layers, budget - sum(overhead.values()), strategy=strategy)
+    for _ in range(rounds):
+        reserve = sum(overhead[n] for n, r in ranks.items() if r is not None)
+        again = allocate_ranks(layers, budget - reserve, strategy=strategy)
+        used = total_parameters(again, layers) + sum(overhead[n] for n, r in again.items() if r is not None)
+        if again == ranks or used > budget:
+            break
+        ranks = again
+    return ranks
+
+
 __all__ = [
     "STRATEGIES",
     "LayerSpectrum",
     "allocate_ranks",
+    "allocate_with_overhead",
     "total_parameters",
     "minimum_parameters",
     "breakeven_rank",

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, greedy_fill
+from rankwise.compress.allocate import LayerSpectrum, allocate_with_overhead, greedy_fill
 from rankwise.compress.base import CompressionJob, CompressionMethod, get_method, register_method
 from rankwise.compress.calibrate import Calibration, LayerStats
 from rankwise.compress.layers import (
@@ -263,7 +263,6 @@ class EoRA(CompressionMethod):
         comp_rank = {
             n: min(self.rank, min(m.in_features, m.out_features)) for n, m in layers.items()
         }
-        reserve = sum(comp_rank[n] * (m.in_features + m.out_features) for n, m in layers.items())
         decs, spectra = {}, {}
         bar = Bar(len(layers), f"eora: decompose ({inner.name})", show=job.progress)
         for name, layer in layers.items():
@@ -275,22 +274,8 @@ class EoRA(CompressionMethod):
             )
             bar.update(1)
         bar.close()
-        ranks = allocate_ranks(spectra, budget - reserve, strategy=allocation)
-        for _ in range(4):  # layers left dense need no compensation: give their reserve back
-            reserve = sum(
-                comp_rank[n] * (m.in_features + m.out_features)
-                for n, m in layers.items()
-                if ranks[n]
-            )
-            again = allocate_ranks(spectra, budget - reserve, strategy=allocation)
-            fits = sum(s.cost(again[n]) for n, s in spectra.items()) + sum(
-                comp_rank[n] * (m.in_features + m.out_features)
-                for n, m in layers.items()
-                if again[n]
-            )
-            if again == ranks or fits > budget:
-                break
-            ranks = again
+        overhead = {n: comp_rank[n] * (m.in_features + m.out_features) for n, m in layers.items()}
+        ranks = allocate_with_overhead(spectra, budget, overhead, strategy=allocation)
         originals, rows = {}, []
         for name, layer in layers.items():
             if ranks[name] is not None:
