@@ -285,15 +285,14 @@ def test_compressed_folder_without_a_registered_loader_is_refused_by_models(tmp_
 
 
 def test_top_level_load_model_imports_the_provider_of_a_marker(tmp_path, formats, monkeypatch):
-    import sys
-    import types
-
-    provider = types.ModuleType("fake_provider")
-    provider.load = lambda folder: ("loaded by provider", folder)
-    monkeypatch.setitem(sys.modules, "fake_provider", provider)
-    monkeypatch.setattr(rankwise, "_FOLDER_FORMAT_PROVIDERS", {"fake_marker.json": "fake_provider:load"})
-    (tmp_path / "fake_marker.json").write_text("{}")
-    assert rankwise.load_model(tmp_path) == ("loaded by provider", tmp_path)
+    code = "from rankwise import models\nmodels.register_folder_format('fake_marker.json', lambda f: ('loaded', f))\n"
+    (tmp_path / "fake_provider_module.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rankwise, "_FOLDER_FORMAT_PROVIDERS", {"fake_marker.json": "fake_provider_module"})
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "fake_marker.json").write_text("{}")
+    assert rankwise.load_model(folder) == ("loaded", folder)
     assert models.has_folder_format("fake_marker.json")
 
 

@@ -31,24 +31,17 @@ from rankwise.errors import (
 
 __version__ = "0.1.0"
 
-# Marker file -> "module:loader" of the package that writes such folders. The module
-# registers the loader itself when imported; the loader named here is registered only if
-# it has not (so this table keeps working whichever side does the registering).
+# Marker file -> the module that writes such folders; importing it registers their loader.
 _FOLDER_FORMAT_PROVIDERS = {
-    "rankwise_compressed.json": "rankwise.compress.checkpoint:load_compressed",
+    "rankwise_compressed.json": "rankwise.compress.checkpoint",
 }
 
 
 def _register_folder_formats(folder: Path) -> None:
     """Import the providers of the marker files ``folder`` holds, so their loaders are registered."""
-    from rankwise import models
-
-    for marker, target in _FOLDER_FORMAT_PROVIDERS.items():
-        if (folder / marker).is_file() and not models.has_folder_format(marker):
-            module_name, loader_name = target.split(":")
-            module = importlib.import_module(module_name)
-            if not models.has_folder_format(marker):
-                models.register_folder_format(marker, getattr(module, loader_name))
+    for marker, module_name in _FOLDER_FORMAT_PROVIDERS.items():
+        if (folder / marker).is_file():
+            importlib.import_module(module_name)
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, **options):
