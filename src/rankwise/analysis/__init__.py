@@ -4,23 +4,27 @@
 - :func:`intruder_dimensions`: new leading singular vectors of a fine-tuned model (LoRA's
   "intruder dimensions") relative to its base.
 - :func:`nuclear_norm_score`: the Matrix Nuclear-Norm evaluation of a language model.
+- :func:`gradient_spectra`: per-layer nuclear norm / effective rank of loss gradients, per dataset.
 - :class:`MFAC`: matrix-free inverse-Fisher-vector products over a window of gradients.
 
 See ``docs/analysis.md``.
 """
 
+from rankwise.analysis.gradients import GradientSpectra, gradient_spectra
 from rankwise.analysis.intruders import IntruderResult, LayerIntruders, intruder_dimensions
 from rankwise.analysis.mfac import MFAC
 from rankwise.analysis.nuclear_norm import NuclearNormResult, nuclear_norm_score
 from rankwise.analysis.spectrum import LayerSpectrum, SpectrumResult, spectrum
 
 __all__ = [
+    "GradientSpectra",
     "IntruderResult",
     "LayerIntruders",
     "LayerSpectrum",
     "MFAC",
     "NuclearNormResult",
     "SpectrumResult",
+    "gradient_spectra",
     "intruder_dimensions",
     "nuclear_norm_score",
     "spectrum",
