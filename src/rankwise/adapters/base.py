@@ -63,11 +63,8 @@ whole attach is validated; an initialiser that raises leaves the adapter removed
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -77,6 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError, ModelError
+from rankwise.options import coerce, field_types, type_name
 from rankwise.registry import Registry
 
 # ----------------------------------------------------------------------------- config
@@ -93,41 +91,6 @@ def normalise_rank(options: Mapping[str, Any]) -> dict[str, Any]:
             )
         out["rank"] = out.pop("r")
     return out
-
-
-def _type_name(hint: Any) -> str:
-    """A readable name of a type annotation: ``float | None`` -> "float or None"."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "None"
-    if hint is Any:
-        return "any value"
-    origin = typing.get_origin(hint) or hint
-    if origin is Mapping or (isinstance(origin, type) and issubclass(origin, Mapping)):
-        return "a mapping"
-    return getattr(origin, "__name__", str(origin))
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether ``value`` fits the annotation ``hint`` (bool is not an int; an int is a float)."""
-    if hint is Any:
-        return True
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint) or hint
-    if origin is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return not isinstance(origin, type) or isinstance(value, origin)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 @dataclass(frozen=True)
@@ -155,11 +118,11 @@ class AdapterConfig:
     def check_types(self) -> None:
         """ConfigError naming the first field whose value does not fit its annotation."""
         for f in dataclasses.fields(self):
-            hint = _field_types(type(self))[f.name]
+            hint = field_types(type(self))[f.name]
             value = getattr(self, f.name)
-            if not _has_type(value, hint):
+            if not coerce(value, hint)[0]:
                 raise ConfigError(
-                    f"option {f.name!r} must be {_type_name(hint)}, got {value!r} "
+                    f"option {f.name!r} must be {type_name(hint)}, got {value!r} "
                     f"({type(value).__name__})"
                 )
 

@@ -46,10 +46,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +56,7 @@ from torch import nn
 from rankwise.compress.allocate import STRATEGIES, breakeven_rank, layer_parameters
 from rankwise.compress.calibrate import STATISTICS, Calibration, LayerStats
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.options import coerce, field_types, type_name
 from rankwise.registry import Registry
 
 if TYPE_CHECKING:
@@ -347,46 +346,6 @@ def method_names() -> list[str]:
     return METHODS.names()
 
 
-def _type_name(expected: object) -> str:
-    origin = typing.get_origin(expected)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(expected))
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(expected)[0])}"
-    if origin is dict or expected is dict:
-        return "a JSON object (dict)"
-    return getattr(expected, "__name__", str(expected))
-
-
-def _coerce(value: object, expected: object) -> tuple[bool, object]:
-    """``(ok, value)``: ``value`` checked against a field type (int counts as float; a list
-    or a single item as a tuple of items)."""
-    origin = typing.get_origin(expected)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(expected):
-            ok, out = _coerce(value, option)
-            if ok:
-                return True, out
-        return False, value
-    if origin is tuple:
-        item = typing.get_args(expected)[0]
-        items = list(value) if isinstance(value, list | tuple) else [value]
-        checked = [_coerce(v, item) for v in items]
-        return all(ok for ok, _ in checked), tuple(v for _, v in checked)
-    if origin is dict or expected is dict:
-        return isinstance(value, dict), value
-    if expected is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if expected is type(None):
-        return value is None, value
-    if isinstance(expected, type):
-        return isinstance(value, expected), value
-    return True, value
-
-
 def get_method(name: str | CompressionMethod, **options: object) -> CompressionMethod:
     """An instance of the registered method ``name`` with ``options`` (its dataclass fields).
 
@@ -396,7 +355,7 @@ def get_method(name: str | CompressionMethod, **options: object) -> CompressionM
     if isinstance(name, CompressionMethod):
         return name
     cls = METHODS.get(name)
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(options) - fields)
     if bad:
@@ -405,11 +364,11 @@ def get_method(name: str | CompressionMethod, **options: object) -> CompressionM
         )
     checked = {}
     for key, value in options.items():
-        ok, checked[key] = _coerce(value, hints[key])
+        ok, checked[key] = coerce(value, hints[key])
         if not ok:
             raise ConfigError(
                 f"method {name!r} option {key}={value!r} has the wrong type: expected "
-                f"{_type_name(hints[key])} (e.g. -o {key}={_example(cls, key)})"
+                f"{type_name(hints[key])} (e.g. -o {key}={_example(cls, key)})"
             )
     return cls(**checked)
 
