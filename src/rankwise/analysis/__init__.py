@@ -5,12 +5,14 @@
   "intruder dimensions") relative to its base.
 - :func:`nuclear_norm_score`: the Matrix Nuclear-Norm evaluation of a language model.
 - :func:`gradient_spectra`: per-layer nuclear norm / effective rank of loss gradients, per dataset.
+- :func:`intrinsic_dimension`: training in random subspaces to find a task's d_int90.
 - :class:`MFAC`: matrix-free inverse-Fisher-vector products over a window of gradients.
 
 See ``docs/analysis.md``.
 """
 
 from rankwise.analysis.gradients import GradientSpectra, gradient_spectra
+from rankwise.analysis.intrinsic import IntrinsicDimensionResult, intrinsic_dimension
 from rankwise.analysis.intruders import IntruderResult, LayerIntruders, intruder_dimensions
 from rankwise.analysis.mfac import MFAC
 from rankwise.analysis.nuclear_norm import NuclearNormResult, nuclear_norm_score
@@ -18,6 +20,7 @@ from rankwise.analysis.spectrum import LayerSpectrum, SpectrumResult, spectrum
 
 __all__ = [
     "GradientSpectra",
+    "IntrinsicDimensionResult",
     "IntruderResult",
     "LayerIntruders",
     "LayerSpectrum",
@@ -25,6 +28,7 @@ __all__ = [
     "NuclearNormResult",
     "SpectrumResult",
     "gradient_spectra",
+    "intrinsic_dimension",
     "intruder_dimensions",
     "nuclear_norm_score",
     "spectrum",
