@@ -21,7 +21,7 @@ def save_trained_adapter(folder: Path) -> torch.nn.Module:
     from rankwise.adapters import attach, save_adapter
 
     model, _ = tiny_llama()
-    attach(model, "lora", targets=["q_proj", "v_proj"], r=4)
+    attach(model, "lora", targets=["q_proj", "v_proj"], rank=4)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

@@ -14,7 +14,7 @@ import torch
 from conftest import logits, tokens
 from safetensors.torch import load_file
 
-from rankwise.adapters import finetune as finetune_module
+import rankwise
 from rankwise.adapters import load_adapter, method_names
 from rankwise.adapters.finetune import FinetuneConfig, checkpoint_dir, finetune
 from rankwise.cli import main
@@ -66,7 +66,7 @@ def _no_model_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(finetune_module, "load_model", fail)
+    monkeypatch.setattr(rankwise, "load_model", fail)
 
 
 def _read_only_folder(tmp_path) -> Path:
@@ -314,3 +314,19 @@ def test_two_process_data_parallel_equals_one_process_with_double_batch():
         FinetuneConfig(**{**TINY, "eval_tokens": 0}, steps=4, batch_size=4), progress=False
     )
     assert report["losses"] == pytest.approx(single.losses, rel=1e-4)
+
+
+def test_a_compressed_folder_can_be_finetuned_in_a_fresh_process(tmp_path):
+    """`rankwise finetune --model <compressed folder>` loads the low-rank model (the folder
+    format is registered by rankwise.compress, which nothing imported yet in that process)."""
+    from rankwise.compress import compress
+
+    compress("tiny-llama", method="svd", ratio=0.9, evaluate=False, measure_speed=False,
+             out=tmp_path / "small", report_html=False)  # fmt: skip
+    cmd = [sys.executable, "-m", "rankwise", "finetune", "--model", str(tmp_path / "small"),
+           "--method", "lora", "--rank", "2", "--steps", "2", "--seq-len", "32", "--batch-size", "2",
+           "--eval-tokens", "0", "--targets", "lm_head", "--out", str(tmp_path / "adapter"), "--json"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RANKWISE_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert json.loads(done.stdout)["total_parameters"] < tiny_llama()[0].num_parameters()

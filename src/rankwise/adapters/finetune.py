@@ -49,6 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import rankwise
 from rankwise.adapters.base import AdapterConfig, get_initialiser, get_method
 from rankwise.adapters.init import has_residual_init, residual_to_lora, residual_unconvertible
 from rankwise.adapters.inject import adapted_layers, attach, trainable_parameters
@@ -56,7 +57,7 @@ from rankwise.adapters.io import save_adapter
 from rankwise.data import check_window, load_corpus, perplexity, token_blocks
 from rankwise.errors import CheckpointError, ConfigError, DataError
 from rankwise.fileio import MANIFEST, check_output_dir, output_dir, write_json
-from rankwise.models import check_seq_len, count_parameters, load_model
+from rankwise.models import check_seq_len, count_parameters
 from rankwise.progress import Bar, stage
 
 INIT_BLOCKS = 8  # training blocks given to data-driven initialisers (lora_sb, eva) as inputs
@@ -388,7 +389,7 @@ def finetune(
     rank, world = _distributed()
     torch.manual_seed(config.seed)
     with stage(f"load {config.model}", show=progress and rank == 0):
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = rankwise.load_model(config.model)  # compressed folders too
     if not hasattr(model, "lm_head"):
         raise ConfigError(
             f"finetune trains causal LMs; {config.model!r} ({type(model).__name__}) is not one"
