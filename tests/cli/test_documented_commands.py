@@ -7,7 +7,8 @@ a user would: exit code 0; ``--json`` output parses; progress shows up in a log 
 pipe here); an ``--out`` folder holds the files its manifest lists and loads back
 (``rankwise.load_model`` for a compressed model, ``load_adapter`` and ``peft.PeftModel`` for
 an adapter, which must change the base model's outputs). A command that reads a folder an
-earlier documented command writes (``eval --model smollm2-80``) runs that command first.
+earlier documented command writes (``eval --model smollm2-80``) gets that folder first (from
+the earlier test when it ran in this process, else by running its command).
 Prose mentions (``rankwise compress --list-methods`` inline) are often abbreviated, so for
 those only the subcommand and option names are checked.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,22 +63,47 @@ def producer_of(folder: str) -> DocCommand | None:
     return next((c for c in COMMANDS if c.option("--out") == folder), None)
 
 
-def prepare_inputs(doc: DocCommand, cwd: Path) -> None:
-    """Create the user's text (``--data my_texts/``) and run the documented commands that
-    write the folders this one reads."""
+class Outputs:
+    """The ``--out`` folders documented commands wrote in this test session, copied into the
+    folder of a later command that reads them (instead of running their command again)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.folders = root, {}
+
+    def keep(self, doc: DocCommand, folder: Path) -> None:
+        if doc not in self.folders:
+            self.folders[doc] = self.root / str(len(self.folders))
+            shutil.copytree(folder, self.folders[doc])
+
+    def place(self, doc: DocCommand, cwd: Path) -> bool:
+        if doc not in self.folders:
+            return False
+        shutil.copytree(self.folders[doc], cwd / doc.option("--out"))
+        return True
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory) -> Outputs:
+    return Outputs(tmp_path_factory.mktemp("documented-outputs"))
+
+
+def prepare_inputs(doc: DocCommand, cwd: Path, outputs: Outputs) -> None:
+    """Create the user's text (``--data my_texts/``) and the folders this command reads,
+    written by the documented commands that make them."""
     data = option_value(args_for_test(doc), "--data", "-d")
     if data and data != "builtin" and not (cwd / data).exists():
         write_sample_text(cwd / data)
-    for names in READS_FOLDER:
-        folder = doc.option(*names)
-        producer = producer_of(folder) if folder else None
-        if producer is not None and producer != doc and not (cwd / folder).exists():
-            result = run(producer, cwd)
-            assert result.returncode == 0, f"`{producer.text}` (needed first) failed:\n{result.stderr[-3000:]}"
+    for producer in prerequisites(doc):
+        folder = cwd / producer.option("--out")
+        if folder.exists() or outputs.place(producer, cwd):
+            continue
+        result = run(producer, cwd, outputs)
+        assert result.returncode == 0, f"`{producer.text}` (needed first) failed:\n{result.stderr[-3000:]}"
+        outputs.keep(producer, folder)
 
 
-def run(doc: DocCommand, cwd: Path) -> subprocess.CompletedProcess:
-    prepare_inputs(doc, cwd)
+def run(doc: DocCommand, cwd: Path, outputs: Outputs) -> subprocess.CompletedProcess:
+    prepare_inputs(doc, cwd, outputs)
     env = {**os.environ, "RANKWISE_PROGRESS": "1"}  # on, as for a user; stderr is not a TTY
     return subprocess.run(
         [*rankwise_script(), *args_for_test(doc)], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
@@ -119,23 +146,38 @@ def check_adapter(folder: Path, base: str) -> None:
 
 
 def check_output_folder(folder: Path, args: list[str]) -> None:
-    assert folder.is_dir(), f"--out {folder.name}: no folder written"
+    """The folder holds the files its manifest lists, every JSON file parses, and a model or
+    adapter loads back (kind from the manifest, else from the marker files)."""
+    assert folder.is_dir() and any(folder.iterdir()), f"--out {folder.name}: no folder written"
     manifest = folder / "rankwise_output.json"
-    if manifest.exists():
-        missing = [f for f in json.loads(manifest.read_text()).get("files", []) if not (folder / f).exists()]
-        assert not missing, f"files listed in {manifest.name} are missing: {missing}"
-    if (folder / "rankwise_compressed.json").exists():
+    listed = json.loads(manifest.read_text()) if manifest.exists() else {}
+    missing = [f for f in listed.get("files", []) if not (folder / f).exists()]
+    assert not missing, f"files listed in {manifest.name} are missing: {missing}"
+    for path in folder.glob("*.json"):
+        json.loads(path.read_text())
+    kind = listed.get("kind")
+    if kind == "compressed" or (folder / "rankwise_compressed.json").exists():
         check_compressed(folder)
-    elif (folder / "adapter_config.json").exists():
+    elif kind == "adapter" or (folder / "adapter_config.json").exists():
         check_adapter(folder, option_value(args, "--model", "-m") or "tiny-llama")
-    else:
-        pytest.fail(f"--out {folder.name} is neither a compressed model nor an adapter: {sorted(os.listdir(folder))}")
+
+
+def prerequisites(doc: DocCommand) -> list[DocCommand]:
+    """The documented commands that write the folders ``doc`` reads (``--model``, ``--adapter``)."""
+    folders = [doc.option(*names) for names in READS_FOLDER]
+    found = [producer_of(f) for f in folders if f]
+    return [p for p in found if p is not None and p != doc]
 
 
 def is_slow(doc: DocCommand) -> bool:
-    """Over ~20 s on two shared cores even with tiny settings: compressing, training, or
-    anything reading the built-in corpus (assembling it alone takes ~10 s)."""
-    if QUICK_FLAGS & set(doc.args) or doc.subcommand not in SHOWS_PROGRESS:
+    """Over ~20 s on two shared cores even with tiny settings: compressing, training,
+    anything reading the built-in corpus (assembling it alone takes ~10 s), or needing one
+    of those first."""
+    if QUICK_FLAGS & set(doc.args):
+        return False
+    if any(is_slow(p) for p in prerequisites(doc)):
+        return True
+    if doc.subcommand not in SHOWS_PROGRESS:
         return False
     return doc.subcommand != "eval" or doc.option("--data", "-d") in (None, "builtin")
 
@@ -183,9 +225,9 @@ def test_commands_made_small_for_tests():
 
 
 @pytest.mark.parametrize("doc", params(COMMANDS))
-def test_documented_command(doc, tmp_path):
+def test_documented_command(doc, tmp_path, outputs):
     args = args_for_test(doc)
-    result = run(doc, tmp_path)
+    result = run(doc, tmp_path, outputs)
     assert result.returncode == 0, f"rankwise {' '.join(args)} -> exit {result.returncode}\n{result.stderr[-3000:]}"
     if "--json" in args:
         json.loads(result.stdout)
@@ -195,6 +237,7 @@ def test_documented_command(doc, tmp_path):
     out = doc.option("--out")
     if out:
         check_output_folder(tmp_path / out, args)
+        outputs.keep(doc, tmp_path / out)
 
 
 @pytest.mark.parametrize("doc", inline_commands(), ids=lambda c: c.id)
