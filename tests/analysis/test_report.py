@@ -170,3 +170,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1
+
+
+def test_cli_shows_progress_lines_in_a_log(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANKWISE_PROGRESS", "1")
+    assert main(["analyze", "--model", "tiny-llama", "--texts", "0", "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "[rankwise] spectra of every linear layer" in err and "[rankwise] writing the report" in err

@@ -247,6 +247,7 @@ def analyze(
     data: str | os.PathLike = "builtin",
     texts: int = 8,
     max_tokens: int = 256,
+    progress: bool = False,
 ) -> dict:
     """Analyse ``model`` (and ``against`` or ``adapter``) and write ``out/report.{json,html}``.
 
@@ -261,6 +262,7 @@ def analyze(
         threshold, intruder_top_k: intruder-dimension settings (see :func:`intruder_dimensions`).
         data, texts, max_tokens: the texts for the Matrix Nuclear-Norm score (``texts`` = 0
             skips it); causal language models only.
+        progress: show each step on stderr (see :mod:`rankwise.progress`).
 
     Returns the report (the content of ``report.json``).
 
@@ -269,30 +271,40 @@ def analyze(
         models differ (the first mismatching layer is named). ModelError: no linear layers.
         DataError: no text to score. CheckpointError: ``out`` cannot be written.
     """
-    from rankwise.fileio import check_output_dir, output_dir
+    from rankwise.fileio import check_output_dir
 
     if against is not None and adapter is not None:
         raise ConfigError("give either against (a second model) or adapter (an adapter folder), not both")
     if isinstance(texts, bool) or not isinstance(texts, int) or texts < 0:
         raise ConfigError(f"texts must be a non-negative integer, got {texts!r}")
+    from rankwise.progress import stage
+
+    def step(what: str):
+        return stage(what, show=progress)
+
     check_output_dir(out, overwrite=overwrite)
     started = time.perf_counter()
-    docs = _texts(data, texts) if texts else []
-    base, tokenizer = _load(model, tokenizer)
+    with step("reading texts"):
+        docs = _texts(data, texts) if texts else []
+    with step("loading the model"):
+        base, tokenizer = _load(model, tokenizer)
     model = _display_name(model)
     tuned, tuned_name = None, None
     if against is not None:
-        tuned, _ = _load(against)
+        with step("loading the tuned model"):
+            tuned, _ = _load(against)
         tuned_name = _display_name(against)
     elif adapter is not None:
         from rankwise.adapters import load_adapter
 
-        load_adapter(base, adapter)
+        with step("attaching the adapter"):
+            load_adapter(base, adapter)
         tuned, tuned_name = base, f"{model} + adapter {adapter}"
     timing: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    spec = spectrum(base, top_k=top_k, merged=False)
+    with step("spectra of every linear layer"):
+        spec = spectrum(base, top_k=top_k, merged=False)
     timing["spectrum_s"] = time.perf_counter() - t0
     report: dict = {
         "model": str(model),
@@ -311,9 +323,11 @@ def analyze(
     intruders: IntruderResult | None = None
     if tuned is not None:
         t0 = time.perf_counter()
-        intruders = intruder_dimensions(base, tuned, threshold=threshold, top_k=intruder_top_k)
+        with step("intruder dimensions"):
+            intruders = intruder_dimensions(base, tuned, threshold=threshold, top_k=intruder_top_k)
         timing["intruders_s"] = time.perf_counter() - t0
-        tuned_spec = spectrum(tuned, top_k=top_k, merged=True)
+        with step("spectra of the tuned model"):
+            tuned_spec = spectrum(tuned, top_k=top_k, merged=True)
         report["tuned_spectrum"] = {"rows": tuned_spec.to_rows()}
         report["intruders"] = intruders.to_dict() | {"rows": intruders.to_rows()}
         del report["intruders"]["layers"]
@@ -331,9 +345,10 @@ def analyze(
                 "pass texts=0 (--texts 0) to analyse its weights only"
             )
         t0 = time.perf_counter()
-        rows = [_score_row(str(model), base, tokenizer, docs, max_tokens, without_adapters=adapter is not None)]
-        if tuned is not None:
-            rows.append(_score_row(tuned_name, tuned, tokenizer, docs, max_tokens))
+        with step(f"Matrix Nuclear-Norm on {len(docs)} texts"):
+            rows = [_score_row(str(model), base, tokenizer, docs, max_tokens, without_adapters=adapter is not None)]
+            if tuned is not None:
+                rows.append(_score_row(tuned_name, tuned, tokenizer, docs, max_tokens))
         timing["nuclear_norm_s"] = time.perf_counter() - t0
         report["nuclear_norm"] = {"rows": rows, "max_tokens": max_tokens, "data": str(data)}
     timing["total_s"] = time.perf_counter() - started
@@ -344,11 +359,18 @@ def analyze(
         "nuclear_norm": {"data": str(data), "texts": len(docs), "max_tokens": max_tokens} if docs else None,
     }
     report["summary"] = _summary(report)
-    page = render_html(report, plots)
+    with step("writing the report"):
+        page = render_html(report, plots)
+        _write(out, overwrite, report, page)
+    return report
+
+
+def _write(out, overwrite: bool, report: dict, page: str) -> None:
+    from rankwise.fileio import output_dir
+
     with output_dir(out, overwrite=overwrite, kind="analysis") as tmp:
         Path(tmp, "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         Path(tmp, "report.html").write_text(page)
-    return report
 
 
 __all__ = ["analyze", "heatmap", "render_html", "spectra_plot"]

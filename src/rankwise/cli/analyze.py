@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from rankwise import progress
+
 
 def analyze_command(
     model: str = typer.Option("smollm2", "--model", "-m", help="Model name (smollm2, tiny-llama, ...), local folder or .gguf file."),
@@ -39,6 +41,7 @@ def analyze_command(
         data=data,
         texts=texts,
         max_tokens=max_tokens,
+        progress=not as_json and progress.enabled(),
     )
     if as_json:
         typer.echo(json.dumps({"summary": report["summary"], "out": out}, indent=2, default=str))
