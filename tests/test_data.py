@@ -255,3 +255,24 @@ def test_bounded_tokenisation_equals_the_prefix_of_the_full_one(budget):
     for limit in (budget, len(full) - 2):  # within the first text, and into the second one
         bounded = tokenize_stream(tok, [text, "second document"], max_tokens=limit)
         assert torch.equal(bounded, full[:limit])
+
+
+def test_builtin_corpus_is_cached_and_the_cache_gives_the_same_documents(tmp_path, monkeypatch):
+    from rankwise import data
+
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))
+    data._stdlib_documents.cache_clear()
+    try:
+        built = data._stdlib_documents()
+        files = list((tmp_path / "corpus").glob("builtin-*.json"))
+        assert len(files) == 1
+        data._stdlib_documents.cache_clear()
+        monkeypatch.setattr(data, "_collect_stdlib_documents", lambda: pytest.fail("collected again"))
+        assert data._stdlib_documents() == built
+        files[0].write_text("not json")  # a damaged cache is rebuilt, not trusted
+        data._stdlib_documents.cache_clear()
+        monkeypatch.undo()
+        monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))
+        assert data._stdlib_documents() == built
+    finally:
+        data._stdlib_documents.cache_clear()

@@ -17,9 +17,11 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
 import math
 import os
 import random
+import sys
 import sysconfig
 import time
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ BUILTIN = "builtin"
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = {"train": 0.90, "validation": 0.05, "calibration": 0.05}
 MIN_DOCSTRING_CHARS = 80
+CORPUS_VERSION = 1  # bump when the collection rule changes (invalidates cached corpora)
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 BINARY_SAMPLE_BYTES = 1 << 16
 BINARY_FRACTION = 0.3  # more control / undecodable characters than this: binary, not text
@@ -76,6 +79,29 @@ def texts_fingerprint(*parts: Sequence[str]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _stdlib_documents() -> tuple[str, ...]:
+    """The built-in corpus's documents, read from the user cache when this Python built them
+    before (collecting them parses the whole standard library: ~6 s per process)."""
+    from rankwise.fileio import write_json
+    from rankwise.models import cache_dir
+
+    recipe = f"{CORPUS_VERSION}|{sys.version}|{sysconfig.get_paths()['stdlib']}|{MIN_DOCSTRING_CHARS}|{sorted(_SKIP_DIRS)}"
+    cached = cache_dir() / "corpus" / f"builtin-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.json"
+    try:
+        docs = json.loads(cached.read_text(encoding="utf-8"))
+        if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+            return tuple(docs)
+    except (OSError, ValueError):
+        pass
+    docs = _collect_stdlib_documents()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cached, list(docs))
+    except OSError:
+        pass  # a read-only cache only costs the time to collect again
+    return docs
+
+
+def _collect_stdlib_documents() -> tuple[str, ...]:
     """Pydoc topic pages plus every standard-library docstring of at least 80 characters."""
     import pydoc_data.topics
 
