@@ -28,6 +28,7 @@ from rankwise.data import (
 )
 from rankwise.errors import ConfigError, ModelError
 from rankwise.models import check_seq_len, context_length, count_parameters
+from rankwise.progress import stage
 
 WHOLE = "all"  # the split label of a user file scored whole
 
@@ -39,11 +40,12 @@ def _check_adapter_folder(adapter: str | os.PathLike | None) -> None:
         raise CheckpointError(f"adapter folder {str(adapter)!r} does not exist; pass a folder written by save_adapter or PEFT")
 
 
-def _load(model: str | os.PathLike, adapter: str | os.PathLike | None):
+def _load(model: str | os.PathLike, adapter: str | os.PathLike | None, *, progress: bool = False):
     """The model (with the adapter attached, if any) and its tokenizer; refuses non-causal models."""
     from rankwise import load_model
 
-    net, tokenizer = load_model(model)
+    with stage(f"load {model}", show=progress):
+        net, tokenizer = load_model(model)
     if not hasattr(net, "lm_head") and "CausalLM" not in type(net).__name__:
         raise ModelError(
             f"model {str(model)!r} ({type(net).__name__}) is not a causal language model; "
@@ -100,7 +102,7 @@ def evaluate(
     check_max_tokens(max_tokens)
     _check_adapter_folder(adapter)
     t0 = time.perf_counter()
-    net, tokenizer = _load(model, adapter)
+    net, tokenizer = _load(model, adapter, progress=progress)
     load_seconds = time.perf_counter() - t0
     check_seq_len(net, seq_len)
     texts, split_label, fingerprint = _texts(data, split)

@@ -17,7 +17,7 @@ def compress_command(
     size: str = typer.Option(None, "--size", help="Cap on the weights file (model.safetensors, header included) instead of --ratio, e.g. 400MB."),
     allocation: str = typer.Option("auto", "--allocate", help="Rank allocation: auto (the method's default: fisher for SVD methods), fisher, uniform, energy, welore or global; methods that size layers themselves support only their own (see docs/compress.md)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o damp=0.001; values are checked against the option's type; see docs/compress.md."),
-    out: str = typer.Option(None, "--out", help="Output folder (refused if it exists, unless --overwrite)."),
+    out: str = typer.Option(None, "--out", help="Output folder [required, except with --list-methods]; an existing one is refused unless --overwrite, which replaces only a folder rankwise wrote."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split); fewer is faster, more is closer to dense."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after."),

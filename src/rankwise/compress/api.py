@@ -35,7 +35,7 @@ from rankwise.errors import ConfigError, DataError, ModelError
 from rankwise.fileio import check_output_dir
 from rankwise.models import check_seq_len, count_parameters
 from rankwise.modules import replace_module
-from rankwise.progress import Bar
+from rankwise.progress import Bar, stage
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -217,7 +217,8 @@ def compress(
     else:
         from rankwise.models import load_model
 
-        net, tokenizer = load_model(model)
+        with stage(f"load {model}", show=progress):
+            net, tokenizer = load_model(model)
         model_name = str(model)
     check_causal_lm(net, model_name)
     check_seq_len(net, seq_len)
@@ -347,9 +348,10 @@ def compress(
             report["timing"]["total_s"] = round(time.perf_counter() - t_start, 3)
             write_report(report, folder, spectra=spectra if report_html else None, html=report_html)
 
-        path = save_compressed(
-            net, tokenizer, out, method=chosen.name, method_options=chosen.options(), overwrite=overwrite, extra=write_reports
-        )
+        with stage(f"save {out}", show=progress):
+            path = save_compressed(
+                net, tokenizer, out, method=chosen.name, method_options=chosen.options(), overwrite=overwrite, extra=write_reports
+            )
     else:
         report["timing"]["total_s"] = round(time.perf_counter() - t_start, 3)
     return CompressionResult(model=net, tokenizer=tokenizer, report=report, path=path)
