@@ -12,7 +12,13 @@ Three ways to the same table, on the same loaded model, interleaved, median of `
 Accuracy against the dense peer: worst error of the top-64 singular values (relative to σ₁),
 and of the effective rank and 90% energy rank.
 
-Second table: ``nuclear_norm_score`` on ``--texts`` validation documents of the built-in
+Second table: ``intruder_dimensions`` of SmolLM2 against two synthetic "tuned" copies (not
+trained: a stand-in for the two kinds of update the paper contrasts): every linear weight
+plus small dense noise (1% of its entry scale: full fine-tuning's many small changes), and
+every linear weight plus a random rank-4 update whose largest singular value is half the
+weight's σ₁ (a LoRA-like low-rank update). Time and intruder counts (top 10, |cos| < 0.5).
+
+Third table: ``nuclear_norm_score`` on ``--texts`` validation documents of the built-in
 corpus (256 tokens each): the paper's L1,2 approximation against the exact SVD nuclear norm
 of the same probability matrices (time of the norms alone; the forward passes are shared).
 
@@ -38,9 +44,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, interleaved, machine, markdown_table  # noqa: E402
 
-from rankwise.analysis import nuclear_norm_score, spectrum  # noqa: E402
+from rankwise.analysis import intruder_dimensions, nuclear_norm_score, spectrum  # noqa: E402
+from rankwise.analysis.nuclear_norm import l12_nuclear_norm  # noqa: E402
 from rankwise.data import load_corpus  # noqa: E402
-from rankwise.linalg import effective_rank, energy_rank  # noqa: E402
+from rankwise.linalg import effective_rank, energy_rank, nuclear_norm  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
 
 
@@ -67,6 +74,47 @@ def accuracy(result, dense: dict[str, torch.Tensor]) -> dict:
         "energy_rank_max_over": energy_over,
         "energy_rank_max_under": energy_under,
     }
+
+
+@torch.no_grad()
+def tuned_copies(model, names: list[str], seed: int = 0) -> dict:
+    """Two synthetic tuned copies: dense small noise, and a rank-4 update of 0.5 σ₁ per layer."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    dense, lowrank = copy.deepcopy(model), copy.deepcopy(model)
+    for name in names:
+        w = model.get_submodule(name).weight
+        m, n = w.shape
+        dense.get_submodule(name).weight += 0.01 * w.std() * torch.randn(m, n, generator=g)
+        update = torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g)
+        scale = 0.5 * torch.linalg.matrix_norm(w, 2) / torch.linalg.matrix_norm(update, 2)
+        lowrank.get_submodule(name).weight += scale * update
+    return {"dense noise (full-FT-like)": dense, "rank-4 update (LoRA-like)": lowrank}
+
+
+def intruder_table(model, names: list[str]) -> tuple[str, dict]:
+    rows, data = [], {}
+    for label, tuned in tuned_copies(model, names).items():
+        t0 = time.perf_counter()
+        result = intruder_dimensions(model, tuned)
+        seconds = time.perf_counter() - t0
+        layers_hit = sum(layer.count > 0 for layer in result.layers)
+        rows.append([label, f"{seconds:.1f} s", result.total, f"{layers_hit} of {len(result.layers)}"])
+        data[label] = {"seconds": seconds, "total": result.total, "layers_with_intruders": layers_hit}
+        del tuned
+    table = markdown_table(["SmolLM2 vs", "intruder_dimensions time", "intruder dimensions", "layers with intruders"], rows)
+    return table, data
+
+
+@torch.no_grad()
+def probability_matrices(model, tokenizer, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
+    """The (L, V) next-token probability matrices nuclear_norm_score scores, for timing the norms."""
+    out = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+        out.append(torch.softmax(model(input_ids=ids).logits[0].float(), -1))
+    return out
 
 
 def main() -> None:
@@ -108,19 +156,26 @@ def main() -> None:
         f"\n\n{args.model}: {len(names)} linear layers (the tied output head is the embedding and is "
         f"skipped). Median of {repeats} interleaved runs; model load {load_s:.1f} s."
     )
+    intr_table, intr_data = intruder_table(model, names)
+    table += "\n\n" + intr_table
     texts = [t for t in load_corpus("builtin").validation if len(t) > 2000][: args.texts]
     nn_result = nuclear_norm_score(model, tokenizer, texts, max_tokens=256, exact=True)
     rel = [abs(t.approx - t.exact) / t.exact for t in nn_result.texts]
+    mats = probability_matrices(model, tokenizer, texts, 256)
+    nn_times = interleaved(
+        {"exact": lambda: [nuclear_norm(A) for A in mats], "approx": lambda: [l12_nuclear_norm(A) for A in mats]},
+        repeats=repeats,
+    )
     nn_table = markdown_table(
-        ["Matrix Nuclear-Norm", "score (mean ‖A‖_*/L)", "time of the norms", "speed-up"],
+        ["Matrix Nuclear-Norm", "score (mean ‖A‖_*/L)", "time of the norms (median)", "speed-up"],
         [
-            ["exact (SVD)", f"{nn_result.exact_score:.4f}", f"{nn_result.seconds_exact:.3f} s", "1.0x"],
-            ["L1,2 approximation (paper)", f"{nn_result.score:.4f}", f"{nn_result.seconds_approx:.4f} s",
-             f"{nn_result.seconds_exact / max(nn_result.seconds_approx, 1e-9):.0f}x"],
+            ["exact (SVD, rankwise.linalg.nuclear_norm)", f"{nn_result.exact_score:.4f}", f"{nn_times['exact']:.3f} s", "1.0x"],
+            ["L1,2 approximation (paper)", f"{nn_result.score:.4f}", f"{nn_times['approx']:.4f} s",
+             f"{nn_times['exact'] / max(nn_times['approx'], 1e-9):.0f}x"],
         ],
     )
     nn_table += (
-        f"\n\n{len(texts)} built-in validation documents, 256 tokens each, vocabulary {nn_result.texts[0] and len(tokenizer)}; "
+        f"\n\n{len(texts)} built-in validation documents, 256 tokens each, vocabulary {len(tokenizer)}; "
         f"per-text relative difference approx vs exact: median {sorted(rel)[len(rel) // 2]:.1%}, max {max(rel):.1%}."
     )
     table += "\n\n" + nn_table
@@ -133,7 +188,8 @@ def main() -> None:
         "seconds": times,
         "accuracy": acc,
         "load_seconds": load_s,
-        "nuclear_norm": nn_result.to_dict(),
+        "nuclear_norm": nn_result.to_dict() | {"seconds_median": nn_times},
+        "intruders": intr_data,
         "markdown": table,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

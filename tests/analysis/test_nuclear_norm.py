@@ -56,7 +56,7 @@ def test_score_by_hand(tiny_llama):
     L = A.shape[0]
     expected = float(torch.linalg.vector_norm(A.double(), dim=0).topk(min(A.shape)).values.sum()) / L
     result = nuclear_norm_score(model, tok, [text])
-    assert result.score == pytest.approx(expected, rel=1e-9)
+    assert result.score == pytest.approx(expected, rel=1e-6)  # column norms in float32
     assert result.exact_score is None
 
 

@@ -32,8 +32,8 @@ def l12_nuclear_norm(A: torch.Tensor) -> torch.Tensor:
     """The paper's fast approximation of ``‖A‖_*``: the sum of the ``min(L, V)`` largest column
     L2 norms of ``A`` (..., L, V) -> (...). ``O(L V)``, no SVD."""
     L, V = A.shape[-2:]
-    norms = torch.linalg.vector_norm(A.double(), dim=-2)  # (..., V)
-    return norms.topk(min(L, V), dim=-1).values.sum(-1)
+    norms = torch.linalg.vector_norm(A, dim=-2)  # (..., V), in A's precision (no copy)
+    return norms.topk(min(L, V), dim=-1).values.double().sum(-1)
 
 
 @dataclass(frozen=True)
