@@ -177,3 +177,20 @@ def test_cli_shows_progress_lines_in_a_log(tmp_path, capsys, monkeypatch):
     assert main(["analyze", "--model", "tiny-llama", "--texts", "0", "--out", str(tmp_path / "p")]) == 0
     err = capsys.readouterr().err
     assert "[rankwise] spectra of every linear layer" in err and "[rankwise] writing the report" in err
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path):
+    from rankwise.adapters import attach, save_adapter
+    from rankwise.errors import RankwiseError
+    from rankwise.models import tiny_llama
+
+    other, _ = tiny_llama(hidden=32)
+    attach(other, "lora", targets=["q_proj"], r=2)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+    folder = save_adapter(other, tmp_path / "other-adapter")
+    with pytest.raises(RankwiseError, match="q_proj"):
+        analyze("tiny-llama", tmp_path / "x", adapter=folder, texts=0)
+    assert not (tmp_path / "x").exists()
