@@ -332,10 +332,11 @@ def analyze(
         report["intruders"] = intruders.to_dict() | {"rows": intruders.to_rows()}
         del report["intruders"]["layers"]
         plots["tuned_spectra"] = spectra_plot(tuned_spec, f"Singular values of {tuned_name} per layer kind")
-        plots["intruders"] = heatmap(
-            intruders.counts(), "Intruder dimensions per layer", "count", cmap="magma",
-            vmax=max(1, *intruders.counts().values()),
-        )
+        if intruders.total:  # an all-zero map says nothing the sentence below does not
+            plots["intruders"] = heatmap(
+                intruders.counts(), "Intruder dimensions per layer", "count", cmap="magma",
+                vmax=max(intruders.counts().values()),
+            )
     if docs:
         if tokenizer is None:
             raise ConfigError("the Matrix Nuclear-Norm needs the model's tokenizer: pass tokenizer=, or texts=0")
