@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -126,3 +127,36 @@ def test_rows(tiny_llama):
     rows = intruder_dimensions(model, tuned).to_rows()
     row = next(r for r in rows if r["name"] == LAYER)
     assert row["count"] == 1 and row["indices"] == "0" and row["min_max_cosine"] < 0.5
+
+
+def test_finds_the_dimensions_peft_reduce_intruder_dimension_acts_on(tiny_llama, tmp_path):
+    """PEFT 0.21's mitigation step detects intruders by the same definition (top 10 left
+    singular vectors of W + ΔW, max |cos| with the base's < 0.5); on one saved adapter the
+    per-layer counts it logs must equal rankwise's."""
+    peft = pytest.importorskip("peft")
+    intruders = pytest.importorskip("peft.tuners.lora.intruders", reason="this peft has no reduce_intruder_dimension")
+    from rankwise.adapters import attach, save_adapter
+    from rankwise.models import tiny_llama as build
+
+    model, _ = tiny_llama
+    attach(model, "lora", targets=["up_proj", "q_proj"], rank=4, alpha=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # a large random update: intruders in some layers
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 if "lora_B" in name else 1.0))
+    ours = intruder_dimensions(model).counts()
+    folder = save_adapter(model, tmp_path / "adapter", format="peft")
+
+    fresh, _ = build()
+    peft_model = peft.PeftModel.from_pretrained(fresh, folder)
+    logged: list[str] = []
+    intruders.reduce_intruder_dimension(peft_model, logging_sink=logged.append)
+    theirs = {}
+    for line in logged:  # "<layer>: No intruders" / "<layer>: Intruders: <n>" (other lines ignored)
+        m = re.fullmatch(r"(\S+): (?:No intruders|Intruders: (\d+))", str(line))
+        if m:
+            theirs[m.group(1).removeprefix("base_model.model.")] = int(m.group(2) or 0)
+    assert theirs, logged
+    assert any(theirs.values()), "the planted update should create intruders"
+    assert {k: ours[k] for k in theirs} == theirs
