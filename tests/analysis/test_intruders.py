@@ -35,6 +35,17 @@ def _plant(model: nn.Module, name: str, count: int, *, seed: int = 0) -> list[to
     return planted
 
 
+def _random_lora(model, seed: int = 3):
+    from rankwise.adapters import attach
+
+    attach(model, "lora", targets=["up_proj", "q_proj"], rank=4, alpha=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 if "lora_B" in name else 1.0))
+
+
 def test_left_singular_vectors_match_torch_svd():
     torch.manual_seed(0)
     for shape in [(20, 35), (35, 20)]:
@@ -135,16 +146,11 @@ def test_finds_the_dimensions_peft_reduce_intruder_dimension_acts_on(tiny_llama,
     per-layer counts it logs must equal rankwise's."""
     peft = pytest.importorskip("peft")
     intruders = pytest.importorskip("peft.tuners.lora.intruders", reason="this peft has no reduce_intruder_dimension")
-    from rankwise.adapters import attach, save_adapter
+    from rankwise.adapters import save_adapter
     from rankwise.models import tiny_llama as build
 
     model, _ = tiny_llama
-    attach(model, "lora", targets=["up_proj", "q_proj"], rank=4, alpha=4)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:  # a large random update: intruders in some layers
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 if "lora_B" in name else 1.0))
+    _random_lora(model)
     ours = intruder_dimensions(model).counts()
     folder = save_adapter(model, tmp_path / "adapter", format="peft")
 
@@ -160,3 +166,46 @@ def test_finds_the_dimensions_peft_reduce_intruder_dimension_acts_on(tiny_llama,
     assert theirs, logged
     assert any(theirs.values()), "the planted update should create intruders"
     assert {k: ours[k] for k in theirs} == theirs
+
+
+def test_reduce_intruder_dimensions_matches_peft_and_shrinks_them(tiny_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    intruders = pytest.importorskip("peft.tuners.lora.intruders", reason="this peft has no reduce_intruder_dimension")
+    from rankwise.adapters import adapted_layers, save_adapter
+    from rankwise.analysis.intruders import reduce_intruder_dimensions
+    from rankwise.models import tiny_llama as build
+
+    model, _ = tiny_llama
+    _random_lora(model)
+    folder = save_adapter(model, tmp_path / "adapter", format="peft")
+    before = intruder_dimensions(model)
+    untouched = {p: layer.adapters["default"].delta_weight().clone() for p, layer in adapted_layers(model).items()}
+    found = reduce_intruder_dimensions(model, keep=0.75)
+    assert found.counts() == {k: v for k, v in before.counts().items() if k in found.counts()}
+    assert found.total > 0
+
+    fresh, _ = build()
+    peft_model = peft.PeftModel.from_pretrained(fresh, folder)
+    intruders.reduce_intruder_dimension(peft_model, mitigation_lambda=0.75, logging_sink=None)
+    for path, layer in adapted_layers(model).items():
+        ours = layer.adapters["default"].delta_weight()
+        theirs = peft_model.base_model.model.get_submodule(path).get_delta_weight("intruder_reduced")
+        torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=1e-4)
+        if found.counts()[path] == 0:
+            assert torch.equal(ours, untouched[path])
+    # keep=0 removes the intruder components: fewer intruders afterwards
+    model2, _ = build()
+    _random_lora(model2)
+    reduce_intruder_dimensions(model2, keep=0.0)
+    assert intruder_dimensions(model2).total < before.total
+
+
+def test_reduce_intruder_dimensions_bad_input(tiny_llama):
+    from rankwise.analysis.intruders import reduce_intruder_dimensions
+
+    model, _ = tiny_llama
+    with pytest.raises(ConfigError, match="no adapter named 'default'"):
+        reduce_intruder_dimensions(model)
+    _random_lora(model)
+    with pytest.raises(ConfigError, match="keep"):
+        reduce_intruder_dimensions(model, keep=1.5)

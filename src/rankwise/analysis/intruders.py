@@ -145,4 +145,68 @@ def intruder_dimensions(
     return IntruderResult(layers=[found[n] for n in before], threshold=float(threshold), top_k=top_k)
 
 
-__all__ = ["IntruderResult", "LayerIntruders", "intruder_dimensions", "left_singular_vectors"]
+def _lora_adapters(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """``{layer path: adapter}`` of LoRA adapter ``name``, validated before anything changes."""
+    from rankwise.adapters import adapted_layers
+
+    found = {p: layer.adapters[name] for p, layer in adapted_layers(model).items() if name in layer.adapters}
+    if not found:
+        raise ConfigError(f"no adapter named {name!r} is attached to the model")
+    for path, adapter in found.items():
+        if adapter.method != "lora" or adapter.merged:
+            what = "is merged" if adapter.merged else f"is a {adapter.method!r} adapter"
+            raise ConfigError(f"{path}: adapter {name!r} {what}; intruder mitigation handles unmerged LoRA adapters")
+    return found
+
+
+@torch.no_grad()
+def reduce_intruder_dimensions(
+    model: nn.Module,
+    name: str = "default",
+    *,
+    keep: float = 0.75,
+    threshold: float = 0.5,
+    top_k: int = 10,
+) -> IntruderResult:
+    """Shrink the intruder dimensions of LoRA adapter ``name`` in place (the paper's mitigation).
+
+    Per layer, the intruder components ``Σ_{j ∈ intruders} σ_j u_j v_jᵀ`` of the merged weight
+    ``W + ΔW`` are scaled by ``keep`` (PEFT's ``mitigation_lambda``; 1 changes nothing), and
+    the new ``ΔW`` is refactored into the adapter's rank by SVD, the scale split evenly between
+    ``B`` and ``A`` — the same computation as PEFT 0.21's ``reduce_intruder_dimension``. Layers
+    without intruders are left untouched. Returns the intruders found before mitigation.
+    """
+    _check(threshold, top_k)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 1:
+        raise ConfigError(f"keep must be a fraction in [0, 1], got {keep!r}")
+    adapters = _lora_adapters(model, name)
+    found = []
+    for path, adapter in adapters.items():
+        W = adapter.layer.weight_matrix().double()
+        merged = W + adapter.delta_weight().double()
+        U0, _ = left_singular_vectors(W)
+        U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
+        k = min(top_k, S.shape[0])
+        best = (U[:, :k].T @ U0).abs().amax(-1)
+        idx = [j for j in range(k) if float(best[j]) < threshold]
+        m, n = W.shape
+        found.append(LayerIntruders(path, layer_kind(path), block_of(path), (m, n), len(idx), idx, best.tolist(), S[:k].tolist()))
+        if not idx:
+            continue
+        part = (U[:, idx] * S[idx]) @ Vh[idx]
+        delta = (merged + (keep - 1) * part - W) / adapter.scaling
+        Ud, Sd, Vhd = torch.linalg.svd(delta, full_matrices=False)
+        r = adapter.lora_A.shape[0]
+        root = Sd[:r].sqrt()
+        adapter.lora_B.copy_((Ud[:, :r] * root).to(adapter.lora_B.dtype))
+        adapter.lora_A.copy_((root[:, None] * Vhd[:r]).to(adapter.lora_A.dtype))
+    return IntruderResult(layers=found, threshold=float(threshold), top_k=top_k)
+
+
+__all__ = [
+    "IntruderResult",
+    "LayerIntruders",
+    "intruder_dimensions",
+    "left_singular_vectors",
+    "reduce_intruder_dimensions",
+]
