@@ -260,19 +260,23 @@ def test_bounded_tokenisation_equals_the_prefix_of_the_full_one(budget):
 def test_builtin_corpus_is_cached_and_the_cache_gives_the_same_documents(tmp_path, monkeypatch):
     from rankwise import data
 
+    calls = []
+
+    def collect():
+        calls.append(1)
+        return ("first document " * 10, "second document " * 10)
+
     monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_collect_stdlib_documents", collect)
     data._stdlib_documents.cache_clear()
     try:
         built = data._stdlib_documents()
         files = list((tmp_path / "corpus").glob("builtin-*.json"))
-        assert len(files) == 1
+        assert len(files) == 1 and len(calls) == 1
         data._stdlib_documents.cache_clear()
-        monkeypatch.setattr(data, "_collect_stdlib_documents", lambda: pytest.fail("collected again"))
-        assert data._stdlib_documents() == built
+        assert data._stdlib_documents() == built and len(calls) == 1  # read back, not collected
         files[0].write_text("not json")  # a damaged cache is rebuilt, not trusted
         data._stdlib_documents.cache_clear()
-        monkeypatch.undo()
-        monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path))
-        assert data._stdlib_documents() == built
+        assert data._stdlib_documents() == built and len(calls) == 2
     finally:
         data._stdlib_documents.cache_clear()
