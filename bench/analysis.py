@@ -25,7 +25,12 @@ of the same probability matrices (time of the norms alone; the forward passes ar
 Writes bench/results/analysis.json and prints the markdown table (docs/benchmarks.md is
 edited by hand from it).
 
-Run: .venv/bin/python bench/analysis.py [--quick]
+``--lora-vs-full STEPS``: instead, the paper's comparison on real training: SmolLM2 tuned on
+the built-in corpus's train split (seq 128, batch 4, the same blocks in the same order) once
+with LoRA (rank 8 on every linear layer, AdamW lr 1e-3) and once fully (AdamW lr 1e-5), then
+intruder dimensions of each against the base. Writes bench/results/analysis_lora_vs_full.json.
+
+Run: .venv/bin/python bench/analysis.py [--quick] [--lora-vs-full 100]
 """
 
 from __future__ import annotations
@@ -117,18 +122,74 @@ def probability_matrices(model, tokenizer, texts: list[str], max_tokens: int) ->
     return out
 
 
+def train(model, params, blocks: torch.Tensor, lr: float, batch: int = 4) -> list[float]:
+    """Plain AdamW steps on ``blocks`` (one pass, ``batch`` blocks a step); returns the losses."""
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for i in range(0, len(blocks) - batch + 1, batch):
+        ids = blocks[i : i + batch]
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def lora_vs_full(model, tokenizer, steps: int) -> None:
+    """The paper's comparison on real (short) training runs; see the module docstring."""
+    import copy
+
+    from rankwise.adapters import attach
+    from rankwise.data import token_blocks
+
+    blocks = token_blocks(tokenizer, load_corpus("builtin").train, seq_len=128, max_tokens=128 * 4 * steps)
+    rows, data = [], {}
+    for label, lr in (("LoRA rank 8 (lr 1e-3)", 1e-3), ("full fine-tuning (lr 1e-5)", 1e-5)):
+        tuned = copy.deepcopy(model)
+        if label.startswith("LoRA"):
+            attach(tuned, "lora", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=8, alpha=16)
+            params = [p for n, p in tuned.named_parameters() if "lora_" in n]
+            for p in params:
+                p.requires_grad_(True)
+        else:
+            params = list(tuned.parameters())
+        t0 = time.perf_counter()
+        losses = train(tuned, params, blocks, lr)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = intruder_dimensions(model, tuned)
+        intr_s = time.perf_counter() - t0
+        hit = sum(layer.count > 0 for layer in result.layers)
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        rows.append([label, len(losses), f"{first:.3f} -> {last:.3f}", f"{train_s:.0f} s", result.total, f"{hit} of {len(result.layers)}", f"{intr_s:.1f} s"])
+        data[label] = {"steps": len(losses), "loss_first5": first, "loss_last5": last, "train_s": train_s,
+                       "intruders": result.total, "layers_with_intruders": hit, "intruders_s": intr_s, "counts": result.counts()}
+        del tuned
+    table = markdown_table(["SmolLM2 tuned with", "steps", "train loss (first 5 -> last 5)", "train time", "intruder dimensions", "layers with intruders", "detection time"], rows)
+    table += "\n\nIntruders: top 10 left singular vectors of each tuned weight, max |cos| with every base singular vector < 0.5. Built-in corpus train split, seq 128, batch 4, same blocks for both."
+    (RESULTS / "analysis_lora_vs_full.json").write_text(json.dumps({"benchmark": "analysis_lora_vs_full", "machine": machine(), "results": data, "markdown": table}, indent=2) + "\n")
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--texts", type=int, default=8, help="documents for the nuclear-norm table")
+    parser.add_argument("--lora-vs-full", type=int, default=0, metavar="STEPS", help="run the LoRA vs full fine-tuning comparison instead")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
+    if args.lora_vs_full:
+        lora_vs_full(model, tokenizer, args.lora_vs_full)
+        return
     out: dict = {}
     names = [layer.name for layer in spectrum(model, top_k=1, exact_below=0).layers]
     runs = {
