@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 DEMO_OUT ?= build/demo-smollm2-svdllm-80
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Headless Chromium for the report test (tests/analysis/test_report_browser.py), from Debian.
+# Where apt cannot install it (no root), the test says why it skips instead of failing CI.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| echo "warning: could not install chromium; the browser test will be skipped"
+
 # The main job: compress the embedded SmolLM2 to 80% of its parameters with SVD-LLM,
 # print before/after, write the model plus report.json and report.html to $(DEMO_OUT).
 demo: install
@@ -36,7 +43,7 @@ lint: install
 # spinning threads made small LAPACK calls 100x slower (linalg tests 55 s -> 2.4 s).
 # Only for the tests: in one process it makes each small op ~4x slower to start (decode).
 test: export OMP_WAIT_POLICY ?= PASSIVE
-test: install lint
+test: install lint browser
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
 bench: install

@@ -22,13 +22,12 @@ Third table: ``nuclear_norm_score`` on ``--texts`` validation documents of the b
 corpus (256 tokens each): the paper's L1,2 approximation against the exact SVD nuclear norm
 of the same probability matrices (time of the norms alone; the forward passes are shared).
 
-Writes bench/results/analysis.json and prints the markdown table (docs/benchmarks.md is
-edited by hand from it).
+Writes bench/results/analysis.json and its section of docs/benchmarks.md (and prints the table).
 
 ``--lora-vs-full STEPS``: instead, the paper's comparison on real training: SmolLM2 tuned on
 the built-in corpus's train split (seq 128, batch 4, the same blocks in the same order) once
 with LoRA (rank 8 on every linear layer, AdamW lr 1e-3) and once fully (AdamW lr 1e-5), then
-intruder dimensions of each against the base. Writes bench/results/analysis_lora_vs_full.json.
+intruder dimensions of each against the base. Writes bench/results/analysis_lora_vs_full.json and its docs/benchmarks.md section.
 
 Run: .venv/bin/python bench/analysis.py [--quick] [--lora-vs-full 100]
 """
@@ -36,7 +35,6 @@ Run: .venv/bin/python bench/analysis.py [--quick] [--lora-vs-full 100]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,7 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its p
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, interleaved, machine, markdown_table  # noqa: E402
+from _common import interleaved, markdown_table, write_results  # noqa: E402
 
 from rankwise.analysis import intruder_dimensions, nuclear_norm_score, spectrum  # noqa: E402
 from rankwise.analysis.nuclear_norm import l12_nuclear_norm  # noqa: E402
@@ -170,7 +168,7 @@ def lora_vs_full(model, tokenizer, steps: int) -> None:
         del tuned
     table = markdown_table(["SmolLM2 tuned with", "steps", "train loss (first 5 -> last 5)", "train time", "intruder dimensions", "layers with intruders", "detection time"], rows)
     table += "\n\nIntruders: top 10 left singular vectors of each tuned weight, max |cos| with every base singular vector < 0.5. Built-in corpus train split, seq 128, batch 4, same blocks for both."
-    (RESULTS / "analysis_lora_vs_full.json").write_text(json.dumps({"benchmark": "analysis_lora_vs_full", "machine": machine(), "results": data, "markdown": table}, indent=2) + "\n")
+    write_results("analysis_lora_vs_full", {"results": data, "markdown": table}, table)
     print(table)
 
 
@@ -241,8 +239,6 @@ def main() -> None:
     )
     table += "\n\n" + nn_table
     payload = {
-        "benchmark": "analysis",
-        "machine": machine(),
         "model": args.model,
         "repeats": repeats,
         "layers": len(names),
@@ -253,8 +249,7 @@ def main() -> None:
         "intruders": intr_data,
         "markdown": table,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "analysis.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_results("analysis", payload, table)
     print(table)
 
 

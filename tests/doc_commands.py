@@ -26,6 +26,7 @@ TEST_LIMITS: dict[str, dict[str, str]] = {
     "compress": {"--calib-tokens": "512", "--eval-tokens": "256", "--decode-tokens": "4", "--seq-len": "32"},
     "finetune": {"--steps": "3", "--seq-len": "32", "--batch-size": "2", "--eval-tokens": "0"},
     "generate": {"--max-new-tokens": "4", "--max-tokens": "4"},
+    "analyze": {"--texts": "2", "--max-tokens": "32"},
 }
 
 PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
