@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from rankwise.errors import CheckpointError, ModelError
-from rankwise.fileio import MANIFEST
+from rankwise.fileio import MANIFEST, apply_umask
 from rankwise.registry import Registry
 
 DEFAULT_MODEL = "smollm2"
@@ -381,6 +381,7 @@ def _save_atomically(model, tokenizer, final: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)  # a shared cache is readable like any other file the user writes
         try:
             os.replace(tmp, final)
         except OSError:  # another process won the race; its copy is identical
