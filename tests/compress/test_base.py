@@ -84,8 +84,13 @@ def test_least_squares_up_beats_truncated_up_under_a_damped_whitening():
 
 
 def test_whitened_methods_beat_plain_svd_on_correlated_inputs():
-    x = anisotropic_inputs(2000, 48, seed=3)
-    w = torch.randn(32, 48, dtype=torch.float64)
+    """Per-channel input magnitudes (ASVD's regime: a few loud channels) spanning three
+    decades: both calibrated methods cut the output error of plain SVD at the same rank.
+    Over 40 random weights the ratios were at most 0.47 (svdllm) and 0.52 (asvd); a rotated
+    (not channel-aligned) anisotropy is svdllm's alone: asvd lost to plain SVD on 10 of 40."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 48, generator=g, dtype=torch.float64) * torch.logspace(1, -2, 48, dtype=torch.float64)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
     stats = LayerStats(out_features=32, in_features=48, gram=x.T @ x, abs_sum=x.abs().sum(0), tokens=2000)
 
     def output_error(name: str) -> float:
@@ -94,8 +99,8 @@ def test_whitened_methods_beat_plain_svd_on_correlated_inputs():
         return float(torch.linalg.norm((w - up @ down) @ x.T) / torch.linalg.norm(w @ x.T))
 
     plain, whitened, scaled = output_error("svd"), output_error("svdllm"), output_error("asvd")
-    assert whitened < 0.5 * plain
-    assert scaled < plain
+    assert whitened < 0.6 * plain
+    assert scaled < 0.7 * plain
 
 
 def test_registry_names_and_errors():
