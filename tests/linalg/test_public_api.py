@@ -72,6 +72,7 @@ NO_MATRIX = {
     "LinearOperator",
     "MatrixOperator",
     "SensingOperator",
+    "MFAC",  # a stateful object over a window of gradient tensors (its own checks)
     "dct_basis",
     *(n for n in L.__all__ if n.endswith(("Result", "Factors", "SVD", "Clusters", "Selection"))),
 }

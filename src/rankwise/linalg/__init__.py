@@ -38,7 +38,7 @@ __all__ = [
     "truncated_svd",
 ]
 
-# --- other linalg kernels (streaming, completion, recovery, concat_svd, monarch, dct) below ---
+# --- other linalg kernels (streaming, completion, recovery, concat_svd, monarch, dct, mfac) below ---
 
 from rankwise.linalg.completion import CompletionResult, complete_altmin  # noqa: E402
 from rankwise.linalg.concat import (  # noqa: E402
@@ -49,6 +49,7 @@ from rankwise.linalg.concat import (  # noqa: E402
     concat_svd_update,
 )
 from rankwise.linalg.dct import DCTSelection, dct_basis, dct_select  # noqa: E402
+from rankwise.linalg.mfac import MFAC  # noqa: E402
 from rankwise.linalg.monarch import (  # noqa: E402
     MonarchFactors,
     monarch_dense,
@@ -68,6 +69,7 @@ __all__ += [
     "ConcatClusters",
     "ConcatSVD",
     "DCTSelection",
+    "MFAC",
     "MonarchFactors",
     "RecoveryResult",
     "SensingOperator",

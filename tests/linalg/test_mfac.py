@@ -1,12 +1,13 @@
-"""M-FAC inverse-Fisher-vector products against a dense inverse."""
+"""M-FAC inverse-Fisher-vector products (and the Fisher quadratic form) against dense matrices."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rankwise.analysis import MFAC
+import rankwise.analysis
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.linalg import MFAC
 
 
 def _grads(m: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -57,3 +58,19 @@ def test_bad_input():
         mfac.ifvp(torch.zeros(4))
     with pytest.raises(ShapeError, match="NaN"):
         mfac.update(torch.tensor([0.0, float("nan"), 1.0]))
+
+
+def test_quadratic_form_matches_the_dense_fisher():
+    G = _grads(6, 15)
+    mfac = MFAC(G, damp=1e-2)
+    x = _grads(4, 15, seed=3)
+    dense = mfac.dense()
+    torch.testing.assert_close(mfac.quadratic_form(x), torch.einsum("bi,ij,bj->b", x, dense, x), rtol=1e-10, atol=1e-10)
+    empty = MFAC(window=3, dim=15, damp=0.25)
+    torch.testing.assert_close(empty.quadratic_form(x[0]), 0.25 * x[0].square().sum())
+    with pytest.raises(ShapeError, match="last dimension 15"):
+        mfac.quadratic_form(torch.zeros(2, 4))
+
+
+def test_analysis_re_exports_the_linalg_kernel():
+    assert rankwise.analysis.MFAC is MFAC
