@@ -8,8 +8,10 @@ from rankwise.compress.allocate import (
     LayerSpectrum,
     allocate_ranks,
     minimum_parameters,
+    statistics_for,
     total_parameters,
 )
+from rankwise.compress.calibrate import LayerStats
 from rankwise.errors import ConfigError
 
 
@@ -21,7 +23,8 @@ def spectra(seed: int = 0) -> dict[str, LayerSpectrum]:
         k = min(m, n)
         s = torch.exp(-decay * torch.arange(k, dtype=torch.float64)) * (1 + 0.1 * torch.rand(k, generator=g, dtype=torch.float64))
         s = s.sort(descending=True).values
-        out[f"layer{i}"] = LayerSpectrum(m, n, s, s, sensitivity=1.0 + i)
+        isotropic = torch.full((k,), 1.0 + i, dtype=torch.float64)  # mfac's weights = fisher's
+        out[f"layer{i}"] = LayerSpectrum(m, n, s, s, sensitivity=1.0 + i, direction_sensitivity=isotropic)
     return out
 
 
@@ -85,6 +88,60 @@ def test_fisher_allocation_is_the_loss_weighted_greedy():
         allocate_ranks(missing, budget, strategy="fisher")
 
 
+def test_mfac_with_isotropic_fishers_is_exactly_the_fisher_allocation():
+    layers = spectra()  # direction_sensitivity = sensitivity for every direction
+    for fraction in (0.3, 0.5, 0.8):
+        budget = int(fraction * dense_total(layers))
+        assert allocate_ranks(layers, budget, strategy="mfac") == allocate_ranks(layers, budget, strategy="fisher")
+    assert statistics_for("mfac") == {"out_fisher"} and statistics_for("fisher") == {"out_grad"}
+    assert statistics_for("global") == frozenset()
+
+
+def _directional_layers(c: float = 2.0) -> tuple[dict[str, LayerSpectrum], torch.Tensor]:
+    """Two identical 64 x 64 layers with the same mean output Fisher c: in "flat" it is c I,
+    in "focused" all of it lies along the layer's 20 leading output directions u_0..u_19.
+    The Fishers go through LayerStats -> MFAC like a calibration's sketch would."""
+    out, tokens, focus = 64, 100, 20
+    U = torch.linalg.qr(torch.randn(out, out, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).Q
+    S = torch.linspace(2.0, 1.0, out, dtype=torch.float64)
+    # window rows g_j = a u_j: (1/m) Σ a² u_j u_jᵀ has trace a² = c·out (the same as c I)
+    focused = (c * out) ** 0.5 * U[:, :focus].T
+    flat = (c * out) ** 0.5 * torch.eye(out, dtype=torch.float64)  # (1/out) Σ a² e_j e_jᵀ = c I
+    layers = {}
+    for name, window in (("flat", flat), ("focused", focused)):
+        stats = LayerStats(out_features=out, in_features=out, out_grad_sketch=window * tokens**0.5, tokens=tokens)
+        weights = stats.direction_sensitivity(U)
+        layers[name] = LayerSpectrum(out, out, S, sensitivity=c, direction_sensitivity=weights)
+    return layers, weights
+
+
+def test_mfac_keeps_rank_where_the_fisher_points():
+    layers, weights = _directional_layers()
+    assert float(weights[:20].min()) == pytest.approx(2.0 * 64 / 20, rel=1e-2)  # c·out/20
+    assert float(weights[20:].max()) < 1e-2  # only the M-FAC dampening
+    budget = 2 * 10 * 128  # rank 10 in each layer if they were treated alike
+    fisher = allocate_ranks(layers, budget, strategy="fisher")
+    mfac = allocate_ranks(layers, budget, strategy="mfac")
+    assert fisher["flat"] == fisher["focused"] == 10  # same spectrum, same mean sensitivity
+    assert mfac["focused"] >= 19 and mfac["flat"] < 3
+
+    def loss(ranks):  # Σ over dropped directions of S_i² u_iᵀ F u_i, the second-order cost
+        return sum(float((layers[n].spectrum[r:].pow(2) * layers[n].direction_sensitivity[r:]).sum()) for n, r in ranks.items())
+
+    assert loss(mfac) < 0.8 * loss(fisher)  # 310 vs 426
+
+
+def test_mfac_without_direction_weights_raises_naming_the_statistic():
+    layers = spectra()
+    budget = int(0.5 * dense_total(layers))
+    missing = dict(layers, layer2=dataclasses.replace(layers["layer2"], direction_sensitivity=None))
+    with pytest.raises(ConfigError, match="'out_fisher'.*layer2"):
+        allocate_ranks(missing, budget, strategy="mfac")
+    short = dict(layers, layer0=dataclasses.replace(layers["layer0"], direction_sensitivity=torch.ones(3)))
+    with pytest.raises(ConfigError, match="one positive value per singular value"):
+        allocate_ranks(short, budget, strategy="mfac")
+
+
 def test_welore_compresses_low_rank_layers_more():
     layers = spectra()
     ranks = allocate_ranks(layers, int(0.5 * dense_total(layers)), strategy="welore")
@@ -98,7 +155,7 @@ def test_budget_below_minimum_and_unknown_strategy_raise():
     layers = spectra()
     with pytest.raises(ConfigError, match="below the minimum"):
         allocate_ranks(layers, minimum_parameters(layers) - 1)
-    with pytest.raises(ConfigError, match="valid: fisher, uniform"):
+    with pytest.raises(ConfigError, match="valid: fisher, uniform, energy, welore, global, mfac"):
         allocate_ranks(layers, dense_total(layers), strategy="magic")
 
 

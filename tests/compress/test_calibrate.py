@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from rankwise.compress.calibrate import calibrate, linear_layers
+from rankwise.compress.calibrate import FISHER_SEED, FISHER_WINDOW, calibrate, linear_layers
 from rankwise.data import token_blocks
-from rankwise.errors import DataError, ModelError, ShapeError
+from rankwise.errors import ConfigError, DataError, ModelError, ShapeError
 
 
 def test_gram_and_scales_equal_explicit_computation(tiny, texts):
@@ -74,6 +74,72 @@ def test_out_grad_is_the_squared_output_gradient(tiny, texts):
     assert stats.out_grad_sq == pytest.approx(total, rel=1e-6)
     assert stats.sensitivity == pytest.approx(total / (128 * layer.out_features), rel=1e-6)
     assert stats.gram is None and cal.stats["model.layers.0.self_attn.q_proj"].sensitivity > 0
+
+
+def _output_gradients(model, blocks, layer, batch_size: int) -> list[torch.Tensor]:
+    """Each batch's output gradients (tokens, out) of ``layer``, as calibration sees them."""
+    grads = []
+
+    def keep_grad(module, args, out):
+        out.register_hook(grads.append)
+
+    handle = layer.register_forward_hook(keep_grad)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for block in blocks.split(batch_size):
+        model(input_ids=block, labels=block).loss.backward()
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+    return [g.detach().reshape(-1, g.shape[-1]).double() for g in grads]
+
+
+def test_out_fisher_is_a_gaussian_sketch_of_the_output_gradients(tiny, texts):
+    model, tok = tiny
+    cal = calibrate(model, tok, texts, tokens=256, seq_len=64, batch_size=2, statistics=("out_fisher",))
+    assert cal.collected == ("out_fisher",)
+    layer = model.model.layers[1].mlp.down_proj
+    grads = _output_gradients(model, token_blocks(tok, texts, seq_len=64, max_tokens=256), layer, 2)
+    rng = torch.Generator().manual_seed(FISHER_SEED)  # one Ω per batch, drawn in batch order
+    sketch = sum(torch.randn(FISHER_WINDOW, len(g), generator=rng).double() @ g for g in grads)
+    stats = cal.stats["model.layers.1.mlp.down_proj"]
+    assert stats.out_grad_sketch.shape == (FISHER_WINDOW, layer.out_features)
+    torch.testing.assert_close(stats.out_grad_sketch, sketch, rtol=1e-4, atol=1e-4 * float(sketch.abs().max()))
+    assert stats.out_grad_sq is None and stats.gram is None  # only what was asked for
+
+    # the sketched Fisher estimates F = (1/T) Σ g gᵀ: its quadratic form along F's own
+    # leading and trailing eigenvectors is close to the exact one (chi-square, 64 dof)
+    G = torch.cat(grads)
+    exact = G.T @ G / len(G)
+    evals, evecs = torch.linalg.eigh(exact)
+    lead, trail = evecs[:, -1:], evecs[:, :1]
+    assert float(stats.direction_sensitivity(lead)) == pytest.approx(float(evals[-1]), rel=0.5)
+    assert float(stats.direction_sensitivity(trail)) < 0.1 * float(evals[-1])
+    mean_diag = float(stats.output_fisher().dense().diagonal().mean())
+    assert mean_diag == pytest.approx(float(exact.diagonal().mean()), rel=0.3)
+
+
+def test_direction_sensitivity_without_the_sketch_names_the_statistic(tiny, texts):
+    model, tok = tiny
+    cal = calibrate(model, tok, texts, tokens=128, seq_len=64, statistics=("gram",))
+    with pytest.raises(ConfigError, match="calibrate with 'out_fisher'"):
+        cal.stats["model.layers.0.mlp.up_proj"].direction_sensitivity(torch.eye(128)[:, :2])
+
+
+def test_compress_with_mfac_allocation_reaches_the_ratio(tiny, texts):
+    from rankwise.compress import compress
+
+    model, tok = tiny
+    result = compress(
+        model, tokenizer=tok, method="svdllm", ratio=0.7, allocation="mfac", data=texts,
+        calib_tokens=256, seq_len=64, evaluate=False, measure_speed=False,
+    )  # fmt: skip
+    report = result.report
+    assert report["allocation"] == "mfac" and "out_fisher" in report["calibration"]["statistics"]
+    p = report["parameters"]
+    assert abs(p["after"] - 0.7 * p["before"]) <= 0.01 * p["before"]
 
 
 def test_short_text_nan_and_no_linear_layers_raise(tiny, texts):

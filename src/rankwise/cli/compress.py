@@ -15,7 +15,7 @@ def compress_command(
     method: str = typer.Option("svdllm", "--method", help="Compression method (see `rankwise compress --list-methods`)."),
     ratio: float = typer.Option(None, "--ratio", help="Fraction of ALL model parameters to keep, in (0, 1] (default 0.8)."),
     size: str = typer.Option(None, "--size", help="Cap on the weights file (model.safetensors, header included) instead of --ratio, e.g. 400MB."),
-    allocation: str = typer.Option("auto", "--allocate", help="Rank allocation: auto (the method's default: fisher for SVD methods), fisher, uniform, energy, welore or global; methods that size layers themselves support only their own (see docs/compress.md)."),
+    allocation: str = typer.Option("auto", "--allocate", help="Rank allocation: auto (the method's default: fisher for SVD methods), fisher, uniform, energy, welore, global or mfac (fisher with the full output Fisher per direction, via M-FAC); methods that size layers themselves support only their own (see docs/compress.md)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o damp=0.001; values are checked against the option's type; see docs/compress.md."),
     out: str = typer.Option(None, "--out", help="Output folder [required, except with --list-methods]; an existing one is refused unless --overwrite, which replaces only a folder rankwise wrote."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),

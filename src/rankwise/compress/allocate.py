@@ -21,6 +21,33 @@ otherwise (``r ≥ ⌈mn/(m+n)⌉``: factors would be no smaller). Strategies:
   neither the relative (``global``) nor the absolute output error is. Measured on SmolLM2
   at 80% kept with ``svdllm``: perplexity 2.1x dense against 3.7x for ``uniform`` and
   17x for absolute output error (docs/compress.md).
+- ``mfac``: the same greedy with a Fisher that is no longer isotropic: ``w_{l,i} S_i²`` per
+  ``m + n``, with ``w_{l,i} = u_iᵀ F_l u_i`` the curvature of the loss along the direction's
+  output vector ``u_i`` (calibration statistic ``out_fisher``). See below.
+
+The ``mfac`` weight, step by step. SVD-LLM whitens the inputs: ``L Lᵀ = Σ_t x_t x_tᵀ`` and
+``W L = U S Vᵀ``. Dropping direction ``i`` changes the output of token ``t`` by
+
+    e_t = u_i S_i a_t,   a_t = v_iᵀ L⁻¹ x_t,   Σ_t a_t² = v_iᵀ L⁻¹ (Σ_t x_t x_tᵀ) L⁻ᵀ v_i = 1,
+
+so ``Σ_t ‖e_t‖² = S_i²`` (what ``global`` and ``fisher`` read). To second order the loss
+grows by ``½ Σ_t e_tᵀ F_t e_t``; with one Fisher per layer, ``F = (1/T) Σ_t g_t g_tᵀ`` of the
+output gradients ``g_t = ∂L/∂y_t`` (in place of each token's own ``F_t``), that is
+
+    ΔL_i ≈ ½ Σ_t a_t² S_i² u_iᵀ F u_i = ½ S_i² · u_iᵀ F u_i.
+
+``fisher`` replaces ``u_iᵀ F u_i`` by ``tr(F) / out`` (its sensitivity: the mean diagonal,
+the same for every direction of a layer); ``mfac`` keeps the direction. ``F`` (out × out for
+every layer) is too large to keep, so calibration keeps a Gaussian sketch ``Z = Σ_t ω_t
+g_tᵀ`` (``ω_t ~ N(0, I_m)``, ``m = 64``), an unbiased window of ``m`` gradients with ``F ≈
+λI + (1/m) ZᵀZ / T``; :class:`~rankwise.linalg.MFAC` holds that window and
+:meth:`~rankwise.linalg.MFAC.quadratic_form` gives ``u_iᵀ F u_i = λ + ‖Z u_i‖² / (m T)`` in
+``O(out · m)``. ``u_i`` is normalised, so for an isotropic ``F = c I`` the weight is ``c``
+for every direction and ``mfac`` is exactly ``fisher`` (``c = tr(F) / out``). The inverse
+``F⁻¹`` (M-FAC's ifvp, an Optimal-Brain-Surgeon saliency ``1 / u_iᵀ F⁻¹ u_i``) is *not* the
+cost here: it assumes the other output directions re-adjust to compensate, which the
+truncated layer does not do. For methods other than SVD-LLM ``u_i`` is the method's output
+factor, and ``S_i²`` its own (weighted) error.
 
 The first three pick their knob ``t`` by bisection (largest ``t`` that fits); the leftover
 budget — never more than a few ranks — is then filled greedily as in ``global``, so every
@@ -35,6 +62,7 @@ knapsack). Methods that size layers themselves (``modegpt``, ``cospadi``, ``lq``
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Hashable
@@ -45,7 +73,8 @@ import torch
 
 from rankwise.errors import ConfigError
 
-STRATEGIES = ("fisher", "uniform", "energy", "welore", "global")
+STRATEGIES = ("fisher", "uniform", "energy", "welore", "global", "mfac")
+STATISTIC_OF = {"fisher": "out_grad", "mfac": "out_fisher"}  # calibration statistic each needs
 K = TypeVar("K", bound=Hashable)
 
 
@@ -153,6 +182,7 @@ class LayerSpectrum:
     spectrum: torch.Tensor  # (k,) the method's weighted singular values
     weight_spectrum: torch.Tensor | None = None  # (k,) the raw weight's (for welore)
     sensitivity: float | None = None  # mean squared output gradient (for fisher)
+    direction_sensitivity: torch.Tensor | None = None  # (k,) u_iᵀ F u_i per direction (for mfac)
 
     @property
     def breakeven(self) -> int:
@@ -189,11 +219,14 @@ def _fill(
 ) -> dict[str, int]:
     """Greedily add ranks (most error removed per parameter first) while they fit.
 
-    ``weighted``: multiply each layer's errors by its ``sensitivity``."""
+    ``weighted``: multiply each layer's errors by its ``sensitivity``, or, when given, by
+    each direction's ``direction_sensitivity``."""
     energy = {n: layer.spectrum.double().pow(2) for n, layer in layers.items()}
     totals = {n: (float(e.sum()) or 1.0) if relative else 1.0 for n, e in energy.items()}
     if weighted:
-        totals = {n: t / layers[n].sensitivity for n, t in totals.items()}
+        for n, layer in layers.items():
+            w = layer.direction_sensitivity
+            energy[n] = energy[n] * (layer.sensitivity if w is None else w.double())
 
     def step(name: str, rank: int) -> int | None:
         layer = layers[name]
@@ -241,6 +274,25 @@ def _welore(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int
     return lambda t: {n: max(1, int((s >= 1.0 - t).sum())) for n, s in normalised.items()}
 
 
+def _has_directions(layer: LayerSpectrum) -> bool:
+    w = layer.direction_sensitivity
+    return (
+        w is not None
+        and w.shape == layer.spectrum.shape
+        and bool(torch.isfinite(w).all())
+        and bool((w > 0).all())
+    )
+
+
+def _without_directions(layer: LayerSpectrum) -> LayerSpectrum:
+    return dataclasses.replace(layer, direction_sensitivity=None)
+
+
+def statistics_for(strategy: str) -> frozenset[str]:
+    """The calibration statistics allocation ``strategy`` reads (empty for most)."""
+    return frozenset({STATISTIC_OF[strategy]}) if strategy in STATISTIC_OF else frozenset()
+
+
 def allocate_ranks(
     layers: dict[str, LayerSpectrum], budget: int, *, strategy: str = "global", relative: bool = True
 ) -> Ranks:
@@ -270,6 +322,16 @@ def allocate_ranks(
                 f"allocation 'fisher' needs every layer's sensitivity (calibration statistic "
                 f"'out_grad'); missing or zero for {missing[:3]}"
             )
+        layers = {n: _without_directions(layer) for n, layer in layers.items()}
+    if strategy == "mfac":
+        missing = [n for n, layer in layers.items() if not _has_directions(layer)]
+        if missing:
+            raise ConfigError(
+                f"allocation 'mfac' needs every layer's direction_sensitivity, one positive "
+                f"value per singular value (calibration statistic 'out_fisher'); missing or "
+                f"invalid for {missing[:3]}"
+            )
+    if strategy in ("fisher", "mfac"):
         ranks = {n: 1 for n in layers}
         return _normalise(_fill(ranks, layers, budget, relative=False, weighted=True), layers)
     if strategy == "global":
@@ -299,6 +361,8 @@ def allocate_with_overhead(
 
 __all__ = [
     "STRATEGIES",
+    "STATISTIC_OF",
+    "statistics_for",
     "LayerSpectrum",
     "allocate_ranks",
     "allocate_with_overhead",

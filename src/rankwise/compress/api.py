@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.compress.allocate import LayerSpectrum, allocate_ranks, minimum_parameters
+from rankwise.compress.allocate import (
+    LayerSpectrum,
+    allocate_ranks,
+    minimum_parameters,
+    statistics_for,
+)
 from rankwise.compress.base import CompressionJob, CompressionMethod, Decomposition, get_method
 from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
 from rankwise.compress.checkpoint import save_compressed, weights_header_bound
@@ -132,7 +137,8 @@ def _per_layer_svd(
             decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
             weight_s = torch.linalg.svdvals(weight) if job.allocation == "welore" else None
             sensitivity = stats[name].sensitivity if name in stats else None
-            spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S, weight_s, sensitivity)
+            directional = stats[name].direction_sensitivity(dec.U) if job.allocation == "mfac" else None
+            spectra[name] = LayerSpectrum(layer.out_features, layer.in_features, dec.S, weight_s, sensitivity, directional)
             bar.update(1)
     finally:
         bar.close()
@@ -247,7 +253,7 @@ def compress(
         fingerprint = None
         if not calib_texts:
             raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    needs = sorted(chosen.statistics(allocation))
+    needs = sorted(chosen.statistics(allocation) | statistics_for(allocation))
     if needs and calibration is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
 

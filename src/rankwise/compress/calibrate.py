@@ -14,7 +14,18 @@ For every compressible ``nn.Linear`` with input ``x`` (``in_features`` wide) it 
   the layer's output gradients, a float, from the same backward pass. Divided by tokens
   and output width it is the layer's *sensitivity* (the diagonal empirical Fisher of its
   outputs, averaged): a second-order estimate of the loss increase per unit of squared
-  output error, which the ``fisher`` rank allocator uses to compare layers.
+  output error, which the ``fisher`` rank allocator uses to compare layers;
+- ``out_grad_sketch`` (statistic ``"out_fisher"``): ``Z = Σ_b Ω_b G_b``, shape
+  ``(FISHER_WINDOW, out)``, float64, where ``G_b`` (tokens × out) holds batch ``b``'s output
+  gradients ``∂L/∂y_t`` and ``Ω_b`` (window × tokens) i.i.d. standard normals (seed
+  :data:`FISHER_SEED`, one draw per batch shared by all layers). ``E[ZᵀZ] = window · Σ_t
+  g_t g_tᵀ``, so the rows of ``Z / √tokens`` are a window of "gradients" whose empirical
+  Fisher ``(1/window) ZᵀZ / tokens`` is an unbiased estimate of the layer's full (not
+  diagonal) per-token output Fisher ``F = (1/T) Σ_t g_t g_tᵀ`` — kept at ``window × out``
+  numbers instead of ``out²`` and handed to :class:`~rankwise.linalg.MFAC` by
+  :meth:`LayerStats.output_fisher`. The ``mfac`` rank allocator reads it. (Per-sequence
+  sums of gradients would not do: the truncation error of a direction changes sign from
+  token to token, and the sums' cross-token terms bias the estimate.)
 
 Gram products are computed in float32 per batch and accumulated in float64.
 
@@ -35,9 +46,13 @@ from torch import nn
 
 from rankwise.data import token_blocks, tokenize_stream
 from rankwise.errors import ConfigError, DataError, ModelError, ShapeError
+from rankwise.linalg import MFAC
 from rankwise.progress import Bar
 
-STATISTICS = ("gram", "abs_mean", "fisher", "out_grad")
+STATISTICS = ("gram", "abs_mean", "fisher", "out_grad", "out_fisher")
+FISHER_WINDOW = 64  # sketched output gradients per layer (relative noise of xᵀFx: √(2/64) ≈ 18%)
+FISHER_SEED = 0  # seed of the Gaussian token sketch Ω_b
+FISHER_DAMP = 1e-3  # M-FAC dampening λ, relative to the mean diagonal of the sketched Fisher
 
 
 @dataclass(kw_only=True)
@@ -54,6 +69,7 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None  # (in,) float64, Σ |x|
     fisher_rows: torch.Tensor | None = None  # (out,) float64, Σ row-wise squared gradients
     out_grad_sq: float | None = None  # Σ_t ‖∂L/∂y_t‖² over calibration tokens
+    out_grad_sketch: torch.Tensor | None = None  # (FISHER_WINDOW, out) float64, Σ_b Ω_b G_b
     tokens: int = 0
 
     @property
@@ -62,6 +78,22 @@ class LayerStats:
         if self.out_grad_sq is None or self.tokens == 0:
             return None
         return self.out_grad_sq / (self.tokens * self.out_features)
+
+    def output_fisher(self) -> MFAC:
+        """The layer's output Fisher ``F ≈ λI + (1/m) Zᵀ Z / T`` as an :class:`MFAC` over the
+        window ``Z / √T`` (``λ`` = :data:`FISHER_DAMP` × its mean diagonal). Raises
+        ConfigError without the ``"out_fisher"`` statistic."""
+        if self.out_grad_sketch is None or self.tokens == 0:
+            raise ConfigError("these statistics hold no output-gradient sketch; calibrate with 'out_fisher'")
+        window = self.out_grad_sketch / self.tokens**0.5
+        mean_diag = float(window.square().sum()) / (window.shape[0] * self.out_features)
+        return MFAC(window, damp=FISHER_DAMP * mean_diag if mean_diag > 0 else FISHER_DAMP)
+
+    def direction_sensitivity(self, directions: torch.Tensor) -> torch.Tensor:
+        """``uᵀ F u / ‖u‖²`` for every column ``u`` of ``directions`` (out, k): the loss
+        curvature along each output direction (``(k,)`` float64; see :meth:`output_fisher`)."""
+        U = directions.to(torch.float64)
+        return self.output_fisher().quadratic_form(U.T) / U.square().sum(0).clamp(min=1e-300)
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -146,8 +178,8 @@ def calibrate(
     """Run ``tokens`` calibration tokens (blocks of ``seq_len``) through ``model`` and return
     per-layer :class:`LayerStats` for ``layers`` (default: :func:`linear_layers`).
 
-    ``statistics`` is any subset of ``("gram", "abs_mean", "fisher", "out_grad")``; the
-    last two add a backward pass of the causal-LM loss per batch. The model's weights, ``requires_grad``
+    ``statistics`` is any subset of ``("gram", "abs_mean", "fisher", "out_grad",
+    "out_fisher")``; the last three add a backward pass of the causal-LM loss per batch. The model's weights, ``requires_grad``
     flags and train/eval mode are left as they were.
     """
     unknown = sorted(set(statistics) - set(STATISTICS))
@@ -157,8 +189,10 @@ def calibrate(
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     layers = linear_layers(model) if layers is None else layers
     blocks = calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
-    want_gram, want_abs, want_fisher, want_out_grad = (s in statistics for s in STATISTICS)
-    want_backward = want_fisher or want_out_grad
+    want_gram, want_abs, want_fisher, want_out_grad, want_sketch = (s in statistics for s in STATISTICS)
+    want_backward = want_fisher or want_out_grad or want_sketch
+    sketch_rng = torch.Generator().manual_seed(FISHER_SEED)
+    omega: list[torch.Tensor | None] = [None]  # this batch's Ω (window, tokens), drawn once
 
     stats = {n: LayerStats(out_features=m.out_features, in_features=m.in_features) for n, m in layers.items()}
     owner_of: dict[str, str] = {}  # layer -> the layer whose (shared) input statistics it uses
@@ -200,16 +234,23 @@ def calibrate(
                 return
 
             def grad_hook(grad: torch.Tensor) -> None:
-                sq = float(grad.detach().to(torch.float64).pow(2).sum())
                 s = stats[name]
-                s.out_grad_sq = sq if s.out_grad_sq is None else s.out_grad_sq + sq
+                if want_out_grad:
+                    sq = float(grad.detach().to(torch.float64).pow(2).sum())
+                    s.out_grad_sq = sq if s.out_grad_sq is None else s.out_grad_sq + sq
+                if want_sketch:
+                    g = grad.detach().reshape(-1, grad.shape[-1]).float()  # (tokens, out)
+                    if omega[0] is None:
+                        omega[0] = torch.randn(FISHER_WINDOW, g.shape[0], generator=sketch_rng)
+                    z = (omega[0] @ g).to(torch.float64)  # (window, out)
+                    s.out_grad_sketch = z if s.out_grad_sketch is None else s.out_grad_sketch.add_(z)
 
             out.register_hook(grad_hook)
 
         return hook
 
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in layers.items()]
-    if want_out_grad:
+    if want_out_grad or want_sketch:
         handles += [m.register_forward_hook(out_hook(n)) for n, m in layers.items()]
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -226,12 +267,13 @@ def calibrate(
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size]
             seen.clear()
+            omega[0] = None
             with torch.set_grad_enabled(want_backward):
                 out = model(input_ids=batch, labels=batch if want_backward else None)
             if want_backward:
                 if getattr(out, "loss", None) is None:
                     raise ModelError(
-                        f"gradient statistics (fisher, out_grad) need a language-model loss; "
+                        f"gradient statistics (fisher, out_grad, out_fisher) need a language-model loss; "
                         f"{type(model).__name__} returned none (use a causal LM, or a method "
                         "and allocation without gradients)"
                     )
@@ -264,4 +306,4 @@ def calibrate(
     )
 
 
-__all__ = ["STATISTICS", "LayerStats", "Calibration", "calibrate", "calibration_blocks", "linear_layers"]
+__all__ = ["STATISTICS", "FISHER_WINDOW", "FISHER_SEED", "LayerStats", "Calibration", "calibrate", "calibration_blocks", "linear_layers"]
