@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, markdown_table, write_results  # noqa: E402
 
-from rankwise.compress.allocate import statistics_for  # noqa: E402
 from rankwise.compress.api import compress  # noqa: E402
 from rankwise.compress.base import get_method, method_names  # noqa: E402
 from rankwise.compress.calibrate import calibrate  # noqa: E402
@@ -70,8 +69,7 @@ def main() -> None:
         """What the method (and its allocation) calibrate; none if it cannot honour --allocate
         (compress then reports that as the method's failure)."""
         try:
-            method = get_method(name)
-            return method.statistics(args.allocate) | statistics_for(method.resolve_allocation(args.allocate))
+            return get_method(name).statistics(args.allocate)
         except ConfigError:
             return frozenset()
 

@@ -30,7 +30,6 @@ from rankwise.compress.allocate import (
     LayerSpectrum,
     allocate_ranks,
     minimum_parameters,
-    statistics_for,
 )
 from rankwise.compress.base import CompressionJob, CompressionMethod, Decomposition, get_method
 from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
@@ -253,7 +252,7 @@ def compress(
         fingerprint = None
         if not calib_texts:
             raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    needs = sorted(chosen.statistics(allocation) | statistics_for(allocation))
+    needs = sorted(chosen.statistics(allocation))
     if needs and calibration is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
 

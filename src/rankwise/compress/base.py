@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.compress.allocate import STRATEGIES, breakeven_rank, layer_parameters
+from rankwise.compress.allocate import STRATEGIES, breakeven_rank, layer_parameters, statistics_for
 from rankwise.compress.calibrate import STATISTICS, Calibration, LayerStats
 from rankwise.errors import ConfigError, ShapeError
 from rankwise.options import coerce, field_types, type_name
@@ -289,10 +289,9 @@ class CompressionMethod:
         return requested
 
     def statistics(self, allocation: str = "auto") -> frozenset[str]:
-        """Calibration statistics this method needs with ``allocation`` (the ``fisher``
-        allocator reads each layer's sensitivity, statistic ``out_grad``)."""
-        extra = {"out_grad"} if self.resolve_allocation(allocation) == "fisher" else set()
-        return frozenset(self.needs) | extra
+        """Calibration statistics this method needs with ``allocation``: its own ``needs`` and
+        what the resolved allocator reads (``fisher``: ``out_grad``, ``mfac``: ``out_fisher``)."""
+        return frozenset(self.needs) | statistics_for(self.resolve_allocation(allocation))
 
     def compress_model(self, job: CompressionJob) -> list[LayerReport] | None:
         """Whole-model path for methods that are not one weighted SVD per layer (quantized,
