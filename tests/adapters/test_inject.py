@@ -305,3 +305,18 @@ def test_frozen_adapters_stay_frozen_when_activated(tiny):
     set_active(tiny, ["a", "b"])
     trainable = {n for n, p in tiny.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.b." in n for n in trainable)
+
+
+def test_a_method_missing_part_of_the_contract_cannot_be_built():
+    from rankwise.adapters.base import Adapter
+
+    class Incomplete(Adapter):
+        def build(self): ...
+
+        def reset_parameters(self): ...
+
+        def delta(self, x, base):
+            return x
+
+    with pytest.raises(TypeError, match="delta_weight"):
+        Incomplete(None, None, dtype=torch.float32)

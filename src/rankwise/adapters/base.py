@@ -62,6 +62,7 @@ whole attach is validated; an initialiser that raises leaves the adapter removed
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 import math
@@ -372,7 +373,7 @@ def view_for(module: nn.Module) -> LayerView | None:
 # ----------------------------------------------------------------------------- the adapter
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, abc.ABC):
     """One adapter on one layer. Subclass per method; see the module docstring.
 
     Attributes available to subclasses: ``self.layer`` (:class:`LayerView`),
@@ -402,18 +403,22 @@ class Adapter(nn.Module):
         p = next(self.parameters(), None)
         return self.param_dtype if p is None else p.dtype
 
-    # -- what a method defines
+    # -- what a method defines (abstract: a class missing one cannot be instantiated)
+    @abc.abstractmethod
     def build(self) -> None:
-        raise NotImplementedError
+        """Create the method's parameters (shapes from ``self.layer`` and ``self.config``)."""
 
+    @abc.abstractmethod
     def reset_parameters(self) -> None:
-        raise NotImplementedError
+        """The method's default initialisation (``init="default"``)."""
 
+    @abc.abstractmethod
     def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's contribution to the layer output for input ``x``."""
 
+    @abc.abstractmethod
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The dense ``ΔW`` (out_features, in_features) in float32, for merging."""
 
     # -- optional hooks with shared defaults
     def compose(
