@@ -1,0 +1,224 @@
+"""Healing: a short fine-tune of a compressed model's own factors, size unchanged.
+
+Truncating a weight loses what the discarded directions did; the model's other layers never
+see that. A few hundred steps of next-token training on plain text let the kept factors
+(``U``/``V`` of :class:`~rankwise.compress.base.LowRankLinear`, the correction ``A``/``B`` of
+a compensated layer, a dictionary and its code values) absorb part of the loss, the way
+SVD-LLM's LoRA fine-tune and LLM-Pruner's recovery step do — but by training the factors
+themselves, so nothing is added and nothing has to be merged: the parameter count before and
+after is the same, and the healed model saves and loads like any compressed folder.
+
+Only floating-point parameters inside compressed modules train; embeddings, norms and layers
+that were left dense stay frozen (they are the dense model's and healing on a small corpus
+would over-fit them first). Integer codes of quantized layers are not trainable by nature.
+
+Usage::
+
+    blocks = heal_blocks(tokenizer, texts, seq_len=256, batch_size=4)   # DataError if too short
+    result = heal(model, blocks, steps=200)                               # trains in place
+
+:func:`heal_blocks` is separate so a caller (``compress(..., heal_steps=N)``) can check the
+healing text before any slow compression work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.compress.base import LowRankLinear
+from rankwise.compress.layers import is_registered
+from rankwise.errors import ConfigError, DataError
+from rankwise.progress import Bar
+
+DEFAULT_LR = 1e-4
+DEFAULT_SEQ_LEN = 256
+DEFAULT_BATCH_SIZE = 4
+WARMUP_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class HealResult:
+    """What a healing run did: ``losses`` are the training losses per step (mean per token)."""
+
+    steps: int
+    seconds: float
+    tokens: int
+    trained_parameters: int
+    losses: tuple[float, ...]
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0] if self.losses else math.nan
+
+    @property
+    def last_loss(self) -> float:
+        """Mean of the last tenth of the steps (one step's loss is noisy)."""
+        if not self.losses:
+            return math.nan
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "tokens": self.tokens,
+            "trained_parameters": self.trained_parameters,
+            "first_loss": round(self.first_loss, 4),
+            "last_loss": round(self.last_loss, 4),
+        }
+
+
+def check_heal_steps(steps: object, *, option: str = "heal_steps") -> int:
+    """``steps`` as a non-negative int, or ConfigError naming ``option``."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        else:
+            raise ConfigError(f"{option} must be a whole number of steps (0 = no healing); got {steps!r}")
+    if steps < 0:
+        raise ConfigError(f"{option} must be >= 0 (0 = no healing); got {steps}")
+    return steps
+
+
+def heal_blocks(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """Token blocks ``(n, seq_len)`` to heal on; DataError when the text is shorter than one block.
+
+    Fewer blocks than ``batch_size`` is allowed (batches are then smaller), no blocks is not.
+    """
+    from rankwise.data import token_blocks
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    if not texts or not any(t.strip() for t in texts):
+        raise DataError("the healing text is empty; give --data a text file or folder, or use 'builtin'")
+    try:
+        return token_blocks(tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
+    except DataError as e:
+        raise DataError(f"healing: {e}") from None
+
+
+def healable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The floating-point parameters inside compressed modules, by qualified name.
+
+    Compressed modules are :class:`LowRankLinear` and every registered compressed layer type
+    (outermost ones; their inner modules' parameters are included once).
+    """
+    found: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, LowRankLinear) or is_registered(module)):
+            continue
+        for pname, p in module.named_parameters(prefix=name):
+            if p.is_floating_point() and pname not in found:
+                found[pname] = p
+    return found
+
+
+def _schedule(steps: int) -> Callable[[int], float]:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, int(steps * WARMUP_FRACTION))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(blocks: torch.Tensor, batch_size: int, seed: int):
+    """Endless shuffled mini-batches of blocks (a new permutation every epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(blocks), generator=gen)
+        for i in range(0, len(order), batch_size):
+            yield blocks[order[i : i + batch_size]]
+
+
+def heal(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> HealResult:
+    """Train ``model``'s compressed factors for ``steps`` AdamW steps on ``blocks``, in place.
+
+    ``blocks`` come from :func:`heal_blocks`. Every other parameter is frozen for the run
+    and its ``requires_grad`` restored afterwards, as is the train/eval mode. ``on_step(step,
+    loss)`` is called after each step. ConfigError when the model has nothing to heal.
+    """
+    steps = check_heal_steps(steps, option="steps")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"lr must be a positive number; got {lr!r}")
+    if blocks.ndim != 2 or len(blocks) == 0:
+        raise DataError(f"blocks must be a non-empty (n, seq_len) tensor of token ids; got shape {tuple(blocks.shape)}")
+    params = healable_parameters(model)
+    if not params:
+        raise ConfigError(
+            "this model has no compressed layers to heal; compress it first "
+            "(rankwise compress / rankwise.compress.compress)"
+        )
+    trained = sum(p.numel() for p in params.values())
+    if steps == 0:
+        return HealResult(0, 0.0, 0, trained, ())
+    device = next(iter(params.values())).device
+    was_training = model.training
+    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for p in params.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    model.train()
+    try:
+        with Bar(steps, "healing", show=progress) as bar:
+            for step, batch in zip(range(steps), _batches(blocks, batch_size, seed), strict=False):
+                batch = batch.to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise DataError(
+                        f"healing diverged at step {step + 1} (loss {loss.item()}); "
+                        f"try a smaller learning rate than {lr:g}"
+                    )
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += batch.numel()
+                bar.update(1)
+                bar.set(loss=f"{losses[-1]:.3f}")
+                if on_step is not None:
+                    on_step(step + 1, losses[-1])
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved_flags[id(p)])
+        model.train(was_training)
+    return HealResult(len(losses), time.perf_counter() - start, tokens, trained, tuple(losses))
+
+
+__all__ = ["HealResult", "check_heal_steps", "heal", "heal_blocks", "healable_parameters"]

@@ -1,0 +1,93 @@
+"""Healing trains only the compressed factors, lowers held-out loss, never changes the size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankwise.compress.api import compress
+from rankwise.compress.base import LowRankLinear
+from rankwise.compress.heal import check_heal_steps, heal, heal_blocks, healable_parameters
+from rankwise.errors import ConfigError, DataError
+from rankwise.models import count_parameters
+
+FAST = {"evaluate": False, "measure_speed": False, "seq_len": 64, "calib_tokens": 256}
+
+
+@pytest.fixture()
+def compressed(tiny, texts):
+    model, tok = tiny
+    compress(model, tokenizer=tok, method="svdllm", ratio=0.6, data=texts, **FAST)
+    return model, tok
+
+
+def _loss(model, blocks):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=blocks, labels=blocks).loss.item()
+
+
+def test_healing_lowers_held_out_loss_and_keeps_the_size(compressed, texts):
+    model, tok = compressed
+    train = heal_blocks(tok, texts[:30], seq_len=32)
+    held_out = heal_blocks(tok, [t.replace("fox", "cat") for t in texts[30:]], seq_len=32)
+    size = count_parameters(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in healable_parameters(model)}
+    before = _loss(model, held_out)
+    result = heal(model, train, steps=30, lr=3e-3, batch_size=4, progress=False)
+    after = _loss(model, held_out)
+    assert after < before - 0.1, (before, after)
+    assert count_parameters(model) == size
+    for name, p in model.named_parameters():  # only factors moved
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert result.steps == 30 and len(result.losses) == 30
+    assert result.tokens == 30 * 4 * 32
+    assert result.last_loss < result.first_loss
+
+
+def test_only_compressed_factors_are_healable(compressed):
+    model, _ = compressed
+    names = healable_parameters(model)
+    low_rank = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    assert low_rank and names
+    assert all(any(n.startswith(m + ".") for m in low_rank) for n in names)
+    assert not any("embed" in n or "norm" in n for n in names)
+
+
+def test_requires_grad_and_mode_are_restored(compressed, texts):
+    model, tok = compressed
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval()
+    heal(model, heal_blocks(tok, texts, seq_len=32), steps=2, progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not model.training
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "ten", True])
+def test_bad_step_counts_name_the_option(bad):
+    with pytest.raises(ConfigError, match="heal_steps must be"):
+        check_heal_steps(bad)
+    assert check_heal_steps(3.0) == 3 and check_heal_steps(0) == 0
+
+
+def test_text_shorter_than_one_block_or_empty(tiny):
+    _, tok = tiny
+    with pytest.raises(DataError, match="healing: .*fewer than one block"):
+        heal_blocks(tok, ["two words"], seq_len=64)
+    with pytest.raises(DataError, match="healing text is empty"):
+        heal_blocks(tok, ["  ", ""], seq_len=64)
+
+
+def test_a_dense_model_has_nothing_to_heal(tiny, texts):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="no compressed layers"):
+        heal(model, heal_blocks(tok, texts, seq_len=32), steps=1, progress=False)
+
+
+def test_zero_steps_changes_nothing(compressed, texts):
+    model, tok = compressed
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = heal(model, heal_blocks(tok, texts, seq_len=32), steps=0, progress=False)
+    assert result.steps == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
