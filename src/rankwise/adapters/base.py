@@ -451,6 +451,92 @@ class Adapter(nn.Module, abc.ABC):
             )
         return None
 
+    # -- hooks for initialisers (``rankwise.adapters.init``): how a method takes a given start
+    def factor_pair(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """``(B (out, k), A (k, in))`` when the update is ``s·B A`` with ``B``, ``A`` trainable
+        parameters named ``lora_B``/``lora_A`` (the LoRA factor convention), else None.
+
+        EVA writes into them; the defaults of :meth:`lowrank_start` and :meth:`lowrank_factors`
+        use them. A method with another structure overrides those two instead.
+        """
+        b, a = self._parameters.get("lora_B"), self._parameters.get("lora_A")
+        if b is None or a is None or b.dim() != 2 or a.dim() != 2:
+            return None
+        return b, a
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(P (out, k), Q (k, in))`` with the current ``ΔW = s·P Q`` exactly, or None.
+
+        :func:`~rankwise.adapters.init.residual_to_lora` turns an adapter that has them into
+        a plain LoRA. Default: the factor pair, when it is all the adapter has (a DoRA
+        magnitude, a frozen basis or a core make the update something else).
+        """
+        pair = self.factor_pair()
+        if pair is None or set(self.state_dict()) != {"lora_A", "lora_B"}:
+            return None
+        return pair
+
+    def lowrank_start(
+        self, b: torch.Tensor, core: torch.Tensor, a: torch.Tensor
+    ) -> Callable[[], None] | None:
+        """A function that sets the adapter so ``ΔW = b @ core @ a`` (scale included), or
+        None if the method cannot start from an arbitrary rank-k product.
+
+        ``b`` (out, k), ``core`` (k, k), ``a`` (k, in) in float32/float64. Residual inits
+        (``pissa``, ``nystrom``) compute every layer's start first and call the returned
+        functions only when all layers succeeded. Default (factor pair): ``core = P Σ Qᵀ``
+        split evenly, ``B = b P √Σ / √s``, ``A = √Σ Qᵀ a / √s``.
+        """
+        pair = self.factor_pair()
+        if pair is None:
+            return None
+        p, sig, qh = torch.linalg.svd(core)  # k×k: negligible
+        root = (sig / self.scaling).sqrt()
+        new_b, new_a = (b @ p) * root, root[:, None] * (qh @ a)
+
+        def write() -> None:
+            with torch.no_grad():
+                pair[0].copy_(new_b)
+                pair[1].copy_(new_a)
+
+        return write
+
+    def update_start(
+        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+    ) -> Callable[[], None] | None:
+        """A function that starts the adapter from the top-r SVD ``U diag(S) Vh`` of a full
+        fine-tuning update (``init="lora_sb"``), or None if the method has no such start."""
+        return None
+
+    # -- PEFT formats other than LoraConfig (see ``io.py``)
+    peft_type: ClassVar[str | None] = None  # PEFT's peft_type, e.g. "RANDLORA" (LoRA/DoRA: None)
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()  # per-layer tensor names in such files
+    peft_shared: ClassVar[tuple[str, ...]] = ()  # tensors PEFT keeps once per model
+
+    @classmethod
+    def options_from_peft(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """This method's options from a PEFT ``adapter_config.json`` of type ``peft_type``
+        (ConfigError naming an option rankwise cannot honour)."""
+        raise ConfigError(f"method {cls.method!r} has no PEFT equivalent")
+
+    @classmethod
+    def peft_shared_state(cls, adapters: Mapping[str, Adapter]) -> dict[str, torch.Tensor]:
+        """The model-wide tensors (names in ``peft_shared``) for saving ``adapters``
+        (``{module path: adapter}``) in PEFT's format. Default: none."""
+        return {}
+
+    @classmethod
+    def check_peft_shared(
+        cls, shared: Mapping[str, torch.Tensor], adapters: Mapping[str, Adapter]
+    ) -> str | None:
+        """Why the model-wide tensors read from a PEFT file do not fit these (shape-only)
+        adapters, or None. Called before anything is attached."""
+        missing = [k for k in cls.peft_shared if k not in shared]
+        return f"missing model-wide tensors {missing}" if missing else None
+
+    def load_peft_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
+        """Take the model-wide tensors read from a PEFT file (after :meth:`check_peft_shared`)."""
+
     def peft_config(self) -> dict[str, Any] | None:
         """PEFT ``adapter_config.json`` fields for this adapter, or None if PEFT has none."""
         return None

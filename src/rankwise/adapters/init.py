@@ -148,26 +148,34 @@ def nystrom_split(
     return q_b, t_b @ t_a.mT, q_a.mT
 
 
-def _require(adapter: Adapter, names: tuple[str, ...], init: str, path: str) -> None:
-    missing = [n for n in names if not hasattr(adapter, n)]
-    if missing:
-        raise ConfigError(
-            f"init={init!r} does not apply to {adapter.method!r} adapters ({path}); "
-            f"it needs {', '.join(names)}"
-        )
+def _not_for(adapter: Adapter, init: str, path: str, needs: str) -> ConfigError:
+    return ConfigError(
+        f"init={init!r} does not apply to {adapter.method!r} adapters ({path}); it needs {needs}"
+    )
+
+
+def _pair(adapter: Adapter, init: str, path: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """The adapter's trainable ``(lora_B, lora_A)`` pair (:meth:`Adapter.factor_pair`)."""
+    pair = adapter.factor_pair()
+    if pair is None:
+        raise _not_for(adapter, init, path, "trainable lora_B/lora_A factors")
+    return pair
+
+
+def _lowrank_start(
+    adapter: Adapter, b: torch.Tensor, core: torch.Tensor, a: torch.Tensor, init: str, path: str
+) -> Callable[[], None]:
+    """The adapter's writer for ``ΔW = b core a`` (:meth:`Adapter.lowrank_start`)."""
+    write = adapter.lowrank_start(b, core, a)
+    if write is None:
+        raise _not_for(adapter, init, path, "a method that can start from a rank-r product")
+    return write
 
 
 def _remember_initial(adapter: Adapter, b0: torch.Tensor, a0: torch.Tensor) -> None:
     """Keep ``ΔW₀ = s·b0 a0`` (not saved) so :func:`residual_to_lora` can undo the residual."""
     adapter.register_buffer("residual_B0", b0.detach().clone(), persistent=False)
     adapter.register_buffer("residual_A0", a0.detach().clone(), persistent=False)
-
-
-def _lowrank_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P (out, k), Q (k, in))`` with the adapter's ``ΔW = s · P Q``."""
-    if hasattr(adapter, "lora_R"):  # B R A methods (lora_xs, lora_sb, nlora)
-        return adapter.lora_B @ adapter.lora_R, adapter.lora_A
-    return adapter.lora_B, adapter.lora_A
 
 
 # ----------------------------------------------------------------------------- pissa
@@ -192,7 +200,9 @@ def pissa(
     is replaced by ``W - s·B A`` (computed in float32/float64, then cast to the weight's
     dtype, so a bf16 base loses precision here, as in PEFT). "PiSSA: Principal
     Singular Values and Singular Vectors Adaptation of Large Language Models", Meng et al.
-    2024, eq. (2)–(4). Applies to ``lora`` and ``dora``.
+    2024, eq. (2)–(4). Applies to methods whose
+    :meth:`~rankwise.adapters.base.Adapter.lowrank_start` takes a rank-r product
+    (``lora``, ``dora``, ``nlora``).
     """
     _no_unknown(pissa, unknown)
     where = "init='pissa'"
@@ -200,23 +210,32 @@ def pissa(
     seed = _check_seed(seed, where)
     plans = []
     for path, ad in adapters.items():
-        _require(ad, ("lora_A", "lora_B"), "pissa", path)
         w = float_weight(ad, f"{where} on {path}")
         U, S, Vh = weight_svd(w, ad.config.rank, n_iter=n_iter, exact=bool(exact), seed=seed)
-        root = (S / ad.scaling).sqrt()  # (r,)
-        b, a = U * root, root[:, None] * Vh  # (out, r), (r, in)
-        plans.append((ad, b, a, w - ad.scaling * (b @ a)))
+        plans.append(_residual_plan(ad, w, U, torch.diag(S), Vh, "pissa", path))
     _write_residual(plans)
 
 
-def _write_residual(plans: list[tuple[Adapter, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    """Write ``(adapter, B, A, W_res)`` for lora-shaped adapters (all computed beforehand)."""
+ResidualPlan = tuple[Adapter, Callable[[], None], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _residual_plan(
+    ad: Adapter, w: torch.Tensor, b: torch.Tensor, core: torch.Tensor, a: torch.Tensor,
+    init: str, path: str,
+) -> ResidualPlan:  # fmt: skip
+    """Everything a residual start of ``ΔW₀ = b core a`` writes, computed (not yet written)."""
+    write = _lowrank_start(ad, b, core, a, init, path)
+    p0 = (b @ core) / ad.scaling  # s·p0 a = ΔW₀
+    return ad, write, p0, a, w - p0 @ a * ad.scaling
+
+
+def _write_residual(plans: list[ResidualPlan]) -> None:
+    """Write each adapter's start and residual base (all computed beforehand)."""
     with torch.no_grad():
-        for ad, b, a, w_res in plans:
-            ad.lora_B.copy_(b)
-            ad.lora_A.copy_(a)
+        for ad, write, p0, q0, w_res in plans:
+            write()
             ad.layer.set_weight_matrix(w_res)
-            _remember_initial(ad, ad.lora_B, ad.lora_A)
+            _remember_initial(ad, p0.to(ad.dtype), q0.to(ad.dtype))
 
 
 # ----------------------------------------------------------------------------- nystrom
@@ -237,29 +256,12 @@ def nystrom(
     _no_unknown(nystrom, unknown)
     where = "init='nystrom'"
     seed = _check_seed(seed, where)
-    lora_plans, nlora_plans = [], []
+    plans = []
     for path, ad in adapters.items():
-        is_nlora = ad.method == "nlora"
-        if not is_nlora:
-            _require(ad, ("lora_A", "lora_B"), "nystrom", path)
         w = float_weight(ad, f"{where} on {path}")
         q_b, k, q_a = nystrom_split(w, ad.config.rank, seed=seed)
-        if is_nlora:
-            m = k / ad.scaling
-            nlora_plans.append((ad, q_b, m, q_a, w - ad.scaling * (q_b @ m @ q_a)))
-        else:
-            p, sig, qh = torch.linalg.svd(k)  # r×r: negligible
-            root = (sig / ad.scaling).sqrt()
-            b, a = (q_b @ p) * root, root[:, None] * (qh @ q_a)
-            lora_plans.append((ad, b, a, w - ad.scaling * (b @ a)))
-    _write_residual(lora_plans)
-    with torch.no_grad():
-        for ad, b, m, a, w_res in nlora_plans:
-            ad.lora_B.copy_(b)
-            ad.lora_R.copy_(m)
-            ad.lora_A.copy_(a)
-            ad.layer.set_weight_matrix(w_res)
-            _remember_initial(ad, ad.lora_B @ ad.lora_R, ad.lora_A)
+        plans.append(_residual_plan(ad, w, q_b, k, q_a, "nystrom", path))
+    _write_residual(plans)
 
 
 # ----------------------------------------------------------------------------- undo residual
@@ -272,11 +274,12 @@ def has_residual_init(adapter: Adapter) -> bool:
 
 def residual_unconvertible(adapter: Adapter) -> str | None:
     """Why :func:`residual_to_lora` cannot convert this adapter's method, or None."""
-    if adapter.method in ("lora", "nlora"):
+    if adapter.lowrank_factors() is not None:
         return None
     return (
-        f"residual_to_lora converts lora/nlora adapters, not {adapter.method!r} "
-        "(a DoRA magnitude has no plain-LoRA equivalent)"
+        f"residual_to_lora converts adapters whose update is s·P Q with P, Q what they "
+        f"train (lora, nlora), not {adapter.method!r} (a DoRA magnitude has no plain-LoRA "
+        "equivalent)"
     )
 
 
@@ -310,7 +313,7 @@ def residual_to_lora(model: nn.Module, name: str = "default") -> dict[str, int]:
                 f"adapter {name!r} on {path} has no residual init to undo (init was not "
                 "'pissa'/'nystrom', or it was loaded from disk)"
             )
-        p, q = _lowrank_factors(ad)
+        p, q = ad.lowrank_factors()
         b = torch.cat([p, ad.residual_B0], 1).float()  # (out, 2r)
         a = torch.cat([q, -ad.residual_A0], 0).float()  # (2r, in)
         w0 = float_weight(ad, path) + ad.scaling * (
@@ -498,8 +501,8 @@ def eva(
     batch_size = _check_batch_size(batch_size, where)
     n_iter = _check_n_iter(n_iter, where)
     seed = _check_seed(seed, where)
+    pairs = {path: _pair(ad, "eva", path) for path, ad in adapters.items()}
     for path, ad in adapters.items():
-        _require(ad, ("lora_A", "lora_B"), "eva", path)
         if ad.layer.kind not in ("linear", "transposed_linear"):
             raise ConfigError(
                 f"{where}: {path} is a {ad.layer.kind} layer; EVA needs linear layers "
@@ -557,11 +560,12 @@ def eva(
     budget = max(1, round(sum(ad.config.rank for ad in adapters.values()) / float(rho)))
     counts = _redistribute(ratios, budget)
     with torch.no_grad():
-        for path, ad in adapters.items():
+        for path in adapters:
             vh, k = found[path][0], counts[path]
-            ad.lora_A.zero_()
-            ad.lora_A[:k].copy_(vh[:k])
-            ad.lora_B.zero_()
+            b, a = pairs[path]
+            a.zero_()
+            a[:k].copy_(vh[:k])
+            b.zero_()
 
 
 def eva_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
@@ -605,7 +609,8 @@ def lora_sb(
     orthogonal projection ``U Uᵀ G V Vᵀ`` of the full gradient, independent of ``alpha``
     ("Initialization using Update Approximation is a Silver Bullet...", Ponkshe et al.
     2024, Sec. 4). The model starts one (approximate) full step away from the base, as in
-    the paper. Applies to ``lora_sb`` (and ``lora_xs``) adapters. ``n_iter``/``exact``/
+    the paper. Applies to methods that define
+    :meth:`~rankwise.adapters.base.Adapter.update_start` (``lora_sb``). ``n_iter``/``exact``/
     ``seed`` choose the SVD as for ``pissa``. Gradients are averaged in float32 (float64
     for a float64 model); the model's ``requires_grad`` flags and ``.grad`` fields are
     left as they were.
@@ -620,10 +625,8 @@ def lora_sb(
     n_iter = _check_n_iter(n_iter, where)
     seed = _check_seed(seed, where)
     for path, ad in adapters.items():
-        if ad.method not in ("lora_sb", "lora_xs"):
-            raise ConfigError(
-                f"{where} applies to lora_sb/lora_xs adapters, not {ad.method!r} ({path})"
-            )
+        if type(ad).update_start is Adapter.update_start:  # the method has no such start
+            raise _not_for(ad, "lora_sb", path, "a method with an update start (lora_sb)")
         float_weight(ad, f"{where} on {path}")
     grads = _average_gradients(model, adapters, inputs, batch_size, loss_fn, where)
     plans = []
@@ -633,13 +636,9 @@ def lora_sb(
         if not bool(update.any()):
             raise ModelError(f"{where}: the loss does not depend on {path} (zero gradient)")
         U, S, Vh = weight_svd(update, ad.config.rank, n_iter=n_iter, exact=bool(exact), seed=seed)
-        root = math.sqrt(ad.scaling)
-        plans.append((ad, U / root, torch.diag(S), Vh / root))
-    with torch.no_grad():
-        for ad, b, r, a in plans:
-            ad.lora_B.copy_(b)
-            ad.lora_R.copy_(r)
-            ad.lora_A.copy_(a)
+        plans.append(ad.update_start(U, S, Vh))
+    for write in plans:
+        write()
 
 
 def _average_gradients(

@@ -16,6 +16,7 @@ Low-Rank Adaptation for Large Language Models", 2025, Sec. 3.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +58,21 @@ class NLoraAdapter(LoraXSAdapter):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_R.copy_(torch.eye(self.config.rank))
             self.lora_B.zero_()
+
+    def lowrank_start(
+        self, b: torch.Tensor, core: torch.Tensor, a: torch.Tensor
+    ) -> Callable[[], None]:
+        """NLoRA's start: ``B = b``, ``M = core / s``, ``A = a`` (``s·B M A = b core a``)."""
+        m = core / self.scaling
+
+        def write() -> None:
+            with torch.no_grad():
+                self.lora_B.copy_(b)
+                self.lora_R.copy_(m)
+                self.lora_A.copy_(a)
+
+        return write
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B M, A)``: ``ΔW = s · (B M) A``."""
+        return self.lora_B @ self.lora_R, self.lora_A
