@@ -180,12 +180,23 @@ def _user_documents(path: Path) -> list[str]:
     return [p.strip() for f in _text_files(path) for p in read_text_file(f).split("\n\n") if p.strip()]
 
 
-def load_corpus(source: str | os.PathLike = BUILTIN) -> Corpus:
-    """Load the built-in corpus (``"builtin"``) or a user text file / folder of ``.txt`` files.
+def load_corpus(source: str | os.PathLike | Sequence[str | os.PathLike] = BUILTIN) -> Corpus:
+    """Load the built-in corpus (``"builtin"``), a user text file / folder of ``.txt`` files, or
+    a list of such sources mixed (:func:`mix_corpora`: calibration on several kinds of text).
 
     Documents are shuffled with a fixed seed and split 90% / 5% / 5% into train,
     validation and calibration, so the same source always gives the same splits.
     """
+    if not isinstance(source, str | os.PathLike):
+        sources = list(source)
+        if not sources:
+            raise DataError("data is an empty list of sources; pass 'builtin', a text file or a folder")
+        return mix_corpora([load_corpus(s) for s in sources]) if len(sources) > 1 else load_corpus(sources[0])
+    if str(source) == HELDOUT:
+        raise DataError(
+            f"{HELDOUT!r} is the held-out corpus every compression number is also measured on; "
+            "it is never calibrated or trained on — pass 'builtin' or your own text"
+        )
     if str(source) == BUILTIN:
         name, docs = BUILTIN, _stdlib_documents()
     else:
@@ -206,6 +217,77 @@ def load_corpus(source: str | os.PathLike = BUILTIN) -> Corpus:
     cal = [docs[i] for i in order[n_val : n_val + n_cal]]
     train = [docs[i] for i in order[n_val + n_cal :]]
     return Corpus(name=name, train=train, validation=val, calibration=cal)
+
+
+def mix_corpora(corpora: Sequence[Corpus]) -> Corpus:
+    """One corpus from several: each split interleaves the sources' documents so that every
+    prefix holds about as many characters of each source (the next document always comes from
+    the source with the fewest characters taken so far). So the first ``calib_tokens`` of the
+    calibration split are a balanced mix, whatever the sources' document lengths."""
+    if not corpora:
+        raise DataError("no corpora to mix")
+
+    def interleave(parts: list[list[str]]) -> list[str]:
+        taken, index, out = [0] * len(parts), [0] * len(parts), []
+        while True:
+            open_ = [i for i, p in enumerate(parts) if index[i] < len(p)]
+            if not open_:
+                return out
+            i = min(open_, key=lambda j: (taken[j], j))
+            doc = parts[i][index[i]]
+            out.append(doc)
+            taken[i] += len(doc)
+            index[i] += 1
+
+    return Corpus(
+        name="+".join(c.name for c in corpora),
+        train=interleave([c.train for c in corpora]),
+        validation=interleave([c.validation for c in corpora]),
+        calibration=interleave([c.calibration for c in corpora]),
+    )
+
+
+HELDOUT = "licenses"
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_texts() -> tuple[str, ...]:
+    """The held-out corpus: a second, different kind of English text for measuring quality off
+    the calibration domain — never used for calibration, allocation or healing.
+
+    It is the license texts in ``/usr/share/common-licenses`` (GPL, LGPL, GFDL, Apache, MPL,
+    Artistic, BSD, CC0): shipped by Debian's essential ``base-files`` package, so present on
+    every Debian or Ubuntu machine without any download (man pages and ``/usr/share/doc`` are
+    stripped from minimal images; the venv's package descriptions change with every upgrade and
+    are mostly Markdown about Python). It is legal prose — long sentences, definitions,
+    conditions — unlike the built-in corpus's technical docstrings. Files are read once per real
+    file (``GPL`` links to ``GPL-3``), split into paragraphs, and the paragraphs shuffled with a
+    fixed seed, so the first tokens mix all licenses. Reading it takes milliseconds, so it is
+    cached per process only. DataError when the folder is missing.
+    """
+    files = sorted(p for p in LICENSES_DIR.glob("*") if p.is_file()) if LICENSES_DIR.is_dir() else []
+    seen, paragraphs = set(), []
+    for f in files:
+        real = f.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            text = read_text_file(real)
+        except DataError:
+            continue
+        for paragraph in text.split("\n\n"):  # words only: drop "* * *" and "-----" decoration
+            words = [w for w in paragraph.split() if any(c.isalnum() for c in w)]
+            if len(words) >= 8:
+                paragraphs.append(" ".join(words))
+    if not paragraphs:
+        raise DataError(
+            f"the held-out corpus needs the license texts in {LICENSES_DIR} (Debian's base-files "
+            "package); none were found — evaluate with heldout=False"
+        )
+    random.Random(SPLIT_SEED).shuffle(paragraphs)
+    return tuple(paragraphs)
 
 
 def resolve_texts(data: str | os.PathLike | Sequence[str], split: str) -> list[str]:
@@ -418,7 +500,10 @@ def perplexity(
 
 __all__ = [
     "BUILTIN",
+    "HELDOUT",
     "Corpus",
+    "heldout_texts",
+    "mix_corpora",
     "PerplexityResult",
     "check_max_tokens",
     "load_corpus",

@@ -18,7 +18,9 @@ def compress_command(
     allocation: str = typer.Option("auto", "--allocate", help="Rank allocation: auto (the method's default: fisher for SVD methods), fisher, uniform, energy, welore, global or mfac (fisher with the full output Fisher per direction, via M-FAC); methods that size layers themselves support only their own (see docs/compress.md)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o damp=0.001; values are checked against the option's type; see docs/compress.md."),
     out: str = typer.Option(None, "--out", help="Output folder [required, except with --list-methods]; an existing one is refused unless --overwrite, which replaces only a folder rankwise wrote."),
-    data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
+    data: list[str] = typer.Option(["builtin"], "--data", "-d", help="'builtin', a text file or a folder of .txt files; repeat to calibrate on a mix (e.g. -d builtin -d notes/)."),
+    calibration: str = typer.Option("auto", "--calibration", help="closed-loop: calibrate block by block on the outputs of the blocks already compressed; open-loop: every layer on the dense model's activations; auto: closed-loop where the method supports it."),
+    heldout: bool = typer.Option(True, "--heldout/--no-heldout", help="Also measure perplexity on the held-out corpus (license texts in /usr/share/common-licenses, never calibrated on)."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split); fewer is faster, more is closer to dense."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="New tokens generated (greedy) to time decoding before/after."),
@@ -46,6 +48,8 @@ def compress_command(
         import torch
 
         torch.set_num_threads(threads)
+    from rankwise.data import load_corpus
+
     result = compress(
         model,
         method=method,
@@ -53,7 +57,9 @@ def compress_command(
         ratio=ratio,
         size=size,
         allocation=allocation,
-        data=data,
+        calibration=calibration,
+        data=load_corpus(data),
+        heldout=heldout,
         calib_tokens=calib_tokens,
         seq_len=seq_len,
         out=out,
@@ -82,7 +88,10 @@ def compress_command(
     caption = "parameters: all distinct model parameters (embeddings included, tied once)"
     if "perplexity" in rep:
         r = rep["perplexity"]["recipe"]
-        caption += f"; perplexity: validation split, seq_len={r['seq_len']}, {r['scored_tokens']:,} tokens"
+        caption += f"; perplexity: seq_len={r['seq_len']}, {r['scored_tokens']:,} tokens"
+    if rep.get("calibration"):
+        c = rep["calibration"]
+        caption += f"\ncalibration: {c['mode']}, {c['tokens']:,} tokens of {c['corpus']}"
     table.caption = caption + f"\nwritten to {result.path} (report.json{', report.html' if report else ''})"
     Console().print(table)
 

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,15 +33,28 @@ from rankwise.compress.allocate import (
     minimum_parameters,
 )
 from rankwise.compress.base import CompressionJob, CompressionMethod, Decomposition, get_method
-from rankwise.compress.calibrate import Calibration, calibrate, calibration_blocks, linear_layers
+from rankwise.compress.calibrate import (
+    CALIBRATION_MODES,
+    INPUT_STATISTICS,
+    Calibration,
+    calibrate,
+    calibration_blocks,
+    closed_loop_calibration,
+    decoder_blocks,
+    linear_layers,
+)
 from rankwise.compress.checkpoint import save_compressed, weights_header_bound
 from rankwise.compress.report import LayerReport
+from rankwise.data import HELDOUT, texts_fingerprint
 from rankwise.errors import ConfigError, DataError, ModelError
 from rankwise.fileio import check_output_dir
 from rankwise.models import check_seq_len, count_parameters
 from rankwise.modules import replace_module
 from rankwise.progress import Bar, stage
 
+DECODE_PROMPT = "The Python standard library provides"
+DEFAULT_CALIBRATION = "closed-loop"  # what "auto" means for a method that supports it
+EVAL_BATCH = 1  # sequences per perplexity batch: (batch, seq_len, vocab) logits are the peak
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -71,20 +85,74 @@ class CompressionResult:
     path: Path | None
 
 
-@torch.no_grad()
-def decode_speed(model: nn.Module, tokenizer, *, new_tokens: int = 64, repeats: int = 3, prompt: str | None = None) -> float:
-    """Greedy-decoding speed (new tokens per second, KV cache on, batch 1), median of ``repeats``."""
-    text = prompt or "The Python standard library provides"
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+def _decode_run(model: nn.Module, tokenizer, new_tokens: int, prompt: str | None = None):
+    """A zero-argument function that greedily decodes ``new_tokens`` (KV cache on, batch 1)."""
+    ids = tokenizer(prompt or DECODE_PROMPT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True, "pad_token_id": pad}
-    model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+
+    @torch.no_grad()
+    def run() -> None:
+        model.generate(ids, **kwargs)
+
+    return run
+
+
+def decode_speed(model: nn.Module, tokenizer, *, new_tokens: int = 64, repeats: int = 3, prompt: str | None = None) -> float:
+    """Greedy-decoding speed (new tokens per second, KV cache on, batch 1), median of ``repeats``."""
+    run = _decode_run(model, tokenizer, new_tokens, prompt)
+    run()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.generate(ids, **kwargs)
+        run()
         times.append(time.perf_counter() - t0)
     return new_tokens / statistics.median(times)
+
+
+def decode_speeds_interleaved(
+    model: nn.Module,
+    tokenizer,
+    dense: dict[str, nn.Module],
+    *,
+    new_tokens: int = 64,
+    repeats: int = 3,
+) -> tuple[float, float]:
+    """``(dense, compressed)`` greedy-decoding speeds in new tokens/s, timed interleaved.
+
+    ``model`` is the compressed model; ``dense`` maps the path of every replaced module to the
+    dense module it replaced. The dense modules are swapped in and out around each timing
+    (a pointer swap, no copy), one warm-up each, then ``repeats`` rounds of dense, compressed;
+    the median of each — so load from other processes hits both alike (a shared machine made
+    one before/after pair minutes apart print a 12x speed-up).
+    """
+    compressed = {name: model.get_submodule(name) for name in dense}
+
+    def put(modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            replace_module(model, name, module)
+
+    run = _decode_run(model, tokenizer, new_tokens)
+    times: dict[str, list[float]] = {"dense": [], "compressed": []}
+    try:
+        for round_ in range(repeats + 1):
+            for kind, modules in (("dense", dense), ("compressed", compressed)):
+                put(modules)
+                t0 = time.perf_counter()
+                run()
+                if round_:  # round 0 warms both up
+                    times[kind].append(time.perf_counter() - t0)
+    finally:
+        put(compressed)
+    return new_tokens / statistics.median(times["dense"]), new_tokens / statistics.median(times["compressed"])
+
+
+def peak_memory_bytes() -> int:
+    """This process's resident-memory high-water mark (``ru_maxrss``), in bytes."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def check_causal_lm(model: nn.Module, name: str) -> None:
@@ -116,13 +184,23 @@ def _target_parameters(
 
 
 def _per_layer_svd(
-    method: CompressionMethod, job: CompressionJob, timing: dict[str, float]
+    method: CompressionMethod,
+    job: CompressionJob,
+    timing: dict[str, float],
+    closed: Calibration | None = None,
+    *,
+    release: bool = False,
 ) -> tuple[list[LayerReport], dict[str, LayerSpectrum]]:
     """The SVD path: decompose every layer, allocate ranks to the budget, factorise.
 
     Replaces layers of ``job.model`` by :class:`LowRankLinear` where that is smaller; records
-    the time of each stage in ``timing``. Returns the report rows and the spectra (for the
-    HTML report's plots)."""
+    the time of each stage in ``timing``. Ranks are always allocated on the spectra of
+    ``job.calibration`` (open-loop: every layer's spectrum is needed before any is cut). With
+    ``closed`` (a :func:`~rankwise.compress.calibrate.closed_loop_calibration` walk) each layer
+    is then decomposed again on the statistics of the inputs it gets after the blocks before it
+    were compressed, and factorised at its allocated rank; ``release`` frees the open-loop
+    input statistics once the spectra are taken (the caller owns them). Returns the report rows
+    and the spectra (for the HTML report's plots)."""
     t0 = time.perf_counter()
     stats = job.calibration.stats if job.calibration is not None else {}
     decompositions: dict[str, Decomposition] = {}
@@ -133,7 +211,8 @@ def _per_layer_svd(
             bar.set(layer=name)
             weight = layer.weight.detach().to(torch.float64)
             dec = method.decompose(weight, stats.get(name))
-            decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
+            if closed is None:  # kept for factorising; closed loop decomposes again
+                decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
             weight_s = torch.linalg.svdvals(weight) if job.allocation == "welore" else None
             sensitivity = stats[name].sensitivity if name in stats else None
             directional = stats[name].direction_sensitivity(dec.U) if job.allocation == "mfac" else None
@@ -141,6 +220,9 @@ def _per_layer_svd(
             bar.update(1)
     finally:
         bar.close()
+    if release:
+        for layer_stats in stats.values():
+            layer_stats.gram = layer_stats.abs_sum = None
     timing["decompose_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -149,14 +231,19 @@ def _per_layer_svd(
 
     t0 = time.perf_counter()
     rows = []
-    bar = Bar(len(job.layers), "factorise", show=job.progress)
+    bar = Bar(len(job.layers), "factorise" if closed is None else "factorise (closed loop)", show=job.progress)
     try:
         for name, layer in job.layers.items():
-            rank, dec, new = ranks[name], decompositions.pop(name), layer
+            rank, new, error = ranks[name], layer, 0.0
             if rank is not None:
-                new = method.factorize(layer, stats.get(name), rank, dec)
+                if closed is None:
+                    layer_stats, dec = stats.get(name), decompositions.pop(name)
+                else:
+                    layer_stats = closed.stats[name]
+                    dec = method.decompose(layer.weight.detach().to(torch.float64), layer_stats)
+                new = method.factorize(layer, layer_stats, rank, dec)
                 replace_module(job.model, name, new, expect=nn.Linear)
-            error = 0.0 if rank is None else math.sqrt(dec.relative_error(rank))
+                error = math.sqrt(dec.relative_error(rank))
             after = spectra[name].cost(rank)
             rows.append(LayerReport.of(name, layer, new, rank=rank, parameters_after=after, relative_error=error))
             bar.update(1)
@@ -164,6 +251,42 @@ def _per_layer_svd(
         bar.close()
     timing["factorise_s"] = time.perf_counter() - t0
     return rows, spectra
+
+
+def _resolve_mode(mode: str, method: CompressionMethod) -> str:
+    """``"auto"`` → closed-loop where the method supports it (:data:`DEFAULT_CALIBRATION`), else
+    open-loop; an explicit ``"closed-loop"`` the method cannot honour is a ConfigError."""
+    if mode not in ("auto", *CALIBRATION_MODES):
+        raise ConfigError(f"calibration must be auto, open-loop or closed-loop; got {mode!r}")
+    supported = method.supports_closed_loop()
+    if mode == "auto":
+        return DEFAULT_CALIBRATION if supported else "open-loop"
+    if mode == "closed-loop" and not supported:
+        raise ConfigError(
+            f"method {method.name!r} cannot calibrate closed-loop (it has no input statistics to refresh, "
+            "or it reads every layer's statistics at once); use --calibration open-loop"
+        )
+    return mode
+
+
+def _texts(data, corpus_loader) -> tuple[list[str], list[str], str | None, str]:
+    """(calibration texts, validation texts, fingerprint, name) of ``data``."""
+    from rankwise.data import Corpus
+
+    if isinstance(data, Corpus):
+        return data.calibration, data.validation, data.fingerprint(), data.name
+    if isinstance(data, str | os.PathLike):
+        corpus = corpus_loader(data)
+        return corpus.calibration, corpus.validation, corpus.fingerprint(), corpus.name
+    texts = [t for t in data if t.strip()]
+    if not texts:
+        raise DataError("data is an empty list of texts; pass some text to calibrate on")
+    return texts, texts, None, "texts"
+
+
+def _replaced(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, nn.Module]:
+    """``{path: dense module}`` for every layer of ``layers`` no longer in ``model``."""
+    return {n: m for n, m in layers.items() if model.get_submodule(n) is not m}
 
 
 def compress(
@@ -175,39 +298,50 @@ def compress(
     ratio: float | None = None,
     size: str | int | None = None,
     allocation: str = "auto",
+    calibration: str = "auto",
     data: str | os.PathLike | Sequence[str] = "builtin",
     calib_tokens: int = 16384,
     seq_len: int = 512,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     evaluate: bool = True,
+    heldout: bool = True,
     eval_tokens: int = 8192,
     measure_speed: bool = True,
     decode_tokens: int = 64,
-    calibration: Calibration | None = None,
+    statistics: Calibration | None = None,
     report_html: bool = True,
     progress: bool = False,
 ) -> CompressionResult:
     """Compress ``model`` to ``ratio`` of its parameters (or ``size`` bytes) with ``method``.
 
     ``model``: a name or folder for :func:`rankwise.load_model`, or a module (modified in
-    place; pass ``tokenizer`` too). ``data``: ``"builtin"``, a text file/folder (its
-    calibration split calibrates, its validation split evaluates) or a list of strings
-    (used for both). ``allocation``: ``"auto"`` (the method's own default: ``fisher`` for the
+    place; pass ``tokenizer`` too). ``data``: ``"builtin"``, a text file/folder, a
+    :class:`~rankwise.data.Corpus` (e.g. ``load_corpus(["builtin", "notes/"])``, a mix) — its
+    calibration split calibrates, its validation split evaluates — or a list of strings (used
+    for both). ``allocation``: ``"auto"`` (the method's own default: ``fisher`` for the
     per-layer SVD methods), or one of the allocations the method supports — ``fisher``,
     ``uniform``, ``energy``, ``welore``, ``global`` for SVD methods (see
     :mod:`rankwise.compress.allocate`); a method that cannot honour it raises ConfigError.
+    ``calibration``: ``"closed-loop"`` calibrates block by block on the outputs of the blocks
+    already compressed (:func:`~rankwise.compress.calibrate.closed_loop_calibration`),
+    ``"open-loop"`` every layer on the dense model's activations, ``"auto"`` closed-loop where
+    the method supports it. ``evaluate``: perplexity before/after on the validation split and,
+    with ``heldout``, on the held-out corpus (:func:`rankwise.data.heldout_texts`, never
+    calibrated on); ``measure_speed``: dense and compressed decoding timed interleaved.
     ``model`` must be a causal LM (ModelError otherwise, before any calibration); ``out`` is
     checked (:func:`rankwise.fileio.check_output_dir`) before anything is loaded.
-    ``calibration``: statistics from :func:`~rankwise.compress.calibrate.calibrate` on this
-    model, reused instead of calibrating again (benchmarks comparing methods).
+    ``statistics``: an open-loop :func:`~rankwise.compress.calibrate.calibrate` run on this
+    model, reused instead of calibrating again (benchmarks comparing methods; closed-loop runs
+    still walk the blocks themselves).
     Returns a :class:`CompressionResult`; with ``out`` the folder is written atomically.
     """
-    from rankwise.data import load_corpus, perplexity
+    from rankwise.data import heldout_texts, load_corpus, perplexity
 
     t_start = time.perf_counter()
     chosen = get_method(method, **(method_options or {}))
     allocation = chosen.resolve_allocation(allocation)
+    mode = _resolve_mode(calibration, chosen)
     if min(calib_tokens, eval_tokens, decode_tokens) < 1:
         raise ConfigError(
             f"calib_tokens, eval_tokens and decode_tokens must be positive; got {calib_tokens}, {eval_tokens}, {decode_tokens}"
@@ -244,17 +378,13 @@ def compress(
             "raise --ratio or --size"
         )
 
-    if isinstance(data, str | os.PathLike):
-        corpus = load_corpus(data)
-        calib_texts, eval_texts, fingerprint = corpus.calibration, corpus.validation, corpus.fingerprint()
-    else:
-        calib_texts = eval_texts = [t for t in data if t.strip()]
-        fingerprint = None
-        if not calib_texts:
-            raise DataError("data is an empty list of texts; pass some text to calibrate on")
+    calib_texts, eval_texts, fingerprint, corpus_name = _texts(data, load_corpus)
+    heldout_set = list(heldout_texts()) if evaluate and heldout else None
     needs = sorted(chosen.statistics(allocation))
-    if needs and calibration is None:
+    if needs and statistics is None:
         calibration_blocks(tokenizer, calib_texts, calib_tokens, seq_len)  # fail before the slow part
+    if mode == "closed-loop":
+        decoder_blocks(net, layers)  # a model without blocks fails before the slow part
 
     report: dict = {
         "model": model_name,
@@ -267,45 +397,60 @@ def compress(
             "counts": "all distinct model parameters (embeddings included, tied weights once)",
         },
     }
-    eval_kwargs = {"seq_len": seq_len, "max_tokens": eval_tokens}
+    eval_kwargs = {"seq_len": seq_len, "max_tokens": eval_tokens, "batch_size": EVAL_BATCH}
     if evaluate:
         before = perplexity(net, tokenizer, eval_texts, **eval_kwargs, progress=progress)
-    speed_before = decode_speed(net, tokenizer, new_tokens=decode_tokens) if measure_speed else None
+        before_heldout = perplexity(net, tokenizer, heldout_set, **eval_kwargs) if heldout_set else None
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    if calibration is not None:
-        missing = sorted(set(needs) - set(calibration.collected))
-        if missing or set(calibration.stats) != set(layers):
+    # Open-loop statistics: all of them for an open-loop run; for closed loop, what must be known
+    # before any block is cut (the per-layer path's spectra for allocation; gradients).
+    per_layer = type(chosen).compress_model is CompressionMethod.compress_model
+    open_needs = needs if (mode == "open-loop" or per_layer) else sorted(set(needs) - set(INPUT_STATISTICS))
+    owned = statistics is None  # statistics computed here may be freed early
+    if statistics is not None:
+        missing = sorted(set(open_needs) - set(statistics.collected))
+        if missing or set(statistics.stats) != set(layers):
             raise ConfigError(
-                f"the given calibration lacks {missing or 'some of these layers'}; "
-                f"calibrate with statistics={needs} on this model"
+                f"the given statistics lack {missing or 'some of these layers'}; "
+                f"calibrate with statistics={open_needs} on this model"
             )
-    elif needs:
-        calibration = calibrate(
-            net,
-            tokenizer,
-            calib_texts,
-            tokens=calib_tokens,
-            seq_len=seq_len,
-            statistics=needs,
-            layers=layers,
-            progress=progress,
+    elif open_needs:
+        statistics = calibrate(
+            net, tokenizer, calib_texts, tokens=calib_tokens, seq_len=seq_len, statistics=open_needs, layers=layers, progress=progress
         )
+    closed = None
+    if mode == "closed-loop":
+        closed = closed_loop_calibration(
+            net, tokenizer, calib_texts, tokens=calib_tokens, seq_len=seq_len, statistics=needs, layers=layers,
+            base=statistics, progress=progress,
+        )  # fmt: skip
     timing["calibrate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    job = CompressionJob(net, layers, calibration, target - fixed, allocation, progress)
-    rows, spectra = chosen.compress_model(job), {}
-    if rows is not None:  # a whole-model method (layers.py types) did everything itself
-        timing["factorise_s"] = time.perf_counter() - t0
+    rows, spectra = None, {}
+    if per_layer:
+        job = CompressionJob(net, layers, statistics, target - fixed, allocation, progress)
+        rows, spectra = _per_layer_svd(chosen, job, timing, closed, release=closed is not None and owned)
     else:
-        rows, spectra = _per_layer_svd(chosen, job, timing)
-    timing["compress_s"] = sum(timing.values())
+        job = CompressionJob(net, layers, closed or statistics, target - fixed, allocation, progress)
+        rows = chosen.compress_model(job)
+        timing["factorise_s"] = time.perf_counter() - t0
+    used = closed or statistics
     calibration_info = None
-    if calibration is not None:
-        calibration_info = calibration.recipe() | {"split": "calibration", "corpus_fingerprint": fingerprint}
-    del calibration
+    if used is not None:
+        calibration_info = used.recipe() | {"split": "calibration", "corpus": corpus_name, "corpus_fingerprint": fingerprint}
+    if closed is not None:
+        closed.stats.finish()
+        timing["calibrate_s"] += closed.stats.seconds - closed.seconds  # the walk ran during compression
+        calibration_info |= {
+            "seconds": round(closed.stats.seconds, 3),
+            "blocks": len(closed.stats.blocks),
+            "blocks_compressed_before_the_walk_passed_them": closed.stats.compressed_blocks,
+        }
+    timing["compress_s"] = sum(timing.values())
+    del statistics, closed, used, job
 
     after_total = count_parameters(net)
     report["parameters"] = {
@@ -322,24 +467,37 @@ def compress(
     }
     if evaluate:
         after = perplexity(net, tokenizer, eval_texts, **eval_kwargs, progress=progress)
+        recipe = before.recipe() | {"max_tokens": eval_tokens, "batch_size": EVAL_BATCH}
         report["perplexity"] = {
             "before": before.perplexity,
             "after": after.perplexity,
-            "recipe": before.recipe() | {"max_tokens": eval_tokens, "split": "validation", "batch_size": 4},
+            "recipe": recipe | {"split": "validation"},
+            "corpus": corpus_name,
             "corpus_fingerprint": fingerprint,
         }
+        if heldout_set:
+            after_heldout = perplexity(net, tokenizer, heldout_set, **eval_kwargs)
+            report["perplexity"]["heldout"] = {
+                "before": before_heldout.perplexity,
+                "after": after_heldout.perplexity,
+                "recipe": recipe | {"scored_tokens": after_heldout.tokens},
+                "corpus": f"{HELDOUT} (rankwise.data.heldout_texts: /usr/share/common-licenses, never calibrated on)",
+                "corpus_fingerprint": texts_fingerprint(heldout_set),
+            }
     if measure_speed:
-        speed_after = decode_speed(net, tokenizer, new_tokens=decode_tokens)
+        dense_speed, speed = decode_speeds_interleaved(net, tokenizer, _replaced(net, layers), new_tokens=decode_tokens)
         report["decode"] = {
             "new_tokens": decode_tokens,
             "batch": 1,
             "greedy_kv_cache": True,
-            "before_tokens_per_s": speed_before,
-            "after_tokens_per_s": speed_after,
-            "speedup": speed_after / speed_before,
+            "timing": "dense and compressed interleaved (modules swapped), 1 warm-up + median of 3 each",
+            "before_tokens_per_s": dense_speed,
+            "after_tokens_per_s": speed,
+            "speedup": speed / dense_speed,
         }
     report["calibration"] = calibration_info
     report["timing"] = {k: round(v, 3) for k, v in timing.items()}
+    report["memory"] = {"peak_rss_bytes": peak_memory_bytes(), "measured": "ru_maxrss of this process so far (load included)"}
     report["layers"] = [r.to_dict() for r in rows]
 
     path = None
@@ -351,6 +509,7 @@ def compress(
 
             report["file_bytes"] = (folder / "model.safetensors").stat().st_size
             report["timing"]["total_s"] = round(time.perf_counter() - t_start, 3)
+            report["memory"]["peak_rss_bytes"] = peak_memory_bytes()
             write_report(report, folder, spectra=spectra if report_html else None, html=report_html)
 
         with stage(f"save {out}", show=progress):
@@ -362,4 +521,13 @@ def compress(
     return CompressionResult(model=net, tokenizer=tokenizer, report=report, path=path)
 
 
-__all__ = ["compress", "CompressionResult", "check_causal_lm", "decode_speed", "parse_size"]
+__all__ = [
+    "compress",
+    "CompressionResult",
+    "check_causal_lm",
+    "decode_speed",
+    "decode_speeds_interleaved",
+    "peak_memory_bytes",
+    "parse_size",
+    "DEFAULT_CALIBRATION",
+]

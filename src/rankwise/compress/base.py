@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.compress.allocate import STRATEGIES, breakeven_rank, layer_parameters, statistics_for
-from rankwise.compress.calibrate import STATISTICS, Calibration, LayerStats
+from rankwise.compress.calibrate import INPUT_STATISTICS, STATISTICS, Calibration, LayerStats
 from rankwise.errors import ConfigError, ShapeError
 from rankwise.options import coerce, field_types, type_name
 from rankwise.registry import Registry
@@ -251,7 +251,9 @@ class CompressionMethod:
     ``"auto"`` means. Per-layer SVD methods honour every rank allocator (default ``fisher``).
     ``layer_tensors``: the tensors (besides a bias) a layer this method compresses holds at
     most, as named in ``model.safetensors`` after the layer's path (``--size`` bounds the
-    file's header with them).
+    file's header with them). ``closed_loop``: a whole-model method (``compress_model``) sets it
+    when it reads ``job.calibration.stats`` block by block, in order, compressing each block
+    before reading the next (see :meth:`supports_closed_loop`).
     """
 
     name: ClassVar[str] = ""
@@ -259,6 +261,7 @@ class CompressionMethod:
     needs: ClassVar[frozenset[str]] = frozenset()
     allocations: ClassVar[tuple[str, ...]] = STRATEGIES
     layer_tensors: ClassVar[tuple[str, ...]] = ("U", "V")
+    closed_loop: ClassVar[bool] = False  # a whole-model method reading statistics block by block
 
     def decompose(self, weight: torch.Tensor, stats: LayerStats | None) -> Decomposition:
         raise NotImplementedError
@@ -292,6 +295,14 @@ class CompressionMethod:
         """Calibration statistics this method needs with ``allocation``: its own ``needs`` and
         what the resolved allocator reads (``fisher``: ``out_grad``, ``mfac``: ``out_fisher``)."""
         return frozenset(self.needs) | statistics_for(self.resolve_allocation(allocation))
+
+    def supports_closed_loop(self) -> bool:
+        """Whether closed-loop calibration can serve this method: it uses input statistics
+        (``gram`` / ``abs_mean``, the ones a closed-loop walk refreshes), and it is a per-layer
+        method (``compress`` factorises in block order) or a whole-model one declaring
+        ``closed_loop``."""
+        per_layer = type(self).compress_model is CompressionMethod.compress_model
+        return bool(set(self.needs) & set(INPUT_STATISTICS)) and (per_layer or self.closed_loop)
 
     def compress_model(self, job: CompressionJob) -> list[LayerReport] | None:
         """Whole-model path for methods that are not one weighted SVD per layer (quantized,

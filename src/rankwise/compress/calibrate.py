@@ -35,10 +35,11 @@ computed once per batch and the :class:`LayerStats` objects point at the same te
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -113,15 +114,69 @@ class Calibration:
     seconds: float
     text_fingerprint: str  # hash of the calibration token ids
     collected: tuple[str, ...] = field(default_factory=tuple)
+    mode: str = "open-loop"  # or "closed-loop" (statistics from a ClosedLoopStats walk)
 
     def recipe(self) -> dict:
         return {
+            "mode": self.mode,
             "tokens": self.tokens,
             "seq_len": self.seq_len,
             "statistics": list(self.collected),
             "token_fingerprint": self.text_fingerprint,
             "seconds": round(self.seconds, 3),
         }
+
+
+class _InputStatistics:
+    """Forward pre-hooks accumulating ``gram`` / ``abs_sum`` of each layer's input into its
+    :class:`LayerStats`. Layers fed the same tensor object on the first batch share one set of
+    tensors (the statistics are computed once per batch)."""
+
+    def __init__(self, layers: dict[str, nn.Linear], stats: dict[str, LayerStats], *, gram: bool, abs_mean: bool) -> None:
+        self.layers, self.stats, self.gram, self.abs_mean = layers, stats, gram, abs_mean
+        self.owner_of: dict[str, str] = {}  # layer -> the layer whose (shared) statistics it uses
+        self.seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (ref, first layer), per batch
+        self.first_batch = True
+
+    def attach(self) -> list:
+        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+
+    def start_batch(self) -> None:
+        self.seen.clear()
+
+    def end_batch(self, tokens: int) -> None:
+        self.first_batch = False
+        for name in self.layers:
+            self.stats[name].tokens += tokens
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name in self.owner_of and self.owner_of[name] != name:
+                return  # shares its input with an earlier layer, already counted
+            x = args[0]  # the identity of this object tells which layers share an input
+            hit = self.seen.get(id(x))
+            s = self.stats[name]
+            if self.first_batch and hit is not None and hit[0]() is x:
+                owner = hit[1]
+                self.owner_of[name] = owner
+                s.gram, s.abs_sum = self.stats[owner].gram, self.stats[owner].abs_sum
+                return
+            self.owner_of[name] = name
+            self.seen[id(x)] = (weakref.ref(x), name)
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            abs_sum = x2.abs().sum(0, dtype=torch.float64)
+            if not torch.isfinite(abs_sum).all():
+                raise ShapeError(
+                    f"calibration activations entering {name!r} contain NaN/Inf; the model's "
+                    "weights or dtype are broken (load it in float32)"
+                )
+            if self.abs_mean:
+                s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum.add_(abs_sum)
+            if self.gram:
+                g = (x2.T @ x2).to(torch.float64)  # (in, in)
+                s.gram = g if s.gram is None else s.gram.add_(g)
+
+        return hook
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -195,38 +250,7 @@ def calibrate(
     omega: list[torch.Tensor | None] = [None]  # this batch's Ω (window, tokens), drawn once
 
     stats = {n: LayerStats(out_features=m.out_features, in_features=m.in_features) for n, m in layers.items()}
-    owner_of: dict[str, str] = {}  # layer -> the layer whose (shared) input statistics it uses
-    seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input tensor) -> (ref, first layer), per batch
-    first_batch = [True]
-
-    def pre_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if name in owner_of and owner_of[name] != name:
-                return  # shares its input with an earlier layer, already counted
-            x = args[0]  # the identity of this object tells which layers share an input
-            hit = seen.get(id(x))
-            if first_batch[0] and hit is not None and hit[0]() is x:
-                owner = hit[1]
-                owner_of[name] = owner
-                stats[name].gram, stats[name].abs_sum = stats[owner].gram, stats[owner].abs_sum
-                return
-            owner_of[name] = name
-            seen[id(x)] = (weakref.ref(x), name)
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-            s = stats[name]
-            abs_sum = x2.abs().sum(0, dtype=torch.float64)
-            if not torch.isfinite(abs_sum).all():
-                raise ShapeError(
-                    f"calibration activations entering {name!r} contain NaN/Inf; the model's "
-                    "weights or dtype are broken (load it in float32)"
-                )
-            if want_abs:
-                s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum.add_(abs_sum)
-            if want_gram:
-                g = (x2.T @ x2).to(torch.float64)  # (in, in)
-                s.gram = g if s.gram is None else s.gram.add_(g)
-
-        return hook
+    inputs = _InputStatistics(layers, stats, gram=want_gram, abs_mean=want_abs)
 
     def out_hook(name: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -249,7 +273,7 @@ def calibrate(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in layers.items()]
+    handles = inputs.attach()
     if want_out_grad or want_sketch:
         handles += [m.register_forward_hook(out_hook(n)) for n, m in layers.items()]
     grad_flags = {p: p.requires_grad for p in model.parameters()}
@@ -266,7 +290,7 @@ def calibrate(
     try:
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size]
-            seen.clear()
+            inputs.start_batch()
             omega[0] = None
             with torch.set_grad_enabled(want_backward):
                 out = model(input_ids=batch, labels=batch if want_backward else None)
@@ -284,9 +308,7 @@ def calibrate(
                         s = stats[name]
                         s.fisher_rows = rows if s.fisher_rows is None else s.fisher_rows.add_(rows)
                     m.weight.grad = None
-            first_batch[0] = False
-            for name in layers:
-                stats[name].tokens += batch.numel()
+            inputs.end_batch(batch.numel())
             bar.update(len(batch))
     finally:
         bar.close()
@@ -306,4 +328,259 @@ def calibrate(
     )
 
 
-__all__ = ["STATISTICS", "FISHER_WINDOW", "FISHER_SEED", "LayerStats", "Calibration", "calibrate", "calibration_blocks", "linear_layers"]
+
+# ----------------------------------------------------------------------------- closed loop
+
+INPUT_STATISTICS = ("gram", "abs_mean")  # what a closed-loop walk recomputes per block
+CALIBRATION_MODES = ("open-loop", "closed-loop")
+
+
+class _StopForward(Exception):
+    """Raised by the hook that captured the first block's inputs: the rest of the model
+    need not run."""
+
+
+@dataclass(frozen=True)
+class DecoderBlock:
+    """One repeated block of a model (``model.layers.3``) and the compressible layers inside it."""
+
+    name: str
+    module: nn.Module
+    layers: tuple[str, ...]
+
+
+def decoder_blocks(model: nn.Module, layers: dict[str, nn.Linear]) -> list[DecoderBlock]:
+    """The model's decoder blocks: the ``nn.ModuleList`` whose children hold the most of
+    ``layers``. ModelError when no such list exists (closed-loop calibration then cannot run)."""
+    best: list[DecoderBlock] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        blocks = []
+        for i, child in enumerate(module):
+            prefix = f"{name}.{i}." if name else f"{i}."
+            blocks.append(DecoderBlock(prefix[:-1], child, tuple(n for n in layers if n.startswith(prefix))))
+        if sum(len(b.layers) for b in blocks) > sum(len(b.layers) for b in best):
+            best = blocks
+    if not best:
+        raise ModelError(
+            f"closed-loop calibration walks the model's decoder blocks, and {type(model).__name__} has "
+            "no nn.ModuleList of blocks holding its linear layers; use calibration='open-loop'"
+        )
+    return best
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+class ClosedLoopStats(Mapping):
+    """Per-layer statistics measured on the inputs each layer gets *after* the blocks before it
+    were compressed (closed-loop, or sequential, calibration: SVD-LLM 2024, Sec. 3.3).
+
+    A read-only mapping ``layer name → LayerStats`` computed lazily, block by block: reading a
+    layer of block ``b`` runs the calibration set's hidden states through blocks ``< b`` as they
+    are *now* (compressed by the caller in the meantime) and collects ``gram`` / ``abs_mean``
+    of block ``b``'s layers with block ``b`` itself still dense. So block 0's statistics equal
+    the open-loop ones, and only one block's activations (``(tokens, hidden)``) and one block's
+    statistics are held at a time. Blocks must be read in order: reading a block that was
+    passed already raises ConfigError. Gradient statistics (``fisher``, ``out_grad``,
+    ``out_fisher``) and layers outside the blocks come from ``base`` (an open-loop run).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[DecoderBlock],
+        batches: list[tuple[tuple, dict]],
+        layers: dict[str, nn.Linear],
+        base: dict[str, LayerStats],
+        statistics: Sequence[str],
+        *,
+        progress: bool = False,
+    ) -> None:
+        self.model, self.blocks, self.layers, self.base = model, blocks, layers, base
+        self.statistics = tuple(s for s in INPUT_STATISTICS if s in statistics)
+        self._batches = batches  # [(args, kwargs)] of the current block, hidden states first
+        self._block_of = {n: i for i, b in enumerate(blocks) for n in b.layers}
+        self._current, self._stats = 0, None
+        self.compressed_blocks = 0  # blocks that were compressed when the walk passed them
+        self.seconds = 0.0
+        self._bar = Bar(len(blocks), "closed-loop calibration", show=progress)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, name: str) -> LayerStats:
+        if name not in self.layers:
+            raise KeyError(name)
+        index = self._block_of.get(name)
+        if index is None:
+            return self.base[name]
+        if index < self._current:
+            raise ConfigError(
+                f"closed-loop statistics are read block by block in order; {name!r} is in block "
+                f"{self.blocks[index].name}, which the walk has passed; read each block's statistics "
+                "before compressing it, blocks in model order"
+            )
+        while self._current < index:
+            self._advance()
+        if self._stats is None:
+            self._stats = self._collect(self.blocks[index])
+        return self._stats[name]
+
+    def finish(self) -> None:
+        """Pass the remaining blocks (counting which were compressed) and free the activations."""
+        while self._current < len(self.blocks):
+            self._advance()
+        self._batches = []
+        self._bar.close()
+
+    @torch.no_grad()
+    def _run(self, block: DecoderBlock) -> list[torch.Tensor]:
+        return [_block_output(block.module(*args, **kwargs)) for args, kwargs in self._batches]
+
+    def _advance(self) -> None:
+        t0 = time.perf_counter()
+        block = self.blocks[self._current]
+        if any(self.model.get_submodule(n) is not self.layers[n] for n in block.layers):
+            self.compressed_blocks += 1
+        if self._current + 1 < len(self.blocks):
+            outputs = self._run(block)
+            self._batches = [((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(outputs, self._batches, strict=True)]
+        self._current += 1
+        self._stats = None
+        self.seconds += time.perf_counter() - t0
+        self._bar.update(1)
+
+    def _collect(self, block: DecoderBlock) -> dict[str, LayerStats]:
+        t0 = time.perf_counter()
+        names = [n for n in block.layers if self.model.get_submodule(n) is self.layers[n]]
+        if len(names) < len(block.layers):
+            raise ConfigError(
+                f"closed-loop statistics of block {block.name} were read after some of its layers were "
+                "replaced; read a block's statistics before compressing it"
+            )
+        layers = {n: self.layers[n] for n in names}
+        stats = {n: _with_inputs_of(self.base.get(n), layers[n]) for n in names}
+        inputs = _InputStatistics(layers, stats, gram="gram" in self.statistics, abs_mean="abs_mean" in self.statistics)
+        handles = inputs.attach()
+        try:
+            with torch.no_grad():
+                for args, kwargs in self._batches:
+                    inputs.start_batch()
+                    block.module(*args, **kwargs)
+                    inputs.end_batch(args[0].shape[0] * args[0].shape[1])
+        finally:
+            for h in handles:
+                h.remove()
+        self.seconds += time.perf_counter() - t0
+        return stats
+
+
+def _with_inputs_of(base: LayerStats | None, layer: nn.Linear) -> LayerStats:
+    """``base``'s gradient statistics (if any) with empty input statistics, to be refilled."""
+    if base is None:
+        return LayerStats(out_features=layer.out_features, in_features=layer.in_features)
+    return dataclasses.replace(base, gram=None, abs_sum=None, tokens=0)
+
+
+def closed_loop_calibration(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    tokens: int = 4096,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    statistics: Sequence[str] = ("gram",),
+    layers: dict[str, nn.Linear] | None = None,
+    base: Calibration | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """A :class:`Calibration` whose ``stats`` is a :class:`ClosedLoopStats` walk (``mode``
+    ``"closed-loop"``): compress block ``b`` after reading its statistics and before reading
+    block ``b + 1``'s, then call ``stats.finish()``.
+
+    The first block's inputs for all calibration batches are captured by one forward that
+    stops there. ``base``: an open-loop calibration of the same text supplying gradient
+    statistics and the layers outside the decoder blocks; without it, those layers get
+    open-loop input statistics from a full forward (a model whose blocks hold every layer
+    needs none). ``statistics`` beyond ``gram`` / ``abs_mean`` must be in ``base``.
+    """
+    unknown = sorted(set(statistics) - set(STATISTICS))
+    if unknown:
+        raise ConfigError(f"statistics {unknown} are unknown; valid: {', '.join(STATISTICS)}")
+    layers = linear_layers(model) if layers is None else layers
+    gradient = sorted(set(statistics) - set(INPUT_STATISTICS))
+    if gradient and (base is None or not set(gradient) <= set(base.collected)):
+        raise ConfigError(
+            f"closed-loop calibration recomputes only {', '.join(INPUT_STATISTICS)}; {gradient} must come "
+            "from an open-loop calibration passed as base="
+        )
+    blocks = decoder_blocks(model, layers)
+    t0 = time.perf_counter()
+    ids = calibration_blocks(tokenizer, texts, tokens, seq_len)
+    inside = {n for b in blocks for n in b.layers}
+    outside = {n: m for n, m in layers.items() if n not in inside and (base is None or n not in base.stats)}
+    base_stats = dict(base.stats) if base is not None else {}
+    base_stats |= {n: LayerStats(out_features=m.out_features, in_features=m.in_features) for n, m in outside.items()}
+    recorder = _InputStatistics(outside, base_stats, gram="gram" in statistics, abs_mean="abs_mean" in statistics)
+    batches: list[tuple[tuple, dict]] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict):
+        if "hidden_states" in kwargs:  # keep the hidden states first, positionally
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("hidden_states"), *args)
+        batches.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
+        if not outside:
+            raise _StopForward
+
+    handles = [blocks[0].module.register_forward_pre_hook(capture, with_kwargs=True), *recorder.attach()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch_size):
+                batch = ids[i : i + batch_size]
+                recorder.start_batch()
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+                recorder.end_batch(batch.numel())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    walk = ClosedLoopStats(model, blocks, batches, layers, base_stats, statistics, progress=progress)
+    walk.seconds = time.perf_counter() - t0
+    return Calibration(
+        stats=walk,
+        tokens=ids.numel(),
+        seq_len=seq_len,
+        seconds=walk.seconds,
+        text_fingerprint=hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+        collected=tuple(s for s in STATISTICS if s in statistics),
+        mode="closed-loop",
+    )
+
+__all__ = [
+    "STATISTICS",
+    "INPUT_STATISTICS",
+    "CALIBRATION_MODES",
+    "FISHER_WINDOW",
+    "FISHER_SEED",
+    "LayerStats",
+    "Calibration",
+    "ClosedLoopStats",
+    "DecoderBlock",
+    "calibrate",
+    "calibration_blocks",
+    "closed_loop_calibration",
+    "decoder_blocks",
+    "linear_layers",
+]

@@ -202,14 +202,27 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         rows.append(("weights file", before, f"{report['file_bytes'] / 1e6:,.1f} MB"))
     if "perplexity" in report:
         q = report["perplexity"]
-        rows.append(("validation perplexity", f"{q['before']:.3f}", f"{q['after']:.3f}"))
+        rows.append((f"perplexity: {q.get('corpus', 'validation')} validation", *_perplexities(q)))
+        if "heldout" in q:
+            rows.append(("perplexity: held-out licenses", *_perplexities(q["heldout"])))
     if "decode" in report:
         d = report["decode"]
         rows.append(
-            (f"decode tokens/s ({d['new_tokens']} new, greedy)", f"{d['before_tokens_per_s']:.1f}", f"{d['after_tokens_per_s']:.1f} ({d['speedup']:.2f}x)")
+            (f"decode tokens/s ({d['new_tokens']} new, greedy, interleaved)", f"{d['before_tokens_per_s']:.1f}", f"{d['after_tokens_per_s']:.1f} ({d['speedup']:.2f}x)")
         )
     rows.append(("compression time", "", f"{report['timing']['compress_s']:.1f} s"))
+    if "memory" in report:
+        rows.append(("peak resident memory", "", f"{report['memory']['peak_rss_bytes'] / 1e9:.2f} GB"))
     return rows
+
+
+def _perplexities(q: dict) -> tuple[str, str]:
+    """(before, after) cells: the dense perplexity, and the compressed one with its ratio to dense
+    (and the healed one, when the model was healed)."""
+    after = f"{q['after']:.3f} ({q['after'] / q['before']:.2f}x)"
+    if "healed" in q:
+        after += f" → healed {q['healed']:.3f} ({q['healed'] / q['before']:.2f}x)"
+    return f"{q['before']:.3f}", after
 
 
 def render_html(report: dict, spectra: dict[str, LayerSpectrum] | None = None) -> str:

@@ -171,6 +171,7 @@ class MoDeGPT(CompressionMethod):
     needs = frozenset({"gram"})
     allocations = ("uniform",)
     layer_tensors = ("weight", "index")
+    closed_loop = True  # reads each block's statistics, then compresses it, block by block
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts", tuple(self.parts))
