@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,9 +52,13 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self.routing: RowRouting | None = None  # set by ``route``: one adapter per batch row
+        self._plan: tuple[RowRouting, _LayerPlan] | None = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            return _routed(self, y, x)
         if self.merged or self.disabled or not self.active:
             return y
         shared: dict[torch.dtype, torch.Tensor] = {}
@@ -83,6 +88,190 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------- per-row routing
+
+
+class RowRouting:
+    """Which adapter each row of a batch uses: ``rows[i]`` is an adapter name or None (base).
+
+    Used by :func:`route`: every :class:`AdaptedLayer` then adds, to each row of its output,
+    that row's adapter only (the layer's ``active`` list is ignored). Build one per batch
+    composition and reuse it across decode steps: each layer caches its plan (the rows of
+    each adapter and, for LoRA, the factors stacked per rank) on first use, so an unchanged
+    batch gathers nothing again. Rebuild it after adapters are attached or deleted.
+    """
+
+    def __init__(self, rows: Sequence[str | None]) -> None:
+        self.rows = list(rows)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.rows):
+            if name is not None:
+                groups.setdefault(name, []).append(i)
+        self.groups = groups
+        self._index: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def index(self, name: str, device: torch.device) -> torch.Tensor:
+        """The rows that use adapter ``name``, as a long tensor on ``device``."""
+        t = self._index.get(name)
+        if t is None or t.device != device:
+            t = torch.tensor(self.groups[name], dtype=torch.long, device=device)
+            self._index[name] = t
+        return t
+
+
+@dataclass
+class _RankGroup:
+    """LoRA adapters of one rank in one layer, stacked: ``Δ = bmm(bmm(x_g, A_gᵀ), (s·B_g)ᵀ)``.
+
+    ``grid`` is ``(k, m)``: the rows of each of the ``k`` adapters, padded to the largest row
+    count ``m`` with a repeat of the adapter's first row (rows, never ranks, are padded);
+    ``keep`` selects the real entries of the flattened grid and ``rows`` are their batch
+    rows. ``whole`` means the grid is exactly ``0..B-1`` in order (no gather, no scatter).
+    """
+
+    a: torch.Tensor  # (k, r, in)
+    b: torch.Tensor  # (k, out, r), scaling folded in
+    grid: torch.Tensor  # (k, m)
+    keep: torch.Tensor | None  # (n_real,) positions in grid.flatten(), None if no padding
+    rows: torch.Tensor  # (n_real,)
+    whole: bool
+
+
+@dataclass
+class _LayerPlan:
+    groups: list[_RankGroup]
+    generic: list[tuple[Adapter, torch.Tensor]]  # (adapter, its rows): methods without a fast path
+
+
+def _lora_factors(layer: AdaptedLayer, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A, s·B)`` if ``adapter``'s delta here is exactly ``s · B (A x)`` on a linear input."""
+    if type(adapter) is not get_method("lora") or layer.view.kind not in (
+        "linear",
+        "transposed_linear",
+    ):
+        return None
+    if adapter.training and isinstance(adapter.dropout, nn.Dropout):
+        return None
+    return adapter.lora_A, adapter.lora_B * adapter.scaling
+
+
+def _plan(layer: AdaptedLayer, routing: RowRouting, device: torch.device) -> _LayerPlan:
+    """Group the batch's adapters present in ``layer`` by rank and stack their factors."""
+    by_rank: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    generic = []
+    for name in routing.groups:
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        factors = _lora_factors(layer, adapter)
+        if factors is None:
+            generic.append((adapter, routing.index(name, device)))
+        else:
+            by_rank.setdefault(factors[0].shape[0], []).append((name, *factors))
+    groups = []
+    batch = len(routing)
+    for members in by_rank.values():
+        rows = [routing.groups[name] for name, _, _ in members]
+        m = max(len(r) for r in rows)
+        grid = torch.tensor([r + [r[0]] * (m - len(r)) for r in rows], device=device)
+        real = torch.tensor([[j < len(r) for j in range(m)] for r in rows], device=device)
+        flat = real.flatten()
+        padded = not bool(flat.all())
+        whole = not padded and grid.numel() == batch and bool(
+            (grid.flatten() == torch.arange(batch, device=device)).all()
+        )
+        groups.append(
+            _RankGroup(
+                a=torch.stack([a for _, a, _ in members]),
+                b=torch.stack([b for _, _, b in members]),
+                grid=grid,
+                keep=flat.nonzero().squeeze(1) if padded else None,
+                rows=grid.flatten()[flat],
+                whole=whole,
+            )
+        )
+    return _LayerPlan(groups, generic)
+
+
+def _add_rank_group(y: torch.Tensor, x: torch.Tensor, g: _RankGroup) -> None:
+    """``y[rows] += s·B (A x[rows])`` for every row of the group, as two batched matmuls."""
+    k, m = g.grid.shape
+    tail = x.shape[1:-1]  # tokens per row (empty for 2-D input)
+    per_row = math.prod(tail)
+    xa = x.to(g.a.dtype)
+    xg = xa.reshape(1, -1, xa.shape[-1]) if g.whole and k == 1 else xa[g.grid]
+    xg = xg.reshape(k, m * per_row, xa.shape[-1])
+    d = torch.bmm(torch.bmm(xg, g.a.transpose(1, 2)), g.b.transpose(1, 2))
+    d = d.reshape(k * m, *tail, d.shape[-1]).to(y.dtype)
+    if g.whole:
+        y += d
+        return
+    if g.keep is not None:
+        d = d.index_select(0, g.keep)
+    y.index_add_(0, g.rows, d)
+
+
+def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The layer output when each batch row uses its own adapter (see :class:`RowRouting`)."""
+    routing = layer.routing
+    if layer.merged:
+        raise ModelError(f"adapters {layer.merged} are merged into this layer; unmerge before routing")
+    if x.shape[0] != len(routing) or y.shape[0] != len(routing):
+        raise ConfigError(
+            f"the routing has {len(routing)} rows but the batch has {x.shape[0]}; "
+            "build a RowRouting with one entry per batch row"
+        )
+    if layer._plan is None or layer._plan[0] is not routing:
+        layer._plan = (routing, _plan(layer, routing, y.device))
+    plan = layer._plan[1]
+    if not plan.groups and not plan.generic:
+        return y
+    bias = layer.view.bias
+    for adapter, idx in plan.generic:  # exact, one adapter at a time (DoRA and the rest)
+        xr = x.index_select(0, idx)
+        xr = xr.to(adapter.dtype) if xr.is_floating_point() else xr
+        yr = y.index_select(0, idx)
+
+        def base(a=adapter, yr=yr):
+            out = yr if bias is None else yr - bias.view(layer.view.channel_shape(yr))
+            return out.to(a.dtype)
+
+        if adapter.training and isinstance(adapter.dropout, nn.Dropout) and xr.is_floating_point():
+            xr = adapter.dropout(xr)
+            out = adapter.compose(yr, xr, lambda xr=xr: layer.view.base_without_bias(xr))
+        else:
+            out = adapter.compose(yr, xr, base)
+        y.index_copy_(0, idx, out.to(y.dtype))
+    for group in plan.groups:
+        _add_rank_group(y, x, group)
+    return y
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, routing: RowRouting | Sequence[str | None]) -> Iterator[RowRouting]:
+    """Context manager: run ``model`` with one adapter per batch row (None: the base alone).
+
+    Rows of one batch may use different adapters, methods and ranks. LoRA rows are computed
+    with two batched matmuls per rank present (factors stacked, rows gathered; no Python loop
+    over adapters, no merging, no padding to the largest rank); other methods (DoRA...)
+    run exactly through their own ``compose`` on their rows. Unknown names raise ConfigError.
+    """
+    if not isinstance(routing, RowRouting):
+        routing = RowRouting(routing)
+    _check_names(model, list(routing.groups))
+    layers = list(adapted_layers(model).values())
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield routing
+    finally:
+        for layer in layers:
+            layer.routing = None
 
 
 # ----------------------------------------------------------------------------- finding targets
@@ -565,6 +754,8 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
 
 __all__ = [
     "AdaptedLayer",
+    "RowRouting",
+    "route",
     "AttachPlan",
     "TrainableReport",
     "attach",
