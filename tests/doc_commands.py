@@ -27,7 +27,12 @@ TEST_LIMITS: dict[str, dict[str, str]] = {
     "finetune": {"--steps": "3", "--seq-len": "32", "--batch-size": "2", "--eval-tokens": "0"},
     "generate": {"--max-new-tokens": "4", "--max-tokens": "4"},
     "analyze": {"--texts": "2", "--max-tokens": "32"},
+    "serve": {"--port": "0", "--log-level": "warning"},
 }
+# Where the docs' server listens (`rankwise serve ... --port 8000`): Python blocks and curl lines
+# that talk to it are run by tests/serve/test_server_docs.py against a started server, with
+# this address replaced by the test server's; tests/test_docs.py leaves those blocks to it.
+DOC_SERVER_URL = "http://127.0.0.1:8000"
 
 PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 SHELL_FENCE = re.compile(r"^```(?:bash|sh|shell|console|zsh)\n(.*?)^```", flags=re.S | re.M)
@@ -60,8 +65,48 @@ class DocCommand:
         return option_value(self.args, *names)
 
 
+def rankwise_script() -> list[str]:
+    """The console script installed beside this Python (``python -m rankwise`` if none)."""
+    import sys
+
+    script = Path(sys.executable).with_name("rankwise")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rankwise"]
+
+
 def python_blocks(page: Path) -> list[str]:
     return PYTHON_FENCE.findall(page.read_text())
+
+
+def needs_server(code: str) -> bool:
+    """The block or command line talks to the documented server (run with one started)."""
+    return DOC_SERVER_URL in code or "localhost:8000" in code
+
+
+def served_adapters(pages: list[Path] = PAGES) -> dict[str, list[str]]:
+    """For each ``--adapters`` folder of a documented ``rankwise serve`` line, the adapter names
+    the documented commands write into it (``--out <folder>/<name>``)."""
+    commands = documented_commands(pages)
+    found: dict[str, list[str]] = {}
+    for serve in (c for c in commands if c.subcommand == "serve"):
+        folder = serve.option("--adapters", "-a")
+        if folder is None:
+            continue
+        outs = [Path(c.option("--out")) for c in commands if c.option("--out")]
+        found[folder] = [out.name for out in outs if out.parent == Path(folder)]
+    return found
+
+
+def write_served_adapters(pages: list[Path], cwd: Path) -> dict[str, list[str]]:
+    """Tiny stand-ins (:func:`save_tiny_adapter`) for the adapters the pages' documented
+    commands would train into their servers' ``--adapters`` folders (one named ``example``
+    when the pages train none there); returns folder -> names."""
+    written = {}
+    for folder, names in served_adapters(pages).items():
+        written[folder] = names or ["example"]
+        for seed, name in enumerate(written[folder]):
+            if not (cwd / folder / name).exists():
+                save_tiny_adapter(cwd / folder / name, seed=seed)
+    return written
 
 
 def for_tests_python(code: str) -> str:
@@ -208,3 +253,104 @@ def inspect_text(module) -> str:
         if not name.startswith("_") and (doc := inspect.getdoc(member)):
             parts.append(f"{name}: {doc}")
     return "\n\n".join(parts)
+
+
+def save_tiny_adapter(folder: Path, *, seed: int = 0, rank: int = 4, method: str = "lora") -> Path:
+    """A trained-looking adapter (random non-zero weights) for ``tiny-llama``, saved to
+    ``folder``: stands in for the folders ``rankwise finetune --out`` writes, in seconds."""
+    import torch
+
+    from rankwise.adapters import attach, save_adapter
+    from rankwise.models import tiny_llama
+
+    model, _ = tiny_llama()
+    attach(model, method, targets=["q_proj", "v_proj"], rank=rank)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    return save_adapter(model, folder)
+
+
+class ServeProcess:
+    """``rankwise serve ARGS`` started as a user would (a subprocess; ``--port 0`` picks a free
+    port), with the URL it prints, ``/health`` probed until it answers, and a SIGTERM stop::
+
+        with ServeProcess([*launcher, "serve", "--model", "tiny-llama", "--port", "0"]) as server:
+            httpx.get(server.url + "/v1/models")
+        assert server.returncode == 0
+    """
+
+    URL = re.compile(r"http://[^\s)]+")
+
+    def __init__(self, command: list[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float = 180) -> None:
+        self.command, self.cwd, self.env, self.timeout = command, cwd, env, timeout
+        self.url: str | None = None
+        self.returncode: int | None = None
+        self.stdout: list[str] = []
+        self.stderr = ""
+
+    def __enter__(self) -> ServeProcess:
+        import subprocess
+        import threading
+
+        self.process = subprocess.Popen(
+            self.command, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._err = threading.Thread(target=self._read_stderr, daemon=True)
+        self._err.start()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:
+            self.stdout.append(line)
+            if self.url is None and (m := self.URL.search(line)):
+                self.url = m.group(0).rstrip(".,")
+
+    def _read_stderr(self) -> None:
+        self.stderr = self.process.stderr.read()
+
+    def _wait_healthy(self) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._err.join(5)
+                raise AssertionError(f"rankwise serve exited with {self.process.returncode}:\n{self.stderr[-3000:]}")
+            if self.url is not None:
+                try:
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"rankwise serve did not answer /health within {self.timeout} s")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for the exit; returns the exit code."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.returncode = self.process.wait()
+        self._err.join(5)
+        return self.returncode
+
+    def __exit__(self, *exc) -> None:
+        if self.returncode is None:
+            self.stop()
