@@ -280,3 +280,40 @@ def test_builtin_corpus_is_cached_and_the_cache_gives_the_same_documents(tmp_pat
         assert data._stdlib_documents() == built and len(calls) == 2
     finally:
         data._stdlib_documents.cache_clear()
+
+
+def test_heldout_corpus_is_license_prose_deterministic_and_not_a_calibration_source(monkeypatch, tmp_path):
+    from rankwise import data
+
+    texts = data.heldout_texts()
+    assert sum(len(t) for t in texts) > 100_000  # enough for 8,192 evaluation tokens
+    assert any("License" in t for t in texts[:20])  # shuffled paragraphs: licenses mixed from the start
+    assert not any("* *" in t or "-----" in t for t in texts)  # decoration dropped, words kept
+    assert len(set(texts)) == len(texts)
+    with pytest.raises(DataError, match="never calibrated"):
+        load_corpus(data.HELDOUT)
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "missing")
+    data.heldout_texts.cache_clear()
+    try:
+        with pytest.raises(DataError, match="heldout=False"):
+            data.heldout_texts()
+    finally:
+        data.heldout_texts.cache_clear()
+
+
+def test_several_sources_mix_balanced_by_characters(tmp_path):
+    from rankwise.data import mix_corpora
+
+    (tmp_path / "long.txt").write_text("\n\n".join(f"long {i} " + "x" * 400 for i in range(60)))
+    (tmp_path / "short.txt").write_text("\n\n".join(f"short {i} words" for i in range(600)))
+    mixed = load_corpus([tmp_path / "long.txt", tmp_path / "short.txt"])
+    a, b = load_corpus(tmp_path / "long.txt"), load_corpus(tmp_path / "short.txt")
+    assert mixed.name == f"{a.name}+{b.name}"
+    assert sorted(mixed.calibration) == sorted(a.calibration + b.calibration)
+    prefix = mixed.calibration[: len(mixed.calibration) // 2]
+    long_chars = sum(len(t) for t in prefix if t.startswith("long"))
+    short_chars = sum(len(t) for t in prefix if t.startswith("short"))
+    assert long_chars > 0 and short_chars > 0  # every prefix holds both sources
+    assert mix_corpora([a]).calibration == a.calibration
+    with pytest.raises(DataError, match="empty list of sources"):
+        load_corpus([])

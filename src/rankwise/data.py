@@ -262,7 +262,8 @@ def heldout_texts() -> tuple[str, ...]:
     stripped from minimal images; the venv's package descriptions change with every upgrade and
     are mostly Markdown about Python). It is legal prose — long sentences, definitions,
     conditions — unlike the built-in corpus's technical docstrings. Files are read once per real
-    file (``GPL`` links to ``GPL-3``), split into paragraphs, and the paragraphs shuffled with a
+    file (``GPL`` links to ``GPL-3``), split into paragraphs (each once: versions share text),
+    and the paragraphs shuffled with a
     fixed seed, so the first tokens mix all licenses. Reading it takes milliseconds, so it is
     cached per process only. DataError when the folder is missing.
     """
@@ -279,7 +280,7 @@ def heldout_texts() -> tuple[str, ...]:
             continue
         for paragraph in text.split("\n\n"):  # words only: drop "* * *" and "-----" decoration
             words = [w for w in paragraph.split() if any(c.isalnum() for c in w)]
-            if len(words) >= 8:
+            if len(words) >= 8 and " ".join(words) not in paragraphs:  # GPL-2/LGPL-2 share text
                 paragraphs.append(" ".join(words))
     if not paragraphs:
         raise DataError(
