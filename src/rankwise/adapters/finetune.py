@@ -288,6 +288,16 @@ def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progr
     )
 
 
+def before_optimizer_step(model: nn.Module, lr: float) -> None:
+    """Give every adapter that trains part of itself outside the optimizer its step (SoRA's
+    proximal gate update): called after backward and clipping, before ``optimizer.step()``."""
+    for layer in adapted_layers(model).values():
+        for adapter in layer.adapters.values():
+            hook = getattr(adapter, "before_optimizer_step", None)
+            if hook is not None and adapter.trainable:
+                hook(lr)
+
+
 def _checkpoint_due(config: FinetuneConfig, step: int) -> bool:
     """Every ``checkpoint_every`` steps, except after the last one (the adapter is saved then)."""
     every = config.checkpoint_every
@@ -448,6 +458,7 @@ def finetune(
             step_loss = _accumulate_gradients(net, config, blocks, order, state, rank, world)
             tokens += config.grad_accum * config.batch_size * world * config.seq_len
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            before_optimizer_step(model, schedule.get_last_lr()[0])
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,111 @@
+"""SoRA: the gate's proximal steps reach exact zeros and prune rank during training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_merge_round_trip, llama, tokens
+from torch import nn
+
+from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
+from rankwise.adapters.finetune import FinetuneConfig, before_optimizer_step, finetune
+from rankwise.adapters.methods.sora import soft_threshold, sora_ranks
+from rankwise.errors import ConfigError
+
+
+def _rank2_task():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16, bias=False)).double()
+    u, _ = torch.linalg.qr(torch.randn(16, 2, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(24, 2, generator=g, dtype=torch.float64))
+    x = torch.randn(256, 24, generator=g, dtype=torch.float64)
+    y = model(x).detach() + x @ (u * torch.tensor([2.0, 1.0], dtype=torch.float64) @ v.T).T
+    return model, x, y
+
+
+def _train(model, loss_fn, steps: int, lr: float) -> list[float]:
+    """The finetune loop's order: backward, the adapters' own step, then the optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        before_optimizer_step(model, lr)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def test_the_gate_prunes_to_the_rank_the_task_needs():
+    torch.manual_seed(0)
+    model, x, y = _rank2_task()
+    attach(model, "sora", "0", rank=8, alpha=8.0, sparsity=0.02, gate_lr=0.5)
+    losses = _train(model, lambda: (model(x) - y).square().mean(), steps=600, lr=0.01)
+    gate = adapted_layers(model)["0"].adapters["default"].gate
+    assert (gate == 0).sum() >= 4  # exact zeros, not small numbers
+    assert sora_ranks(model) == {"0": int(torch.count_nonzero(gate))}
+    assert 2 <= sora_ranks(model)["0"] <= 3  # the target update has rank 2 (measured: 2)
+    assert losses[-1] < 0.02 * losses[0]
+
+
+def test_without_sparsity_nothing_is_pruned_and_sora_is_a_gated_lora():
+    torch.manual_seed(0)
+    model, x, y = _rank2_task()
+    attach(model, "sora", "0", rank=4, sparsity=0.0, gate_lr=0.05)
+    _train(model, lambda: (model(x) - y).square().mean(), steps=50, lr=0.01)
+    ad = adapted_layers(model)["0"].adapters["default"]
+    assert sora_ranks(model)["0"] == 4
+    expected = model[0].base_layer(x) + x @ (ad.lora_B @ torch.diag(ad.gate) @ ad.lora_A).T * ad.scaling
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_one_proximal_step_is_soft_thresholding():
+    model, x, y = _rank2_task()
+    attach(model, "sora", "0", rank=4, sparsity=0.5, gate_lr=0.1)
+    ad = adapted_layers(model)["0"].adapters["default"]
+    with torch.no_grad():
+        ad.lora_B.normal_()
+        ad.gate.copy_(torch.tensor([1.0, 0.06, -0.03, -2.0]))
+    (model(x) - y).square().mean().backward()
+    g0, grad = ad.gate.detach().clone(), ad.gate.grad.clone()
+    ad.before_optimizer_step(lr=123.0)  # gate_lr wins over the optimizer's lr
+    torch.testing.assert_close(ad.gate.detach(), soft_threshold(g0 - 0.1 * grad, 0.1 * 0.5))
+    assert ad.gate.grad is None  # the optimizer will not move the gate again
+    torch.testing.assert_close(soft_threshold(torch.tensor([0.3, -0.3, 0.05]), 0.1), torch.tensor([0.2, -0.2, 0.0]))
+
+
+def test_finetune_runs_the_gate_step(tmp_path):
+    cfg = FinetuneConfig(
+        model="tiny-llama", method="sora", rank=4, seq_len=32, steps=4, batch_size=2, lr=1e-2,
+        eval_tokens=0, method_options={"sparsity": 100.0}, out=str(tmp_path / "a"),
+    )
+    finetune(cfg, progress=False)
+    model = llama()
+    load_adapter(model, tmp_path / "a")
+    assert set(sora_ranks(model).values()) == {0}  # a huge L1 weight zeroes every gate
+
+
+def test_merge_save_load_round_trip_and_bad_options(tmp_path):
+    model = llama()
+    x = tokens(n=2, length=10, vocab=200)
+    attach(model, "sora", "all-linear", rank=4)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            ad = layer.adapters["default"]
+            ad.lora_B.normal_(std=0.1)
+            ad.gate.copy_(torch.tensor([1.0, 0.0, 0.5, -1.0]))
+    assert_merge_round_trip(model, x)
+    save_adapter(model, tmp_path / "s")
+    fresh = llama()
+    load_adapter(fresh, tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits)
+    assert set(sora_ranks(fresh).values()) == {3}
+    with pytest.raises(ConfigError, match="sparsity .* must be >= 0"):
+        attach(llama(), "sora", "all-linear", sparsity=-1.0)
+    with pytest.raises(ConfigError, match="gate_lr must be"):
+        attach(llama(), "sora", "all-linear", gate_lr=0.0)
