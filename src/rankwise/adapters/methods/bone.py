@@ -112,6 +112,8 @@ def block_affine(w: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 class BoneAdapter(WeightGuidedMerge, Adapter):
     """Block affine ``ΔW_ij = W_ij B_i + B_i`` ("bat") or a tiled shared shard ("miss", "mini")."""
 
+    peft_type = "MISS"
+    peft_suffixes = ("miss_block",)
     summary = "Bone/MiSS: block-affine update W_ij·B_i + B_i, or a shared shard tiled (Kang 2024); PEFT MiSS format"
     config_class = BoneConfig
 
@@ -205,14 +207,18 @@ class BoneAdapter(WeightGuidedMerge, Adapter):
     def peft_to_native(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"bone_block": tensors["miss_block"].reshape(self.bone_block.shape) / self.scaling}
 
-    @staticmethod
-    def options_from_peft(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        """rankwise options for a PEFT ``MissConfig`` dict (``peft_type == "MISS"``)."""
+    @classmethod
+    def options_from_peft(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """rankwise options for a PEFT ``MissConfig`` (``peft_type == "MISS"``)."""
+        if cfg.get("bias", "none") != "none":
+            raise ConfigError(f"MiSS bias={cfg['bias']!r} is not supported (only 'none')")
         init = cfg.get("init_weights", True)
-        variant = {"bat": "bat", "mini": "mini"}.get(init, "miss") if isinstance(init, str) else "miss"
+        variants = {True: "miss", False: "miss", "bat": "bat", "mini": "mini"}
+        if init not in variants:
+            raise ConfigError(f"MiSS init_weights={init!r} is unknown; valid: True, 'bat', 'mini'")
         return {
             "rank": cfg.get("r", 64),
-            "variant": variant,
+            "variant": variants[init],
             "mini_r": cfg.get("mini_r", 1),
             "dropout": cfg.get("miss_dropout", 0.0) or 0.0,
         }
