@@ -537,6 +537,11 @@ class Adapter(nn.Module, abc.ABC):
     def load_peft_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
         """Take the model-wide tensors read from a PEFT file (after :meth:`check_peft_shared`)."""
 
+    def unsavable_reason(self, format: str) -> str | None:
+        """Why this adapter cannot be saved in ``format`` ("peft" or "rankwise"), or None
+        (e.g. bases read from a PEFT file that the rankwise format would not hold)."""
+        return None
+
     def peft_config(self) -> dict[str, Any] | None:
         """PEFT ``adapter_config.json`` fields for this adapter, or None if PEFT has none."""
         return None

@@ -26,7 +26,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankwise.adapters.base import Adapter, AdapterConfig, get_method, normalise_rank, view_for
+from rankwise.adapters.base import (
+    METHODS,
+    Adapter,
+    AdapterConfig,
+    get_method,
+    normalise_rank,
+    view_for,
+)
 from rankwise.adapters.inject import (
     AttachPlan,
     ShapeOnlyView,
@@ -51,6 +58,7 @@ CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 NATIVE_WEIGHTS = "adapter.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_MODEL_PREFIX = "base_model."  # model-wide tensors (RandLoRA's bases)
 NATIVE_FORMAT = "rankwise-adapter"
 PEFT_SUFFIXES = (
     "lora_A.weight",
@@ -190,14 +198,16 @@ def _peft_files(model, adapters, base_model) -> tuple[dict, dict[str, torch.Tens
         inference_mode=True,
         task_type=None,
         modules_to_save=None,
-        rank_pattern={},
-        alpha_pattern={},
     )
+    if first.peft_type is None:  # a LoraConfig
+        cfg.update(rank_pattern={}, alpha_pattern={})
     tensors = {
         f"{PEFT_PREFIX}{path}.{suffix}": t
         for path, a in adapters.items()
         for suffix, t in a.peft_state().items()
     }
+    for name, t in type(first).peft_shared_state(adapters).items():
+        tensors[f"{PEFT_MODEL_PREFIX}{name}"] = t
     return cfg, tensors
 
 
@@ -247,8 +257,12 @@ def save_adapter(
     if format == "peft" and not peft_ok:
         method = next(iter(adapters.values())).method
         raise ConfigError(f"method {method!r} has no PEFT format; use format='rankwise' or 'auto'")
+    chosen = "peft" if format == "peft" or (format == "auto" and peft_ok) else "rankwise"
+    for path, a in adapters.items():
+        if reason := a.unsavable_reason(chosen):
+            raise ConfigError(f"cannot save adapter {name!r} ({path}) as {chosen}: {reason}")
     base = base_model if base_model is not None else _base_model_name(model)
-    if format == "peft" or (format == "auto" and peft_ok):
+    if chosen == "peft":
         cfg, tensors = _peft_files(model, adapters, base)
         weights = PEFT_WEIGHTS
     else:
@@ -372,6 +386,7 @@ class _SavedAdapter:
     tensors: dict[str, dict[str, torch.Tensor]]  # layer path -> {tensor name: tensor}
     targets: Any  # the target patterns it was made with (list, regex string, or None)
     peft: bool
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT model-wide tensors
 
 
 def _read_native(folder: Path, cfg: dict) -> _SavedAdapter:
@@ -385,7 +400,56 @@ def _read_native(folder: Path, cfg: dict) -> _SavedAdapter:
     return _SavedAdapter(cfg.get("method"), options, grouped, targets, peft=False)
 
 
+def _method_for_peft_type(peft_type: object, folder: Path) -> type[Adapter]:
+    found = [cls for _, cls in METHODS.items() if cls.peft_type == peft_type]
+    if not found:
+        known = sorted({"LORA", *(c.peft_type for _, c in METHODS.items() if c.peft_type)})
+        raise CheckpointError(
+            f"{folder}: peft_type {peft_type!r} is not supported; rankwise reads {known}"
+        )
+    return found[0]
+
+
+def _read_peft_typed(model: nn.Module, folder: Path, cfg: dict) -> _SavedAdapter:
+    """A PEFT folder of a non-LoRA type, read through the method's PEFT hooks."""
+    cls = _method_for_peft_type(cfg.get("peft_type"), folder)
+    for key in ("modules_to_save", "layers_to_transform", "trainable_token_indices"):
+        if cfg.get(key) not in (None, [], {}):
+            raise CheckpointError(
+                f"{folder}/{CONFIG_FILE}: {key}={cfg[key]!r} is not supported by rankwise"
+            )
+    try:
+        options = cls.options_from_peft(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}/{CONFIG_FILE}: {e}") from None
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    shared: dict[str, torch.Tensor] = {}
+
+    def keep_shared(key: str, name: str, t: torch.Tensor) -> None:
+        if name in shared and not torch.equal(shared[name], t):
+            raise CheckpointError(f"{folder}: tensor {key!r} differs from another copy of {name}")
+        shared[name] = t
+
+    for key, t in _read_tensors(folder / PEFT_WEIGHTS).items():
+        if key.startswith(PEFT_PREFIX):
+            rest = key[len(PEFT_PREFIX) :]
+            path, _, suffix = rest.rpartition(".")
+            if suffix not in cls.peft_suffixes or not path:
+                raise CheckpointError(f"tensor {key!r} is not a {cls.method} tensor rankwise knows")
+            if suffix in cls.peft_shared:
+                keep_shared(key, suffix, t)
+            else:
+                grouped.setdefault(path, {})[suffix] = t
+        elif key.startswith(PEFT_MODEL_PREFIX) and key[len(PEFT_MODEL_PREFIX) :] in cls.peft_shared:
+            keep_shared(key, key[len(PEFT_MODEL_PREFIX) :], t)
+        else:
+            raise CheckpointError(f"tensor {key!r} is not a {cls.method} tensor rankwise knows")
+    return _SavedAdapter(cls.method, options, grouped, cfg.get("target_modules"), True, shared)
+
+
 def _read_peft(model: nn.Module, folder: Path, cfg: dict) -> _SavedAdapter:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        return _read_peft_typed(model, folder, cfg)
     method, options = _from_peft_config(cfg, folder)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in _read_tensors(folder / PEFT_WEIGHTS).items():
@@ -416,6 +480,7 @@ def _checked_tensors(
     found = {p: layer.base_layer for p, layer in adapted_layers(model).items()}
     prefix = PEFT_PREFIX if saved.peft else ""
     native: dict[str, dict[str, torch.Tensor]] = {}
+    probes: dict[str, Adapter] = {}
     for path, have in saved.tensors.items():
         try:
             module = found[path] if path in found else model.get_submodule(path)
@@ -428,7 +493,7 @@ def _checked_tensors(
             raise CheckpointError(f"{folder}: {path!r} is a {type(module).__name__}, not adaptable")
         if reason := cls.check_layer(view, config):
             raise CheckpointError(f"{folder}: {path}: {reason}")
-        probe = cls(ShapeOnlyView(view), config, dtype=torch.float32)
+        probe = probes[path] = cls(ShapeOnlyView(view), config, dtype=torch.float32)
         expected = probe.peft_state() if saved.peft else probe.state_dict()
         for key in expected:
             if key not in have:
@@ -440,6 +505,8 @@ def _checked_tensors(
                 )
             _check_tensor(f"{prefix}{path}.{key}", t, expected[key].shape)
         native[path] = probe.peft_to_native(have) if saved.peft else dict(have)
+    if saved.peft and cls.peft_shared and (reason := cls.check_peft_shared(saved.shared, probes)):
+        raise CheckpointError(f"{folder}: {reason}")
     return native
 
 
@@ -525,6 +592,8 @@ def load_adapter(
             state = layers[path].adapters[name].state_dict()
             for key, t in values.items():
                 state[key].copy_(t)
+            if saved.shared:
+                layers[path].adapters[name].load_peft_shared(saved.shared)
     return plan
 
 
