@@ -53,14 +53,14 @@ def test_sigterm_lets_the_request_in_flight_finish(adapters_dir):
     started = threading.Event()
 
     def stream(url: str) -> None:
-        body = {"model": "support-bot", "prompt": "Hello", "max_tokens": 900, "temperature": 0, "stream": True}
+        body = {"model": "support-bot", "prompt": "Hello", "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line:
                     events.append(line)
                     started.set()
 
-    with ServeProcess(serve("--adapters", str(adapters_dir), "--max-tokens", "900")) as server:
+    with ServeProcess(serve("--adapters", str(adapters_dir), "--max-tokens", "400")) as server:
         reader = threading.Thread(target=stream, args=(server.url,))
         reader.start()
         assert started.wait(60), "no event arrived"

@@ -3,7 +3,6 @@ HTTP server (see docs/serve.md)."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 
@@ -13,15 +12,6 @@ from rankwise.errors import ConfigError
 
 API_KEY_ENV = "RANKWISE_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _exit_cleanly(signum, frame) -> None:
@@ -52,11 +42,6 @@ def serve_command(
 
     Stops on SIGTERM or Ctrl+C after in-flight requests finish (exit code 0 on SIGTERM).
     """
-    import uvicorn
-
-    from rankwise.serve import Engine
-    from rankwise.serve.server import bind, create_app, url_of
-
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     if api_key is not None and not api_key.strip():
@@ -68,10 +53,17 @@ def serve_command(
         budget = parse_size(memory_budget)
     if adapters is not None and not os.path.isdir(adapters):
         raise ConfigError(f"--adapters {adapters!r} is not a folder; give the folder that holds the adapter folders")
+    import uvicorn
+
+    from rankwise.serve.listen import bind, is_loopback, url_of
+
     signal.signal(signal.SIGTERM, _exit_cleanly)
     sock = bind(host, port)
     if not is_loopback(host) and api_key is None:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model", err=True)
+    from rankwise.serve import Engine
+    from rankwise.serve.server import create_app
+
     engine = Engine(
         model, adapters, device=device, max_batch_size=max_batch_size, max_queue=max_queue,
         memory_budget_bytes=budget, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_tokens,

@@ -25,7 +25,6 @@ import hmac
 import json
 import math
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from starlette.exceptions import HTTPException
 from rankwise.errors import ConfigError, RankwiseError
 from rankwise.serve import GenerationRequest, QueueFullError, UnknownAdapterError
 from rankwise.serve import openai_schema as oa
+from rankwise.serve.listen import bind, url_of
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 REQUEST_FIELD = re.compile(r"(prompt|max_tokens|temperature|top_p|seed|stop|model)\b")
@@ -424,32 +424,6 @@ def _add_admin_routes(app: FastAPI, engine, state: dict, counts: Counter) -> Non
 
 
 # ----------------------------------------------------------------------------- running it
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: any free port). ``rankwise serve`` opens
-    it before the model loads, so a taken port fails at once instead of after the load."""
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise ConfigError(f"--host {host!r} is not an address of this machine ({e.strerror})") from e
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (0: any free port)") from e
-    sock.listen(2048)
-    return sock
-
-
-def url_of(sock: socket.socket) -> str:
-    """``http://host:port`` of a bound socket (IPv6 hosts in brackets)."""
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class ServerThread:
