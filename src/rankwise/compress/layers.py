@@ -3,8 +3,9 @@
 Each class here replaces one ``nn.Linear(in, out)`` of the base architecture:
 
 - :class:`QuantizedLinear`: ``y = deq(Q) x + b``, ``Q`` packed k-bit codes + float16 group
-  scales (``quantize.py``), dequantized on the fly in every forward (nothing cached, so the
-  memory really is ``k`` bits per weight; costs one unpack per call);
+  scales (``quantize.py``); decoding runs on PyTorch's packed int8/int4 CPU kernels where the
+  format fits one (its :attr:`~QuantizedLinear.kernel` says which), otherwise the weight is
+  dequantized on the fly;
 - :class:`CompensatedLinear`: ``y = base(x) + B (A x)``, a rank-``r`` term beside any other
   layer (EoRA 2024); :class:`QuantizedLowRankLinear` is the ``base = QuantizedLinear`` case
   (LQ-LoRA 2023: ``W ≈ Q + L1 L2``);
@@ -32,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.compress.base import LowRankLinear
-from rankwise.compress.quantize import Quantized, dequantize_parts, storage_bits
+from rankwise.compress.quantize import (
+    FORMATS,
+    Quantized,
+    dequantize,
+    kernel_for,
+    kernel_matmul,
+    pack_for_kernel,
+    storage_bits,
+)
 from rankwise.errors import CheckpointError, ConfigError, ModelError, ShapeError
 from rankwise.modules import replace_module
 from rankwise.registry import Registry
@@ -152,11 +161,18 @@ def module_storage_bits(module: nn.Module) -> int:
 
 @register_layer
 class QuantizedLinear(nn.Module):
-    """``y = deq(Q) x + b``: group-wise k-bit weight (packed ``uint8`` codes, float16 scales).
+    """``y = deq(Q) x + b``: group-wise k-bit weight (packed ``uint8`` codes, float16 scales,
+    float16 group minima for the ``"affine"`` format).
 
-    The weight is dequantized in every forward (float32, then the input's dtype); only the
-    packed codes and scales are held, which is what :meth:`storage_bits` counts.
+    Forward: inputs of at most :attr:`KERNEL_MAX_ROWS` rows (decoding) run on the packed CPU
+    kernel that fits the format (:attr:`kernel`: ``"int8"``, ``"int4"``; bfloat16 inside),
+    built once from the codes and rebuilt if they change (e.g. loaded); larger inputs (prefill,
+    perplexity), inputs that need a gradient, and formats or machines with no kernel
+    (:attr:`kernel` ``"dequantize"``) dequantize the weight to float32 for that call.
+    :meth:`storage_bits` counts what is saved: codes + scales (+ minima).
     """
+
+    KERNEL_MAX_ROWS = 32  # above this the dequantized float32 matmul is faster (bench/quantized.py)
 
     def __init__(
         self,
@@ -177,7 +193,12 @@ class QuantizedLinear(nn.Module):
             "codes", torch.zeros(-(-n_groups * group_size * bits // 8), dtype=torch.uint8)
         )
         self.register_buffer("scales", torch.zeros(n_groups, dtype=torch.float16))
+        if fmt == "affine":
+            self.register_buffer("zeros", torch.zeros(n_groups, dtype=torch.float16))
+        else:
+            self.zeros = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self._packed: tuple[tuple, tuple[torch.Tensor, ...] | None] | None = None
 
     @classmethod
     def from_quantized(cls, q: Quantized, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -195,23 +216,54 @@ class QuantizedLinear(nn.Module):
             raise ShapeError("quantized codes/scales do not match the layer shape")
         layer.codes.copy_(q.codes)
         layer.scales.copy_(q.scales)
+        if layer.zeros is not None:
+            if q.zeros is None or q.zeros.shape != layer.zeros.shape:
+                raise ShapeError("an 'affine' quantized weight needs group minima of the layer's shape")
+            layer.zeros.copy_(q.zeros)
         if bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias)
         return layer
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight ``(out, in)``."""
-        return dequantize_parts(
-            self.codes,
-            self.scales,
-            (self.out_features, self.in_features),
-            bits=self.bits,
-            fmt=self.fmt,
-            group_size=self.group_size,
+    def quantized(self) -> Quantized:
+        """The stored weight as a :class:`~rankwise.compress.quantize.Quantized`."""
+        shape = (self.out_features, self.in_features)
+        return Quantized(
+            self.codes, self.scales, shape, self.bits, self.fmt, self.group_size, self.zeros
         )
 
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``(out, in)``."""
+        return dequantize(self.quantized())
+
+    def _operands(self) -> tuple[torch.Tensor, ...] | None:
+        """The kernel's packed operands, rebuilt when the codes change; ``None``: no kernel."""
+        name = kernel_for(
+            (self.out_features, self.in_features),
+            bits=self.bits, fmt=self.fmt, group_size=self.group_size, device=self.codes.device,
+        )  # fmt: skip
+        if name is None:
+            return None
+        tensors = (self.codes, self.scales, *(() if self.zeros is None else (self.zeros,)))
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, pack_for_kernel(self.quantized(), name))
+        return self._packed[1]
+
+    @property
+    def kernel(self) -> str:
+        """What decoding-sized inputs run on: ``"int8"``, ``"int4"`` or ``"dequantize"``."""
+        if self._operands() is None:
+            return "dequantize"
+        return "int8" if self.bits == 8 else "int4"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows <= self.KERNEL_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+            operands = self._operands()
+            if operands is not None:
+                y = kernel_matmul(x, self.kernel, operands, self.group_size)
+                return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def to_dense(self) -> torch.Tensor:
@@ -229,6 +281,10 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype) -> QuantizedLinear:
+        if spec["fmt"] not in FORMATS:
+            raise CheckpointError(
+                f"quantized format {spec['fmt']!r} is unknown to this rankwise; known: {', '.join(FORMATS)}"
+            )
         return cls(
             spec["in_features"],
             spec["out_features"],
@@ -241,13 +297,17 @@ class QuantizedLinear(nn.Module):
 
     def storage_bits(self) -> int:
         return storage_bits(
-            self.out_features, self.in_features, bits=self.bits, group_size=self.group_size
+            self.out_features,
+            self.in_features,
+            bits=self.bits,
+            group_size=self.group_size,
+            fmt=self.fmt,
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"fmt={self.fmt}, group_size={self.group_size}"
+            f"fmt={self.fmt}, group_size={self.group_size}, kernel={self.kernel}"
         )
 
 
@@ -284,6 +344,11 @@ class CompensatedLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base, "bias", None)
+
+    @property
+    def kernel(self) -> str:
+        """The base's matmul path (:attr:`QuantizedLinear.kernel`), ``"dense"`` for other bases."""
+        return getattr(self.base, "kernel", "dense")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + F.linear(F.linear(x, self.A), self.B)

@@ -1,9 +1,13 @@
-"""Group-wise k-bit weight quantization with packed storage (NF-k or symmetric int-k).
+"""Group-wise k-bit weight quantization with packed storage (NF-k, symmetric int-k or affine),
+and the packed-weight CPU matmul kernels that run it without dequantizing.
 
 A weight ``W (out, in)`` is flattened row-major and cut into groups of ``group_size``
 consecutive values (the last group zero-padded). Each group keeps one absmax scale
 ``a_g = max |w|`` (stored as float16) and each value one ``bits``-bit code ``c`` into a
 codebook ``q ∈ [-1, 1]^(2^bits)``: ``w ≈ a_g · q[c]``, ``c = argmin_j |w / a_g − q_j|``.
+The ``"affine"`` format instead keeps a step ``s_g = (max − min) / (2^k − 1)`` and the
+minimum ``m_g`` (both float16) per group: ``w ≈ m_g + s_g · c``, ``c ∈ [0, 2^k)`` (GPTQ/AWQ's
+asymmetric int-k; the GGUF Q4_1 format SmolLM2 ships in is the same with groups of 32).
 
 Codebooks (both computed here, from their definitions):
 
@@ -14,20 +18,35 @@ Codebooks (both computed here, from their definitions):
   unused, so zero is exact and the grid symmetric).
 
 Codes are bit-packed into ``uint8`` (``⌈N·k/8⌉`` bytes for ``N`` values), so a 3-bit layer
-really stores 3 bits per weight; :func:`storage_bits` counts codes + scales exactly.
+really stores 3 bits per weight; :func:`storage_bits` counts codes + scales (+ minima) exactly.
+
+Kernels (:func:`kernel_for`, :func:`pack_for_kernel`, :func:`kernel_matmul`): PyTorch ships
+weight-only int8 (one scale per output row) and int4 (scale + zero per group of 32–256 inputs)
+matmuls for CPU in ``torch.ops.aten``. They are fast only with bfloat16 activations (measured
+in ``bench/quantized.py``: float32 inputs run ~10× slower than a dense float32 matmul), so
+inputs are rounded to bfloat16 and the output cast back. Two formats map onto them exactly:
+``"int"`` 8-bit with one group per row (``group_size == in``) → ``_weight_int8pack_mm``, and
+``"affine"`` 4-bit with ``in % group_size == 0``, ``group_size ∈ {32, 64, 128, 256}`` and
+``out % 16 == 0`` → ``_weight_int4pack_mm_for_cpu``. The kernel's operand is a copy built
+from the stored codes (the int4 kernel wants its own tile order), so a layer running a kernel
+holds that copy beside its codes at run time; what is saved is only codes + scales.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 
 from rankwise.errors import ConfigError, ShapeError
 
-FORMATS = ("nf", "int")
+FORMATS = ("nf", "int", "affine")
+#: resolved by :func:`resolve_format` per layer: 8 bits → ``"int"``, one group per row;
+#: other bits → ``"affine"`` (both run on a packed kernel where one exists).
+AUTO = "auto"
 SCALE_DTYPE = torch.float16
 
 
@@ -40,9 +59,23 @@ def _check(bits: int, fmt: str, group_size: int) -> None:
         raise ConfigError(f"group_size must be a positive integer; got {group_size!r}")
 
 
+def resolve_format(fmt: str, bits: int, group_size: int, in_features: int) -> tuple[str, int]:
+    """``(fmt, group_size)`` for one layer: ``"auto"`` picks the kernel-friendly format for
+    ``bits`` (8 → symmetric ``"int"`` with one group per row, else ``"affine"``); any other
+    ``fmt`` is returned as given."""
+    if fmt != AUTO:
+        return fmt, group_size
+    return ("int", in_features) if bits == 8 else ("affine", group_size)
+
+
 def codebook(bits: int, fmt: str = "nf") -> torch.Tensor:
-    """The ``2^bits`` (``"nf"``) or ``2^bits − 1`` (``"int"``) levels in ``[-1, 1]``, ascending (float32)."""
+    """The ``2^bits`` (``"nf"``) or ``2^bits − 1`` (``"int"``) levels in ``[-1, 1]``, ascending (float32).
+
+    ``"affine"`` has no fixed codebook (its levels are ``m_g + s_g · c`` per group).
+    """
     _check(bits, fmt, 1)
+    if fmt == "affine":
+        raise ConfigError("the 'affine' format has no codebook: its levels are min + step·code per group")
     return _codebook(bits, fmt).clone()
 
 
@@ -88,7 +121,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 class Quantized(NamedTuple):
-    """A quantized ``(out, in)`` weight: packed codes ``uint8``, float16 scales ``(groups,)``."""
+    """A quantized ``(out, in)`` weight: packed codes ``uint8``, float16 scales ``(groups,)``,
+    and for ``"affine"`` the float16 group minima ``zeros (groups,)`` (``None`` otherwise)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -96,6 +130,7 @@ class Quantized(NamedTuple):
     bits: int
     fmt: str
     group_size: int
+    zeros: torch.Tensor | None = None
 
 
 def quantize(
@@ -114,12 +149,27 @@ def quantize(
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(-1, group_size)  # (n_groups, group_size)
+    if fmt == "affine":
+        return _quantize_affine(groups, tuple(weight.shape), bits, group_size)
     scales = groups.abs().amax(1).to(SCALE_DTYPE)
     scale = scales.float().clamp(min=torch.finfo(SCALE_DTYPE).tiny)[:, None]
     levels = codebook(bits, fmt).to(flat.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize((groups / scale).clamp(-1, 1), midpoints)  # nearest level
     return Quantized(pack_codes(codes, bits), scales, tuple(weight.shape), bits, fmt, group_size)
+
+
+def _quantize_affine(
+    groups: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int
+) -> Quantized:
+    """``w ≈ m + s·c``: float16 minimum ``m`` and step ``s`` per group, ``c ∈ [0, 2^bits)``."""
+    top = 2**bits - 1
+    low, high = groups.amin(1), groups.amax(1)
+    zeros = low.to(SCALE_DTYPE)
+    scales = ((high - zeros.float()) / top).to(SCALE_DTYPE)
+    step = scales.float().clamp(min=torch.finfo(SCALE_DTYPE).tiny)[:, None]
+    codes = ((groups - zeros.float()[:, None]) / step).round().clamp(0, top).to(torch.int64)
+    return Quantized(pack_codes(codes, bits), scales, shape, bits, "affine", group_size, zeros)
 
 
 def dequantize_parts(
@@ -130,19 +180,25 @@ def dequantize_parts(
     bits: int,
     fmt: str,
     group_size: int,
+    zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The float32 ``(out, in)`` weight from packed ``codes`` and float16 ``scales``."""
+    """The float32 ``(out, in)`` weight from packed ``codes``, float16 ``scales`` (and ``zeros``)."""
     count = scales.numel() * group_size
     idx = unpack_codes(codes, bits, count).view(-1, group_size)  # (n_groups, group_size)
-    levels = codebook(bits, fmt).to(codes.device)
-    values = levels[idx] * scales.float()[:, None]
+    if fmt == "affine":
+        if zeros is None:
+            raise ShapeError("an 'affine' quantized weight needs its group minima (zeros)")
+        values = idx.float() * scales.float()[:, None] + zeros.float()[:, None]
+    else:
+        levels = codebook(bits, fmt).to(codes.device)
+        values = levels[idx] * scales.float()[:, None]
     return values.reshape(-1)[: shape[0] * shape[1]].view(shape)
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
     """The float32 weight a :class:`Quantized` stands for."""
     return dequantize_parts(
-        q.codes, q.scales, q.shape, bits=q.bits, fmt=q.fmt, group_size=q.group_size
+        q.codes, q.scales, q.shape, bits=q.bits, fmt=q.fmt, group_size=q.group_size, zeros=q.zeros
     )
 
 
@@ -151,15 +207,96 @@ def quantize_dequantize(weight: torch.Tensor, **options: object) -> torch.Tensor
     return dequantize(quantize(weight, **options)).to(weight.dtype)
 
 
-def storage_bits(out_features: int, in_features: int, *, bits: int, group_size: int) -> int:
-    """Bits to store a quantized ``(out, in)`` weight: packed codes + one float16 scale per group."""
+def storage_bits(
+    out_features: int, in_features: int, *, bits: int, group_size: int, fmt: str = "nf"
+) -> int:
+    """Bits to store a quantized ``(out, in)`` weight: packed codes + one float16 scale per
+    group (+ one float16 minimum per group for ``"affine"``)."""
     n_groups = math.ceil(out_features * in_features / group_size)
     code_bytes = math.ceil(n_groups * group_size * bits / 8)
-    return 8 * code_bytes + 16 * n_groups
+    per_group = 32 if fmt == "affine" else 16
+    return 8 * code_bytes + per_group * n_groups
+
+
+# ----------------------------------------------------------------------------- packed kernels
+
+KERNEL_DTYPE = torch.bfloat16  # the activations' dtype the CPU kernels are fast in
+INT4_GROUPS = (32, 64, 128, 256)
+_warned: set[str] = set()
+
+
+def kernel_for(
+    shape: tuple[int, int], *, bits: int, fmt: str, group_size: int, device: torch.device | str = "cpu"
+) -> str | None:
+    """``"int8"`` or ``"int4"``: the packed CPU kernel that runs this format exactly, or ``None``
+    (the layer dequantizes). Whether the running torch really has it is :func:`pack_for_kernel`'s
+    business."""
+    out_f, in_f = shape
+    if torch.device(device).type != "cpu":
+        return None
+    if fmt == "int" and bits == 8 and group_size == in_f:
+        return "int8"
+    if fmt == "affine" and bits == 4 and group_size in INT4_GROUPS and in_f % group_size == 0 and out_f % 16 == 0:
+        return "int4"
+    return None
+
+
+def warn_once(key: str, message: str) -> None:
+    """One ``RuntimeWarning`` per ``key`` per process (a fallback said once, not per layer)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def pack_for_kernel(q: Quantized, kernel: str) -> tuple[torch.Tensor, ...] | None:
+    """The operands :func:`kernel_matmul` needs for ``q`` on ``kernel``; ``None`` (with one
+    warning per process) when this torch lacks the kernel or it refuses the operands."""
+    idx = unpack_codes(q.codes, q.bits, q.shape[0] * q.shape[1]).view(q.shape)
+    try:
+        if kernel == "int8":
+            levels = (idx - (2 ** (q.bits - 1) - 1)).to(torch.int8)  # code → signed level j
+            ones = torch.ones(q.shape[0], dtype=KERNEL_DTYPE)  # row scales applied in float32 after
+            operands = (levels.contiguous(), ones, q.scales.float().div(2 ** (q.bits - 1) - 1))
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(idx.to(torch.int32), 1)
+            scales = q.scales.float().view(q.shape[0], -1)  # (out, groups per row)
+            zeros = q.zeros.float().view(q.shape[0], -1) + 8 * scales  # kernel: (c − 8)·s + z
+            scale_zero = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+            operands = (packed, scale_zero.to(KERNEL_DTYPE))
+        kernel_matmul(torch.zeros(1, q.shape[1]), kernel, operands, q.group_size)  # probe once
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        warn_once(
+            kernel,
+            f"the packed {kernel} matmul is unavailable in this torch ({torch.__version__}): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; quantized layers "
+            "dequantize their weight in every forward instead (correct, but slower)",
+        )
+        return None
+    return operands
+
+
+def kernel_matmul(
+    x: torch.Tensor, kernel: str, operands: tuple[torch.Tensor, ...], group_size: int
+) -> torch.Tensor:
+    """``x (..., in) @ Wᵀ`` with a packed weight, computed in bfloat16, returned in ``x``'s dtype."""
+    rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+    if kernel == "int8":
+        levels, ones, scales = operands
+        out = torch.ops.aten._weight_int8pack_mm(rows, levels, ones).to(x.dtype) * scales.to(x.dtype)
+    else:
+        packed, scale_zero = operands
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, scale_zero).to(x.dtype)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 __all__ = [
     "FORMATS",
+    "AUTO",
+    "resolve_format",
+    "kernel_for",
+    "pack_for_kernel",
+    "kernel_matmul",
+    "warn_once",
     "Quantized",
     "codebook",
     "quantize",

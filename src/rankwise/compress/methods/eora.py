@@ -13,7 +13,8 @@ a :class:`~rankwise.compress.layers.CompensatedLinear` (``y = W' x + B (A x)``).
 Two ways to use it:
 
 - ``--method eora`` (``base="quantize"``, the default): quantize every layer group-wise
-  (``bits``, ``fmt``, ``group_size``; ``quantize.py``), then spend what is left of the budget
+  (``bits``, ``fmt``, ``group_size``; ``quantize.py``; the default ``fmt="auto"`` is 4-bit
+  ``"affine"`` in groups of 64, which decodes on PyTorch's packed int4 CPU kernel), then spend what is left of the budget
   on compensation ranks, greedily by output error removed per parameter (the ``Σ_i²`` of
   ``ΔW'`` relative to the layer's output energy ``‖W X‖²``, per ``out + in`` parameters:
   the ``global`` allocation, the only one this path supports).
@@ -45,7 +46,7 @@ from rankwise.compress.layers import (
     dense_weight,
     module_storage_bits,
 )
-from rankwise.compress.quantize import FORMATS, quantize
+from rankwise.compress.quantize import AUTO, FORMATS, quantize, resolve_format
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ShapeError
 from rankwise.modules import replace_module
@@ -158,7 +159,7 @@ class EoRA(CompressionMethod):
 
     base: str = "quantize"
     bits: int = 4
-    fmt: str = "nf"
+    fmt: str = AUTO
     group_size: int = 64
     rank: int = 16
     damp: float = 1e-6
@@ -167,11 +168,13 @@ class EoRA(CompressionMethod):
     name = "eora"
     summary = "EoRA: quantize (or compress) then add low-rank compensation in the activation eigenspace (EoRA 2024)"
     needs = frozenset({"gram"})
-    layer_tensors = ("base.codes", "base.scales", "A", "B")  # base.U/base.V are shorter
+    layer_tensors = ("base.codes", "base.scales", "base.zeros", "A", "B")  # base.U/V are shorter
 
     def __post_init__(self) -> None:
-        if self.fmt not in FORMATS:
-            raise ConfigError(f"eora fmt must be one of {', '.join(FORMATS)}; got {self.fmt!r}")
+        if self.fmt not in (AUTO, *FORMATS):
+            raise ConfigError(
+                f"eora fmt must be one of {', '.join((AUTO, *FORMATS))}; got {self.fmt!r}"
+            )
         if not 2 <= self.bits <= 8 or self.group_size < 1:
             raise ConfigError(
                 f"eora needs bits in [2, 8] and group_size >= 1; got {self.bits}, {self.group_size}"
@@ -207,10 +210,9 @@ class EoRA(CompressionMethod):
         quantized, spectra, energy, used = {}, {}, {}, 0
         bar = Bar(len(layers), "eora: quantize", show=job.progress)
         for name, layer in layers.items():
+            fmt, group_size = resolve_format(self.fmt, self.bits, self.group_size, layer.in_features)
             q = QuantizedLinear.from_quantized(
-                quantize(
-                    layer.weight.detach(), bits=self.bits, fmt=self.fmt, group_size=self.group_size
-                ),
+                quantize(layer.weight.detach(), bits=self.bits, fmt=fmt, group_size=group_size),
                 None if layer.bias is None else layer.bias.detach(),
             )
             w = layer.weight.detach().to(torch.float64)

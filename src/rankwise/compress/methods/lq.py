@@ -7,9 +7,13 @@ Per layer and per configuration ``(bits, rank)``, alternate (Alg. 1, initialised
     L ← SVD_r(W − Q)          Q ← quant(W − L)
 
 keeping the iterate with the smallest error ``‖F^½ (W − Q − L)‖_F`` (the error is not
-monotone; the paper stops early for the same reason). ``quant`` is the group-wise NF/int
-quantizer of ``quantize.py`` (absmax scale per ``group_size`` weights, float16 scales, packed
-codes). With ``fisher=True`` the error is weighted by the row Fisher information ``F = diag(f)``
+monotone; the paper stops early for the same reason). ``quant`` is the group-wise quantizer
+of ``quantize.py`` (float16 scales per ``group_size`` weights, packed codes). The default
+``fmt="auto"`` picks, per bit width, the format a packed CPU kernel runs: 8 bits symmetric
+int with one scale per row (``_weight_int8pack_mm``), 4 bits affine in groups of
+``group_size`` (``_weight_int4pack_mm_for_cpu``); the paper's NF codebooks (``fmt="nf"``)
+and 2/3 bits are available but dequantize in every forward, so the default ``bits`` are
+``(4, 8)``. With ``fisher=True`` the error is weighted by the row Fisher information ``F = diag(f)``
 from calibration gradients (the paper weights each entry; rankwise's calibration keeps row
 sums, so the weighting is per output row), and ``L`` is the exact weighted best rank-``r``
 term ``diag(f)^-½ SVD_r(diag(f)^½ (W − Q))``.
@@ -25,8 +29,7 @@ Storage and ``--ratio``: a layer at ``(b, r)`` costs ``b`` bits per weight, 16 b
 scale and ``r (out + in)`` parameters of the model's dtype for ``L1 (out, r)``, ``L2 (r, in)``;
 the budget is ``ratio ×`` the dense model's bits (``size`` = bytes), i.e. in parameter
 equivalents of the model's dtype. The layer is a
-:class:`~rankwise.compress.layers.QuantizedLowRankLinear`: ``Q`` is kept packed and
-dequantized on the fly in each forward (nothing cached).
+:class:`~rankwise.compress.layers.QuantizedLowRankLinear` (its ``kernel`` says how ``Q`` runs).
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ from rankwise.compress.allocate import breakeven_rank, choose_configurations, gr
 from rankwise.compress.base import CompressionJob, CompressionMethod, register_method
 from rankwise.compress.calibrate import Calibration
 from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
-from rankwise.compress.quantize import FORMATS, Quantized, dequantize, quantize, storage_bits
+from rankwise.compress.quantize import (
+    AUTO,
+    FORMATS,
+    Quantized,
+    dequantize,
+    quantize,
+    resolve_format,
+    storage_bits,
+)
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError
 from rankwise.modules import replace_module
@@ -62,7 +73,7 @@ def lq_decompose(
     *,
     bits: int,
     rank: int,
-    fmt: str = "nf",
+    fmt: str = AUTO,
     group_size: int = 64,
     iterations: int = 4,
     row_weights: torch.Tensor | None = None,
@@ -70,8 +81,9 @@ def lq_decompose(
     """Alternate ``L = SVD_r(W − Q)``, ``Q = quant(W − L)`` and return the best iterate.
 
     ``row_weights`` (``(out,)``, positive): weights ``f`` of the error ``Σ_i f_i ‖row_i‖²``.
-    ``rank = 0`` is plain quantization.
+    ``rank = 0`` is plain quantization. ``fmt="auto"``: see :func:`~rankwise.compress.quantize.resolve_format`.
     """
+    fmt, group_size = resolve_format(fmt, bits, group_size, weight.shape[1])
     w = weight.detach().to(torch.float64)
     f = (
         torch.ones(w.shape[0], dtype=torch.float64)
@@ -98,10 +110,11 @@ def lq_decompose(
 
 
 def _config_bits(
-    out_f: int, in_f: int, bits: int, rank: int, group_size: int, element_bits: int
+    out_f: int, in_f: int, bits: int, rank: int, fmt: str, group_size: int, element_bits: int
 ) -> int:
+    fmt, group_size = resolve_format(fmt, bits, group_size, in_f)
     return (
-        storage_bits(out_f, in_f, bits=bits, group_size=group_size)
+        storage_bits(out_f, in_f, bits=bits, group_size=group_size, fmt=fmt)
         + rank * (out_f + in_f) * element_bits
     )
 
@@ -169,9 +182,9 @@ def _row_weights(calibration: Calibration | None, name: str) -> torch.Tensor:
 class LQLoRA(CompressionMethod):
     """``W ≈ Q + L1 L2`` per layer, bits and rank per layer chosen greedily under the budget."""
 
-    bits: tuple[int, ...] = (2, 3, 4, 8)
+    bits: tuple[int, ...] = (4, 8)
     ranks: tuple[int, ...] = (0, 16, 64)
-    fmt: str = "nf"
+    fmt: str = AUTO
     group_size: int = 64
     iterations: int = 4
     fisher: bool = False
@@ -181,7 +194,7 @@ class LQLoRA(CompressionMethod):
     summary = "LQ-LoRA: W = quantized + low-rank, bits/rank per layer under a storage budget (LQ-LoRA 2023)"
     needs = frozenset()
     allocations = ("knapsack",)
-    layer_tensors = ("base.codes", "base.scales", "A", "B")
+    layer_tensors = ("base.codes", "base.scales", "base.zeros", "A", "B")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
@@ -194,8 +207,10 @@ class LQLoRA(CompressionMethod):
             raise ConfigError(
                 f"lq ranks must be a non-empty list of integers >= 0; got {self.ranks}"
             )
-        if self.fmt not in FORMATS:
-            raise ConfigError(f"lq fmt must be one of {', '.join(FORMATS)}; got {self.fmt!r}")
+        if self.fmt not in (AUTO, *FORMATS):
+            raise ConfigError(
+                f"lq fmt must be one of {', '.join((AUTO, *FORMATS))}; got {self.fmt!r}"
+            )
         if self.group_size < 1 or self.iterations < 1:
             raise ConfigError(
                 f"lq group_size and iterations must be >= 1; got {self.group_size}, {self.iterations}"
@@ -235,7 +250,7 @@ class LQLoRA(CompressionMethod):
                 )
                 results[(name, j)] = res
                 costs[i, j] = (
-                    _config_bits(m, n, bits, rank, self.group_size, element_bits) / element_bits
+                    _config_bits(m, n, bits, rank, self.fmt, self.group_size, element_bits) / element_bits
                 )
                 errors[i, j] = res.error
         bar.close()
