@@ -30,7 +30,7 @@ def test_closed_loop_equals_open_loop_in_the_first_block_and_differs_after(texts
     first_open, first_closed = _factors(open_model, 0), _factors(closed_model, 0)
     assert first_open and first_open.keys() == first_closed.keys()
     for name in first_open:
-        torch.testing.assert_close(first_closed[name], first_open[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(first_closed[name], first_open[name], rtol=1e-3, atol=1e-4)  # float32 sums
     second_open, second_closed = _factors(open_model, 1), _factors(closed_model, 1)
     assert second_open
     assert max(float((second_open[n] - second_closed[n]).abs().max()) for n in second_open) > 1e-3

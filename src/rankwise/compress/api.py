@@ -20,7 +20,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from rankwise.compress.calibrate import (
     CALIBRATION_MODES,
     INPUT_STATISTICS,
     Calibration,
+    ClosedLoopStats,
     calibrate,
     calibration_blocks,
     closed_loop_calibration,
@@ -187,20 +188,18 @@ def _per_layer_svd(
     method: CompressionMethod,
     job: CompressionJob,
     timing: dict[str, float],
-    closed: Calibration | None = None,
-    *,
-    release: bool = False,
+    closed: Callable[[], Calibration] | None = None,
 ) -> tuple[list[LayerReport], dict[str, LayerSpectrum]]:
     """The SVD path: decompose every layer, allocate ranks to the budget, factorise.
 
     Replaces layers of ``job.model`` by :class:`LowRankLinear` where that is smaller; records
     the time of each stage in ``timing``. Ranks are always allocated on the spectra of
-    ``job.calibration`` (open-loop: every layer's spectrum is needed before any is cut). With
-    ``closed`` (a :func:`~rankwise.compress.calibrate.closed_loop_calibration` walk) each layer
-    is then decomposed again on the statistics of the inputs it gets after the blocks before it
-    were compressed, and factorised at its allocated rank; ``release`` frees the open-loop
-    input statistics once the spectra are taken (the caller owns them). Returns the report rows
-    and the spectra (for the HTML report's plots)."""
+    ``job.calibration`` (open-loop, or a walk over the dense model: every layer's spectrum is
+    needed before any is cut). With ``closed`` (making a
+    :func:`~rankwise.compress.calibrate.closed_loop_calibration` walk) each layer is then
+    decomposed again on the statistics of the inputs it gets after the blocks before it were
+    compressed, and factorised at its allocated rank. Returns the report rows and the spectra
+    (for the HTML report's plots)."""
     t0 = time.perf_counter()
     stats = job.calibration.stats if job.calibration is not None else {}
     decompositions: dict[str, Decomposition] = {}
@@ -220,9 +219,8 @@ def _per_layer_svd(
             bar.update(1)
     finally:
         bar.close()
-    if release:
-        for layer_stats in stats.values():
-            layer_stats.gram = layer_stats.abs_sum = None
+    if isinstance(stats, ClosedLoopStats):
+        stats.finish()  # frees the walk's activations
     timing["decompose_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -230,16 +228,17 @@ def _per_layer_svd(
     timing["allocate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    walk = closed() if closed is not None else None
     rows = []
     bar = Bar(len(job.layers), "factorise" if closed is None else "factorise (closed loop)", show=job.progress)
     try:
         for name, layer in job.layers.items():
             rank, new, error = ranks[name], layer, 0.0
             if rank is not None:
-                if closed is None:
+                if walk is None:
                     layer_stats, dec = stats.get(name), decompositions.pop(name)
                 else:
-                    layer_stats = closed.stats[name]
+                    layer_stats = walk.stats[name]
                     dec = method.decompose(layer.weight.detach().to(torch.float64), layer_stats)
                 new = method.factorize(layer, layer_stats, rank, dec)
                 replace_module(job.model, name, new, expect=nn.Linear)
@@ -404,11 +403,13 @@ def compress(
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    # Open-loop statistics: all of them for an open-loop run; for closed loop, what must be known
-    # before any block is cut (the per-layer path's spectra for allocation; gradients).
+    # Open-loop statistics: all of them for an open-loop run. Closed loop takes gradients (for the
+    # allocation) from an open-loop backward pass and input statistics from block-by-block walks:
+    # one on the dense model for the per-layer path's spectra (allocation needs every layer's
+    # before any is cut), one on the model being compressed — one block's statistics at a time.
     per_layer = type(chosen).compress_model is CompressionMethod.compress_model
-    open_needs = needs if (mode == "open-loop" or per_layer) else sorted(set(needs) - set(INPUT_STATISTICS))
-    owned = statistics is None  # statistics computed here may be freed early
+    gradient_needs = sorted(set(needs) - set(INPUT_STATISTICS))
+    open_needs = needs if mode == "open-loop" or (per_layer and statistics is not None) else gradient_needs
     if statistics is not None:
         missing = sorted(set(open_needs) - set(statistics.collected))
         if missing or set(statistics.stats) != set(layers):
@@ -417,40 +418,47 @@ def compress(
                 f"calibrate with statistics={open_needs} on this model"
             )
     elif open_needs:
+        backward = bool(gradient_needs)  # batch 1 keeps the backward pass's activations small
         statistics = calibrate(
-            net, tokenizer, calib_texts, tokens=calib_tokens, seq_len=seq_len, statistics=open_needs, layers=layers, progress=progress
-        )
-    closed = None
-    if mode == "closed-loop":
-        closed = closed_loop_calibration(
-            net, tokenizer, calib_texts, tokens=calib_tokens, seq_len=seq_len, statistics=needs, layers=layers,
-            base=statistics, progress=progress,
+            net, tokenizer, calib_texts, tokens=calib_tokens, seq_len=seq_len, statistics=open_needs, layers=layers,
+            batch_size=1 if backward else 4, progress=progress,
         )  # fmt: skip
+    walk_kwargs = {"tokens": calib_tokens, "seq_len": seq_len, "statistics": needs, "layers": layers, "progress": progress}
+    spectra_from = statistics
+    if mode == "closed-loop" and per_layer and (statistics is None or not set(needs) <= set(statistics.collected)):
+        spectra_from = closed_loop_calibration(net, tokenizer, calib_texts, base=statistics, **walk_kwargs)
+    walks: list[Calibration] = []  # the closed-loop walk, once made (after the spectra's walk is done)
+
+    def closed_walk(base: Calibration | None = statistics) -> Calibration:
+        walks.append(closed_loop_calibration(net, tokenizer, calib_texts, base=base, **walk_kwargs))
+        return walks[0]
+
     timing["calibrate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     rows, spectra = None, {}
     if per_layer:
-        job = CompressionJob(net, layers, statistics, target - fixed, allocation, progress)
-        rows, spectra = _per_layer_svd(chosen, job, timing, closed, release=closed is not None and owned)
+        job = CompressionJob(net, layers, spectra_from, target - fixed, allocation, progress)
+        rows, spectra = _per_layer_svd(chosen, job, timing, closed_walk if mode == "closed-loop" else None)
     else:
-        job = CompressionJob(net, layers, closed or statistics, target - fixed, allocation, progress)
+        job = CompressionJob(net, layers, closed_walk() if mode == "closed-loop" else statistics, target - fixed, allocation, progress)
         rows = chosen.compress_model(job)
         timing["factorise_s"] = time.perf_counter() - t0
-    used = closed or statistics
+    used = walks[0] if walks else statistics
     calibration_info = None
     if used is not None:
         calibration_info = used.recipe() | {"split": "calibration", "corpus": corpus_name, "corpus_fingerprint": fingerprint}
-    if closed is not None:
-        closed.stats.finish()
-        timing["calibrate_s"] += closed.stats.seconds - closed.seconds  # the walk ran during compression
+    if walks:
+        walk = walks[0].stats
+        walk.finish()
         calibration_info |= {
-            "seconds": round(closed.stats.seconds, 3),
-            "blocks": len(closed.stats.blocks),
-            "blocks_compressed_before_the_walk_passed_them": closed.stats.compressed_blocks,
+            "seconds": round(walk.seconds, 3),
+            "blocks": len(walk.blocks),
+            "blocks_compressed_before_the_walk_passed_them": walk.compressed_blocks,
         }
     timing["compress_s"] = sum(timing.values())
-    del statistics, closed, used, job
+    del statistics, spectra_from, used, job
+    walks.clear()  # the walks hold activations and statistics: free them before evaluating
 
     after_total = count_parameters(net)
     report["parameters"] = {
