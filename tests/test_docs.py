@@ -1,21 +1,36 @@
 """Every ```python block in README.md and docs/*.md runs (blocks of one page share a namespace,
 in page order). The embedded models' names become the tiny models' (the mapping of
 tests/doc_commands.py, shared with the documented-commands test): compressing SmolLM2 takes
-minutes, the tiny Llama runs the same code path; `make demo` runs the SmolLM2 one."""
+minutes, the tiny Llama runs the same code path; `make demo` runs the SmolLM2 one.
+
+Blocks that talk to the documented HTTP server (``needs_server``) are run by
+tests/serve/test_server_docs.py against a started server, not here; the adapters a page's
+``rankwise serve`` line serves are written first (tiny stand-ins), as a reader would have
+trained them with the page's commands."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-from doc_commands import PAGES, ROOT, for_tests_python, python_blocks
+from doc_commands import (
+    PAGES,
+    ROOT,
+    for_tests_python,
+    needs_server,
+    python_blocks,
+    write_served_adapters,
+)
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
 def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
+    write_served_adapters([page], tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(python_blocks(page)):
+        if needs_server(block):
+            continue  # run by tests/serve/test_server_docs.py, with a server
         exec(compile(for_tests_python(block), f"{page.name}[block {i}]", "exec"), namespace)
 
 

@@ -19,19 +19,22 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from doc_commands import (
+    PAGES,
     DocCommand,
+    ServeProcess,
     documented_commands,
     for_tests,
     inline_commands,
     option_value,
+    rankwise_script,
     torchrun_lines,
     write_sample_text,
+    write_served_adapters,
 )
 
 import rankwise
@@ -51,12 +54,6 @@ def command_of(doc: DocCommand):
 
 def args_for_test(doc: DocCommand) -> list[str]:
     return for_tests(doc.args, CLI.commands.get(doc.subcommand) if doc.subcommand else None)
-
-
-def rankwise_script() -> list[str]:
-    """The console script installed beside this Python (``python -m rankwise`` if none)."""
-    script = Path(sys.executable).with_name("rankwise")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "rankwise"]
 
 
 def producer_of(folder: str) -> DocCommand | None:
@@ -224,8 +221,44 @@ def test_commands_made_small_for_tests():
     assert option_value(listing, "--calib-tokens") == "512"
 
 
+def starts_a_server(doc: DocCommand) -> bool:
+    return doc.subcommand == "serve" and not QUICK_FLAGS & set(doc.args)
+
+
+def check_server(doc: DocCommand, cwd: Path, outputs: Outputs) -> None:
+    """A documented ``rankwise serve`` line (on a free port): it answers /health, lists the
+    adapters of its folder (tiny stand-ins for those the docs train), completes a request
+    with one of them, and exits 0 on SIGTERM."""
+    import httpx
+
+    prepare_inputs(doc, cwd, outputs)
+    args = args_for_test(doc)
+    served = write_served_adapters([p for p in PAGES if p.name == doc.page], cwd)
+    names = served.get(doc.option("--adapters", "-a"), [])
+    key = option_value(args, "--api-key")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with ServeProcess([*rankwise_script(), *args], cwd=cwd) as server:
+        cards = httpx.get(server.url + "/v1/models", headers=headers, timeout=60).json()["data"]
+        assert {c["id"] for c in cards} >= set(names), cards
+        model = names[0] if names else next(c["id"] for c in cards if c["kind"] == "base")
+        body = {"model": model, "prompt": PROBE_TEXT, "max_tokens": 2}
+        answer = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+    assert server.returncode == 0, f"exit {server.returncode} after SIGTERM:\n{server.stderr[-3000:]}"
+
+
+def test_a_documented_server_is_started_on_a_free_port():
+    serve = for_tests(("serve", "--model", "smollm2", "--adapters", "adapters", "--port", "8000"), CLI.commands["serve"])
+    assert option_value(serve, "--port", "-p") == "0" and option_value(serve, "--model", "-m") == "tiny-llama"
+    doc = DocCommand("page.md", 1, "rankwise serve", ("serve", "--port", "8000"))
+    assert starts_a_server(doc) and not starts_a_server(DocCommand("page.md", 2, "", ("serve", "--help")))
+
+
 @pytest.mark.parametrize("doc", params(COMMANDS))
 def test_documented_command(doc, tmp_path, outputs):
+    if starts_a_server(doc):
+        return check_server(doc, tmp_path, outputs)
     args = args_for_test(doc)
     result = run(doc, tmp_path, outputs)
     assert result.returncode == 0, f"rankwise {' '.join(args)} -> exit {result.returncode}\n{result.stderr[-3000:]}"
