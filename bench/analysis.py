@@ -24,17 +24,23 @@ of the same probability matrices (time of the norms alone; the forward passes ar
 
 Writes bench/results/analysis.json and its section of docs/benchmarks.md (and prints the table).
 
-``--lora-vs-full STEPS``: instead, the paper's comparison on real training: SmolLM2 tuned on
-the built-in corpus's train split (seq 128, batch 4, the same blocks in the same order) once
-with LoRA (rank 8 on every linear layer, AdamW lr 1e-3) and once fully (AdamW lr 1e-5), then
-intruder dimensions of each against the base. Writes bench/results/analysis_lora_vs_full.json and its docs/benchmarks.md section.
+``--lora-vs-full``: instead, the paper's comparison on real training: SmolLM2 tuned on the
+built-in corpus's train split (seq 128, ``--batch`` blocks a step, the same blocks in the same order) with each of
+``--runs`` (``lora:RANK:LR`` — LoRA on every linear layer, alpha = 2·rank — or ``full:0:LR``;
+AdamW, no weight decay), intruder dimensions of the tuned model against the base counted at each
+of ``--checkpoints`` during the one training run (so one run gives the curve), with the update's
+strength ‖ΔW‖₂/σ₁₀(W). Runs accumulate in bench/results/analysis_lora_vs_full.json across
+invocations (``--fresh`` forgets them); the section of docs/benchmarks.md and the plot
+docs/images/analysis-intruders-vs-steps.png are redrawn from all of them after every run.
 
-Run: .venv/bin/python bench/analysis.py [--quick] [--lora-vs-full 100]
+Run: .venv/bin/python bench/analysis.py [--quick]
+     .venv/bin/python bench/analysis.py --lora-vs-full --runs lora:1:1e-2 --checkpoints 25,50,100,200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -120,55 +126,214 @@ def probability_matrices(model, tokenizer, texts: list[str], max_tokens: int) ->
     return out
 
 
-def train(model, params, blocks: torch.Tensor, lr: float, batch: int = 4) -> list[float]:
-    """Plain AdamW steps on ``blocks`` (one pass, ``batch`` blocks a step); returns the losses."""
-    model.train()
+RUN_DEFAULT = "lora:1:1e-2,lora:8:1e-3,full:0:1e-5"
+THRESHOLDS = (0.5, 0.7, 0.9)  # the headline (the detector's default) and two of the paper's sweep
+
+
+def parse_runs(spec: str) -> list[tuple[str, int, float]]:
+    """``"lora:RANK:LR,full:0:LR"`` -> ``[(method, rank, lr), ...]``."""
+    runs = []
+    for item in spec.split(","):
+        method, rank, lr = item.strip().split(":")
+        if method not in ("lora", "full"):
+            raise SystemExit(f"--runs: method must be lora or full, got {method!r}")
+        runs.append((method, int(rank), float(lr)))
+    return runs
+
+
+def run_label(method: str, rank: int, lr: float) -> str:
+    return f"LoRA r{rank} lr {lr:g}" if method == "lora" else f"full FT lr {lr:g}"
+
+
+def train(model, params, blocks: torch.Tensor, lr: float, *, batch: int = 4, steps: int, on_step=None) -> list[float]:
+    """Plain AdamW steps on ``blocks`` (one pass, ``batch`` blocks a step); returns the losses.
+    ``on_step(step, losses)`` is called after every step (for checkpoints)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    for i in range(0, len(blocks) - batch + 1, batch):
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        i = (step - 1) * batch
         ids = blocks[i : i + batch]
+        model.train()
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            model.eval()
+            on_step(step, losses)
     model.eval()
     return losses
 
 
-def lora_vs_full(model, tokenizer, steps: int) -> None:
-    """The paper's comparison on real (short) training runs; see the module docstring."""
+@torch.no_grad()
+def update_strength(model, tuned, sigma10: dict[str, float]) -> list[float]:
+    """Per layer: ‖ΔW‖₂ / σ₁₀(W) — how strong the update is against the base's 10th singular
+    value (an update this weak cannot put a new vector into the top 10)."""
+    from rankwise.analysis._layers import matched_weights
+
+    before, after = matched_weights(model, tuned, None)
+    out = []
+    for name, w in before.items():
+        out.append(float(torch.linalg.matrix_norm(after[name] - w, ord=2)) / sigma10[name])
+    return out
+
+
+def checkpoint_row(model, tuned, sigma10: dict[str, float], step: int, losses: list[float]) -> dict:
+    """Intruder dimensions of ``tuned`` against ``model`` at this step, at several thresholds."""
+    t0 = time.perf_counter()
+    result = intruder_dimensions(model, tuned)  # the detector's defaults: top 10, |cos| < 0.5
+    seconds = time.perf_counter() - t0
+    counts = {}
+    for eps in THRESHOLDS:
+        counts[f"{eps:g}"] = sum(
+            sum(c < eps and s > 0 for c, s in zip(layer.max_cosine, layer.singular_values, strict=True))
+            for layer in result.layers
+        )
+    assert counts["0.5"] == result.total  # the sweep re-reads the same cosines
+    strength = sorted(update_strength(model, tuned, sigma10))
+    return {
+        "step": step,
+        "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "intruders": result.total,
+        "intruders_by_threshold": counts,
+        "layers_with_intruders": sum(layer.count > 0 for layer in result.layers),
+        "layers": len(result.layers),
+        "min_max_cosine": min(min(layer.max_cosine) for layer in result.layers),
+        "update_over_sigma10_median": strength[len(strength) // 2],
+        "update_over_sigma10_max": strength[-1],
+        "detection_s": seconds,
+        "counts": {k: v for k, v in result.counts().items() if v},
+    }
+
+
+def one_run(model, blocks, method: str, rank: int, lr: float, checkpoints: list[int], sigma10, save, batch: int) -> dict:
+    """Train one copy of ``model`` and detect intruders at every checkpoint step; ``save(run)``
+    records the run so far after each checkpoint (a run cut short keeps its first checkpoints)."""
     import copy
 
     from rankwise.adapters import attach
+
+    torch.manual_seed(0)
+    tuned = copy.deepcopy(model)
+    if method == "lora":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        attach(tuned, "lora", targets=targets, rank=rank, alpha=2 * rank)  # alpha = 2r: scale 2
+        params = [p for n, p in tuned.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = list(tuned.parameters())
+    rows: list[dict] = []
+    t_train = [0.0, time.perf_counter()]
+    run = {"method": method, "rank": rank, "lr": lr, "batch": batch, "loss_first5": None, "train_s": 0.0, "checkpoints": rows}
+
+    def on_step(step: int, losses: list[float]) -> None:
+        if step in checkpoints:
+            t_train[0] += time.perf_counter() - t_train[1]
+            rows.append(checkpoint_row(model, tuned, sigma10, step, losses))
+            r = rows[-1]
+            print(f"  step {step}: loss {r['loss_last5']:.3f}, intruders {r['intruders_by_threshold']}, "
+                  f"‖ΔW‖₂/σ₁₀ median {r['update_over_sigma10_median']:.3f} max {r['update_over_sigma10_max']:.3f}",
+                  flush=True)
+            run["loss_first5"], run["train_s"] = sum(losses[:5]) / len(losses[:5]), t_train[0]
+            save(run)
+            t_train[1] = time.perf_counter()
+
+    train(tuned, params, blocks, lr, batch=batch, steps=max(checkpoints), on_step=on_step)
+    return run
+
+LVF_NAME = "analysis_lora_vs_full"
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "images" / "analysis-intruders-vs-steps.png"
+
+
+def previous_runs(fresh: bool) -> dict:
+    """Runs recorded by earlier invocations (each run is its own invocation: <= 20 min each)."""
+    path = Path(__file__).resolve().parent / "results" / f"{LVF_NAME}.json"
+    if fresh or not path.exists():
+        return {}
+    old = json.loads(path.read_text()).get("runs", {})
+    return {k: v for k, v in old.items() if "checkpoints" in v}
+
+
+def lora_vs_full_markdown(runs: dict, recipe: str, model: str) -> str:
+    rows = []
+    for label, r in runs.items():
+        for c in r["checkpoints"]:
+            t = c["intruders_by_threshold"]
+            rows.append([
+                label, c["step"], f"{c['loss_last5']:.3f}", c["intruders"], f"{c['layers_with_intruders']} of {c['layers']}",
+                t["0.7"], t["0.9"], f"{c['min_max_cosine']:.2f}",
+                f"{c['update_over_sigma10_median']:.3f} / {c['update_over_sigma10_max']:.3f}",
+            ])
+    table = markdown_table(
+        [f"{model} tuned with", "step", "train loss (last 5)", "intruders (ε 0.5)", "layers with intruders",
+         "intruders ε 0.7", "intruders ε 0.9", "lowest max \\|cos\\|", "‖ΔW‖₂/σ₁₀(W) median / max"],
+        rows,
+    )
+    return table + "\n\n" + recipe
+
+
+def lora_vs_full_plot(runs: dict) -> None:
+    """Intruders (ε 0.5 and 0.9) and update strength against training steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, r in runs.items():
+        steps = [c["step"] for c in r["checkpoints"]]
+        style = "-o" if r["method"] == "lora" else "--s"
+        axes[0].plot(steps, [c["intruders"] for c in r["checkpoints"]], style, label=label)
+        axes[1].plot(steps, [c["intruders_by_threshold"]["0.9"] for c in r["checkpoints"]], style, label=label)
+        axes[2].semilogy(steps, [c["update_over_sigma10_median"] for c in r["checkpoints"]], style, label=label)
+    axes[0].set_title("intruder dimensions (ε = 0.5, the default)", fontsize=9)
+    axes[1].set_title("intruder dimensions (ε = 0.9)", fontsize=9)
+    axes[2].set_title("median over layers of ‖ΔW‖₂ / σ₁₀(W)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("training steps")
+    axes[0].set_ylabel("count over all linear layers (top 10 each)")
+    axes[2].legend(fontsize=7)
+    fig.suptitle("LoRA vs full fine-tuning on the built-in corpus (bench/analysis.py --lora-vs-full)", fontsize=10)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=90)
+    plt.close(fig)
+
+
+def lora_vs_full(model, tokenizer, runs: list[tuple[str, int, float]], checkpoints: list[int], fresh: bool, model_name: str, batch: int) -> None:
+    """The paper's comparison on real training runs, intruders counted at each checkpoint."""
     from rankwise.data import token_blocks
 
-    blocks = token_blocks(tokenizer, load_corpus("builtin").train, seq_len=128, max_tokens=128 * 4 * steps)
-    rows, data = [], {}
-    for label, lr in (("LoRA rank 8 (lr 1e-3)", 1e-3), ("full fine-tuning (lr 1e-5)", 1e-5)):
-        tuned = copy.deepcopy(model)
-        if label.startswith("LoRA"):
-            attach(tuned, "lora", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=8, alpha=16)
-            params = [p for n, p in tuned.named_parameters() if "lora_" in n]
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            params = list(tuned.parameters())
-        t0 = time.perf_counter()
-        losses = train(tuned, params, blocks, lr)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = intruder_dimensions(model, tuned)
-        intr_s = time.perf_counter() - t0
-        hit = sum(layer.count > 0 for layer in result.layers)
-        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-        rows.append([label, len(losses), f"{first:.3f} -> {last:.3f}", f"{train_s:.0f} s", result.total, f"{hit} of {len(result.layers)}", f"{intr_s:.1f} s"])
-        data[label] = {"steps": len(losses), "loss_first5": first, "loss_last5": last, "train_s": train_s,
-                       "intruders": result.total, "layers_with_intruders": hit, "intruders_s": intr_s, "counts": result.counts()}
-        del tuned
-    table = markdown_table(["SmolLM2 tuned with", "steps", "train loss (first 5 -> last 5)", "train time", "intruder dimensions", "layers with intruders", "detection time"], rows)
-    table += "\n\nIntruders: top 10 left singular vectors of each tuned weight, max |cos| with every base singular vector < 0.5. Built-in corpus train split, seq 128, batch 4, same blocks for both."
-    write_results("analysis_lora_vs_full", {"results": data, "markdown": table}, table)
+    steps = max(checkpoints)
+    blocks = token_blocks(tokenizer, load_corpus("builtin").train, seq_len=128, max_tokens=128 * batch * steps + 128)
+    if len(blocks) < batch * steps:
+        raise SystemExit(f"the built-in corpus has {len(blocks)} blocks of 128 tokens: at most {len(blocks) // batch} steps")
+    sigma10 = {layer.name: layer.singular_values[9] for layer in spectrum(model, top_k=10).layers}
+    done = previous_runs(fresh)
+    recipe = (
+        "Intruders: of the top 10 left singular vectors of each tuned weight, those whose max |cos| with every "
+        "base singular vector is below ε (`intruder_dimensions` defaults: ε 0.5, top 10; ε 0.7/0.9 from the same "
+        f"cosines, as in the paper's ε sweep). Built-in corpus train split, seq 128, batch {batch}, the same blocks in "
+        "the same order for every run, AdamW (no weight decay), LoRA on all 7 linear kinds with alpha = 2·rank. "
+        "‖ΔW‖₂/σ₁₀(W): the update's largest singular value against the base weight's 10th — an update far "
+        "below 1 cannot create a new top-10 direction. Each run is one training with detection at its "
+        "checkpoints (`bench/analysis.py --lora-vs-full --runs lora:1:1e-2 --checkpoints 10,25,50,100`)."
+    )
+    table = ""
+
+    def save(label: str, run: dict) -> None:
+        nonlocal table
+        done[label] = run
+        table = lora_vs_full_markdown(done, recipe, model_name)
+        write_results(LVF_NAME, {"runs": done, "markdown": table}, table)
+        lora_vs_full_plot(done)
+
+    for method, rank, lr in runs:
+        label = run_label(method, rank, lr)
+        print(f"{label}: {steps} steps, checkpoints {checkpoints}", flush=True)
+        one_run(model, blocks, method, rank, lr, checkpoints, sigma10, lambda run, label=label: save(label, run), batch)
     print(table)
 
 
@@ -178,15 +343,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--texts", type=int, default=8, help="documents for the nuclear-norm table")
-    parser.add_argument("--lora-vs-full", type=int, default=0, metavar="STEPS", help="run the LoRA vs full fine-tuning comparison instead")
+    parser.add_argument("--lora-vs-full", action="store_true", help="run the LoRA vs full fine-tuning comparison instead")
+    parser.add_argument("--runs", default=RUN_DEFAULT, help="with --lora-vs-full: method:rank:lr,... (full:0:LR for full fine-tuning)")
+    parser.add_argument("--checkpoints", default="10,25,50,100", help="with --lora-vs-full: steps at which intruders are counted")
+    parser.add_argument("--batch", type=int, default=2, help="with --lora-vs-full: blocks of 128 tokens per step")
+    parser.add_argument("--fresh", action="store_true", help="with --lora-vs-full: forget runs recorded by earlier invocations")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
     if args.lora_vs_full:
-        lora_vs_full(model, tokenizer, args.lora_vs_full)
+        checkpoints = sorted({int(s) for s in args.checkpoints.split(",")})
+        lora_vs_full(model, tokenizer, parse_runs(args.runs), checkpoints, args.fresh, args.model, args.batch)
         return
     out: dict = {}
     names = [layer.name for layer in spectrum(model, top_k=1, exact_below=0).layers]

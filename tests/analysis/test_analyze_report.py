@@ -194,3 +194,68 @@ def test_adapter_for_another_base_model_is_refused(tmp_path):
     with pytest.raises(RankwiseError, match="q_proj"):
         analyze("tiny-llama", tmp_path / "x", adapter=folder, texts=0)
     assert not (tmp_path / "x").exists()
+
+
+def test_gradient_spectra_of_two_datasets_in_the_report(tmp_path, text_file):
+    out = tmp_path / "grad"
+    report = analyze("tiny-llama", out, texts=0, gradients=2, gradient_data=["builtin", str(text_file)], gradient_tokens=8)
+    g = report["gradients"]
+    assert g["datasets"] == ["builtin", str(text_file)] and g["texts"] == {"builtin": 2, str(text_file): 2}
+    assert len(g["rows"]) == 15 and len(g["by_kind"]) == 8  # 7 kinds in 2 blocks + lm_head
+    row = g["by_kind"][0]
+    assert row["builtin nuclear norm"] > 0 and row[f"{text_file} effective rank"] >= 1
+    assert row["builtin nuclear norm"] != row[f"{text_file} nuclear norm"]
+    metrics = [r["metric"] for r in report["summary"]]
+    assert "mean gradient effective rank (builtin)" in metrics
+    page = (out / "report.html").read_text()
+    assert "Gradient spectra" in page and len(_images(page)) == 3  # spectra, ranks, gradients
+    _self_contained(page)
+    assert json.loads((out / "report.json").read_text())["recipe"]["gradients"]["tokens"] == 8
+
+
+def test_gradients_are_off_by_default_and_bad_values_refused(tmp_path, text_file):
+    report = analyze("tiny-llama", tmp_path / "none", texts=0, top_k=4)
+    assert "gradients" not in report and report["recipe"]["gradients"] is None
+    with pytest.raises(ConfigError, match="gradients must be"):
+        analyze("tiny-llama", tmp_path / "bad", texts=0, gradients=-1)
+    with pytest.raises(ConfigError, match="tokens must be"):
+        analyze("tiny-llama", tmp_path / "bad", texts=0, gradients=1, gradient_tokens=1)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_gradient_options(tmp_path, text_file, capsys):
+    out = tmp_path / "cli-grad"
+    args = ["analyze", "--model", "tiny-llama", "--texts", "0", "--gradients", "1",
+            "--gradient-data", f"builtin,{text_file}", "--gradient-tokens", "8", "--out", str(out), "--json"]
+    assert main(args) == 0
+    metrics = [r["metric"] for r in json.loads(capsys.readouterr().out)["summary"]]
+    assert f"mean gradient nuclear norm ({text_file})" in metrics
+
+
+def test_intrinsic_dimension_curve_in_the_report(tmp_path, text_file):
+    out = tmp_path / "intr"
+    report = analyze("tiny-llama", out, texts=0, intrinsic=[2, 8], intrinsic_steps=3, intrinsic_parameters="*.mlp.*")
+    i = report["intrinsic"]
+    assert i["dims"] == [2, 8] and len(i["metrics"]) == 2 and i["steps"] == 3
+    assert i["baseline"] > 0  # normal training lowered the training loss
+    from rankwise.models import tiny_llama
+
+    model, _ = tiny_llama()
+    mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    assert i["parameters"] == mlp < sum(p.numel() for p in model.parameters())  # only the MLP weights
+    assert any("intrinsic dimension" in r["metric"] for r in report["summary"])
+    page = (out / "report.html").read_text()
+    assert "Intrinsic dimension" in page and len(_images(page)) == 3  # spectra, ranks, intrinsic curve
+    _self_contained(page)
+
+
+def test_intrinsic_bad_values(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="intrinsic dimensions must be positive"):
+        analyze("tiny-llama", tmp_path / "b", texts=0, intrinsic=[0, 4])
+    with pytest.raises(ConfigError, match="intrinsic_steps"):
+        analyze("tiny-llama", tmp_path / "b", texts=0, intrinsic=[4], intrinsic_steps=0)
+    with pytest.raises(ConfigError, match="match no trainable parameter"):
+        analyze("tiny-llama", tmp_path / "b", texts=0, intrinsic=[4], intrinsic_steps=1, intrinsic_parameters="nope*")
+    assert not (tmp_path / "b").exists()
+    assert main(["analyze", "--model", "tiny-llama", "--texts", "0", "--intrinsic", "4,x", "--out", str(tmp_path / "c")]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err

@@ -68,3 +68,40 @@ def test_encoder_without_loss_is_refused():
     model, tok = tiny_bert()
     with pytest.raises(ModelError, match="causal language model"):
         gradient_spectra(model, tok, PROSE)
+
+
+def test_gradient_datasets_cut_equal_length_blocks_from_two_kinds_of_text(tiny_llama, tmp_path):
+    from rankwise.analysis.gradients import LICENSES, gradient_datasets
+
+    model, tok = tiny_llama
+    other = tmp_path / "other.txt"
+    other.write_text("Rivers carry water from the hills to the sea. " * 40)
+    sources = ["builtin", str(other)] + (["licenses"] if LICENSES.is_dir() else [])
+    blocks = gradient_datasets(sources, tok, count=3, tokens=16)
+    assert list(blocks) == sources
+    assert all(b.shape == (3, 16) and b.dtype == torch.long for b in blocks.values())
+    assert not torch.equal(blocks["builtin"], blocks[str(other)])
+    result = gradient_spectra(model, tok, blocks, layers="down_proj", max_tokens=16)
+    assert result.tokens == dict.fromkeys(sources, 16.0)  # equal lengths: the datasets compare fairly
+    assert result.texts == dict.fromkeys(sources, 3)
+
+
+def test_gradient_datasets_bad_input(tiny_llama, tmp_path, monkeypatch):
+    from rankwise.analysis import gradients
+
+    _, tok = tiny_llama
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(DataError, match="only 0 block"):
+        gradients.gradient_datasets([str(short)], tok, count=2, tokens=64)
+    with pytest.raises(ConfigError, match="repeat"):
+        gradients.gradient_datasets(["builtin", "builtin"], tok)
+    with pytest.raises(ConfigError, match="count"):
+        gradients.gradient_datasets(["builtin"], tok, count=0)
+    with pytest.raises(ConfigError, match="list of data sources"):
+        gradients.gradient_datasets("builtin", tok)
+    with pytest.raises(ConfigError, match="2-D long tensor"):
+        gradient_spectra(tiny_llama[0], tok, {"a": torch.zeros(4, dtype=torch.long)})
+    monkeypatch.setattr(gradients, "LICENSES", tmp_path / "missing")
+    with pytest.raises(DataError, match="base-files"):
+        gradients.gradient_datasets(["licenses"], tok)

@@ -62,5 +62,36 @@ def test_bad_arguments():
         intrinsic_dimension(model, loss, r2, dims=[0, 1])
     with pytest.raises(ConfigError, match="threshold"):
         intrinsic_dimension(model, loss, r2, dims=[1], threshold=1.5)
-    with pytest.raises(ConfigError, match="too large"):
-        SubspaceModel(nn.Linear(20_000, 20_000, bias=False), 1_000)
+    with pytest.raises(ConfigError, match="too large.*sparse"):
+        SubspaceModel(nn.Linear(5_000, 5_000, bias=False), 10, projection="dense")  # 2.5e8 entries
+
+
+def test_sparse_projection_has_unit_columns_and_trains_only_the_selected_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 3))
+    sub = SubspaceModel(model, 6, generator=torch.Generator().manual_seed(1), parameters="0.*", projection="sparse")
+    assert sub.sparse and sub.P.is_sparse and sub.P.shape == (30 * 20 + 20, 6)
+    dense = sub.P.to_dense()
+    torch.testing.assert_close(dense.norm(dim=0), torch.ones(6))
+    assert int((dense != 0).sum()) <= 6 * round((620) ** 0.5)  # ~√D entries per column
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(sub(x), model(x))
+    with torch.no_grad():
+        sub.z.fill_(0.5)
+    moved = sub.parameters_now()
+    assert not torch.equal(moved["0.weight"], model[0].weight)
+    assert torch.equal(moved["2.weight"], model[2].weight)  # not selected: fixed
+    sub(x).sum().backward()
+    assert sub.z.grad is not None and all(p.grad is None for p in model.parameters())
+
+
+def test_parameter_selection_in_intrinsic_dimension():
+    model, loss, r2 = _regression(3)
+    result = intrinsic_dimension(model, loss, r2, dims=[1, 3], steps=800, lr=0.3, threshold=0.99, parameters="weight", projection="sparse")
+    assert result.parameters == 20 and result.baseline > 0.99
+    with pytest.raises(ConfigError, match="match no trainable parameter"):
+        intrinsic_dimension(model, loss, r2, dims=[1], parameters="nothing.*")
+    with pytest.raises(ConfigError, match="projection"):
+        SubspaceModel(model, 2, projection="fastfood")
+    with pytest.raises(ConfigError, match="dims must be"):
+        intrinsic_dimension(model, loss, r2, dims=["a"])

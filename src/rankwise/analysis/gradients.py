@@ -8,13 +8,21 @@ data give smaller nuclear norms and higher effective ranks. ``gradient_spectra``
 for every text, the gradient of the next-token loss with respect to each linear layer's
 weight, and reports both measures per layer averaged over the texts of each dataset, side by
 side. Singular values come from the float64 Gram matrix (as in :func:`spectrum`).
+
+Both measures grow with the number of tokens behind a gradient (a linear layer's gradient is a
+sum of one outer product per token, so its rank is at most the token count): compare datasets
+at equal length. :func:`gradient_datasets` cuts each source into blocks of exactly ``tokens``
+tokens for that; ``"licenses"`` names a second kind of text present on every Debian system
+(``/usr/share/common-licenses``, from the essential ``base-files`` package): legal English
+prose, against the built-in corpus's Python documentation and docstrings.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,6 +42,7 @@ class GradientSpectra:
     effective_rank: dict[str, dict[str, float]]
     texts: dict[str, int]
     loss: dict[str, float]  # mean next-token loss per dataset
+    tokens: dict[str, float] = field(default_factory=dict)  # mean tokens per text, per dataset
 
     def to_rows(self) -> list[dict]:
         """One row per layer with ``<dataset>_nuclear_norm`` / ``<dataset>_effective_rank`` columns."""
@@ -71,16 +80,38 @@ def _grads_on(params: list[nn.Parameter]) -> Iterator[None]:
             p.grad = g
 
 
-def _datasets(datasets: Mapping[str, Sequence[str]] | Sequence[str]) -> dict[str, list[str]]:
+Texts = Sequence[str] | torch.Tensor  # texts, or a (n, T) tensor of token-id blocks
+
+
+def _datasets(datasets: Mapping[str, Texts] | Texts) -> dict[str, list]:
     if isinstance(datasets, str):
         raise ConfigError("datasets must be a list of texts or a {name: texts} mapping, not one string")
-    named = dict(datasets) if isinstance(datasets, Mapping) else {"data": list(datasets)}
+    if isinstance(datasets, Mapping):
+        named = dict(datasets)
+    else:
+        named = {"data": datasets}
     if not named:
         raise DataError("gradient_spectra needs at least one dataset")
+    out = {}
     for name, texts in named.items():
-        if isinstance(texts, str) or not list(texts):
+        if isinstance(texts, torch.Tensor):
+            if texts.dim() != 2 or texts.dtype != torch.long:
+                raise ConfigError(f"dataset {name!r}: token blocks must be a 2-D long tensor (n, T), got {tuple(texts.shape)} {texts.dtype}")
+            texts = list(texts)
+        elif isinstance(texts, str):
+            texts = []
+        else:
+            texts = list(texts)
+        if not texts:
             raise DataError(f"dataset {name!r} is empty (or a single string); give a list of texts")
-    return {name: list(texts) for name, texts in named.items()}
+        out[name] = texts
+    return out
+
+
+def _ids(tokenizer, text, max_tokens: int) -> torch.Tensor:
+    if isinstance(text, torch.Tensor):
+        return text[:max_tokens].unsqueeze(0)
+    return tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
 
 
 def _forward_with_loss(model: nn.Module, ids: torch.Tensor):
@@ -97,7 +128,7 @@ def _forward_with_loss(model: nn.Module, ids: torch.Tensor):
 def gradient_spectra(
     model: nn.Module,
     tokenizer,
-    datasets: Mapping[str, Sequence[str]] | Sequence[str],
+    datasets: Mapping[str, Texts] | Texts,
     *,
     layers: str | Sequence[str] | None = None,
     max_tokens: int = 256,
@@ -108,7 +139,8 @@ def gradient_spectra(
         model: a causal language model (it must return ``loss`` when given ``labels``).
         tokenizer: its tokenizer.
         datasets: ``{name: [texts]}`` (e.g. ``{"instruction": [...], "reasoning": [...]}``)
-            or one list of texts (named ``"data"``).
+            or one list of texts (named ``"data"``); instead of texts, a ``(n, T)`` long tensor
+            of token blocks (see :func:`gradient_datasets`: equal lengths make datasets comparable).
         layers: glob pattern(s) on layer paths or kinds; None: every linear layer.
         max_tokens: tokens per text (longer texts are cut).
 
@@ -127,15 +159,15 @@ def gradient_spectra(
     device = next(model.parameters()).device
     nuc = {d: dict.fromkeys(names, 0.0) for d in named}
     eff = {d: dict.fromkeys(names, 0.0) for d in named}
-    losses = {}
+    losses, lengths = {}, {}
     was_training = model.training
     model.eval()  # no dropout: the gradient of the model as it is
     try:
         with _grads_on([w for w, _ in weights.values()]):
             for dataset, texts in named.items():
-                total = 0.0
+                total, count = 0.0, 0
                 for i, text in enumerate(texts):
-                    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+                    ids = _ids(tokenizer, text, max_tokens).to(device)
                     if ids.shape[-1] < 2:
                         raise DataError(f"dataset {dataset!r}: text {i} has {ids.shape[-1]} token(s); a next-token loss needs 2 or more")
                     out = _forward_with_loss(model, ids)
@@ -143,8 +175,10 @@ def gradient_spectra(
                         w.grad = None
                     out.loss.backward()
                     total += float(out.loss.detach())
+                    count += ids.shape[-1]
                     _accumulate(weights, nuc[dataset], eff[dataset], len(texts))
                 losses[dataset] = total / len(texts)
+                lengths[dataset] = count / len(texts)
     finally:
         model.train(was_training)
     return GradientSpectra(
@@ -154,6 +188,7 @@ def gradient_spectra(
         effective_rank=eff,
         texts={d: len(t) for d, t in named.items()},
         loss=losses,
+        tokens=lengths,
     )
 
 
@@ -173,4 +208,55 @@ def _accumulate(weights: dict, nuc: dict[str, float], eff: dict[str, float], cou
             eff[name] += e / count
 
 
-__all__ = ["GradientSpectra", "gradient_spectra"]
+LICENSES = Path("/usr/share/common-licenses")
+GRADIENT_SOURCES = ("builtin", "licenses")  # the report's default pair
+
+
+def source_documents(source: str) -> list[str]:
+    """The documents of a gradient source: ``"builtin"`` (the built-in corpus's validation
+    split), ``"licenses"`` (every license text under /usr/share/common-licenses), or a text
+    file / folder of .txt files (each file whole, see :func:`rankwise.data.read_texts`)."""
+    from rankwise.data import BUILTIN, load_corpus, read_text_file, read_texts
+
+    if source == BUILTIN:
+        return load_corpus(BUILTIN).validation
+    if source == "licenses":
+        if not LICENSES.is_dir():
+            raise DataError(
+                f"{LICENSES} does not exist (it comes with Debian's base-files package); "
+                "give a text file or folder of .txt files as the second dataset instead"
+            )
+        files = sorted({f.resolve() for f in LICENSES.iterdir() if f.is_file()})
+        return [read_text_file(f) for f in files]
+    return read_texts(source)
+
+
+def gradient_datasets(sources: Sequence[str], tokenizer, *, count: int = 4, tokens: int = 128) -> dict[str, torch.Tensor]:
+    """``{source: (count, tokens) token blocks}``: each source's documents concatenated (EOS
+    between them) and cut into blocks of exactly ``tokens`` tokens, of which ``count`` evenly
+    spaced ones are kept — the same length everywhere, so the datasets compare fairly."""
+    from rankwise.data import tokenize_stream
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"count must be a positive number of texts per dataset, got {count!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise ConfigError(f"tokens must be an integer >= 2 (a next-token loss needs two tokens), got {tokens!r}")
+    if isinstance(sources, str) or not sources:
+        raise ConfigError(f"sources must be a list of data sources (e.g. {list(GRADIENT_SOURCES)}), got {sources!r}")
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"sources repeat a dataset: {list(sources)!r}; give different sources")
+    out = {}
+    for source in sources:
+        docs = [d for d in source_documents(source) if d.strip()]
+        if not docs:
+            raise DataError(f"data {source!r} holds no text; give a file with some text")
+        ids = tokenize_stream(tokenizer, docs, max_tokens=tokens * count * 64)
+        blocks = ids[: len(ids) // tokens * tokens].view(-1, tokens)
+        if len(blocks) < count:
+            raise DataError(f"data {source!r} has only {len(blocks)} block(s) of {tokens} tokens; {count} are needed (fewer texts or tokens)")
+        pick = torch.linspace(0, len(blocks) - 1, count).round().long()
+        out[source] = blocks[pick]
+    return out
+
+
+__all__ = ["GRADIENT_SOURCES", "GradientSpectra", "gradient_datasets", "gradient_spectra", "source_documents"]

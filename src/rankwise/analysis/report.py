@@ -16,8 +16,10 @@ import io
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from rankwise.analysis.gradients import GRADIENT_SOURCES, gradient_datasets, gradient_spectra
 from rankwise.analysis.intruders import IntruderResult, intruder_dimensions
 from rankwise.analysis.nuclear_norm import nuclear_norm_score
 from rankwise.analysis.spectrum import SpectrumResult, spectrum
@@ -95,6 +97,69 @@ def heatmap(values: dict[str, float], title: str, label: str, *, cmap: str = "vi
     return _png(fig)
 
 
+def gradient_plot(grads) -> str:
+    """Gradient nuclear norm (top row) and effective rank (bottom row) over blocks, one panel
+    per layer kind, one line per dataset."""
+    from rankwise.analysis._layers import block_of, layer_kind
+
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(layer_kind(n) for n in grads.layers))
+    fig, axes = plt.subplots(2, len(kinds), figsize=(2.4 * len(kinds) + 0.8, 4.6), squeeze=False)
+    for col, kind in enumerate(kinds):
+        names = [n for n in grads.layers if layer_kind(n) == kind]
+        x = [block_of(n) if block_of(n) is not None else i for i, n in enumerate(names)]
+        for dataset in grads.datasets:
+            axes[0][col].plot(x, [grads.nuclear_norm[dataset][n] for n in names], lw=1.1, label=dataset)
+            axes[1][col].plot(x, [grads.effective_rank[dataset][n] for n in names], lw=1.1, label=dataset)
+        axes[0][col].set_title(kind, fontsize=9)
+        axes[1][col].set_xlabel("block", fontsize=8)
+        for ax in axes[:, col]:
+            ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("gradient nuclear norm", fontsize=8)
+    axes[1][0].set_ylabel("gradient effective rank", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Layer-wise gradient spectra per dataset (mean over texts of equal length)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def gradient_rows(grads) -> list[dict]:
+    """One row per layer kind: the mean over blocks of each dataset's two measures."""
+    from rankwise.analysis._layers import layer_kind
+
+    rows = []
+    for kind in dict.fromkeys(layer_kind(n) for n in grads.layers):
+        names = [n for n in grads.layers if layer_kind(n) == kind]
+        row: dict = {"kind": kind, "layers": len(names)}
+        for d in grads.datasets:
+            row[f"{d} nuclear norm"] = sum(grads.nuclear_norm[d][n] for n in names) / len(names)
+            row[f"{d} effective rank"] = sum(grads.effective_rank[d][n] for n in names) / len(names)
+        rows.append(row)
+    return rows
+
+
+def intrinsic_plot(result, title: str) -> str:
+    """The performance curve over subspace dimensions d, as a fraction of normal training,
+    with the threshold line and d_int marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    fractions = [m / result.baseline if result.baseline else float("nan") for m in result.metrics]
+    ax.semilogx(result.dims, fractions, "-o", lw=1.2, label="training in a random d-dim subspace")
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":", label="normal training (all parameters)")
+    ax.axhline(result.threshold, color="tab:red", lw=0.8, ls="--", label=f"{result.threshold:.0%} of it")
+    if result.intrinsic_dimension is not None:
+        ax.axvline(result.intrinsic_dimension, color="tab:red", lw=0.8)
+        ax.annotate(f"d_int{round(result.threshold * 100)} = {result.intrinsic_dimension}", (result.intrinsic_dimension, 0.05),
+                    xytext=(4, 0), textcoords="offset points", fontsize=8, color="tab:red")
+    ax.set_xlabel(f"subspace dimension d (of D = {result.parameters:,} parameters)", fontsize=8)
+    ax.set_ylabel("metric / normal training", fontsize=8)
+    ax.set_ylim(min(0.0, *fractions) - 0.02, max(1.05, *fractions) + 0.02)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------- html
 
 
@@ -152,6 +217,34 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
             "A over the texts, by the paper's L1,2 approximation (Li et al. 2024).</p>"
         )
         parts.append(_table(n["rows"], ["model", "score", "texts", "tokens"]))
+    if "gradients" in report:
+        g = report["gradients"]
+        names = ", ".join(f"{d} ({g['texts'][d]} texts, loss {g['loss'][d]:.3f})" for d in g["datasets"])
+        parts.append(
+            "<h2>Gradient spectra</h2><p>Per linear layer, the nuclear norm (size) and effective rank (spread) "
+            f"of the next-token loss gradient, averaged over texts of exactly {g['tokens']} tokens, for "
+            f"{html.escape(names)} (Li et al. 2025: higher-quality data give smaller nuclear norms and higher "
+            "effective ranks). Mean over blocks per layer kind:</p>"
+        )
+        if plots.get("gradients"):
+            parts.append(_img(plots["gradients"], "gradient spectra"))
+        columns = ["kind", "layers"] + [f"{d} {m}" for m in ("nuclear norm", "effective rank") for d in g["datasets"]]
+        parts.append(_table(g["by_kind"], columns))
+    if "intrinsic" in report:
+        i = report["intrinsic"]
+        found = i["intrinsic_dimension"]
+        parts.append(
+            f"<h2>Intrinsic dimension</h2><p>Fitting {i['blocks']} blocks of {i['tokens']} tokens of "
+            f"{html.escape(str(i['data']))} for {i['steps']} Adam steps while moving only a random d-dimensional "
+            f"subspace of the {i['parameters']:,} trainable parameters (Li et al. 2018); metric: the training-loss "
+            f"reduction, as a fraction of what normal training reached ({i['baseline']:.4g}). "
+            + (f"d_int{round(i['threshold'] * 100)} = <b>{found}</b>." if found is not None else
+               f"No tried d reached {i['threshold']:.0%}: the intrinsic dimension is above {max(i['dims'])}.")
+            + "</p>"
+        )
+        if plots.get("intrinsic"):
+            parts.append(_img(plots["intrinsic"], "intrinsic dimension"))
+        parts.append(_table(i["rows"], ["dim", "metric", "fraction_of_baseline"]))
     parts.append("<h2>Layers</h2>")
     parts.append(_table(report["spectrum"]["rows"], SPECTRUM_COLUMNS))
     recipe = html.escape(json.dumps(report["recipe"], indent=2))
@@ -229,6 +322,15 @@ def _summary(report: dict) -> list[dict]:
         out.append({"metric": "layers with intruders", "value": sum(r["count"] > 0 for r in i["rows"])})
     for r in report.get("nuclear_norm", {}).get("rows", []):
         out.append({"metric": f"Matrix Nuclear-Norm ({r['model']})", "value": r["score"]})
+    if "intrinsic" in report:
+        i = report["intrinsic"]
+        out.append({"metric": f"intrinsic dimension d_int{round(i['threshold'] * 100)} (tried {min(i['dims'])}-{max(i['dims'])})",
+                    "value": i["intrinsic_dimension"] if i["intrinsic_dimension"] is not None else f"> {max(i['dims'])}"})
+    g = report.get("gradients")
+    for d in g["datasets"] if g else []:
+        rows_g = g["rows"]
+        out.append({"metric": f"mean gradient nuclear norm ({d})", "value": sum(r[f"{d}_nuclear_norm"] for r in rows_g) / len(rows_g)})
+        out.append({"metric": f"mean gradient effective rank ({d})", "value": sum(r[f"{d}_effective_rank"] for r in rows_g) / len(rows_g)})
     out.append({"metric": "analysis time (s)", "value": report["timing"]["total_s"]})
     return out
 
@@ -247,6 +349,12 @@ def analyze(
     data: str | os.PathLike = "builtin",
     texts: int = 8,
     max_tokens: int = 256,
+    gradients: int = 0,
+    gradient_data: Sequence[str] = GRADIENT_SOURCES,
+    gradient_tokens: int = 128,
+    intrinsic: Sequence[int] = (),
+    intrinsic_parameters: str | Sequence[str] | None = None,
+    intrinsic_steps: int = 20,
     progress: bool = False,
 ) -> dict:
     """Analyse ``model`` (and ``against`` or ``adapter``) and write ``out/report.{json,html}``.
@@ -262,6 +370,16 @@ def analyze(
         threshold, intruder_top_k: intruder-dimension settings (see :func:`intruder_dimensions`).
         data, texts, max_tokens: the texts for the Matrix Nuclear-Norm score (``texts`` = 0
             skips it); causal language models only.
+        gradients, gradient_data, gradient_tokens: layer-wise gradient spectra of the base model
+            on ``gradients`` texts (0, the default, skips them) of exactly ``gradient_tokens``
+            tokens from each source in ``gradient_data`` (default: the built-in corpus and the
+            license texts under /usr/share/common-licenses), side by side. Causal LMs only.
+        intrinsic, intrinsic_parameters, intrinsic_steps: subspace dimensions d for the intrinsic
+            dimension of fitting the model to 4 blocks of 64 tokens of ``data`` (empty, the
+            default, skips it): ``intrinsic_steps`` Adam steps in each random subspace of the
+            parameters matching ``intrinsic_parameters`` (glob on parameter names; None: every
+            trainable one), against normal training of those parameters. Costs about
+            ``(len(intrinsic) + 1) * intrinsic_steps`` training steps.
         progress: show each step on stderr (see :mod:`rankwise.progress`).
 
     Returns the report (the content of ``report.json``).
@@ -277,6 +395,11 @@ def analyze(
         raise ConfigError("give either against (a second model) or adapter (an adapter folder), not both")
     if isinstance(texts, bool) or not isinstance(texts, int) or texts < 0:
         raise ConfigError(f"texts must be a non-negative integer, got {texts!r}")
+    intrinsic = _intrinsic_dims(intrinsic)
+    if intrinsic and (isinstance(intrinsic_steps, bool) or not isinstance(intrinsic_steps, int) or intrinsic_steps < 1):
+        raise ConfigError(f"intrinsic_steps must be a positive integer, got {intrinsic_steps!r}")
+    if isinstance(gradients, bool) or not isinstance(gradients, int) or gradients < 0:
+        raise ConfigError(f"gradients must be a non-negative number of texts per dataset (0 skips them), got {gradients!r}")
     from rankwise.progress import stage
 
     def step(what: str):
@@ -352,18 +475,101 @@ def analyze(
                 rows.append(_score_row(tuned_name, tuned, tokenizer, docs, max_tokens))
         timing["nuclear_norm_s"] = time.perf_counter() - t0
         report["nuclear_norm"] = {"rows": rows, "max_tokens": max_tokens, "data": str(data)}
+    if gradients:
+        if tokenizer is None:
+            raise ConfigError("gradient spectra need the model's tokenizer: pass tokenizer=, or gradients=0")
+        with step(f"gradient spectra on {gradients} texts of {len(gradient_data)} datasets"):
+            t0 = time.perf_counter()
+            blocks = gradient_datasets(list(gradient_data), tokenizer, count=gradients, tokens=gradient_tokens)
+            import contextlib
+
+            from rankwise.adapters import disable
+
+            with disable(base) if adapter is not None else contextlib.nullcontext():
+                grads = gradient_spectra(base, tokenizer, blocks, max_tokens=gradient_tokens)
+            timing["gradients_s"] = time.perf_counter() - t0
+        report["gradients"] = {
+            "datasets": grads.datasets, "texts": grads.texts, "tokens": gradient_tokens, "loss": grads.loss,
+            "by_kind": gradient_rows(grads), "rows": grads.to_rows(),
+        }
+        plots["gradients"] = gradient_plot(grads)
+    if intrinsic:
+        if tokenizer is None:
+            raise ConfigError("the intrinsic dimension needs the model's tokenizer: pass tokenizer=, or no intrinsic dims")
+        t0 = time.perf_counter()
+        with step(f"intrinsic dimension (d = {', '.join(map(str, intrinsic))}; {intrinsic_steps} steps each)"):
+            report["intrinsic"] = _intrinsic(base, tokenizer, data, intrinsic, intrinsic_parameters, intrinsic_steps)
+        timing["intrinsic_s"] = time.perf_counter() - t0
+        plots["intrinsic"] = intrinsic_plot(_IntrinsicView(report["intrinsic"]), f"Intrinsic dimension of fitting {model} to {data}")
     timing["total_s"] = time.perf_counter() - started
     report["timing"] = timing
     report["recipe"] = {
         "spectrum": {"top_k": top_k, **spec.recipe},
         "intruders": {"threshold": threshold, "top_k": intruder_top_k} if intruders else None,
         "nuclear_norm": {"data": str(data), "texts": len(docs), "max_tokens": max_tokens} if docs else None,
+        "gradients": {"data": list(gradient_data), "texts": gradients, "tokens": gradient_tokens} if gradients else None,
+        "intrinsic": {"dims": intrinsic, "parameters": intrinsic_parameters, "steps": intrinsic_steps,
+                      "lr": INTRINSIC_LR, "baseline_lr": INTRINSIC_BASELINE_LR} if intrinsic else None,
     }
     report["summary"] = _summary(report)
     with step("writing the report"):
         page = render_html(report, plots)
         _write(out, overwrite, report, page)
     return report
+
+
+INTRINSIC_LR = 1e-2  # Adam on z (each unit of z moves the parameters by a unit vector)
+INTRINSIC_BASELINE_LR = 1e-4  # Adam on the parameters themselves (a fine-tuning rate)
+INTRINSIC_BLOCKS, INTRINSIC_TOKENS = 4, 64
+
+
+def _intrinsic_dims(dims) -> list[int]:
+    if dims is None or isinstance(dims, str):
+        raise ConfigError(f"intrinsic must be a list of subspace dimensions (e.g. [4, 16, 64]), got {dims!r}")
+    try:
+        out = sorted({int(d) for d in dims})
+    except (TypeError, ValueError):
+        raise ConfigError(f"intrinsic must be a list of positive integers, got {dims!r}") from None
+    if out and out[0] < 1:
+        raise ConfigError(f"intrinsic dimensions must be positive, got {list(dims)!r}")
+    return out
+
+
+class _IntrinsicView:
+    """The attributes :func:`intrinsic_plot` reads, from the report's dict."""
+
+    def __init__(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+
+def _intrinsic(model, tokenizer, data, dims: list[int], parameters, steps: int) -> dict:
+    """Intrinsic dimension of fitting ``model`` to a few blocks of ``data`` (training loss)."""
+    import torch
+
+    from rankwise.analysis.intrinsic import intrinsic_dimension
+
+    source = "builtin" if str(data) == "builtin" else str(data)
+    blocks = gradient_datasets([source], tokenizer, count=INTRINSIC_BLOCKS, tokens=INTRINSIC_TOKENS)[source]
+    blocks = blocks.to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()  # no dropout: the landscape of the model as it is
+
+    def loss(m):
+        return m(input_ids=blocks, labels=blocks).loss
+
+    try:
+        with torch.no_grad():
+            start = float(loss(model))
+        result = intrinsic_dimension(
+            model, loss, lambda m: start - float(loss(m)), dims, steps=steps, lr=INTRINSIC_LR,
+            baseline_lr=INTRINSIC_BASELINE_LR, parameters=parameters,
+        )
+    finally:
+        model.train(was_training)
+    return result.to_dict() | {
+        "rows": result.to_rows(), "data": str(data), "blocks": INTRINSIC_BLOCKS, "tokens": INTRINSIC_TOKENS,
+        "steps": steps, "start_loss": start,
+    }
 
 
 def _write(out, overwrite: bool, report: dict, page: str) -> None:

@@ -1,4 +1,4 @@
-"""``rankwise analyze``: spectra, ranks, intruder dimensions and Matrix Nuclear-Norm as a report."""
+"""``rankwise analyze``: spectra, ranks, intruder dimensions, Matrix Nuclear-Norm, gradient spectra as a report."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def analyze_command(
     data: str = typer.Option("builtin", "--data", "-d", help="Texts for the Matrix Nuclear-Norm: 'builtin', a text file or a folder of .txt files."),
     texts: int = typer.Option(8, "--texts", help="Documents scored for the Matrix Nuclear-Norm (0: skip it)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens per scored document."),
+    gradients: int = typer.Option(0, "--gradients", help="Texts per dataset for layer-wise gradient spectra (0: skip; 4 is a cheap start)."),
+    gradient_data: str = typer.Option("builtin,licenses", "--gradient-data", help="Comma-separated datasets for the gradient spectra: 'builtin', 'licenses' (/usr/share/common-licenses), text files or folders."),
+    gradient_tokens: int = typer.Option(128, "--gradient-tokens", help="Tokens per gradient text (every dataset is cut to this length)."),
+    intrinsic: str = typer.Option("", "--intrinsic", help="Comma-separated subspace dimensions for the intrinsic dimension of fitting --data (e.g. 4,16,64; empty: skip)."),
+    intrinsic_parameters: str = typer.Option(None, "--intrinsic-parameters", help="Glob on parameter names that move in the subspace (default: every trainable parameter)."),
+    intrinsic_steps: int = typer.Option(20, "--intrinsic-steps", help="Adam steps per subspace dimension (and for the normal-training baseline)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON instead of a table."),
 ) -> None:
     """Measure how low-rank a model's weights are (and what tuning changed); write a report."""
@@ -41,6 +47,12 @@ def analyze_command(
         data=data,
         texts=texts,
         max_tokens=max_tokens,
+        gradients=gradients,
+        gradient_data=[d.strip() for d in gradient_data.split(",") if d.strip()],
+        gradient_tokens=gradient_tokens,
+        intrinsic=_dims(intrinsic),
+        intrinsic_parameters=intrinsic_parameters,
+        intrinsic_steps=intrinsic_steps,
         progress=not as_json and progress.enabled(),
     )
     if as_json:
@@ -55,10 +67,19 @@ def analyze_command(
     table.add_column("value", justify="right")
     for row in report["summary"]:
         v = row["value"]
-        table.add_row(row["metric"], f"{v:,.4g}" if isinstance(v, float) else f"{v:,}")
+        table.add_row(row["metric"], f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
     console = Console()
     console.print(table)
     console.print(f"report: {out}/report.html")
+
+
+def _dims(text: str) -> list[int]:
+    from rankwise.errors import ConfigError
+
+    try:
+        return [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise ConfigError(f"--intrinsic takes comma-separated integers like 4,16,64, got {text!r}") from None
 
 
 def register(app: typer.Typer) -> None:
