@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_state, llama, logits, make_trained, snapshot, tokens
 from torch import nn
 
-from rankwise.adapters import adapted_layers, attach, save_adapter
+from rankwise.adapters import Adapter, adapted_layers, attach, save_adapter
 from rankwise.adapters.init import eva_ranks, residual_to_lora
 from rankwise.errors import ConfigError, ModelError
 from rankwise.linalg import nystrom_general
@@ -288,3 +288,85 @@ def test_eva_adapter_loads_in_peft_as_a_plain_lora(tmp_path):
     save_adapter(model, tmp_path, format="peft")
     theirs = PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(logits(theirs, x), logits(model, x), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- method hooks
+
+
+class _SplitPair(Adapter):
+    """A test method whose factors are not named lora_A/lora_B: it starts from a rank-r
+    product through its own ``lowrank_start`` (all of ``core`` on the left factor)."""
+
+    method = "split_pair"
+
+    def build(self) -> None:
+        r, out, inp = self.config.rank, self.layer.out_features, self.layer.in_features
+        self.left = nn.Parameter(torch.zeros(out, r, dtype=self.param_dtype))
+        self.right = nn.Parameter(torch.zeros(r, inp, dtype=self.param_dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.right)
+
+    def delta(self, x, base):
+        return x @ (self.left @ self.right).t() * self.scaling
+
+    def delta_weight(self):
+        return (self.left @ self.right).float() * self.scaling
+
+    def lowrank_start(self, b, core, a):
+        left = b @ core / self.scaling
+
+        def write():
+            with torch.no_grad():
+                self.left.copy_(left)
+                self.right.copy_(a)
+
+        return write
+
+    def lowrank_factors(self):
+        return self.left, self.right
+
+
+@pytest.mark.parametrize("init", ["pissa", "nystrom"])
+def test_residual_inits_use_the_methods_own_start_and_conversion(init):
+    from rankwise.adapters.base import METHODS
+
+    model = llama64()
+    w0 = originals(model)
+    x = tokens(vocab=200)
+    before = logits(model, x)
+    with METHODS.temporary("split_pair", _SplitPair):
+        attach(model, "split_pair", ["q_proj", "down_proj"], rank=4, alpha=8, init=init)
+        torch.testing.assert_close(logits(model, x), before, atol=1e-10, rtol=0)
+        for path, layer in adapted_layers(model).items():
+            ad = layer.adapters["default"]
+            total = layer.base_layer.weight + ad.delta_weight().double()
+            torch.testing.assert_close(total, w0[path], atol=1e-6, rtol=0)
+        make_trained(model, std=0.05)
+        want = logits(model, x)
+        residual_to_lora(model)  # through the method's lowrank_factors
+        torch.testing.assert_close(logits(model, x), want, atol=1e-6, rtol=0)  # float32 factors
+        for path, layer in adapted_layers(model).items():
+            torch.testing.assert_close(layer.base_layer.weight, w0[path], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(("method", "init"), [("svfit", "pissa"), ("lora_xs", "nystrom")])
+def test_a_method_without_a_lowrank_start_is_refused_and_the_model_kept(method, init):
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=f"init={init!r} does not apply to {method!r}"):
+        attach(model, method, "q_proj", rank=4, init=init)
+    assert_same_state(model, before)
+    assert not adapted_layers(model)
+
+
+def test_default_hooks_follow_the_factor_pair_convention():
+    model = llama()
+    attach(model, "lora", "q_proj", name="a", rank=4)
+    attach(model, "dora", "q_proj", name="b", rank=4)
+    attach(model, "svfit", "q_proj", name="c", rank=4)
+    layer = next(iter(adapted_layers(model).values()))
+    lora, dora, svfit = (layer.adapters[n] for n in "abc")
+    assert lora.lowrank_factors() == (lora.lora_B, lora.lora_A)
+    assert dora.factor_pair() is not None and dora.lowrank_factors() is None  # magnitude
+    assert svfit.factor_pair() is None and svfit.lowrank_start(None, None, None) is None
