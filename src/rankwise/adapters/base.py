@@ -34,9 +34,23 @@ How to add a method
 
    Optional: ``compose(y, x, base)`` if adding ``delta`` to ``y`` is wasteful (DoRA fuses
    it); ``check_layer(layer, config)`` for per-layer limits (default: ``rank <= min(out,
-   in)``); ``peft_state()``/``load_peft_state()`` plus ``peft_config()`` if the method
-   has a PEFT on-disk equivalent (see ``methods/lora.py``). Parameters named in
-   ``state_dict()`` are what ``save_adapter`` writes; no other code is needed to save.
+   in)``; return a reason naming the valid values, the engine prefixes the layer path and
+   raises ConfigError before attaching anything); ``peft_config()``, ``peft_state()`` and
+   ``peft_to_native()`` if the method has a PEFT on-disk equivalent (see
+   ``methods/lora.py``; for a PEFT type other than LoRA also set ``peft_type``,
+   ``peft_suffixes``, ``options_from_peft()`` and, for tensors PEFT keeps once per model,
+   ``peft_shared`` with ``peft_shared_state()``/``check_peft_shared()``/
+   ``load_peft_shared()``, as ``methods/randlora.py`` does). Tensors in ``state_dict()``
+   are what ``save_adapter`` writes; no other code is needed to save. Fixed random
+   matrices come from :mod:`rankwise.adapters.random_bases` (shared, regenerated from a
+   seed, never saved).
+
+   Initialisers ask the method, never its name: ``lowrank_start(b, core, a)`` (start at
+   ``ΔW = b core a``: ``pissa``, ``nystrom``), ``lowrank_factors()`` (``ΔW = s·P Q``:
+   ``residual_to_lora``), ``update_start(U, S, Vh)`` (``init="lora_sb"``) and
+   ``factor_pair()`` (``eva``). The defaults follow the LoRA convention (trainable
+   ``lora_B``/``lora_A``); override them when the factors are named or shaped otherwise
+   (``methods/nlora.py``, ``methods/lora_sb.py``).
 4. Add ``tests/adapters/test_<name>.py``: loss drops on a tiny task, merged == unmerged,
    the save/load round trip. ``tests/adapters/conftest.py`` has tiny models and helpers.
 
