@@ -1,20 +1,30 @@
-"""Compression benchmark: every registered method at 80% and 60% of parameters kept.
+"""Compression benchmark: methods at 80% and 60% of parameters kept, open-loop vs closed-loop
+calibration, perplexity on two corpora, decode speed, and the peak memory of `rankwise compress`.
 
-Reports validation perplexity beside the dense model's, compression wall time (the
-calibration is shared by all methods and timed once), parameters kept/removed and greedy
-decode speed (batch 1, KV cache) of the compressed model against the dense one, timed
-interleaved. The ratio counts ALL distinct parameters (embeddings included, tied once).
+Perplexity is measured on the built-in corpus's validation split (the calibration corpus's
+domain) and on the held-out license texts (``rankwise.data.heldout_texts``, never calibrated on),
+each beside the dense model's. The open-loop calibration is shared by all methods and timed once
+(added to every method that uses it); closed-loop runs walk the blocks themselves (their time
+includes the walk). Decode speed (batch 1, KV cache, greedy) of the compressed model against the
+dense one is timed interleaved, median of 3. The ratio counts ALL distinct parameters (embeddings
+included, tied once). Peak memory: with ``--memory``, each method's default 80% run of the real
+``rankwise compress`` command in a fresh process (its report.json's ru_maxrss, load included).
 
-    .venv/bin/python bench/compress.py            # SmolLM2-135M, full
-    .venv/bin/python bench/compress.py --quick    # a small random Llama, < 60 s
+    .venv/bin/python bench/compress.py                      # SmolLM2-135M, every method, both modes
+    .venv/bin/python bench/compress.py --methods svdllm modegpt --memory
+    .venv/bin/python bench/compress.py --quick              # a small random Llama, < 60 s
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +36,11 @@ from _common import interleaved, markdown_table, write_results  # noqa: E402
 from rankwise.compress.api import compress  # noqa: E402
 from rankwise.compress.base import get_method, method_names  # noqa: E402
 from rankwise.compress.calibrate import calibrate  # noqa: E402
-from rankwise.data import load_corpus, perplexity  # noqa: E402
+from rankwise.data import heldout_texts, load_corpus, perplexity  # noqa: E402
 from rankwise.errors import ConfigError  # noqa: E402
 from rankwise.models import count_parameters, load_model, tiny_llama  # noqa: E402
+
+MODES = ("open-loop", "closed-loop")
 
 
 def decode_time(model, tokenizer, new_tokens: int):
@@ -42,13 +54,28 @@ def decode_time(model, tokenizer, new_tokens: int):
     return run
 
 
+def peak_memory(model: str, method: str, ratio: float, calib_tokens: int) -> dict:
+    """Run ``rankwise compress`` in a fresh process; its report's peak RSS and timing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        cmd = [str(Path(sys.executable).parent / "rankwise"), "compress", "--model", model, "--method", method,
+               "--ratio", str(ratio), "--calib-tokens", str(calib_tokens), "--out", str(out), "--json"]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, env=os.environ | {"RANKWISE_PROGRESS": "0"})
+        report = json.loads((out / "report.json").read_text())
+    return {"peak_rss_bytes": report["memory"]["peak_rss_bytes"], "total_s": report["timing"]["total_s"],
+            "calibration": report["calibration"]["mode"] if report["calibration"] else None}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (named in the table's title)")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="calibration modes to compare")
+    parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
     parser.add_argument("--allocate", default="auto", help="allocation (auto: each method's own; fisher for SVD methods)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
+    parser.add_argument("--memory", action="store_true", help="also run `rankwise compress` per method at 80%% for its peak memory")
     args = parser.parse_args()
     quick = args.quick
     if quick:
@@ -60,10 +87,13 @@ def main() -> None:
     registered = method_names()  # imports every method module
     methods = [m for m in (args.methods or registered) if m not in args.skip]
     corpus = load_corpus("builtin")
-    ratios = (0.8,) if quick else (0.8, 0.6)
+    corpora = {"builtin": corpus.validation, "heldout": list(heldout_texts())}
+    ratios = tuple(args.ratios or ((0.8,) if quick else (0.8, 0.6)))
 
-    dense = perplexity(model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens)
-    t0 = time.perf_counter()
+    def ppl(net) -> dict[str, float]:
+        return {k: perplexity(net, tok, texts, seq_len=seq_len, max_tokens=eval_tokens, batch_size=1).perplexity for k, texts in corpora.items()}
+
+    dense = ppl(model)
 
     def statistics(name: str) -> frozenset[str]:
         """What the method (and its allocation) calibrate; none if it cannot honour --allocate
@@ -73,71 +103,84 @@ def main() -> None:
         except ConfigError:
             return frozenset()
 
-    def calibrated(name: str) -> bool:
-        return bool(statistics(name))
-
     needs = sorted({s for m in methods for s in statistics(m)})
-
-    calibration = calibrate(model, tok, corpus.calibration, tokens=calib_tokens, seq_len=seq_len, statistics=needs)
+    t0 = time.perf_counter()
+    calibration = calibrate(model, tok, corpus.calibration, tokens=calib_tokens, seq_len=seq_len, statistics=needs, batch_size=1)
     calib_seconds = time.perf_counter() - t0
-    print(f"dense perplexity {dense.perplexity:.2f}; calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
+    print(f"dense perplexity {dense}; open-loop calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
+
+    memory = {}
+    if args.memory:
+        for name in methods:
+            memory[name] = peak_memory("tiny-llama" if quick else "smollm2", name, 0.8, 512 if quick else 16384)
+            print(f"{name}: rankwise compress peak RSS {memory[name]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
 
     rows, results = [], []
     dense_decode = decode_time(model, tok, new_tokens)
     total = count_parameters(model)
     for ratio in ratios:
         for name in methods:
-            net = copy.deepcopy(model)
-            stats = calibration if calibrated(name) else None
-            t0 = time.perf_counter()
-            try:
-                res = compress(
-                    net, tokenizer=tok, method=name, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
-                    calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
-                    calibration=stats,
-                )
-            except Exception as e:  # a method that cannot reach this ratio is reported, not fatal
-                print(f"{name} @ {ratio}: failed: {e}", flush=True)
-                results.append({"method": name, "ratio": ratio, "error": str(e)})
-                continue
-            seconds = time.perf_counter() - t0 + (calib_seconds if calibrated(name) else 0.0)
-            ppl = perplexity(res.model, tok, corpus.validation, seq_len=seq_len, max_tokens=eval_tokens).perplexity
-            kept = res.report["parameters"]["after"]
-            times = interleaved({"dense": dense_decode, "compressed": decode_time(res.model, tok, new_tokens)}, repeats=3)
-            speedup = times["dense"] / times["compressed"]
-            print(f"{name} @ {ratio}: ppl {ppl:.2f} ({ppl / dense.perplexity:.2f}x dense), kept {kept / total:.3f}, {seconds:.1f} s, decode {speedup:.2f}x", flush=True)
-            results.append(
-                {"method": name, "ratio": ratio, "perplexity": ppl, "parameters_after": kept, "kept_fraction": kept / total,
-                 "compress_seconds": seconds, "decode_dense_tokens_per_s": new_tokens / times["dense"],
-                 "decode_tokens_per_s": new_tokens / times["compressed"], "decode_speedup": speedup,
-                 "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}
-            )
-            rows.append([name, f"{ratio:.0%}", f"{kept / total:.1%}", ppl if math.isfinite(ppl) else "inf",
-                         ppl / dense.perplexity, round(seconds, 1), round(new_tokens / times["compressed"], 1),
-                         f"{speedup:.2f}x"])
-            del net, res
+            supported = get_method(name).supports_closed_loop()
+            for mode in args.modes:
+                if mode == "closed-loop" and not supported:
+                    continue
+                net = copy.deepcopy(model)
+                stats = calibration if statistics(name) else None
+                t0 = time.perf_counter()
+                try:
+                    res = compress(
+                        net, tokenizer=tok, method=name, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
+                        calibration=mode, calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
+                        statistics=stats,
+                    )  # fmt: skip
+                except Exception as e:  # a method that cannot reach this ratio is reported, not fatal
+                    print(f"{name} @ {ratio} {mode}: failed: {e}", flush=True)
+                    results.append({"method": name, "ratio": ratio, "calibration": mode, "error": str(e)})
+                    continue
+                seconds = time.perf_counter() - t0 + (calib_seconds if stats is not None else 0.0)
+                quality = ppl(res.model)
+                kept = res.report["parameters"]["after"]
+                times = interleaved({"dense": dense_decode, "compressed": decode_time(res.model, tok, new_tokens)}, repeats=3)
+                speedup = times["dense"] / times["compressed"]
+                vs = {k: quality[k] / dense[k] for k in quality}
+                print(f"{name} @ {ratio} {mode}: ppl {quality} ({vs}), kept {kept / total:.3f}, {seconds:.1f} s, decode {speedup:.2f}x", flush=True)
+                results.append(
+                    {"method": name, "ratio": ratio, "calibration": mode, "perplexity": quality["builtin"],
+                     "perplexity_heldout": quality["heldout"], "vs_dense": vs["builtin"], "vs_dense_heldout": vs["heldout"],
+                     "parameters_after": kept, "kept_fraction": kept / total, "compress_seconds": seconds,
+                     "decode_dense_tokens_per_s": new_tokens / times["dense"], "decode_tokens_per_s": new_tokens / times["compressed"],
+                     "decode_speedup": speedup, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}
+                )  # fmt: skip
+                mem = memory.get(name, {}).get("peak_rss_bytes") if ratio == 0.8 else None
+                rows.append([name, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
+                             _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), f"{speedup:.2f}x",
+                             f"{mem / 1e9:.2f}" if mem else "–"])  # fmt: skip
+                del net, res
 
-    recipe = dense.recipe() | {"max_tokens": eval_tokens, "split": "validation", "corpus_fingerprint": corpus.fingerprint()}
+    recipe = {"seq_len": seq_len, "max_tokens": eval_tokens, "add_bos": False, "batch_size": 1, "split": "validation",
+              "corpus_fingerprint": corpus.fingerprint()}  # fmt: skip
     payload = {
-        "model": model_name, "quick": quick, "dense_perplexity": dense.perplexity, "dense_parameters": total,
-        "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
+        "model": model_name, "quick": quick, "dense_perplexity": dense["builtin"], "dense_perplexity_heldout": dense["heldout"],
+        "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
         "allocation": args.allocate, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
-        "results": results, "decode_new_tokens": new_tokens,
-    }
+        "results": results, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory,
+    }  # fmt: skip
     allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
     md = (
         f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}"
         f"{' except ' + ', '.join(args.skip) if args.skip else ''}, "
-        f"{allocation_label} allocation\n\n"
-        f"Dense: {total:,} parameters, validation perplexity **{dense.perplexity:.2f}** "
-        f"(seq_len {seq_len}, first {eval_tokens:,} validation tokens of the builtin corpus, no BOS). "
-        f"'kept' counts ALL parameters (embeddings included, tied once). Calibration: {calib_tokens:,} tokens "
-        f"of the calibration split, shared by all methods; its time ({calib_seconds:.0f} s) is included in every "
-        "calibrated method's time.\n\n"
-        + f"Decode: greedy, batch 1, KV cache, {new_tokens} new tokens, median of 3 runs interleaved with the "
-        "dense model's; speed-up = dense time / compressed time. `lq` and `eora` (default base) store "
-        "k-bit codes and dequantize in every forward, so they are small but slow on CPU.\n\n"
-        + markdown_table(["method", "target kept", "kept", "perplexity", "vs dense", "compress s", "decode tok/s", "decode speed-up"], rows)
+        f"{allocation_label} allocation, {' vs '.join(args.modes)} calibration\n\n"
+        f"Dense: {total:,} parameters; perplexity **{dense['builtin']:.2f}** on the built-in validation split and "
+        f"**{dense['heldout']:.2f}** on the held-out license texts (never calibrated on), seq_len {seq_len}, first "
+        f"{eval_tokens:,} tokens of each, no BOS. 'kept' counts ALL parameters (embeddings included, tied once). "
+        f"Calibration: {calib_tokens:,} tokens of the built-in calibration split. Open-loop: one calibration shared by "
+        f"all methods, its time ({calib_seconds:.0f} s) included in every calibrated method's time; closed-loop: each "
+        "layer calibrated on the outputs of the blocks already compressed (ranks allocated on the open-loop spectra).\n\n"
+        f"Decode: greedy, batch 1, KV cache, {new_tokens} new tokens, median of 3 runs interleaved with the "
+        "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
+        "(default calibration, evaluation included) in its own process, ru_maxrss, GB.\n\n"
+        + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
+                          "held-out vs dense", "compress s", "decode speed-up", "peak RSS GB"], rows)  # fmt: skip
     )
     name = "compress_quick" if quick else "compress"
     if args.allocate != "auto" or (not quick and args.calib_tokens != 16384):  # variants get their own section
@@ -146,6 +189,10 @@ def main() -> None:
         name += "_" + "_".join(methods)
     write_results(name, payload, md)
     print(md)
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else "inf"
 
 
 if __name__ == "__main__":

@@ -116,3 +116,23 @@ def test_a_sequence_longer_than_the_context_is_refused(tiny, texts):
     model, tok = tiny
     with pytest.raises(ConfigError, match="--seq-len 4096 is longer than the model's context .1024"):
         compress(model, tokenizer=tok, data=texts, **{**FAST, "seq_len": 4096})
+
+
+def test_heal_steps_lower_perplexity_keep_the_size_and_are_checked_first(tiny, texts, tmp_path):
+    from rankwise.models import count_parameters
+
+    model, tok = tiny
+    fast = {"calib_tokens": 256, "seq_len": 64, "eval_tokens": 256, "measure_speed": False, "heldout": False}
+    with pytest.raises(ConfigError, match="heal_steps must be >= 0"):
+        compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=-1, **fast)
+    with pytest.raises(DataError, match="healing"):
+        compress(model, tokenizer=tok, ratio=0.7, data=["too short"] * 3, heal_steps=5, **fast)
+    res = compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=30, heal_lr=3e-3, out=tmp_path / "m", **fast)
+    q = res.report["perplexity"]
+    assert q["healed"] < q["after"]  # the train split is the list itself here
+    assert res.report["heal"]["steps"] == 30
+    assert count_parameters(res.model) == res.report["parameters"]["after"]
+    from rankwise.compress.checkpoint import load_compressed
+
+    loaded, _ = load_compressed(tmp_path / "m")
+    assert count_parameters(loaded) == res.report["parameters"]["after"]

@@ -24,6 +24,8 @@ def compress_command(
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens (from the corpus's calibration split); fewer is faster, more is closer to dense."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Validation tokens for perplexity before/after."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="New tokens generated (greedy) to time decoding before/after."),
+    heal_steps: int = typer.Option(0, "--heal-steps", help="After compressing, train the compressed factors this many steps on the data's train split (size unchanged; 0 = no healing)."),
+    heal_lr: float = typer.Option(1e-4, "--heal-lr", help="Learning rate of healing (AdamW, warm-up then cosine)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration / evaluation sequence."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that rankwise wrote (a folder holding other files is refused)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's own choice).", min=1),
@@ -68,6 +70,8 @@ def compress_command(
         eval_tokens=eval_tokens,
         measure_speed=evaluate,
         decode_tokens=decode_tokens,
+        heal_steps=heal_steps,
+        heal_lr=heal_lr,
         report_html=report,
         progress=not as_json and progress.enabled(),
     )

@@ -45,6 +45,14 @@ from rankwise.compress.calibrate import (
     linear_layers,
 )
 from rankwise.compress.checkpoint import save_compressed, weights_header_bound
+from rankwise.compress.heal import (
+    DEFAULT_LR,
+    HealResult,
+    check_heal_steps,
+    heal,
+    heal_blocks,
+    healable_parameters,
+)
 from rankwise.compress.report import LayerReport
 from rankwise.data import HELDOUT, texts_fingerprint
 from rankwise.errors import ConfigError, DataError, ModelError
@@ -55,6 +63,7 @@ from rankwise.progress import Bar, stage
 
 DECODE_PROMPT = "The Python standard library provides"
 DEFAULT_CALIBRATION = "closed-loop"  # what "auto" means for a method that supports it
+HEAL_SEQ_LEN, HEAL_BATCH = 256, 4  # healing sequences: shorter than evaluation's, as in heal.py
 EVAL_BATCH = 1  # sequences per perplexity batch: (batch, seq_len, vocab) logits are the peak
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -268,19 +277,37 @@ def _resolve_mode(mode: str, method: CompressionMethod) -> str:
     return mode
 
 
-def _texts(data, corpus_loader) -> tuple[list[str], list[str], str | None, str]:
-    """(calibration texts, validation texts, fingerprint, name) of ``data``."""
+def _corpus(data, corpus_loader):
+    """``data`` as a :class:`~rankwise.data.Corpus`, or ``(texts, None)`` for a list of strings
+    (used for every split)."""
     from rankwise.data import Corpus
 
     if isinstance(data, Corpus):
-        return data.calibration, data.validation, data.fingerprint(), data.name
+        return data
     if isinstance(data, str | os.PathLike):
-        corpus = corpus_loader(data)
-        return corpus.calibration, corpus.validation, corpus.fingerprint(), corpus.name
+        return corpus_loader(data)
     texts = [t for t in data if t.strip()]
     if not texts:
         raise DataError("data is an empty list of texts; pass some text to calibrate on")
-    return texts, texts, None, "texts"
+    return Corpus(name="texts", train=texts, validation=texts, calibration=texts)
+
+
+def _heal(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, progress: bool, out) -> HealResult:
+    """Heal ``model`` in place; if interrupted, put the compressed factors back as they were
+    before healing, so the caller (or the user) still has the compressed model intact."""
+    params = healable_parameters(model)
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        return heal(model, blocks, steps=steps, lr=lr, batch_size=HEAL_BATCH, progress=progress)
+    except KeyboardInterrupt:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        where = f" (nothing was written to {out})" if out is not None else ""
+        raise KeyboardInterrupt(
+            f"healing interrupted; the compressed model in memory is restored to its state before healing{where}. "
+            "Run again with fewer --heal-steps, or with --heal-steps 0 and heal later"
+        ) from None
 
 
 def _replaced(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, nn.Module]:
@@ -308,6 +335,8 @@ def compress(
     eval_tokens: int = 8192,
     measure_speed: bool = True,
     decode_tokens: int = 64,
+    heal_steps: int = 0,
+    heal_lr: float = DEFAULT_LR,
     statistics: Calibration | None = None,
     report_html: bool = True,
     progress: bool = False,
@@ -328,6 +357,9 @@ def compress(
     the method supports it. ``evaluate``: perplexity before/after on the validation split and,
     with ``heldout``, on the held-out corpus (:func:`rankwise.data.heldout_texts`, never
     calibrated on); ``measure_speed``: dense and compressed decoding timed interleaved.
+    ``heal_steps``: after compressing, train the compressed factors that many AdamW steps
+    (learning rate ``heal_lr``) on ``data``'s train split (:func:`~rankwise.compress.heal.heal`;
+    size unchanged); perplexities are then reported before / after / healed.
     ``model`` must be a causal LM (ModelError otherwise, before any calibration); ``out`` is
     checked (:func:`rankwise.fileio.check_output_dir`) before anything is loaded.
     ``statistics``: an open-loop :func:`~rankwise.compress.calibrate.calibrate` run on this
@@ -377,7 +409,13 @@ def compress(
             "raise --ratio or --size"
         )
 
-    calib_texts, eval_texts, fingerprint, corpus_name = _texts(data, load_corpus)
+    corpus = _corpus(data, load_corpus)
+    calib_texts, eval_texts, corpus_name = corpus.calibration, corpus.validation, corpus.name
+    fingerprint = None if corpus_name == "texts" else corpus.fingerprint()
+    heal_steps = check_heal_steps(heal_steps, option="heal_steps")
+    if heal_steps:  # the healing text is checked before any slow work
+        heal_data = heal_blocks(tokenizer, corpus.train, seq_len=min(seq_len, HEAL_SEQ_LEN), batch_size=HEAL_BATCH,
+                                max_tokens=heal_steps * HEAL_BATCH * min(seq_len, HEAL_SEQ_LEN))  # fmt: skip
     heldout_set = list(heldout_texts()) if evaluate and heldout else None
     needs = sorted(chosen.statistics(allocation))
     if needs and statistics is None:
@@ -492,6 +530,15 @@ def compress(
                 "corpus": f"{HELDOUT} (rankwise.data.heldout_texts: /usr/share/common-licenses, never calibrated on)",
                 "corpus_fingerprint": texts_fingerprint(heldout_set),
             }
+    if heal_steps:
+        healed = _heal(net, heal_data, heal_steps, heal_lr, progress, out)
+        report["heal"] = healed.as_dict() | {"lr": heal_lr, "batch_size": HEAL_BATCH, "seq_len": heal_data.shape[1], "split": "train"}
+        if evaluate:
+            report["perplexity"]["healed"] = perplexity(net, tokenizer, eval_texts, **eval_kwargs).perplexity
+            if heldout_set:
+                report["perplexity"]["heldout"]["healed"] = perplexity(net, tokenizer, heldout_set, **eval_kwargs).perplexity
+        if count_parameters(net) != after_total:
+            raise ModelError("healing changed the parameter count; this is a bug in rankwise, please report it")
     if measure_speed:
         dense_speed, speed = decode_speeds_interleaved(net, tokenizer, _replaced(net, layers), new_tokens=decode_tokens)
         report["decode"] = {
