@@ -111,6 +111,7 @@ class RowRouting:
                 groups.setdefault(name, []).append(i)
         self.groups = groups
         self._index: dict[str, torch.Tensor] = {}
+        self.checked: nn.Module | None = None  # the model whose adapter names were checked
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -157,7 +158,7 @@ def _lora_factors(layer: AdaptedLayer, adapter: Adapter) -> tuple[torch.Tensor, 
         return None
     if adapter.training and isinstance(adapter.dropout, nn.Dropout):
         return None
-    return adapter.lora_A, adapter.lora_B * adapter.scaling
+    return adapter.lora_A, adapter.lora_B
 
 
 def _plan(layer: AdaptedLayer, routing: RowRouting, device: torch.device) -> _LayerPlan:
@@ -185,10 +186,13 @@ def _plan(layer: AdaptedLayer, routing: RowRouting, device: torch.device) -> _La
         whole = not padded and grid.numel() == batch and bool(
             (grid.flatten() == torch.arange(batch, device=device)).all()
         )
+        b = torch.stack([b for _, _, b in members])
+        scales = [layer.adapters[name].scaling for name, _, _ in members]
+        b.mul_(torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1))
         groups.append(
             _RankGroup(
                 a=torch.stack([a for _, a, _ in members]),
-                b=torch.stack([b for _, _, b in members]),
+                b=b,
                 grid=grid,
                 keep=flat.nonzero().squeeze(1) if padded else None,
                 rows=grid.flatten()[flat],
@@ -263,7 +267,9 @@ def route(model: nn.Module, routing: RowRouting | Sequence[str | None]) -> Itera
     """
     if not isinstance(routing, RowRouting):
         routing = RowRouting(routing)
-    _check_names(model, list(routing.groups))
+    if routing.checked is not model:
+        _check_names(model, list(routing.groups))
+        routing.checked = model
     layers = list(adapted_layers(model).values())
     for layer in layers:
         layer.routing = routing

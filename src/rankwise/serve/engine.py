@@ -160,6 +160,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
+        self._admitted: list[_Row] = []  # taken from the queue, not yet prefilled
         self._batch: BatchCache | None = None
         self._routing: tuple[tuple, RowRouting] | None = None
         self._thread: threading.Thread | None = None
@@ -375,8 +376,8 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._cv:
-            rows = list(self._running)
-            self._running = []
+            rows = list(self._running) + self._admitted
+            self._running, self._admitted = [], []
             self._batch = None
         for row in rows:
             self._release(row)
@@ -384,11 +385,12 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        new = self._admit()
+        self._admitted = self._admit()
         if self._running:
             self._decode()
-        if new:
-            self._prefill(new)
+        if self._admitted:
+            self._prefill(self._admitted)
+            self._admitted = []
         with self._cv:
             self._cv.notify_all()
 
