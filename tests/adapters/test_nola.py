@@ -89,3 +89,37 @@ def test_bad_config_raises_before_anything_is_attached(options, match):
         attach(model, "nola", "q_proj", **{**OPTIONS, **options})
     assert_same_state(model, before)
     assert not adapted_layers(model)
+
+
+def test_conv_and_embedding_layers_and_two_adapters_on_one_layer_merge_exactly():
+    from conftest import ConvNet
+
+    model = ConvNet().eval()
+    idx = tokens(n=3, length=5, vocab=20)
+    attach(model, "nola", ["embed", "conv1", "conv2", "head"], name="a", **{**OPTIONS, "rank": 2})
+    attach(model, "randlora", ["head"], name="b", rank=2)
+    from rankwise.adapters import set_active
+
+    set_active(model, ["a", "b"])
+    make_trained(model, "a", std=0.3)
+    make_trained(model, "b", std=0.05, seed=1)
+    assert_merge_round_trip(model, idx)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "per_layer"),
+    [
+        ("nola", OPTIONS, lambda out, inp: 28),
+        ("tera", {"rank": 4}, lambda out, inp: 16),
+        ("loldu", {"rank": 4}, lambda out, inp: 5),
+        ("randlora", {"rank": 4}, lambda out, inp: -(-min(out, inp) // 4) * (4 + min(out, inp))),
+    ],
+)
+def test_dry_run_counts_the_formula_without_touching_the_model(method, options, per_layer):
+    model = llama()
+    before = snapshot(model)
+    plan = attach(model, method, "all-linear", dry_run=True, **options)
+    sizes = {p: m.weight.shape for p, m in model.named_modules() if p in plan.layers}
+    assert plan.parameters == sum(per_layer(*s) for s in sizes.values())
+    assert_same_state(model, before)
+    assert not adapted_layers(model)
