@@ -182,3 +182,24 @@ def test_stop_without_drain_cancels():
     handle = engine.submit(GenerationRequest(model="tiny-llama", prompt="hi", max_tokens=6))
     engine.stop(drain=False)
     assert handle.result(timeout=1).finish_reason == "cancelled"
+
+
+def test_serves_a_compressed_model_folder(tmp_path):
+    import torch
+
+    import rankwise
+    from rankwise.compress.api import compress
+
+    folder = tmp_path / "compressed"
+    compress(
+        "tiny-llama", ratio=0.8, out=folder, calib_tokens=512, seq_len=32, evaluate=False,
+        measure_speed=False, report_html=False,
+    )  # fmt: skip
+    model, tok = rankwise.load_model(folder)
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    with Engine(folder, base_name="small") as engine:
+        out = engine.submit(GenerationRequest(model="small", prompt=PROMPT, max_tokens=5))
+        assert [t for e in out.events(timeout=120) for t in e.token_ids] == ids[-5:]
