@@ -11,7 +11,7 @@ included, tied once). Peak memory: with ``--memory``, each method's default 80% 
 ``rankwise compress`` command in a fresh process (its report.json's ru_maxrss, load included).
 
     .venv/bin/python bench/compress.py                      # SmolLM2-135M, every method, both modes
-    .venv/bin/python bench/compress.py --methods svdllm modegpt --memory
+    .venv/bin/python bench/compress.py --methods svdllm modegpt --memory svdllm
     .venv/bin/python bench/compress.py --quick              # a small random Llama, < 60 s
 """
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
     parser.add_argument("--allocate", default="auto", help="allocation (auto: each method's own; fisher for SVD methods)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
-    parser.add_argument("--memory", action="store_true", help="also run `rankwise compress` per method at 80%% for its peak memory")
+    parser.add_argument("--memory", nargs="*", default=None, help="methods (default: all benchmarked) whose `rankwise compress --ratio 0.8` runs in its own process for its peak memory")
     args = parser.parse_args()
     quick = args.quick
     if quick:
@@ -110,8 +110,8 @@ def main() -> None:
     print(f"dense perplexity {dense}; open-loop calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
 
     memory = {}
-    if args.memory:
-        for name in methods:
+    if args.memory is not None:
+        for name in args.memory or methods:
             memory[name] = peak_memory("tiny-llama" if quick else "smollm2", name, 0.8, 512 if quick else 16384)
             print(f"{name}: rankwise compress peak RSS {memory[name]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
 

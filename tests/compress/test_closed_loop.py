@@ -101,3 +101,34 @@ def test_interleaved_decoding_puts_the_compressed_modules_back(tiny):
     dense_speed, speed = decode_speeds_interleaved(model, tok, {name: dense}, new_tokens=3, repeats=1)
     assert dense_speed > 0 and speed > 0
     assert model.get_submodule(name) is smaller
+
+
+def test_memory_mapped_weights_compress_to_exactly_the_same_factors(tmp_path, texts):
+    from rankwise.compress.checkpoint import map_weights
+    from rankwise.models import load_model, tiny_llama
+
+    model, tok = tiny_llama(seed=0, layers=2, hidden=64)
+    folder = tmp_path / "dense"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    runs = {}
+    for mapped in (False, True):
+        res = compress(str(folder), method="svdllm", ratio=0.6, data=texts, memory_map=mapped, **FAST)
+        runs[mapped] = dict(res.model.named_parameters())
+    assert runs[True].keys() == runs[False].keys()
+    for name, p in runs[False].items():
+        assert torch.equal(runs[True][name], p), name
+
+    loaded, _ = load_model(folder)
+    before = (folder / "model.safetensors").read_bytes()
+    assert map_weights(loaded, folder / "model.safetensors") > 0.9 * sum(p.numel() * 4 for p in loaded.parameters())
+    with torch.no_grad():
+        loaded.model.layers[0].mlp.up_proj.weight.mul_(2)  # copy-on-write: the file never changes
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_a_device_this_machine_lacks_is_refused_before_loading(texts):
+    with pytest.raises(ConfigError, match="--device"):
+        compress("tiny-llama", ratio=0.8, data=texts, device="cuda:7", **FAST)
+    with pytest.raises(ConfigError, match="not a device"):
+        compress("tiny-llama", ratio=0.8, data=texts, device="gpu please", **FAST)

@@ -28,6 +28,7 @@ def compress_command(
     heal_lr: float = typer.Option(1e-4, "--heal-lr", help="Learning rate of healing (AdamW, warm-up then cosine)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration / evaluation sequence."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that rankwise wrote (a folder holding other files is refused)."),
+    device: str = typer.Option(None, "--device", help="Where to run: cpu, cuda or cuda:N (default: cpu)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's own choice).", min=1),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html (report.json is always written)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity and decode speed before/after."),
@@ -72,6 +73,7 @@ def compress_command(
         decode_tokens=decode_tokens,
         heal_steps=heal_steps,
         heal_lr=heal_lr,
+        device=device,
         report_html=report,
         progress=not as_json and progress.enabled(),
     )

@@ -44,7 +44,7 @@ from rankwise.compress.calibrate import (
     decoder_blocks,
     linear_layers,
 )
-from rankwise.compress.checkpoint import save_compressed, weights_header_bound
+from rankwise.compress.checkpoint import map_weights, save_compressed, weights_header_bound
 from rankwise.compress.heal import (
     DEFAULT_LR,
     HealResult,
@@ -261,6 +261,19 @@ def _per_layer_svd(
     return rows, spectra
 
 
+def _check_device(device: str) -> torch.device:
+    """``device`` as a torch.device this machine has; ConfigError naming the option otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device!r}: this machine has no such CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
 def _resolve_mode(mode: str, method: CompressionMethod) -> str:
     """``"auto"`` → closed-loop where the method supports it (:data:`DEFAULT_CALIBRATION`), else
     open-loop; an explicit ``"closed-loop"`` the method cannot honour is a ConfigError."""
@@ -337,6 +350,8 @@ def compress(
     decode_tokens: int = 64,
     heal_steps: int = 0,
     heal_lr: float = DEFAULT_LR,
+    memory_map: bool = True,
+    device: str | None = None,
     statistics: Calibration | None = None,
     report_html: bool = True,
     progress: bool = False,
@@ -360,6 +375,10 @@ def compress(
     ``heal_steps``: after compressing, train the compressed factors that many AdamW steps
     (learning rate ``heal_lr``) on ``data``'s train split (:func:`~rankwise.compress.heal.heal`;
     size unchanged); perplexities are then reported before / after / healed.
+    ``memory_map``: a model loaded by name from a safetensors folder has its weights
+    memory-mapped from the file (:func:`~rankwise.compress.checkpoint.map_weights`: pages read
+    when used, droppable by the kernel). ``device``: where the model runs (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``; default: where it is); ConfigError for a device this machine lacks.
     ``model`` must be a causal LM (ModelError otherwise, before any calibration); ``out`` is
     checked (:func:`rankwise.fileio.check_output_dir`) before anything is loaded.
     ``statistics``: an open-loop :func:`~rankwise.compress.calibrate.calibrate` run on this
@@ -380,6 +399,8 @@ def compress(
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     _target_parameters(1, ratio, size, 4)  # validates ratio / size before anything is loaded
+    if device is not None:
+        _check_device(device)
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ConfigError("pass tokenizer= together with a model object")
@@ -389,7 +410,12 @@ def compress(
 
         with stage(f"load {model}", show=progress):
             net, tokenizer = load_model(model)
+            weights = Path(str(getattr(net, "name_or_path", "") or "")) / "model.safetensors"
+            if memory_map and weights.is_file():
+                map_weights(net, weights)
         model_name = str(model)
+    if device is not None:
+        net.to(_check_device(device))
     check_causal_lm(net, model_name)
     check_seq_len(net, seq_len)
     layers = linear_layers(net)

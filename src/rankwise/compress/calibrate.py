@@ -286,10 +286,11 @@ def calibrate(
             m.weight.requires_grad_(True)
             m.weight.grad = None
     t0 = time.perf_counter()
+    device = next(model.parameters()).device
     bar = Bar(len(blocks), "calibrate", show=progress)
     try:
         for i in range(0, len(blocks), batch_size):
-            batch = blocks[i : i + batch_size]
+            batch = blocks[i : i + batch_size].to(device)
             inputs.start_batch()
             omega[0] = None
             with torch.set_grad_enabled(want_backward):
@@ -541,11 +542,12 @@ def closed_loop_calibration(
 
     handles = [blocks[0].module.register_forward_pre_hook(capture, with_kwargs=True), *recorder.attach()]
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         with torch.no_grad():
             for i in range(0, len(ids), batch_size):
-                batch = ids[i : i + batch_size]
+                batch = ids[i : i + batch_size].to(device)
                 recorder.start_batch()
                 try:
                     model(input_ids=batch, use_cache=False)

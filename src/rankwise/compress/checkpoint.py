@@ -44,6 +44,46 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_METADATA = {"format": "pt", "rankwise": FORMAT}
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def map_weights(model: nn.Module, file: str | os.PathLike) -> int:
+    """Point ``model``'s floating-point parameters and buffers at a memory map of the
+    safetensors ``file`` they were loaded from; returns the bytes now mapped.
+
+    The map is copy-on-write (``mmap.ACCESS_COPY``): a page is read from disk when a forward
+    first touches it, stays a clean file page the kernel may drop and re-read under memory
+    pressure (unlike the loader's private copy), and a write changes only this process's copy,
+    never the file. So compressing block by block needs the dense weights resident only while
+    they are used (the way SVD-LLM compresses LLaMA-7B on one GPU). A tensor whose name,
+    dtype or shape differ from the file's (e.g. tied weights stored once) is left as it is;
+    values are identical either way. CheckpointError for a file that is not safetensors.
+    """
+    import mmap
+
+    path = Path(file)
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot memory-map {str(path)!r}: not a readable safetensors file ({e})") from e
+    start = 8 + size
+    targets = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    total = 0
+    for name, entry in header.items():
+        tensor = targets.get(name)
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype", "") if isinstance(entry, dict) else "")
+        if tensor is None or dtype is None or dtype != tensor.dtype or list(entry["shape"]) != list(tensor.shape):
+            continue
+        begin, end = entry["data_offsets"]
+        view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        tensor.data = view.view(tensor.shape)
+        total += end - begin
+    return total
+
+
 def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     outer = registered_modules(model)  # a LowRankLinear inside one of these is saved with it
     return {
@@ -185,4 +225,4 @@ def load_compressed(path: str | os.PathLike):
 register_folder_format(COMPRESSED_MARKER, load_compressed)
 
 
-__all__ = ["COMPRESSED_MARKER", "save_compressed", "load_compressed", "low_rank_modules", "weights_header_bound"]
+__all__ = ["COMPRESSED_MARKER", "map_weights", "save_compressed", "load_compressed", "low_rank_modules", "weights_header_bound"]
