@@ -67,6 +67,8 @@ def test_both_forward_paths_equal_x_times_delta_w(tokens_):
         a, b = ad.bases()
         dw = ad._dense(b, ad.scaled_basis(a))
         torch.testing.assert_close(ad.delta(x, None), x @ dw.t())
+        y = torch.randn(tokens_, ad.layer.out_features, dtype=torch.float64)
+        torch.testing.assert_close(ad.compose(y, x, None), y + x @ dw.t())
 
 
 @pytest.mark.parametrize("make", [llama, gpt2])

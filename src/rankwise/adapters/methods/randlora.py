@@ -127,7 +127,11 @@ class RandLoraAdapter(Adapter):
         a, b = self.bases()
         q = self.scaled_basis(a)
         x2 = x.reshape(-1, x.shape[-1])
-        if self._cheaper_dense(x2.shape[0]):
+        dense = self._cheaper_dense(x2.shape[0])
+        if dense and y.dim() == x.dim() and y.dtype == x.dtype:  # one fused multiply-add into y
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), x2, self._dense(b, q).t())
+            return out.view(y.shape)
+        if dense:
             out = x2 @ self._dense(b, q).t()
         elif self.in_is_min:  # ΔW = s·B Q
             out = (x2 @ q.t()) @ b.t() * self.scaling
