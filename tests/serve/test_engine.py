@@ -203,3 +203,21 @@ def test_serves_a_compressed_model_folder(tmp_path):
     with Engine(folder, base_name="small") as engine:
         out = engine.submit(GenerationRequest(model="small", prompt=PROMPT, max_tokens=5))
         assert [t for e in out.events(timeout=120) for t in e.token_ids] == ids[-5:]
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    real = engine._forward
+    calls = []
+
+    def broken(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", broken)
+    handle = engine.submit(GenerationRequest(model="alpha", prompt=PROMPT, max_tokens=4))
+    with pytest.raises(RuntimeError, match="boom"):
+        handle.result(timeout=120)
+    assert engine.pool.resident["alpha"].pins == 0  # the failed request let go of its adapter
+    assert run(engine, max_tokens=4).completion_tokens == 4

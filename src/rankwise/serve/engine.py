@@ -57,6 +57,7 @@ class _Row:
     last: int = -1
     generated: int = 0
     reserved: bool = False  # holds a KV-cache reservation in the pool
+    released: bool = False  # reservation and adapter pin given back
 
 
 def _kv_bytes_per_token(model: nn.Module) -> int:
@@ -194,7 +195,8 @@ class Engine:
             deadline = time.monotonic() + timeout
             with self._cv:
                 self._cv.wait_for(
-                    lambda: not self._waiting and not self._running, max(0.0, deadline - time.monotonic())
+                    lambda: not (self._waiting or self._admitted or self._running),
+                    max(0.0, deadline - time.monotonic()),
                 )
         with self._cv:
             self._halt = True
@@ -203,9 +205,9 @@ class Engine:
             thread.join(timeout=max(timeout, 1.0))
         self._thread = None
         with self._cv:
-            leftovers = list(self._waiting) + list(self._running)
+            leftovers = list(self._waiting) + self._admitted + self._running
             self._waiting.clear()
-            self._running = []
+            self._running, self._admitted = [], []
             self._batch = None
         for row in leftovers:
             self._finish(row, TokenEvent(row.stream.flush(), [], "cancelled"))
@@ -376,7 +378,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._cv:
-            rows = list(self._running) + self._admitted
+            rows = list({id(r): r for r in self._running + self._admitted}.values())
             self._running, self._admitted = [], []
             self._batch = None
         for row in rows:
@@ -385,12 +387,11 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        self._admitted = self._admit()
+        self._admit()
         if self._running:
             self._decode()
         if self._admitted:
             self._prefill(self._admitted)
-            self._admitted = []
         with self._cv:
             self._cv.notify_all()
 
@@ -408,8 +409,9 @@ class Engine:
                 self._finish(row, TokenEvent(row.stream.flush(), [], "cancelled"))
             self._keep([i for i in range(len(self._running)) if i not in set(gone)])
 
-    def _admit(self) -> list[_Row]:
-        new: list[_Row] = []
+    def _admit(self) -> None:
+        """Move waiting requests to ``_admitted`` while the batch and the memory budget allow."""
+        new = self._admitted
         while len(self._running) + len(new) < self.max_batch_size:
             with self._cv:
                 if not self._waiting:
@@ -428,8 +430,7 @@ class Engine:
             row.reserved = True
             with self._cv:
                 self._waiting.popleft()
-            new.append(row)
-        return new
+                new.append(row)
 
     def _routing_for(self, rows: list[_Row]) -> RowRouting:
         key = (tuple(r.internal for r in rows), self.pool.version)
@@ -465,12 +466,14 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         batch = BatchCache(new_cache(self._num_layers), mask)
         logits = self._forward(ids, mask, positions, batch, RowRouting([r.internal for r in rows]))
-        if self._batch is None or not self._running:
-            self._batch = batch
-            self._running = list(rows)
-        else:
-            self._batch.merge(batch)
-            self._running = self._running + list(rows)
+        with self._cv:  # the admitted rows join the running batch
+            if self._batch is None or not self._running:
+                self._batch = batch
+                self._running = list(rows)
+            else:
+                self._batch.merge(batch)
+                self._running = self._running + list(rows)
+            self._admitted = []
         self._emit(rows, logits, offset=len(self._running) - len(rows))
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, offset: int = 0) -> None:
@@ -519,9 +522,12 @@ class Engine:
         self._rate.append((time.monotonic(), n))
 
     def _release(self, row: _Row) -> None:
+        """Give back the row's KV reservation and adapter pin (once)."""
+        if row.released:
+            return
+        row.released = True
         if row.reserved:
             self.pool.release_kv(row.kv_bytes)
-            row.reserved = False
         if row.adapter is not None:
             self.pool.unpin(row.adapter)
 
