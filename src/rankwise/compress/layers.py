@@ -198,7 +198,7 @@ class QuantizedLinear(nn.Module):
         else:
             self.zeros = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        self._packed: tuple[tuple, tuple[torch.Tensor, ...] | None] | None = None
+        self._packed: tuple | None = None  # (key, kernel name, operands), see _operands
 
     @classmethod
     def from_quantized(cls, q: Quantized, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -236,35 +236,37 @@ class QuantizedLinear(nn.Module):
         """The float32 weight ``(out, in)``."""
         return dequantize(self.quantized())
 
-    def _operands(self) -> tuple[torch.Tensor, ...] | None:
-        """The kernel's packed operands, rebuilt when the codes change; ``None``: no kernel."""
-        name = kernel_for(
-            (self.out_features, self.in_features),
-            bits=self.bits, fmt=self.fmt, group_size=self.group_size, device=self.codes.device,
-        )  # fmt: skip
-        if name is None:
-            return None
-        tensors = (self.codes, self.scales, *(() if self.zeros is None else (self.zeros,)))
+    def _operands(self) -> tuple[str | None, tuple[torch.Tensor, ...] | None]:
+        """``(kernel name, packed operands)``, rebuilt when the codes change; ``None``s: no kernel."""
+        tensors = (self.codes, self.scales) if self.zeros is None else (self.codes, self.scales, self.zeros)
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, pack_for_kernel(self.quantized(), name))
-        return self._packed[1]
+            shape = (self.out_features, self.in_features)
+            name = kernel_for(
+                shape, bits=self.bits, fmt=self.fmt, group_size=self.group_size, device=self.codes.device
+            )
+            operands = None if name is None else pack_for_kernel(self.quantized(), name)
+            self._packed = (key, name if operands is not None else None, operands)
+        return self._packed[1], self._packed[2]
 
     @property
     def kernel(self) -> str:
         """What decoding-sized inputs run on: ``"int8"``, ``"int4"`` or ``"dequantize"``."""
-        if self._operands() is None:
-            return "dequantize"
-        return "int8" if self.bits == 8 else "int4"
+        return self._operands()[0] or "dequantize"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         if rows <= self.KERNEL_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
-            operands = self._operands()
-            if operands is not None:
-                y = kernel_matmul(x, self.kernel, operands, self.group_size)
-                return y if self.bias is None else y + self.bias
+            return self._kernel_forward(x)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the packed kernel whatever its size (no autograd); dequantizes if none."""
+        name, operands = self._operands()
+        if operands is None:
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        y = kernel_matmul(x, name, operands, self.group_size)
+        return y if self.bias is None else y + self.bias
 
     def to_dense(self) -> torch.Tensor:
         return self.dequantize()
