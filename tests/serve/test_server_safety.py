@@ -6,6 +6,7 @@ answering afterwards."""
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import openai
@@ -121,9 +122,11 @@ def test_a_path_as_model_is_refused(http, model):
     check_error(response, response.status_code)
 
 
-def test_unknown_adapter_is_a_404_naming_the_known_ones(http, server):
-    error = check_error(http.post("/v1/completions", json=completion(model="gamma")), 404, param="model", says=("alpha", "beta"))
+def test_unknown_adapter_is_a_404_naming_the_known_ones(http, server, adapters_dir):
+    answer = http.post("/v1/completions", json=completion(model="gamma"))
+    error = check_error(answer, 404, param="model", says=("'gamma'", "tiny-llama", "alpha", "beta"))
     assert error["code"] == "model_not_found"
+    assert str(adapters_dir) not in answer.text, "the server's folders are none of the client's business"
     check_error(http.post("/v1/adapters", json={"name": "gamma"}), 404, says=("alpha",))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):
@@ -195,14 +198,31 @@ def test_unknown_routes_and_methods_get_json_errors(http):
     check_error(http.get("/v1/completions"), 405)
 
 
+def test_a_client_that_goes_away_frees_its_slot(server, engine):
+    """Closing a stream mid-way cancels its request (the batch has one slot here)."""
+    before = engine.metrics()["generated_tokens_total"]
+    body = completion(max_tokens=600, stream=True)
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as response:
+        assert next(line for line in response.iter_lines() if line).startswith("data: ")
+    deadline = time.monotonic() + 30
+    while engine.metrics()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.metrics()["running"] == 0, "the abandoned request still runs"
+    generated = engine.metrics()["generated_tokens_total"] - before
+    assert generated < 600, "the abandoned request ran to its end instead of being cancelled"
+
+
 def test_a_full_queue_is_a_429_with_retry_after(http, engine):
     """The engine runs one request and queues one: a third is refused, until they are done."""
     handles = []
-    try:
-        for _ in range(8):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # full: one request running, one waiting
+        try:
             handles.append(engine.submit(GenerationRequest(model="alpha", prompt="Hello", max_tokens=600)))
-    except QueueFullError:
-        pass
+        except QueueFullError:
+            if engine.metrics()["running"] == 1:
+                break
+            time.sleep(0.02)  # the engine has not taken the first one into its batch yet
     else:
         pytest.fail("the engine never reported a full queue")
     response = http.post("/v1/completions", json=completion())

@@ -65,11 +65,14 @@ def error_response(status: int, message: str, type_: str, *, param=None, code=No
     return JSONResponse(oa.error_body(message, type_, param=param, code=code), status_code=status, headers=headers)
 
 
-def engine_error(exc: Exception) -> JSONResponse:
-    """The HTTP answer to an error the engine raised for one request."""
+def engine_error(exc: Exception, *, model: str | None = None, base: str | None = None) -> JSONResponse:
+    """The HTTP answer to an error the engine raised for one request (``model``: the name the
+    request asked for; ``base``: the base model's name, listed first among the known ones)."""
     if isinstance(exc, UnknownAdapterError):
-        known = ", ".join(sorted(getattr(exc, "known", []) or [])) or "none"
-        message = f"{exc} (known models: {known})" if "known" not in str(exc) else str(exc)
+        message = str(exc)
+        if model is not None:  # the engine's message names its folder: no paths to clients
+            known = ", ".join(n for n in [base, *sorted(exc.known)] if n) or "none"
+            message = f"model {model!r} is not served here; known models: {known}"
         return error_response(404, message, "invalid_request_error", param="model", code="model_not_found")
     if isinstance(exc, QueueFullError):
         retry = max(1, math.ceil(float(getattr(exc, "retry_after", 1) or 1)))
@@ -115,7 +118,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), kind, code=code, headers=exc.headers)
 
     async def _refused(request: Request, exc: Exception) -> JSONResponse:
-        return engine_error(exc)
+        model = getattr(request.state, "model", None)
+        return engine_error(exc, model=model, base=getattr(request.app.state, "base_name", None))
 
     # The request's own fault (answered quietly), then anything else (a 500, logged).
     for kind in (RankwiseError, UnknownAdapterError, QueueFullError, oa.ProtocolError, Exception):
@@ -327,6 +331,7 @@ def create_app(
                 await run_in_threadpool(engine.stop, drain=True, timeout=shutdown_timeout)
 
     app = FastAPI(title="rankwise serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.base_name = engine.base_name
     _install_error_handlers(app)
     counts: Counter = Counter()
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, counts=counts)
@@ -338,7 +343,8 @@ def create_app(
 
 def _add_generation_routes(app: FastAPI, gen: Generation) -> None:
     @app.post("/v1/completions")
-    async def completions(body: oa.CompletionRequest):
+    async def completions(body: oa.CompletionRequest, request: Request):
+        request.state.model = body.model
         body.check_supported()
         handles = await gen.submit(body, body.prompts(), body.max_tokens or gen.default_max_tokens)
         id_, created = oa.new_id("cmpl"), oa.now()
@@ -365,7 +371,8 @@ def _add_generation_routes(app: FastAPI, gen: Generation) -> None:
         return wrap(choices, usage)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: oa.ChatCompletionRequest):
+    async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
+        request.state.model = body.model
         body.check_supported()
         prompt = oa.chat_prompt(gen.engine.tokenizer, body.messages)
         (handle,) = await gen.submit(body, [prompt], body.token_limit(gen.default_max_tokens))
@@ -413,7 +420,8 @@ def _add_admin_routes(app: FastAPI, engine, state: dict, counts: Counter) -> Non
         return {"object": "list", "data": [oa.model_card(m, engine.base_name) for m in engine.models()]}
 
     @app.post("/v1/adapters")
-    async def load_adapter(body: oa.AdapterLoadRequest):
+    async def load_adapter(body: oa.AdapterLoadRequest, request: Request):
+        request.state.model = body.name
         info = await run_in_threadpool(engine.load_adapter, body.name)
         return oa.model_card({"id": body.name, **(info or {})}, engine.base_name)
 
