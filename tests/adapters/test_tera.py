@@ -40,7 +40,7 @@ def test_parameter_count_is_4r_and_the_update_is_high_rank():
     for layer in adapted_layers(model).values():
         ad = layer.adapters["default"]
         eye = torch.eye(ad.layer.in_features, dtype=torch.float64)
-        dw = ad.apply_update(eye).t() * ad.scaling  # ΔW in float64
+        dw = ad.apply_update(eye, ad.scaling).t()  # ΔW in float64
         # rank r² = 16 from 16 parameters (LoRA: rank 1 needs out + in = 128+)
         assert int(torch.linalg.matrix_rank(dw, rtol=1e-9)) == 16
         v = torch.randn(3, ad.layer.in_features, dtype=torch.float64)

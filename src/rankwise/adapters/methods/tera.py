@@ -89,23 +89,22 @@ class TeraAdapter(Adapter):
         us = [f.get(p.device, p.dtype) * p[k] for k, f in enumerate(self._factors)]
         return core.reshape(r * r, r * r), us
 
-    def apply_update(self, x: torch.Tensor) -> torch.Tensor:
-        """``ΔW x`` (without ``s``) for ``x`` (..., in), contracted mode by mode."""
+    def apply_update(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``scale·ΔW x / s`` for ``x`` (..., in), contracted mode by mode (one token-sized
+        GEMM per side; the rest are r-sized batched products)."""
         core, (u1, u2, u3, u4) = self._scaled()
         o1, o2, i1, i2 = self.modes
         r = self.config.rank
         lead = x.shape[:-1]
-        h = x.reshape(-1, i1, i2)
-        h = torch.matmul(h.transpose(1, 2), u3)  # (T, i2, r) over c
-        h = torch.matmul(h.transpose(1, 2), u4)  # (T, r_m, r_n) over d
-        z = h.reshape(-1, r * r) @ core.t()  # (T, r_p·r_q)
-        z = torch.matmul(z.reshape(-1, r, r), u2.t())  # (T, r_p, o2)
-        z = torch.matmul(z.transpose(1, 2), u1.t())  # (T, o2, o1)
-        return z.transpose(1, 2).reshape(*lead, o1 * o2) * self.kappa
+        h = (x.reshape(-1, i2) @ u4).reshape(-1, i1, r)  # over d: (T, i1, r_n)
+        h = torch.matmul(u3.t(), h)  # over c: (T, r_m, r_n)
+        z = h.reshape(-1, r * r) @ (core.t() * (self.kappa * scale))  # (T, r_p·r_q)
+        z = torch.matmul(z.reshape(-1, r, r), u2.t())  # over q: (T, r_p, o2)
+        return torch.matmul(u1, z).reshape(*lead, o1 * o2)  # over p: (T, o1, o2)
 
     def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return self.apply_update(x) * self.scaling
+        return self.apply_update(x, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         eye = torch.eye(self.layer.in_features, device=self.tera_lambda.device)
-        return self.apply_update(eye.to(self.tera_lambda.dtype)).float().t() * self.scaling
+        return self.apply_update(eye.to(self.tera_lambda.dtype), self.scaling).float().t()
