@@ -54,16 +54,22 @@ def decode_time(model, tokenizer, new_tokens: int):
     return run
 
 
-def peak_memory(model: str, method: str, ratio: float, calib_tokens: int) -> dict:
-    """Run ``rankwise compress`` in a fresh process; its report's peak RSS and timing."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out"
-        cmd = [str(Path(sys.executable).parent / "rankwise"), "compress", "--model", model, "--method", method,
-               "--ratio", str(ratio), "--calib-tokens", str(calib_tokens), "--out", str(out), "--json"]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, env=os.environ | {"RANKWISE_PROGRESS": "0"})
-        report = json.loads((out / "report.json").read_text())
+def start_memory_run(model: str, method: str, ratio: float, calib_tokens: int, folder: Path) -> subprocess.Popen:
+    """Start ``rankwise compress`` in a fresh process (it runs while the benchmark goes on)."""
+    cmd = [str(Path(sys.executable).parent / "rankwise"), "compress", "--model", model, "--method", method,
+           "--ratio", str(ratio), "--calib-tokens", str(calib_tokens), "--out", str(folder / method), "--json"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"RANKWISE_PROGRESS": "0"})
+
+
+def memory_result(process: subprocess.Popen, folder: Path) -> dict:
+    """The finished run's peak RSS, total time and calibration mode (from its report.json)."""
+    _, err = process.communicate()
+    if process.returncode != 0:
+        return {"error": err.decode(errors="replace").strip().splitlines()[-1:]}
+    report = json.loads((folder / "report.json").read_text())
     return {"peak_rss_bytes": report["memory"]["peak_rss_bytes"], "total_s": report["timing"]["total_s"],
-            "calibration": report["calibration"]["mode"] if report["calibration"] else None}  # fmt: skip
+            "calibration": report["calibration"]["mode"] if report["calibration"] else None,
+            "perplexity": report["perplexity"]}  # fmt: skip
 
 
 def main() -> None:
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
     parser.add_argument("--allocate", default="auto", help="allocation (auto: each method's own; fisher for SVD methods)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
+    parser.add_argument("--option", "-o", action="append", default=[], help="method option key=value for every method (a variant: own section)")
     parser.add_argument("--memory", nargs="*", default=None, help="methods (default: all benchmarked) whose `rankwise compress --ratio 0.8` runs in its own process for its peak memory")
     args = parser.parse_args()
     quick = args.quick
@@ -84,6 +91,9 @@ def main() -> None:
     else:
         model, tok = load_model("smollm2")
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", args.calib_tokens, 8192, 512, 64
+    from rankwise.cli._options import parse_options
+
+    options = parse_options(args.option)
     registered = method_names()  # imports every method module
     methods = [m for m in (args.methods or registered) if m not in args.skip]
     corpus = load_corpus("builtin")
@@ -93,13 +103,18 @@ def main() -> None:
     def ppl(net) -> dict[str, float]:
         return {k: perplexity(net, tok, texts, seq_len=seq_len, max_tokens=eval_tokens, batch_size=1).perplexity for k, texts in corpora.items()}
 
+    scratch = tempfile.TemporaryDirectory()
+    memory_runs = {
+        name: start_memory_run("tiny-llama" if quick else "smollm2", name, 0.8, 512 if quick else 16384, Path(scratch.name))
+        for name in (args.memory or methods if args.memory is not None else [])
+    }  # they run alongside; their numbers are collected at the end
     dense = ppl(model)
 
     def statistics(name: str) -> frozenset[str]:
         """What the method (and its allocation) calibrate; none if it cannot honour --allocate
         (compress then reports that as the method's failure)."""
         try:
-            return get_method(name).statistics(args.allocate)
+            return get_method(name, **options).statistics(args.allocate)
         except ConfigError:
             return frozenset()
 
@@ -109,18 +124,12 @@ def main() -> None:
     calib_seconds = time.perf_counter() - t0
     print(f"dense perplexity {dense}; open-loop calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
 
-    memory = {}
-    if args.memory is not None:
-        for name in args.memory or methods:
-            memory[name] = peak_memory("tiny-llama" if quick else "smollm2", name, 0.8, 512 if quick else 16384)
-            print(f"{name}: rankwise compress peak RSS {memory[name]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-
     rows, results = [], []
     dense_decode = decode_time(model, tok, new_tokens)
     total = count_parameters(model)
     for ratio in ratios:
         for name in methods:
-            supported = get_method(name).supports_closed_loop()
+            supported = get_method(name, **options).supports_closed_loop()
             for mode in args.modes:
                 if mode == "closed-loop" and not supported:
                     continue
@@ -129,7 +138,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     res = compress(
-                        net, tokenizer=tok, method=name, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
+                        net, tokenizer=tok, method=name, method_options=options, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
                         calibration=mode, calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
                         statistics=stats,
                     )  # fmt: skip
@@ -151,25 +160,30 @@ def main() -> None:
                      "decode_dense_tokens_per_s": new_tokens / times["dense"], "decode_tokens_per_s": new_tokens / times["compressed"],
                      "decode_speedup": speedup, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}
                 )  # fmt: skip
-                mem = memory.get(name, {}).get("peak_rss_bytes") if ratio == 0.8 else None
                 rows.append([name, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
                              _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), f"{speedup:.2f}x",
-                             f"{mem / 1e9:.2f}" if mem else "–"])  # fmt: skip
+                             name if ratio == 0.8 and mode == ("closed-loop" if supported else "open-loop") else None])  # fmt: skip
                 del net, res
 
+    memory = {name: memory_result(run, Path(scratch.name) / name) for name, run in memory_runs.items()}
+    scratch.cleanup()
+    for row in rows:  # the last column held the method name where its 80% memory run belongs
+        peak = memory.get(row[-1], {}).get("peak_rss_bytes") if row[-1] else None
+        row[-1] = f"{peak / 1e9:.2f}" if peak else "–"
     recipe = {"seq_len": seq_len, "max_tokens": eval_tokens, "add_bos": False, "batch_size": 1, "split": "validation",
               "corpus_fingerprint": corpus.fingerprint()}  # fmt: skip
     payload = {
         "model": model_name, "quick": quick, "dense_perplexity": dense["builtin"], "dense_perplexity_heldout": dense["heldout"],
         "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
-        "allocation": args.allocate, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
+        "allocation": args.allocate, "method_options": options, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
         "results": results, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory,
     }  # fmt: skip
     allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
     md = (
         f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}"
         f"{' except ' + ', '.join(args.skip) if args.skip else ''}, "
-        f"{allocation_label} allocation, {' vs '.join(args.modes)} calibration\n\n"
+        f"{allocation_label} allocation, {' vs '.join(args.modes)} calibration"
+        f"{', options ' + ' '.join(args.option) if args.option else ''}\n\n"
         f"Dense: {total:,} parameters; perplexity **{dense['builtin']:.2f}** on the built-in validation split and "
         f"**{dense['heldout']:.2f}** on the held-out license texts (never calibrated on), seq_len {seq_len}, first "
         f"{eval_tokens:,} tokens of each, no BOS. 'kept' counts ALL parameters (embeddings included, tied once). "
@@ -178,7 +192,8 @@ def main() -> None:
         "layer calibrated on the outputs of the blocks already compressed (ranks allocated on the open-loop spectra).\n\n"
         f"Decode: greedy, batch 1, KV cache, {new_tokens} new tokens, median of 3 runs interleaved with the "
         "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
-        "(default calibration, evaluation included) in its own process, ru_maxrss, GB.\n\n"
+        "(default calibration, i.e. closed-loop where supported; evaluation included) in its own process, run alongside "
+        "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
         + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
                           "held-out vs dense", "compress s", "decode speed-up", "peak RSS GB"], rows)  # fmt: skip
     )
@@ -187,6 +202,8 @@ def main() -> None:
         name += f"_{args.allocate}_{calib_tokens}"
     if args.methods is not None and not args.skip:  # a subset run gets its own section too
         name += "_" + "_".join(methods)
+    if args.option:
+        name += "_" + "_".join(o.replace("=", "-") for o in args.option)
     write_results(name, payload, md)
     print(md)
 
