@@ -113,7 +113,7 @@ def test_peft_loads_ours_with_equal_outputs(tmp_path):
     fresh = llama()
     load_adapter(fresh, tmp_path)  # our own PEFT file: the seed's bases again
     torch.testing.assert_close(logits(fresh, x), want, atol=1e-6, rtol=0)
-    assert all(ly.adapters["default"]._explicit is None for ly in adapted_layers(fresh).values())
+    assert all(ly.adapters["default"]._bases.from_file is None for ly in adapted_layers(fresh).values())
 
 
 def test_we_load_peft_with_equal_outputs_and_write_it_back(tmp_path):
@@ -132,7 +132,7 @@ def test_we_load_peft_with_equal_outputs_and_write_it_back(tmp_path):
     ours = llama()
     load_adapter(ours, tmp_path / "peft")
     torch.testing.assert_close(logits(ours, x), want, atol=1e-5, rtol=0)
-    bases = [ly.adapters["default"]._explicit[1] for ly in adapted_layers(ours).values()]
+    bases = [ly.adapters["default"]._bases.from_file["b"] for ly in adapted_layers(ours).values()]
     assert len({b.data_ptr() for b in bases}) == 2  # PEFT's per-layer copies: one per shape
     save_adapter(ours, tmp_path / "back")
     back = PeftModel.from_pretrained(llama(), str(tmp_path / "back"))

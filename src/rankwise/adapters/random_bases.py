@@ -143,9 +143,46 @@ class SharedBasis:
         return f"SharedBasis(shape={self.shape}, seed={self.seed}, kind={self.kind!r})"
 
 
+class BasisSet:
+    """An adapter's frozen bases by name: seeded :class:`SharedBasis` handles, or the tensors
+    read from a file (PEFT keeps its own random bases in its files), which are then used as
+    they are. ``get`` returns either in the seeded layout."""
+
+    def __init__(self, **seeded: SharedBasis) -> None:
+        self.seeded = seeded
+        self.from_file: dict[str, torch.Tensor] | None = None  # per-layer slices
+        self.file_full: dict[str, torch.Tensor] | None = None  # the model-wide tensors as read
+
+    def get(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        if self.from_file is not None:
+            return self.from_file[name].to(device, dtype)
+        return self.seeded[name].get(device, dtype)
+
+    def adopt(self, slices: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+        """Use ``slices`` (seeded layout) read from a file, unless they are the seeded bases
+        themselves (a file rankwise wrote), in which case nothing changes. ``full`` are the
+        file's model-wide tensors, kept to write the same file back."""
+        if all(
+            torch.equal(t.float().cpu(), self.seeded[n].get("cpu", torch.float32))
+            for n, t in slices.items()
+        ):
+            return
+        self.from_file = {n: shared_copy(t, kind=f"file_{n}") for n, t in slices.items()}
+        self.file_full = {n: shared_copy(t, kind=f"file_full_{n}") for n, t in full.items()}
+
+    def unsavable_reason(self, format: str) -> str | None:
+        """Bases read from a file cannot be regenerated from the seed: PEFT format only."""
+        if format == "rankwise" and self.from_file is not None:
+            return (
+                "its random bases were read from a PEFT file and cannot be regenerated from "
+                "the seed; save it with format='peft' (or 'auto')"
+            )
+        return None
+
+
 def cached_count() -> int:
     """How many basis tensors are alive in the cache (for tests and memory reports)."""
     return len(_CACHE)
 
 
-__all__ = ["SharedBasis", "TILE", "cached_count", "generate", "random_basis", "shared_copy"]
+__all__ = ["BasisSet", "SharedBasis", "TILE", "cached_count", "generate", "random_basis", "shared_copy"]

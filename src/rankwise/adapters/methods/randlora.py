@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import Adapter, AdapterConfig, LayerView, register_method
-from rankwise.adapters.random_bases import SharedBasis, generate, shared_copy
+from rankwise.adapters.random_bases import BasisSet, SharedBasis, generate
 from rankwise.errors import ConfigError
 
 
@@ -80,9 +80,10 @@ class RandLoraAdapter(Adapter):
         self.m, self.big, self.n = dims(self.layer, r)
         self.in_is_min = self.layer.in_features <= self.layer.out_features
         seed = self.config.seed
-        self._basis_a = SharedBasis((self.m, r), seed=seed, kind="randlora_a")
-        self._basis_b = SharedBasis((self.big, self.n, r), seed=seed, kind="randlora_b")
-        self._explicit: tuple[torch.Tensor, torch.Tensor] | None = None  # bases from a PEFT file
+        self._bases = BasisSet(
+            a=SharedBasis((self.m, r), seed=seed, kind="randlora_a"),  # Aᵀ
+            b=SharedBasis((self.big, self.n, r), seed=seed, kind="randlora_b"),
+        )
         self.randlora_lambda = nn.Parameter(torch.empty(r, self.n, device=dev, dtype=dt))
         self.randlora_gamma = nn.Parameter(torch.empty(self.n, self.m, device=dev, dtype=dt))
 
@@ -95,11 +96,8 @@ class RandLoraAdapter(Adapter):
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (r, m), B (M, n·r))``: the frozen bases (``B``'s columns basis-major)."""
         p = self.randlora_lambda
-        if self._explicit is not None:
-            a, b = (t.to(p.device, p.dtype) for t in self._explicit)
-        else:
-            a = self._basis_a.get(p.device, p.dtype).t()
-            b = self._basis_b.get(p.device, p.dtype)
+        a = self._bases.get("a", p.device, p.dtype).t()
+        b = self._bases.get("b", p.device, p.dtype)
         return a, b.reshape(self.big, -1)
 
     def scaled_basis(self, a: torch.Tensor) -> torch.Tensor:
@@ -202,9 +200,9 @@ class RandLoraAdapter(Adapter):
         m, big = sorted((max(a.layer.out_features for a in adapters.values()),
                          max(a.layer.in_features for a in adapters.values())))  # fmt: skip
         n = math.ceil(m / r)
-        explicit = [a._explicit_full for a in adapters.values() if a._explicit is not None]
-        if explicit:  # bases read from a PEFT file: write them back as they were
-            return {"randlora_A": explicit[0][0], "randlora_B": explicit[0][1]}
+        read = [a._bases.file_full for a in adapters.values() if a._bases.file_full]
+        if read:  # bases read from a PEFT file: write them back as they were
+            return dict(read[0])
         a_big = generate((m, r), seed=seed, kind="randlora_a").t().unsqueeze(1)
         b_big = generate((big, n, r), seed=seed, kind="randlora_b")
         return {"randlora_A": a_big.contiguous(), "randlora_B": b_big}
@@ -228,26 +226,8 @@ class RandLoraAdapter(Adapter):
         return None
 
     def load_peft_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
-        a_full, b_full = shared["randlora_A"], shared["randlora_B"]
-        a = a_full[:, 0, : self.m]
-        b = b_full[: self.big, : self.n]
-        own_a, own_b = self._basis_a.get("cpu", torch.float32), self._basis_b.get("cpu", torch.float32)
-        if torch.equal(a.float().t(), own_a) and torch.equal(b.float(), own_b):
-            return  # the seed's own bases (a file rankwise wrote): keep generating them
-        dev, dt = self.randlora_lambda.device, self.randlora_lambda.dtype
-        self._explicit = (
-            shared_copy(a.to(dev, dt), kind="randlora_a"),
-            shared_copy(b.to(dev, dt), kind="randlora_b"),
-        )
-        self._explicit_full = (
-            shared_copy(a_full, kind="randlora_a_full"),
-            shared_copy(b_full, kind="randlora_b_full"),
-        )
+        a, b = shared["randlora_A"][:, 0, : self.m], shared["randlora_B"][: self.big, : self.n]
+        self._bases.adopt({"a": a.t(), "b": b}, dict(shared))
 
     def unsavable_reason(self, format: str) -> str | None:
-        if format == "rankwise" and self._explicit is not None:
-            return (
-                "its random bases were read from a PEFT file and cannot be regenerated from "
-                "the seed; save it with format='peft' (or 'auto')"
-            )
-        return None
+        return self._bases.unsavable_reason(format)
