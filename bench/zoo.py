@@ -100,13 +100,17 @@ def matched_options(model, method, targets, fixed: dict, budget: int) -> tuple[d
         score = abs(math.log(n / budget))
         if best is None or score < best[0]:
             best = (score, options, n)
-    if best is None:
-        raise RuntimeError(f"{method}: no setting of {knob} attaches to {targets}")
+    if best is None or best[0] > math.log(2):  # the knob cannot reach the budget (TeRA: 4r)
+        n = parameters_for(model, method, targets, fixed)
+        if n is None:
+            raise RuntimeError(f"{method}: no setting of {knob} attaches to {targets}")
+        return {**fixed, "budget": "unreachable; defaults"}, n
     return best[1], best[2]
 
 
 def with_init_data(method: str, options: dict, inputs, loss_fn=None) -> dict:
     """Give a data-driven default init (lora_sb) some training batches, as finetune does."""
+    options = {k: v for k, v in options.items() if k != "budget"}
     init = get_initialiser(options.get("init", get_method(method).config_class().init))
     if init is None or "inputs" not in inspect.signature(init.fn).parameters:
         return options
@@ -237,10 +241,11 @@ def run_minilm(rows, quick: bool) -> dict[str, dict]:
         for p in encoder.parameters():
             p.requires_grad_(False)
         model = Classifier(encoder, len(PACKAGES))
-        count, options = 0, {}
+        count, shown = 0, ""
         try:
             if method is not None:
                 options, count = matched_options(encoder, method, targets, fixed, budget)
+                shown = _shown(options)
                 options = with_init_data(method, options, batches[:2], loss_fn_for(model))
                 attach(encoder, method, targets, **options)
             it = iter(range(steps))
@@ -256,7 +261,7 @@ def run_minilm(rows, quick: bool) -> dict[str, dict]:
             with torch.no_grad():
                 tids, tmask, ty = data["test"]
                 acc = (model(tids, tmask).argmax(-1) == ty).float().mean().item()
-            results[row] = {"params": count, "options": _shown(options), "accuracy": acc,
+            results[row] = {"params": count, "options": shown, "accuracy": acc,
                             "step_s": step_s, "peak_mb": peak, "loss_first": losses[0],
                             "loss_last": losses[-1]}  # fmt: skip
         except Exception as e:  # one method failing must not hide the others
@@ -294,6 +299,7 @@ def run_lm(rows, quick: bool) -> dict[str, dict]:
         model = copy.deepcopy(base)
         try:
             options, count = matched_options(model, method, targets, fixed, budget)
+            shown = _shown(options)
             options = with_init_data(method, options, train[:4])
             attach(model, method, targets, **options)
             model.train()
@@ -307,7 +313,7 @@ def run_lm(rows, quick: bool) -> dict[str, dict]:
             params = [p for p in model.parameters() if p.requires_grad]
             lr = LR["vector"] if method in VECTOR_METHODS else LR["default"]
             losses, step_s, peak = train_steps(params, step_loss, steps, lr)
-            results[row] = {"params": count, "options": _shown(options), "perplexity": ppl(model),
+            results[row] = {"params": count, "options": shown, "perplexity": ppl(model),
                             "step_s": step_s, "peak_mb": peak}  # fmt: skip
         except Exception as e:
             results[row] = {"error": f"{type(e).__name__}: {e}"[:160]}
@@ -346,6 +352,30 @@ def peft_layer(kind: str):
     return peft.get_peft_model(_layer(), configs[kind]())
 
 
+def same_weights_difference(row: str, ours: nn.Module, theirs: nn.Module, x) -> float | None:
+    """max |ours - PEFT| / max |PEFT| with random adapter weights copied ours -> PEFT
+    (LoRA, DoRA, Bone/MiSS), or None for a pair whose weights are not copied here."""
+    from rankwise.adapters import adapted_layers
+
+    ad = adapted_layers(ours)["0"].adapters["default"]
+    peft_layer_ = theirs.base_model.model[0]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        if row in ("lora", "dora"):
+            peft_layer_.lora_A["default"].weight.copy_(ad.lora_A)
+            peft_layer_.lora_B["default"].weight.copy_(ad.lora_B)
+            if row == "dora":
+                peft_layer_.lora_magnitude_vector["default"].weight.copy_(ad.lora_magnitude)
+        elif row in ("bone", "bone[miss]"):
+            peft_layer_.miss_block["default"].copy_(ad.bone_block * ad.scaling)
+        else:
+            return None
+        y_ours, y_peft = ours(x), theirs(x)
+    return ((y_ours - y_peft).abs().max() / y_peft.abs().max()).item()
+
+
 def step_fn(model: nn.Module, x: torch.Tensor):
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -373,20 +403,27 @@ def run_layer(rows, quick: bool) -> dict[str, dict]:
             if row in LAYER_RANKS:
                 options = {**fixed, **LAYER_RANKS[row]}
                 count = parameters_for(model, method, ["0"], options)
+                shown = _shown(options)
             else:
                 options, count = matched_options(model, method, ["0"], fixed, budget)
+            shown = _shown(options)
             options = with_init_data(method, options, None)
             if "init_options" in options:  # a data-driven init: no data in this case
                 options = {**options, "init": "default", "init_options": {}}
             attach(model, method, ["0"], **options)
             fns[f"rankwise:{row}"] = step_fn(model, x)
-            info[row] = {"params": count, "options": _shown(options)}
+            with torch.no_grad():
+                model(x[:8].detach())  # fail here, per method, not inside the timing loop
+            info[row] = {"params": count, "options": shown}
         except Exception as e:
             info[row] = {"error": f"{type(e).__name__}: {e}"[:160]}
             continue
         theirs = peft_layer(row)
         if theirs is not None:
             fns[f"peft:{row}"] = step_fn(theirs, x)
+            diff = same_weights_difference(row, model, theirs, x[:64].detach())
+            if diff is not None:
+                info[row]["rel_output_diff"] = diff
     times = interleaved(fns, repeats=2 if quick else 5)
     lora = times["rankwise:lora"]
     for row, entry in info.items():
@@ -424,12 +461,14 @@ def table(rows, minilm, lm, layer) -> str:
             _get(layer, r, "options"), _get(layer, r, "step_s"),
             f"{x_lora:.2f}x" if x_lora != "" else "",
             _get(layer, r, "peft_s"), f"{vs_peft:.2f}x" if vs_peft != "" else "",
+            f"{d:.1e}" if (d := _get(layer, r, "rel_output_diff")) != "" else "",
             "; ".join(errs),
         ])  # fmt: skip
     return markdown_table(
         ["method", "MiniLM params", "MiniLM acc", "MiniLM step s", "MiniLM +MB",
          "SmolLM2 params", "SmolLM2 ppl", "SmolLM2 step s", "SmolLM2 +MB",
-         "2048² setting", "2048² step s", "÷ rankwise LoRA", "PEFT s", "PEFT ÷ ours", "error"],
+         "2048² setting", "2048² step s", "÷ rankwise LoRA", "PEFT s", "PEFT ÷ ours",
+         "vs PEFT output", "error"],
         out,
     )  # fmt: skip
 
