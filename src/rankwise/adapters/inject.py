@@ -53,7 +53,6 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.routing: RowRouting | None = None  # set by ``route``: one adapter per batch row
-        self._plan: tuple[RowRouting, _LayerPlan] | None = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -98,9 +97,10 @@ class RowRouting:
 
     Used by :func:`route`: every :class:`AdaptedLayer` then adds, to each row of its output,
     that row's adapter only (the layer's ``active`` list is ignored). Build one per batch
-    composition and reuse it across decode steps: each layer caches its plan (the rows of
-    each adapter and, for LoRA, the factors stacked per rank) on first use, so an unchanged
-    batch gathers nothing again. Rebuild it after adapters are attached or deleted.
+    composition and reuse it across decode steps: it keeps each layer's plan (the rows of
+    each adapter and, for LoRA, the factors stacked per rank, a copy) from first use, so an
+    unchanged batch gathers nothing again; dropping the routing frees them. Rebuild it after
+    adapters are attached or deleted.
     """
 
     def __init__(self, rows: Sequence[str | None]) -> None:
@@ -111,6 +111,7 @@ class RowRouting:
                 groups.setdefault(name, []).append(i)
         self.groups = groups
         self._index: dict[str, torch.Tensor] = {}
+        self.plans: dict[AdaptedLayer, _LayerPlan] = {}
         self.checked: nn.Module | None = None  # the model whose adapter names were checked
 
     def __len__(self) -> int:
@@ -230,9 +231,9 @@ def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tens
             f"the routing has {len(routing)} rows but the batch has {x.shape[0]}; "
             "build a RowRouting with one entry per batch row"
         )
-    if layer._plan is None or layer._plan[0] is not routing:
-        layer._plan = (routing, _plan(layer, routing, y.device))
-    plan = layer._plan[1]
+    plan = routing.plans.get(layer)
+    if plan is None:
+        plan = routing.plans[layer] = _plan(layer, routing, y.device)
     if not plan.groups and not plan.generic:
         return y
     bias = layer.view.bias

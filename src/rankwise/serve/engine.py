@@ -380,7 +380,7 @@ class Engine:
         with self._cv:
             rows = list({id(r): r for r in self._running + self._admitted}.values())
             self._running, self._admitted = [], []
-            self._batch = None
+            self._batch = self._routing = None
         for row in rows:
             self._release(row)
             row.handle._fail(error)
@@ -514,6 +514,7 @@ class Engine:
             self._running = [self._running[i] for i in keep]
         if not keep:
             self._batch = None
+            self._routing = None  # frees the gathered adapter factors
         else:
             self._batch.select(torch.tensor(keep, device=self.device))
 
