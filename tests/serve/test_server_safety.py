@@ -198,6 +198,17 @@ def test_unknown_routes_and_methods_get_json_errors(http):
     check_error(http.get("/v1/completions"), 405)
 
 
+def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(http, engine, monkeypatch):
+    def broken() -> list:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(engine, "models", broken)
+    error = check_error(http.get("/v1/models"), 500)
+    assert error["type"] == "server_error" and "disk on fire" not in error["message"]
+    monkeypatch.undo()
+    assert http.get("/v1/models").status_code == 200
+
+
 def test_a_client_that_goes_away_frees_its_slot(server, engine):
     """Closing a stream mid-way cancels its request (the batch has one slot here)."""
     before = engine.metrics()["generated_tokens_total"]

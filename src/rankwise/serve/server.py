@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import re
 import threading
@@ -45,13 +46,14 @@ from rankwise.serve.listen import bind, url_of
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 REQUEST_FIELD = re.compile(r"(prompt|max_tokens|temperature|top_p|seed|stop|model)\b")
 PUBLIC_PATHS = frozenset({"/health"})
+LOG = logging.getLogger("rankwise.serve")
 
 # Prometheus HELP text and type for the engine's metrics (others are exported as gauges).
 METRICS = {
     "queue_length": ("gauge", "Requests waiting for a batch slot."),
     "running": ("gauge", "Requests in the running batch."),
     "generated_tokens_total": ("counter", "Tokens generated since start."),
-    "tokens_per_s": ("gauge", "Generated tokens per second, recent average."),
+    "tokens_per_s": ("gauge", "Generated tokens per second over the last 10 s."),
     "resident_adapters": ("gauge", "Adapters loaded in memory."),
     "evictions": ("counter", "Adapters evicted from memory (LRU) since start."),
     "adapter_loads": ("counter", "Adapter loads from disk since start."),
@@ -121,8 +123,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         model = getattr(request.state, "model", None)
         return engine_error(exc, model=model, base=getattr(request.app.state, "base_name", None))
 
-    # The request's own fault (answered quietly), then anything else (a 500, logged).
-    for kind in (RankwiseError, UnknownAdapterError, QueueFullError, oa.ProtocolError, Exception):
+    # The request's own fault, answered quietly; anything else is a 500 from Guard (logged).
+    for kind in (RankwiseError, UnknownAdapterError, QueueFullError, oa.ProtocolError):
         app.add_exception_handler(kind, _refused)
 
 
@@ -130,7 +132,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class Guard:
-    """Outermost ASGI layer: bearer-token check, body size limit (413) and status counts.
+    """The ASGI layer around the routes: bearer-token check, body size limit (413), status counts, and
+    a JSON 500 for an unexpected exception (logged with its traceback).
 
     A body is read here in full (up to the limit) before the app sees it, so an oversize
     chunked body is refused as surely as one with a ``Content-Length`` header.
@@ -143,8 +146,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        started = False
+
         async def counted_send(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.counts[message["status"]] += 1
             await send(message)
 
@@ -155,7 +162,12 @@ class Guard:
                 refusal = self._too_large()
         if refusal is not None:
             return await refusal(scope, receive, counted_send)
-        return await self.app(scope, _replay(body, receive), counted_send)
+        try:
+            await self.app(scope, _replay(body, receive), counted_send)
+        except Exception as exc:  # a bug, not the request's fault: log it, answer 500, go on
+            LOG.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if not started:
+                await engine_error(exc)(scope, receive, counted_send)
 
     def _refusal(self, scope) -> JSONResponse | None:
         if self.api_key is not None and scope["path"] not in PUBLIC_PATHS:
