@@ -127,6 +127,28 @@ def test_save_load_round_trip_keeps_the_pool_layout(tmp_path):
     torch.testing.assert_close(logits(fresh, x), want, atol=1e-6, rtol=0)
 
 
+def test_a_deep_copy_gets_its_own_pool(tmp_path):
+    import copy
+    import pickle
+
+    model = llama()
+    x = tokens(vocab=200)
+    attach(model, "mos", "all-linear", rank=4, pool_rank=2)
+    make_trained(model, std=0.2)
+    want = logits(model, x)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, x), want)
+    with torch.no_grad():  # changing the original must not reach the copy's pool
+        for ad in _adapters(model).values():
+            ad.mos_A.mul_(3)
+    assert not torch.allclose(logits(model, x), want)
+    torch.testing.assert_close(logits(twin, x), want)
+    twin_pools = {id(ad.pool) for ad in _adapters(twin).values()}
+    assert len(twin_pools) == 1 and twin_pools.isdisjoint({id(ad.pool) for ad in _adapters(model).values()})
+    restored = pickle.loads(pickle.dumps(twin))  # torch.save(model) pickles the same way
+    torch.testing.assert_close(logits(restored, x), want)
+
+
 @pytest.mark.parametrize(
     ("options", "needles"),
     [

@@ -83,6 +83,15 @@ class ShardPool:
         self._layout: tuple[tuple, list[MosAdapter], int, int] | None = None
         self._pools: tuple[tuple, torch.Tensor, torch.Tensor, set[int]] | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles hold the members themselves (``copy.deepcopy(model)`` then
+        gives the copy its own pool over the copied layers, never the original's)."""
+        return {"members": [m for ref in self.members if (m := ref()) is not None]}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.members = [weakref.ref(m) for m in state["members"]]
+
     def join(self, adapter: MosAdapter) -> int:
         self.members.append(weakref.ref(adapter))
         return len(self.members) - 1
