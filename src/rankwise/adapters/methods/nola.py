@@ -6,8 +6,8 @@ by every layer of the same shape (:mod:`rankwise.adapters.random_bases`); only t
 ``k_a + k_b`` coefficients train, whatever the rank and the layer size, and only they
 and the seed are saved. ``α`` starts at zero (the model starts unchanged), ``β`` at
 ``1/√k_a`` (so ``A`` starts with unit-variance-per-input rows, like LoRA's ``A``).
-"NOLA: Compressing LoRA using Linear Combination of Random Basis", Koohpayegani et al.
-2023 (ICLR 2024), eq. (2).
+"NOLA: Networks as Linear Combination of Low Rank Random Basis", Koohpayegani et al.
+2023, eq. (2).
 
 Per step ``A`` and ``B`` are formed once (``k·r·(in + out)`` multiply-adds, independent
 of the token count), then applied like LoRA.
