@@ -115,3 +115,26 @@ def test_cli_compress_allocation_a_method_cannot_honour(tmp_path, capsys):
     args = ["compress", "--model", "tiny-llama", "--method", "modegpt", "--out", str(tmp_path / "m")]
     assert main([*args, "--allocate", "fisher"]) == 2
     assert "'modegpt' cannot allocate with 'fisher'; it supports --allocate auto (= uniform)" in capsys.readouterr().err
+
+
+def test_cli_compress_mixes_sources_and_takes_the_calibration_mode(tmp_path, capsys, texts):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("\n\n".join(texts * 2))
+    second.write_text("\n\n".join(t.upper() for t in texts * 2))
+    out = tmp_path / "mixed"
+    code = main(
+        ["compress", "--model", "tiny-llama", "--method", "svdllm", "--ratio", "0.8", "--out", str(out),
+         "-d", str(first), "-d", str(second), "--calibration", "open-loop", "--calib-tokens", "512",
+         "--eval-tokens", "256", "--seq-len", "64", "--decode-tokens", "4", "--no-heldout"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["mode"] == "open-loop"
+    assert report["calibration"]["corpus"] == f"{first}+{second}"
+    assert "heldout" not in report["perplexity"]
+    printed = capsys.readouterr().out
+    assert "calibration: open-loop" in printed
+    assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "y"), "--heal-steps", "-3"]) == 2
+    assert "heal_steps must be >= 0" in capsys.readouterr().err
+    assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "z"), "--calibration", "both"]) == 2
+    assert "auto, open-loop or closed-loop" in capsys.readouterr().err
