@@ -176,8 +176,8 @@ class BoneAdapter(WeightGuidedMerge, Adapter):
     def compose(
         self, y: torch.Tensor, x: torch.Tensor, base: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
-        if self.config.variant == "bat":
-            return y + self.delta(x, base).to(y.dtype)
+        if self.config.variant == "bat":  # one fused y + s·x ΔWᵀ
+            return self.layer.add_projected(y, x, self._bat_delta(x.dtype), self.scaling)
         h = chunk_sum(x, self.config.rank)
         return self.layer.add_projected(y, h, self._shard().t(), self.scaling)
 
