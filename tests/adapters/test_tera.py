@@ -84,3 +84,8 @@ def test_non_linear_layer_is_refused_naming_it_before_anything_is_attached():
         attach(model, "tera", ["q_proj", "embed_tokens"], rank=4)
     assert_same_state(model, before)
     assert not adapted_layers(model)
+
+
+def test_a_rank_whose_core_would_not_fit_is_refused():
+    with pytest.raises(ConfigError, match=r"rank=65 is too large.*valid: 1\.\.64"):
+        attach(llama(), "tera", "q_proj", rank=65)

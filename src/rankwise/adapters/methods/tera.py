@@ -32,6 +32,9 @@ from torch import nn
 
 from rankwise.adapters.base import Adapter, AdapterConfig, LayerView, register_method
 from rankwise.adapters.random_bases import SharedBasis
+from rankwise.errors import ConfigError
+
+MAX_RANK = 64  # the core is rank⁴ (64⁴ = 16.8M entries)
 
 
 def split_mode(n: int) -> tuple[int, int]:
@@ -48,6 +51,14 @@ class TeraConfig(AdapterConfig):
     tensors), alpha, dropout."""
 
     seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank > MAX_RANK:
+            raise ConfigError(
+                f"tera rank={self.rank} is too large: the shared core has rank⁴ = "
+                f"{self.rank**4:,} entries; valid: 1..{MAX_RANK}"
+            )
 
 
 @register_method("tera")
