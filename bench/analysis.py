@@ -25,13 +25,20 @@ of the same probability matrices (time of the norms alone; the forward passes ar
 Writes bench/results/analysis.json and its section of docs/benchmarks.md (and prints the table).
 
 ``--lora-vs-full``: instead, the paper's comparison on real training: SmolLM2 tuned on the
-built-in corpus's train split (seq 128, ``--batch`` blocks a step, the same blocks in the same order) with each of
+built-in corpus's train split (``--batch`` blocks of ``--seq-len`` tokens a step — small, so a run fits a
+shared 2-core machine: Adam's step size, not the batch, sets how fast ΔW grows — the same blocks in the same order) with each of
 ``--runs`` (``lora:RANK:LR`` — LoRA on every linear layer, alpha = 2·rank — or ``full:0:LR``;
 AdamW, no weight decay), intruder dimensions of the tuned model against the base counted at each
 of ``--checkpoints`` during the one training run (so one run gives the curve), with the update's
 strength ‖ΔW‖₂/σ₁₀(W). Runs accumulate in bench/results/analysis_lora_vs_full.json across
 invocations (``--fresh`` forgets them); the section of docs/benchmarks.md and the plot
 docs/images/analysis-intruders-vs-steps.png are redrawn from all of them after every run.
+
+``--intrinsic``: instead, the intrinsic-dimension curve (accuracy vs subspace dimension d, d_int90)
+of a 64-64-10 MLP on scikit-learn's bundled digits, over ``--seeds``; plot
+docs/images/analysis-intrinsic-digits.png. ``--gradients TEXTS``: instead, layer-wise gradient
+spectra of the model on the built-in corpus vs the license texts of /usr/share/common-licenses;
+plot docs/images/analysis-gradients.png.
 
 Run: .venv/bin/python bench/analysis.py [--quick]
      .venv/bin/python bench/analysis.py --lora-vs-full --runs lora:1:1e-2 --checkpoints 25,50,100,200
@@ -174,8 +181,14 @@ def update_strength(model, tuned, sigma10: dict[str, float]) -> list[float]:
 
     before, after = matched_weights(model, tuned, None)
     out = []
+    g = torch.Generator().manual_seed(0)
     for name, w in before.items():
-        out.append(float(torch.linalg.matrix_norm(after[name] - w, ord=2)) / sigma10[name])
+        delta = (after[name] - w).double()
+        v = torch.randn(delta.shape[1], 1, generator=g, dtype=torch.float64)
+        for _ in range(60):  # power iteration: ‖ΔW‖₂ to well under 1% (a diagnostic, not a result)
+            v = delta.T @ (delta @ v)
+            v /= v.norm().clamp_min(1e-300)
+        out.append(float((delta @ v).norm()) / sigma10[name])
     return out
 
 
@@ -302,20 +315,20 @@ def lora_vs_full_plot(runs: dict) -> None:
     plt.close(fig)
 
 
-def lora_vs_full(model, tokenizer, runs: list[tuple[str, int, float]], checkpoints: list[int], fresh: bool, model_name: str, batch: int) -> None:
+def lora_vs_full(model, tokenizer, runs: list[tuple[str, int, float]], checkpoints: list[int], fresh: bool, model_name: str, batch: int, seq_len: int) -> None:
     """The paper's comparison on real training runs, intruders counted at each checkpoint."""
     from rankwise.data import token_blocks
 
     steps = max(checkpoints)
-    blocks = token_blocks(tokenizer, load_corpus("builtin").train, seq_len=128, max_tokens=128 * batch * steps + 128)
+    blocks = token_blocks(tokenizer, load_corpus("builtin").train, seq_len=seq_len, max_tokens=seq_len * (batch * steps + 1))
     if len(blocks) < batch * steps:
-        raise SystemExit(f"the built-in corpus has {len(blocks)} blocks of 128 tokens: at most {len(blocks) // batch} steps")
+        raise SystemExit(f"the built-in corpus has {len(blocks)} blocks of {seq_len} tokens: at most {len(blocks) // batch} steps")
     sigma10 = {layer.name: layer.singular_values[9] for layer in spectrum(model, top_k=10).layers}
     done = previous_runs(fresh)
     recipe = (
         "Intruders: of the top 10 left singular vectors of each tuned weight, those whose max |cos| with every "
         "base singular vector is below ε (`intruder_dimensions` defaults: ε 0.5, top 10; ε 0.7/0.9 from the same "
-        f"cosines, as in the paper's ε sweep). Built-in corpus train split, seq 128, batch {batch}, the same blocks in "
+        f"cosines, as in the paper's ε sweep). Built-in corpus train split, seq {seq_len}, batch {batch}, the same blocks in "
         "the same order for every run, AdamW (no weight decay), LoRA on all 7 linear kinds with alpha = 2·rank. "
         "‖ΔW‖₂/σ₁₀(W): the update's largest singular value against the base weight's 10th — an update far "
         "below 1 cannot create a new top-10 direction. Each run is one training with detection at its "
@@ -337,6 +350,103 @@ def lora_vs_full(model, tokenizer, runs: list[tuple[str, int, float]], checkpoin
     print(table)
 
 
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+
+
+def save_png(b64: str, name: str) -> Path:
+    """Write a base64 PNG (from rankwise.analysis.report's plot helpers) into docs/images."""
+    import base64
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    path = IMAGES / name
+    path.write_bytes(base64.b64decode(b64))
+    return path
+
+
+def digits_task(seed: int):
+    """scikit-learn's bundled 8x8 digits (1797 images, no download): a 64-64-10 MLP, trained
+    full-batch on 1437 images, scored by accuracy on the other 360 (a small MNIST)."""
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    data = load_digits()
+    X = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1437], order[1437:]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def loss(m):
+        return torch.nn.functional.cross_entropy(m(X[train]), y[train])
+
+    def accuracy(m):
+        return float((m(X[test]).argmax(-1) == y[test]).float().mean())
+
+    return model, loss, accuracy
+
+
+def intrinsic_bench(seeds: int, steps: int) -> None:
+    """d_int90 of the digits MLP (the paper's MNIST experiment, small): curve + table + plot."""
+    from rankwise.analysis import intrinsic_dimension
+    from rankwise.analysis.report import intrinsic_plot
+
+    dims = [5, 10, 20, 40, 80, 160, 320, 640]
+    results = []
+    t0 = time.perf_counter()
+    for seed in range(seeds):
+        model, loss, accuracy = digits_task(seed)
+        results.append(intrinsic_dimension(model, loss, accuracy, dims, steps=steps, lr=1e-2, seed=seed))
+        r = results[-1]
+        print(f"seed {seed}: baseline {r.baseline:.3f}, d_int90 {r.intrinsic_dimension}, "
+              + " ".join(f"{d}:{m:.3f}" for d, m in zip(r.dims, r.metrics, strict=True)), flush=True)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for i, d in enumerate(dims):
+        accs = [r.metrics[i] for r in results]
+        fr = [r.metrics[i] / r.baseline for r in results]
+        rows.append([d, f"{sum(accs) / len(accs):.3f}", f"{min(accs):.3f}-{max(accs):.3f}", f"{sum(fr) / len(fr):.1%}"])
+    base = [r.baseline for r in results]
+    rows.append([f"all {results[0].parameters:,} (normal training)", f"{sum(base) / len(base):.3f}", f"{min(base):.3f}-{max(base):.3f}", "100%"])
+    found = [r.intrinsic_dimension for r in results]
+    table = markdown_table(["subspace dimension d", "test accuracy (mean)", "range over seeds", "of normal training"], rows)
+    table += (
+        f"\n\nIntrinsic dimension (Li et al. 2018) of scikit-learn's 8x8 digits with a 64-64-10 MLP "
+        f"(D = {results[0].parameters:,}): d_int90 = {found} over {seeds} seeds (dense Gaussian P, unit columns; "
+        f"full-batch Adam lr 1e-2, {steps} steps for every d and for normal training; 1437 train / 360 test "
+        f"images). {seconds:.0f} s in all."
+    )
+    png = intrinsic_plot(results[0], f"Digits MLP (D = {results[0].parameters:,}): accuracy in a random d-dim subspace, seed 0")
+    save_png(png, "analysis-intrinsic-digits.png")
+    write_results("analysis_intrinsic", {"dims": dims, "results": [r.to_dict() for r in results], "seconds": seconds, "markdown": table}, table)
+    print(table)
+
+
+def gradients_bench(model, tokenizer, texts: int, tokens: int, model_name: str) -> None:
+    """Layer-wise gradient spectra of the built-in corpus vs the Debian license texts."""
+    from rankwise.analysis.gradients import GRADIENT_SOURCES, gradient_datasets, gradient_spectra
+    from rankwise.analysis.report import gradient_plot, gradient_rows
+
+    t0 = time.perf_counter()
+    blocks = gradient_datasets(list(GRADIENT_SOURCES), tokenizer, count=texts, tokens=tokens)
+    grads = gradient_spectra(model, tokenizer, blocks, max_tokens=tokens)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for r in gradient_rows(grads):
+        rows.append([r["kind"], r["layers"]] + [f"{r[f'{d} {m}']:.3g}" for m in ("nuclear norm", "effective rank") for d in grads.datasets])
+    header = ["layer kind", "layers"] + [f"{d}: {m}" for m in ("nuclear norm", "effective rank") for d in grads.datasets]
+    table = markdown_table(header, rows)
+    table += (
+        f"\n\n{model_name}: mean over blocks of the per-layer gradient nuclear norm and effective rank, "
+        f"{texts} texts of exactly {tokens} tokens per dataset (evenly spaced blocks of the built-in corpus's "
+        f"validation split, and of /usr/share/common-licenses); mean loss "
+        + ", ".join(f"{d} {grads.loss[d]:.3f}" for d in grads.datasets) + f". {seconds:.0f} s."
+    )
+    save_png(gradient_plot(grads), "analysis-gradients.png")
+    write_results("analysis_gradients", {"texts": texts, "tokens": tokens, "loss": grads.loss, "by_kind": gradient_rows(grads), "seconds": seconds, "markdown": table}, table)
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed repeat")
@@ -346,19 +456,31 @@ def main() -> None:
     parser.add_argument("--lora-vs-full", action="store_true", help="run the LoRA vs full fine-tuning comparison instead")
     parser.add_argument("--runs", default=RUN_DEFAULT, help="with --lora-vs-full: method:rank:lr,... (full:0:LR for full fine-tuning)")
     parser.add_argument("--checkpoints", default="10,25,50,100", help="with --lora-vs-full: steps at which intruders are counted")
-    parser.add_argument("--batch", type=int, default=2, help="with --lora-vs-full: blocks of 128 tokens per step")
+    parser.add_argument("--batch", type=int, default=1, help="with --lora-vs-full: blocks per step")
+    parser.add_argument("--seq-len", type=int, default=64, help="with --lora-vs-full: tokens per block")
     parser.add_argument("--fresh", action="store_true", help="with --lora-vs-full: forget runs recorded by earlier invocations")
+    parser.add_argument("--intrinsic", action="store_true", help="run the intrinsic-dimension curve on the digits task instead")
+    parser.add_argument("--seeds", type=int, default=3, help="with --intrinsic: seeds (model init and projections)")
+    parser.add_argument("--steps", type=int, default=500, help="with --intrinsic: Adam steps per dimension")
+    parser.add_argument("--gradients", type=int, default=0, metavar="TEXTS", help="run the gradient spectra (built-in vs licenses) with TEXTS per dataset instead")
+    parser.add_argument("--gradient-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
 
+    if args.intrinsic:
+        intrinsic_bench(1 if args.quick else args.seeds, 150 if args.quick else args.steps)
+        return
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
+    if args.gradients:
+        gradients_bench(model, tokenizer, args.gradients, args.gradient_tokens, args.model)
+        return
     if args.lora_vs_full:
         checkpoints = sorted({int(s) for s in args.checkpoints.split(",")})
-        lora_vs_full(model, tokenizer, parse_runs(args.runs), checkpoints, args.fresh, args.model, args.batch)
+        lora_vs_full(model, tokenizer, parse_runs(args.runs), checkpoints, args.fresh, args.model, args.batch, args.seq_len)
         return
     out: dict = {}
     names = [layer.name for layer in spectrum(model, top_k=1, exact_below=0).layers]

@@ -120,8 +120,16 @@ def test_mismatched_architectures_name_the_first_layer(tiny_llama):
     with pytest.raises(ShapeError, match=r"model\.layers\.0\.self_attn\.q_proj.*64x64.*32x32"):
         intruder_dimensions(model, wider)
     deeper, _ = build(layers=3)
-    with pytest.raises(ShapeError, match="differ in architecture"):
+    with pytest.raises(ShapeError, match=r"differ in architecture: layer 'lm_head' .* is 'model\.layers\.2\.self_attn\.q_proj' in the tuned"):
         intruder_dimensions(model, deeper)
+
+
+def test_models_without_linear_layers_are_refused():
+    from rankwise.errors import ModelError
+
+    plain = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+    with pytest.raises(ModelError, match="no linear layers"):
+        intruder_dimensions(plain, copy.deepcopy(plain))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"threshold": 0}, "threshold"), ({"top_k": 0}, "top_k")])

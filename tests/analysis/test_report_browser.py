@@ -33,7 +33,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory) -> Path:
-    """A comparison report (tiny-llama vs a copy with a planted intruder): all four plots."""
+    """A comparison report (tiny-llama vs a copy with a planted intruder) with gradient spectra
+    and an intrinsic-dimension curve: all six plots."""
     from rankwise.analysis.report import analyze
     from rankwise.models import tiny_llama
 
@@ -43,7 +44,7 @@ def report_page(tmp_path_factory) -> Path:
     with torch.no_grad():
         layer.weight += (5 * S[0] * torch.outer(U[:, :16].sum(1) / 4, Vh[:16].sum(0) / 4)).float()
     out = tmp_path_factory.mktemp("browser") / "report"
-    analyze("tiny-llama", out, against=tuned, texts=0)
+    analyze("tiny-llama", out, against=tuned, texts=0, gradients=1, gradient_tokens=16, intrinsic=[2, 8], intrinsic_steps=2)
     return out / "report.html"
 
 
@@ -83,7 +84,9 @@ def test_report_renders_offline_in_chromium(report_page, tmp_path):
             browser.close()
     print(f"screenshot: {shot}")
     assert title.startswith("rankwise analyze: tiny-llama vs")
-    assert [i["alt"] for i in images] == ["spectra", "ranks", "tuned_spectra", "intruder dimensions"]
+    assert [i["alt"] for i in images] == [
+        "spectra", "ranks", "tuned_spectra", "intruder dimensions", "gradient spectra", "intrinsic dimension",
+    ]
     assert all(i["complete"] and i["width"] > 0 for i in images), images
     assert errors == []
     assert all(u.startswith(("file://", "data:")) for u in requests), requests

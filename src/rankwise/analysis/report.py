@@ -149,12 +149,12 @@ def intrinsic_plot(result, title: str) -> str:
     ax.axhline(result.threshold, color="tab:red", lw=0.8, ls="--", label=f"{result.threshold:.0%} of it")
     if result.intrinsic_dimension is not None:
         ax.axvline(result.intrinsic_dimension, color="tab:red", lw=0.8)
-        ax.annotate(f"d_int{round(result.threshold * 100)} = {result.intrinsic_dimension}", (result.intrinsic_dimension, 0.05),
+        ax.annotate(f"d_int{round(result.threshold * 100)} = {result.intrinsic_dimension}", (result.intrinsic_dimension, 0.5),
                     xytext=(4, 0), textcoords="offset points", fontsize=8, color="tab:red")
     ax.set_xlabel(f"subspace dimension d (of D = {result.parameters:,} parameters)", fontsize=8)
     ax.set_ylabel("metric / normal training", fontsize=8)
     ax.set_ylim(min(0.0, *fractions) - 0.02, max(1.05, *fractions) + 0.02)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _png(fig)
