@@ -284,9 +284,26 @@ def route(model: nn.Module, routing: RowRouting | Sequence[str | None]) -> Itera
 # ----------------------------------------------------------------------------- finding targets
 
 
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without descending into adapted layers (their base layer
+    and adapters), so the cost does not grow with the number of adapters attached."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        if isinstance(module, AdaptedLayer):
+            continue
+        children = [(f"{path}.{n}" if path else n, c) for n, c in module._modules.items() if c is not None]
+        stack.extend(reversed(children))
+
+
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     """``{module path: AdaptedLayer}`` for every adapted layer in ``model``."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+    return {p: m for p, m in _walk(model) if isinstance(m, AdaptedLayer)}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -302,15 +319,11 @@ def _candidates(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
     all module paths (for suggestions)."""
     found: dict[str, nn.Module] = {}
     everything: list[str] = []
-    skip: str | None = None
-    for path, module in model.named_modules():
-        if skip is not None and path.startswith(skip):
-            continue
+    for path, module in _walk(model):
         if path:
             everything.append(path)
         if isinstance(module, AdaptedLayer):
             found[path] = module.base_layer
-            skip = path + "."
         elif view_for(module) is not None:
             found[path] = module
     return found, everything
