@@ -256,8 +256,10 @@ class _Op:
             self.A, self.out_dtype = as_float(A)
             self.shape, self.device = tuple(A.shape), A.device
             self.unscale = torch.ones(self.batch, dtype=torch.float64, device=self.device)
-            # One pass gives ‖A‖_F and, if it is finite, proves every entry is finite.
-            fro = torch.linalg.vector_norm(self.A, dim=(-2, -1))
+            # One pass gives ‖A‖_F and, if it is finite, proves every entry is finite. It is
+            # accumulated in float64: a float32 sum over 10⁷ entries is off by ~1e-4, more
+            # than the residual energy of a fast-decaying spectrum.
+            fro = torch.linalg.vector_norm(self.A, dim=(-2, -1), dtype=torch.float64)
             if not bool(torch.isfinite(fro).all()):
                 check_finite(A, name, fn)  # raises on NaN/Inf; else the square overflowed
             low, high = safe_range(self.A.dtype)
@@ -660,7 +662,8 @@ def _ritz_converged(
         return bool(((r2 * live).sum(-1) <= rtol * w.sum(-1)).all())
     rel_ok = ((r2 <= AUTO_RESIDUAL**2 * rtol * w) | ~live).all(-1)
     missing = (fro2 - w.sum(-1)).clamp_min(0)
-    energy_ok = (r2 * live).sum(-1) <= AUTO_ENERGY * rtol * missing + 1e-10 * fro2
+    # (slack: the Ritz values come from float32 products, good to ~1e-7 of ‖A‖_F²)
+    energy_ok = (r2 * live).sum(-1) <= AUTO_ENERGY * rtol * missing + 1e-6 * fro2
     return bool((rel_ok & energy_ok).all())
 
 
