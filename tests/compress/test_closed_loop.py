@@ -132,3 +132,29 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(texts):
         compress("tiny-llama", ratio=0.8, data=texts, device="cuda:7", **FAST)
     with pytest.raises(ConfigError, match="not a device"):
         compress("tiny-llama", ratio=0.8, data=texts, device="gpu please", **FAST)
+
+
+def test_the_target_weight_maps_actual_inputs_to_the_dense_outputs(tiny, texts):
+    import copy
+
+    from rankwise.compress.calibrate import CROSS_DAMP
+    from rankwise.modules import replace_module
+
+    model, tok = tiny
+    walk = closed_loop_calibration(model, tok, texts, tokens=256, seq_len=64, statistics=("gram",), cross=True).stats
+    first = walk["model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(first.cross, first.gram)  # block 0: same inputs on both streams
+    w = model.model.layers[0].mlp.down_proj.weight.detach().double()
+    torch.testing.assert_close(first.target_weight(w), w)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"):  # "compress" block 0
+        changed = copy.deepcopy(model.get_submodule(name))
+        with torch.no_grad():
+            changed.weight.mul_(0.5)
+        replace_module(model, name, changed)
+    s = walk["model.layers.1.mlp.up_proj"]
+    assert s.cross is walk["model.layers.1.mlp.gate_proj"].cross  # shared input, shared statistics
+    assert not torch.allclose(s.cross, s.gram, rtol=1e-2)
+    w = model.model.layers[1].mlp.up_proj.weight.detach().double()
+    m = s.target_weight(w)
+    ridge = CROSS_DAMP * s.gram.diagonal().mean() * torch.eye(s.gram.shape[0], dtype=torch.float64)
+    torch.testing.assert_close((m - w) @ (s.gram + ridge), w @ (s.cross - s.gram), rtol=1e-6, atol=1e-6)

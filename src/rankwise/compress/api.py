@@ -64,6 +64,7 @@ from rankwise.progress import Bar, stage
 DECODE_PROMPT = "The Python standard library provides"
 DEFAULT_CALIBRATION = "closed-loop"  # what "auto" means for a method that supports it
 HEAL_SEQ_LEN, HEAL_BATCH = 256, 4  # healing sequences: shorter than evaluation's, as in heal.py
+CORRECT_OUTPUTS = True  # closed loop fits the dense outputs from the actual inputs (per-layer path)
 EVAL_BATCH = 1  # sequences per perplexity batch: (batch, seq_len, vocab) logits are the peak
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -193,6 +194,16 @@ def _target_parameters(
     return math.floor(ratio * total), {"ratio": ratio}
 
 
+def _with_weight(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A stand-in for ``layer`` with ``weight`` (same bias, dtype and device)."""
+    if weight is layer.weight:
+        return layer
+    proxy = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    proxy.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
+    proxy.bias = layer.bias
+    return proxy
+
+
 def _per_layer_svd(
     method: CompressionMethod,
     job: CompressionJob,
@@ -207,8 +218,10 @@ def _per_layer_svd(
     needed before any is cut). With ``closed`` (making a
     :func:`~rankwise.compress.calibrate.closed_loop_calibration` walk) each layer is then
     decomposed again on the statistics of the inputs it gets after the blocks before it were
-    compressed, and factorised at its allocated rank. Returns the report rows and the spectra
-    (for the HTML report's plots)."""
+    compressed, and factorised at its allocated rank — with the weight that maps those inputs
+    to the dense model's outputs (:meth:`~rankwise.compress.calibrate.LayerStats.target_weight`),
+    so each layer also corrects the error of the blocks before it. Returns the report rows and
+    the spectra (for the HTML report's plots)."""
     t0 = time.perf_counter()
     stats = job.calibration.stats if job.calibration is not None else {}
     decompositions: dict[str, Decomposition] = {}
@@ -246,10 +259,12 @@ def _per_layer_svd(
             if rank is not None:
                 if walk is None:
                     layer_stats, dec = stats.get(name), decompositions.pop(name)
+                    new = method.factorize(layer, layer_stats, rank, dec)
                 else:
                     layer_stats = walk.stats[name]
-                    dec = method.decompose(layer.weight.detach().to(torch.float64), layer_stats)
-                new = method.factorize(layer, layer_stats, rank, dec)
+                    target = layer_stats.target_weight(layer.weight.detach().to(torch.float64))
+                    dec = method.decompose(target, layer_stats)
+                    new = method.factorize(_with_weight(layer, target), layer_stats, rank, dec)
                 replace_module(job.model, name, new, expect=nn.Linear)
                 error = math.sqrt(dec.relative_error(rank))
             after = spectra[name].cost(rank)
@@ -494,7 +509,8 @@ def compress(
     walks: list[Calibration] = []  # the closed-loop walk, once made (after the spectra's walk is done)
 
     def closed_walk(base: Calibration | None = statistics) -> Calibration:
-        walks.append(closed_loop_calibration(net, tokenizer, calib_texts, base=base, **walk_kwargs))
+        walk = closed_loop_calibration(net, tokenizer, calib_texts, base=base, cross=per_layer and CORRECT_OUTPUTS, **walk_kwargs)
+        walks.append(walk)
         return walks[0]
 
     timing["calibrate_s"] = time.perf_counter() - t0

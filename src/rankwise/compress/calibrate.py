@@ -54,6 +54,7 @@ STATISTICS = ("gram", "abs_mean", "fisher", "out_grad", "out_fisher")
 FISHER_WINDOW = 64  # sketched output gradients per layer (relative noise of xᵀFx: √(2/64) ≈ 18%)
 FISHER_SEED = 0  # seed of the Gaussian token sketch Ω_b
 FISHER_DAMP = 1e-3  # M-FAC dampening λ, relative to the mean diagonal of the sketched Fisher
+CROSS_DAMP = 1e-2  # ridge of the closed-loop output correction, relative to the mean diagonal of Ĝ
 
 
 @dataclass(kw_only=True)
@@ -71,7 +72,26 @@ class LayerStats:
     fisher_rows: torch.Tensor | None = None  # (out,) float64, Σ row-wise squared gradients
     out_grad_sq: float | None = None  # Σ_t ‖∂L/∂y_t‖² over calibration tokens
     out_grad_sketch: torch.Tensor | None = None  # (FISHER_WINDOW, out) float64, Σ_b Ω_b G_b
+    cross: torch.Tensor | None = None  # (in, in) float64, Σ x x̂ᵀ: dense-model input × actual input
     tokens: int = 0
+
+    def target_weight(self, weight: torch.Tensor, *, damp: float = CROSS_DAMP) -> torch.Tensor:
+        """The weight that best maps the inputs this layer actually gets (``x̂``, after the
+        compressed blocks before it) to the outputs the dense model produced (``W x``):
+        ``argmin_M Σ ‖W x − M x̂‖² = W C Ĝ⁻¹`` with ``C = Σ x x̂ᵀ`` (:attr:`cross`) and
+        ``Ĝ = Σ x̂ x̂ᵀ`` (:attr:`gram`), written ``W + W (C − Ĝ)(Ĝ + λI)⁻¹`` so that directions
+        the calibration inputs never excite keep ``W`` (``λ = damp ·`` mean diagonal of ``Ĝ``).
+        Then ``‖W x − Ŵ x̂‖² = const + ‖(M − Ŵ) x̂‖²``: compressing ``M`` in the ``Ĝ``-whitened
+        norm also corrects the error of the blocks before. ``weight`` itself without
+        :attr:`cross` (open-loop, or block 0 where ``C = Ĝ``)."""
+        if self.cross is None or self.gram is None:
+            return weight
+        w = weight.to(torch.float64)
+        from rankwise.compress.base import damped_cholesky  # base imports this module
+
+        chol = damped_cholesky(self.gram, damp=damp)
+        shift = w @ (self.cross - self.gram)  # (out, in)
+        return w + torch.cholesky_solve(shift.T, chol).T
 
     @property
     def sensitivity(self) -> float | None:
@@ -398,9 +418,13 @@ class ClosedLoopStats(Mapping):
         base: dict[str, LayerStats],
         statistics: Sequence[str],
         *,
+        cross: bool = False,
         progress: bool = False,
     ) -> None:
         self.model, self.blocks, self.layers, self.base = model, blocks, layers, base
+        self.cross = cross and "gram" in statistics
+        self._dense = [h for (h, *_), _ in batches] if self.cross else None  # the dense model's stream
+        self._dense_next: list[torch.Tensor] | None = None
         self.statistics = tuple(s for s in INPUT_STATISTICS if s in statistics)
         self._batches = batches  # [(args, kwargs)] of the current block, hidden states first
         self._block_of = {n: i for i, b in enumerate(blocks) for n in b.layers}
@@ -444,16 +468,32 @@ class ClosedLoopStats(Mapping):
     def _run(self, block: DecoderBlock) -> list[torch.Tensor]:
         return [_block_output(block.module(*args, **kwargs)) for args, kwargs in self._batches]
 
+    @torch.no_grad()
+    def _run_dense(self, block: DecoderBlock) -> list[torch.Tensor]:
+        """The dense block's outputs on the dense stream (original layers swapped in meanwhile)."""
+        from rankwise.modules import replace_module
+
+        now = {n: self.model.get_submodule(n) for n in block.layers}
+        try:
+            for n in block.layers:
+                replace_module(self.model, n, self.layers[n])
+            return [_block_output(block.module(h, *args[1:], **kwargs)) for h, (args, kwargs) in zip(self._dense, self._batches, strict=True)]
+        finally:
+            for n, m in now.items():
+                replace_module(self.model, n, m)
+
     def _advance(self) -> None:
         t0 = time.perf_counter()
         block = self.blocks[self._current]
         if any(self.model.get_submodule(n) is not self.layers[n] for n in block.layers):
             self.compressed_blocks += 1
         if self._current + 1 < len(self.blocks):
+            if self._dense is not None:
+                self._dense = self._dense_next if self._dense_next is not None else self._run_dense(block)
             outputs = self._run(block)
             self._batches = [((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(outputs, self._batches, strict=True)]
         self._current += 1
-        self._stats = None
+        self._stats, self._dense_next = None, None
         self.seconds += time.perf_counter() - t0
         self._bar.update(1)
 
@@ -468,25 +508,69 @@ class ClosedLoopStats(Mapping):
         layers = {n: self.layers[n] for n in names}
         stats = {n: _with_inputs_of(self.base.get(n), layers[n]) for n in names}
         inputs = _InputStatistics(layers, stats, gram="gram" in self.statistics, abs_mean="abs_mean" in self.statistics)
-        handles = inputs.attach()
+        dense_inputs: dict[str, torch.Tensor] = {}
+        handles = []
+        if self._dense is not None:  # record each layer's input on the dense stream first
+            handles += [m.register_forward_pre_hook(_recorder(n, dense_inputs)) for n, m in layers.items()]
+        dense_outputs = []
         try:
             with torch.no_grad():
-                for args, kwargs in self._batches:
+                for i, (args, kwargs) in enumerate(self._batches):
+                    if self._dense is not None:
+                        dense_outputs.append(_block_output(block.module(self._dense[i], *args[1:], **kwargs)))
+                        for h in handles:
+                            h.remove()
+                        handles = inputs.attach() + [
+                            m.register_forward_hook(_cross_hook(n, stats, inputs, dense_inputs)) for n, m in layers.items()
+                        ]
+                    elif not handles:
+                        handles = inputs.attach()
                     inputs.start_batch()
                     block.module(*args, **kwargs)
                     inputs.end_batch(args[0].shape[0] * args[0].shape[1])
+                    if self._dense is not None:
+                        for h in handles:
+                            h.remove()
+                        handles = [m.register_forward_pre_hook(_recorder(n, dense_inputs)) for n, m in layers.items()]
         finally:
             for h in handles:
                 h.remove()
+        for n in layers:  # layers sharing an input share its cross statistics too
+            owner = inputs.owner_of.get(n, n)
+            if owner != n:
+                stats[n].cross = stats[owner].cross
+        self._dense_next = dense_outputs if self._dense is not None else None
         self.seconds += time.perf_counter() - t0
         return stats
+
+
+def _recorder(name: str, store: dict[str, torch.Tensor]):
+    def hook(module: nn.Module, args: tuple) -> None:
+        store[name] = args[0].detach()
+
+    return hook
+
+
+def _cross_hook(name: str, stats: dict[str, LayerStats], inputs: _InputStatistics, dense_inputs: dict[str, torch.Tensor]):
+    """After the input-statistics hook: ``cross += x_denseᵀ x̂`` for a layer owning its input."""
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if inputs.owner_of.get(name) != name:
+            return
+        x = dense_inputs[name].reshape(-1, module.in_features).float()
+        xh = args[0].detach().reshape(-1, module.in_features).float()
+        c = (x.T @ xh).to(torch.float64)
+        s = stats[name]
+        s.cross = c if s.cross is None else s.cross.add_(c)
+
+    return hook
 
 
 def _with_inputs_of(base: LayerStats | None, layer: nn.Linear) -> LayerStats:
     """``base``'s gradient statistics (if any) with empty input statistics, to be refilled."""
     if base is None:
         return LayerStats(out_features=layer.out_features, in_features=layer.in_features)
-    return dataclasses.replace(base, gram=None, abs_sum=None, tokens=0)
+    return dataclasses.replace(base, gram=None, abs_sum=None, cross=None, tokens=0)
 
 
 def closed_loop_calibration(
@@ -500,6 +584,7 @@ def closed_loop_calibration(
     statistics: Sequence[str] = ("gram",),
     layers: dict[str, nn.Linear] | None = None,
     base: Calibration | None = None,
+    cross: bool = False,
     progress: bool = False,
 ) -> Calibration:
     """A :class:`Calibration` whose ``stats`` is a :class:`ClosedLoopStats` walk (``mode``
@@ -510,7 +595,9 @@ def closed_loop_calibration(
     stops there. ``base``: an open-loop calibration of the same text supplying gradient
     statistics and the layers outside the decoder blocks; without it, those layers get
     open-loop input statistics from a full forward (a model whose blocks hold every layer
-    needs none). ``statistics`` beyond ``gram`` / ``abs_mean`` must be in ``base``.
+    needs none). ``statistics`` beyond ``gram`` / ``abs_mean`` must be in ``base``. ``cross``:
+    also run the dense model's stream alongside (one more block run per block, twice the
+    activations) and collect :attr:`LayerStats.cross`, for :meth:`LayerStats.target_weight`.
     """
     unknown = sorted(set(statistics) - set(STATISTICS))
     if unknown:
@@ -558,7 +645,7 @@ def closed_loop_calibration(
         for h in handles:
             h.remove()
         model.train(was_training)
-    walk = ClosedLoopStats(model, blocks, batches, layers, base_stats, statistics, progress=progress)
+    walk = ClosedLoopStats(model, blocks, batches, layers, base_stats, statistics, cross=cross, progress=progress)
     walk.seconds = time.perf_counter() - t0
     return Calibration(
         stats=walk,
