@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 8 adapters, 48 requests per round")
     args = parser.parse_args()
     model = "tiny-llama" if args.quick else "smollm2"
+    load_before = os.getloadavg()[0]
     n_adapters, clients, per_round = (8, 16, 48) if args.quick else (32, 32, 96)
     ranks = QUICK_RANKS if args.quick else RANKS
 
@@ -201,11 +203,12 @@ def main() -> None:
         "max_rss_growth_per_round": growth,
         "server_metrics": metrics,
         "exit_code_after_sigterm": exit_code,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "passed": passed,
     }
     rows = [
         [i + 1, r["requests"], r["failed"], round(r["tokens_per_s"], 1), r["p50_latency_s"], r["p99_latency_s"],
-         round(r["rss_bytes"] / 2**20, 1)]
+         int(r["rss_bytes"] / 2**20)]
         for i, r in enumerate(rounds)
     ]  # fmt: skip
     table = markdown_table(
@@ -220,7 +223,9 @@ def main() -> None:
         f"that loads every adapter.\n\n{table}\n\n"
         f"Failed requests: {failed}. Largest RSS growth from one round to the next: {100 * growth:+.1f}% "
         f"(limit {100 * RSS_GROWTH_LIMIT:.0f}%). Exit code after SIGTERM: {exit_code}. "
-        f"{'Passed.' if passed else 'FAILED.'}"
+        f"{'Passed.' if passed else 'FAILED.'} The machine was shared (1-minute load average "
+        f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores): "
+        "the absolute speed is the machine's, the failures and memory are the server's."
     )
     write_results("serve_http", payload, markdown)
     print(markdown)
