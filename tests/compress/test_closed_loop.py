@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from rankwise.compress.api import compress, decode_speeds_interleaved
-from rankwise.compress.calibrate import calibrate, closed_loop_calibration, decoder_blocks, linear_layers
+from rankwise.compress.calibrate import (
+    calibrate,
+    closed_loop_calibration,
+    decoder_blocks,
+    linear_layers,
+)
 from rankwise.errors import ConfigError, ModelError
 
 FAST = {"evaluate": False, "measure_speed": False, "calib_tokens": 256, "seq_len": 64}

@@ -2,9 +2,10 @@
 
 One call: :func:`compress` (calibrate → decompose every layer → allocate ranks to a
 parameter or size budget → factorise → evaluate → save). The pieces are public too:
-:func:`calibrate`, the method registry (:func:`get_method`, :func:`method_names`), the
+:func:`calibrate` and :func:`closed_loop_calibration` (block by block, on the outputs of
+the blocks already compressed), the method registry (:func:`get_method`, :func:`method_names`), the
 allocators (:func:`allocate_ranks`), :class:`LowRankLinear`, and
-:func:`save_compressed` / :func:`load_compressed`. See ``base.py`` for how to add a method.
+:func:`save_compressed` / :func:`load_compressed` / :func:`map_weights`. See ``base.py`` for how to add a method.
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ from rankwise.compress.base import (
     method_names,
     register_method,
 )
-from rankwise.compress.calibrate import Calibration, LayerStats, calibrate, linear_layers
-from rankwise.compress.checkpoint import COMPRESSED_MARKER, load_compressed, save_compressed
+from rankwise.compress.calibrate import (
+    Calibration,
+    ClosedLoopStats,
+    LayerStats,
+    calibrate,
+    closed_loop_calibration,
+    linear_layers,
+)
+from rankwise.compress.checkpoint import (
+    COMPRESSED_MARKER,
+    load_compressed,
+    map_weights,
+    save_compressed,
+)
 from rankwise.compress.report import LayerReport
 
 __all__ = [
@@ -34,6 +47,7 @@ __all__ = [
     "allocate_ranks",
     "load_compressed",
     "save_compressed",
+    "map_weights",
     "METHODS",
     "CompressionMethod",
     "CompressionJob",
@@ -45,5 +59,7 @@ __all__ = [
     "Calibration",
     "LayerStats",
     "calibrate",
+    "closed_loop_calibration",
+    "ClosedLoopStats",
     "linear_layers",
 ]
