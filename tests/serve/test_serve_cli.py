@@ -88,3 +88,25 @@ def test_a_taken_port_fails_before_the_model_loads():
 def test_a_missing_adapters_folder_is_refused(tmp_path):
     result = subprocess.run(serve("--adapters", str(tmp_path / "nope")), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--adapters" in result.stderr
+
+
+def test_which_hosts_count_as_this_machine_only():
+    from rankwise.serve.listen import is_loopback
+
+    assert all(is_loopback(h) for h in ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+    assert not any(is_loopback(h) for h in ["0.0.0.0", "::", "192.168.1.10", "example.org"])
+
+
+def test_bind_names_the_option_to_change():
+    from rankwise.errors import ConfigError
+    from rankwise.serve.listen import bind, url_of
+
+    with pytest.raises(ConfigError, match="--port"):
+        bind("127.0.0.1", 70000)
+    with pytest.raises(ConfigError, match="--host"):
+        bind("no-such-host.invalid", 0)
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert url_of(sock).startswith("http://127.0.0.1:") and not url_of(sock).endswith(":0")
+    finally:
+        sock.close()
