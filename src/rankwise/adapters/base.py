@@ -444,6 +444,11 @@ class Adapter(nn.Module, abc.ABC):
     def after_init(self) -> None:
         """Called after an initialiser changed the parameters (DoRA re-reads its row norms)."""
 
+    def before_optimizer_step(self, lr: float) -> None:
+        """Called by the training loop after backward and clipping, before the optimizer step,
+        with the optimizer's current learning rate: for a part the method trains by its own
+        rule (SoRA's proximal gate step). Clear that part's ``.grad`` so the optimizer skips it."""
+
     def merge_terms(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(c, E)`` with ``ΔW = c ⊙ W + E`` (``c`` per output row, or None): how to merge.
 

@@ -289,13 +289,12 @@ def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progr
 
 
 def before_optimizer_step(model: nn.Module, lr: float) -> None:
-    """Give every adapter that trains part of itself outside the optimizer its step (SoRA's
+    """Every trainable adapter's :meth:`~rankwise.adapters.Adapter.before_optimizer_step` (SoRA's
     proximal gate update): called after backward and clipping, before ``optimizer.step()``."""
     for layer in adapted_layers(model).values():
         for adapter in layer.adapters.values():
-            hook = getattr(adapter, "before_optimizer_step", None)
-            if hook is not None and adapter.trainable:
-                hook(lr)
+            if adapter.trainable:
+                adapter.before_optimizer_step(lr)
 
 
 def _checkpoint_due(config: FinetuneConfig, step: int) -> bool:
