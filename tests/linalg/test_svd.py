@@ -105,6 +105,75 @@ def test_auto_power_iterations_reach_one_percent_on_slow_decay():
     assert float(((S[:20] - plain.S.double()).abs() / S[:20]).max()) > 0.05  # needed depth
 
 
+def bar(A, S, k, r):
+    """(residual / optimal residual, worst relative error of the top-k singular values)."""
+    resid = torch.linalg.vector_norm((A - (r.U * r.S.unsqueeze(-2)) @ r.Vh).double())
+    sv = ((r.S.double() - S[:k]).abs() / S[:k]).max()
+    return float(resid / S[k:].square().sum().sqrt()), float(sv)
+
+
+@pytest.mark.parametrize(
+    ("decay", "shape", "k"),
+    [
+        (lambda i: i**-0.5, (400, 300), 20),
+        (lambda i: i**-1.0, (600, 500), 30),
+        (lambda i: torch.exp(-(i - 1) / 4), (400, 300), 20),
+    ],
+)
+def test_auto_depth_stops_at_the_one_percent_bar_not_past_it(decay, shape, k):
+    # The default stops on the Ritz residuals: it meets the bar of bench/rsvd.py (σ within
+    # 1%, residual within 2% of optimal) and goes at most one block past the smallest depth
+    # that meets it (the previous rule, "σ moved < 0.1%", went two or three past).
+    i = torch.arange(1, min(shape) + 1, dtype=torch.float64)
+    A = spectrum_matrix(*shape, decay(i), dtype=torch.float32)
+    S = torch.linalg.svdvals(A.double())
+    r = rsvd(A, k, generator=gen())
+    resid, sv = bar(A, S, k, r)
+    assert resid <= 1.02 and sv <= 0.01
+    fixed = [bar(A, S, k, rsvd(A, k, n_iter=q, generator=gen())) for q in range(r.depth + 1)]
+    smallest = next(q for q, (a, b) in enumerate(fixed) if a <= 1.02 and b <= 0.01)
+    assert r.depth <= smallest + 1
+
+
+def test_looser_rtol_and_energy_accuracy_stop_earlier():
+    i = torch.arange(1, 301, dtype=torch.float64)
+    A = spectrum_matrix(400, 300, i**-0.5, dtype=torch.float32)
+    S = torch.linalg.svdvals(A.double())
+    values = rsvd(A, 20, generator=gen())
+    loose = rsvd(A, 20, rtol=0.2, generator=gen())
+    energy = rsvd(A, 20, accuracy="energy", rtol=1e-3, generator=gen())
+    assert loose.depth < values.depth and energy.depth < values.depth
+    # the energy the rank-20 subspace captures is within 1% of the optimum
+    captured = float((energy.U.double().mT @ A.double()).square().sum())
+    assert captured >= 0.99 * float(S[:20].square().sum())
+
+
+def test_last_block_takes_the_rest_so_the_result_is_exact():
+    # 576 x 192 at rank 64: blocks of 74 columns; after the first, 118 <= 2 blocks remain,
+    # so the next block takes them all and QᵀA is the whole matrix: an exact SVD at depth 1.
+    i = torch.arange(1, 193, dtype=torch.float64)
+    A = spectrum_matrix(576, 192, i**-0.25, dtype=torch.float32)
+    S = torch.linalg.svdvals(A.double())
+    r = rsvd(A, 64, n_iter=1, generator=gen())
+    assert r.depth == 1
+    torch.testing.assert_close(r.S.double(), S[:64], rtol=1e-5, atol=0)
+    assert bar(A, S, 64, r)[0] < 1 + 1e-4
+
+
+def test_rank_deficient_blocks_avoid_householder_qr(monkeypatch):
+    # Householder QR of a rank-deficient block is 10-100x slower on a busy CPU; the
+    # Krylov blocks of a low-rank matrix are orthonormalised without it.
+    A = spectrum_matrix(300, 200, [5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float32)  # rank 5
+
+    def no_qr(*args, **kwargs):
+        raise AssertionError("Householder QR called")
+
+    monkeypatch.setattr(torch.linalg, "qr", no_qr)
+    r = rsvd(A, 20, generator=gen())
+    torch.testing.assert_close(r.S[:5], torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), atol=1e-4, rtol=0)
+    assert_orthonormal_cols(r.U, 1e-4)
+
+
 def test_rank_deficient_input_still_gives_orthonormal_factors():
     A = spectrum_matrix(60, 40, [3.0, 2.0, 1.0], dtype=torch.float32)  # exact rank 3
     r = rsvd(A, 8, n_iter=2, generator=gen())
@@ -312,6 +381,8 @@ def test_rsvd_bad_matrix(A, err, pattern):
         ({"rank": 2, "tol": 0.0}, "'tol' must be a number in"),
         ({"rank": 2, "tol": float("nan")}, "'tol' must be a number in"),
         ({"rank": 2, "generator": 0}, "'generator' must be a torch.Generator"),
+        ({"rank": 2, "rtol": 0.0}, "'rtol' must be a number in"),
+        ({"rank": 2, "accuracy": "fast"}, "'accuracy' must be one of 'values', 'energy'"),
     ],
 )
 def test_rsvd_bad_options(kwargs, pattern):
