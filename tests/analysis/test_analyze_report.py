@@ -219,6 +219,10 @@ def test_gradients_are_off_by_default_and_bad_values_refused(tmp_path, text_file
         analyze("tiny-llama", tmp_path / "bad", texts=0, gradients=-1)
     with pytest.raises(ConfigError, match="tokens must be"):
         analyze("tiny-llama", tmp_path / "bad", texts=0, gradients=1, gradient_tokens=1)
+    with pytest.raises(DataError, match="missing.txt' does not exist"):
+        analyze("tiny-llama", tmp_path / "bad", texts=0, gradients=1, gradient_data=["builtin", str(tmp_path / "missing.txt")])
+    with pytest.raises(ConfigError, match="repeat"):
+        analyze("tiny-llama", tmp_path / "bad", texts=0, gradients=1, gradient_data=["builtin", "builtin"])
     assert not (tmp_path / "bad").exists()
 
 

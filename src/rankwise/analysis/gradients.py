@@ -212,6 +212,25 @@ LICENSES = Path("/usr/share/common-licenses")
 GRADIENT_SOURCES = ("builtin", "licenses")  # the report's default pair
 
 
+def check_sources(sources: Sequence[str]) -> list[str]:
+    """Validate gradient sources cheaply (before any slow work): a list of distinct names that
+    are ``"builtin"``, ``"licenses"`` (present) or existing paths."""
+    if isinstance(sources, str) or not sources:
+        raise ConfigError(f"sources must be a list of data sources (e.g. {list(GRADIENT_SOURCES)}), got {sources!r}")
+    sources = [str(s) for s in sources]
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"sources repeat a dataset: {sources!r}; give different sources")
+    for source in sources:
+        if source == "licenses" and not LICENSES.is_dir():
+            raise DataError(
+                f"{LICENSES} does not exist (it comes with Debian's base-files package); "
+                "give a text file or folder of .txt files as the second dataset instead"
+            )
+        if source not in ("builtin", "licenses") and not Path(source).expanduser().exists():
+            raise DataError(f"data {source!r} does not exist; pass 'builtin', 'licenses', a text file or a folder of .txt files")
+    return sources
+
+
 def source_documents(source: str) -> list[str]:
     """The documents of a gradient source: ``"builtin"`` (the built-in corpus's validation
     split), ``"licenses"`` (every license text under /usr/share/common-licenses), or a text
@@ -221,11 +240,7 @@ def source_documents(source: str) -> list[str]:
     if source == BUILTIN:
         return load_corpus(BUILTIN).validation
     if source == "licenses":
-        if not LICENSES.is_dir():
-            raise DataError(
-                f"{LICENSES} does not exist (it comes with Debian's base-files package); "
-                "give a text file or folder of .txt files as the second dataset instead"
-            )
+        check_sources([source])
         files = sorted({f.resolve() for f in LICENSES.iterdir() if f.is_file()})
         return [read_text_file(f) for f in files]
     return read_texts(source)
@@ -241,10 +256,7 @@ def gradient_datasets(sources: Sequence[str], tokenizer, *, count: int = 4, toke
         raise ConfigError(f"count must be a positive number of texts per dataset, got {count!r}")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise ConfigError(f"tokens must be an integer >= 2 (a next-token loss needs two tokens), got {tokens!r}")
-    if isinstance(sources, str) or not sources:
-        raise ConfigError(f"sources must be a list of data sources (e.g. {list(GRADIENT_SOURCES)}), got {sources!r}")
-    if len(set(sources)) != len(sources):
-        raise ConfigError(f"sources repeat a dataset: {list(sources)!r}; give different sources")
+    sources = check_sources(sources)
     out = {}
     for source in sources:
         docs = [d for d in source_documents(source) if d.strip()]
@@ -259,4 +271,4 @@ def gradient_datasets(sources: Sequence[str], tokenizer, *, count: int = 4, toke
     return out
 
 
-__all__ = ["GRADIENT_SOURCES", "GradientSpectra", "gradient_datasets", "gradient_spectra", "source_documents"]
+__all__ = ["GRADIENT_SOURCES", "GradientSpectra", "check_sources", "gradient_datasets", "gradient_spectra", "source_documents"]

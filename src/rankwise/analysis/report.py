@@ -19,7 +19,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rankwise.analysis.gradients import GRADIENT_SOURCES, gradient_datasets, gradient_spectra
+from rankwise.analysis.gradients import (
+    GRADIENT_SOURCES,
+    check_sources,
+    gradient_datasets,
+    gradient_spectra,
+)
 from rankwise.analysis.intruders import IntruderResult, intruder_dimensions
 from rankwise.analysis.nuclear_norm import nuclear_norm_score
 from rankwise.analysis.spectrum import SpectrumResult, spectrum
@@ -405,6 +410,12 @@ def analyze(
     def step(what: str):
         return stage(what, show=progress)
 
+    if gradients:
+        if isinstance(gradient_tokens, bool) or not isinstance(gradient_tokens, int) or gradient_tokens < 2:
+            raise ConfigError(f"gradient_tokens must be an integer >= 2 (a next-token loss needs two tokens), got {gradient_tokens!r}")
+        gradient_data = check_sources(gradient_data)
+    if intrinsic and str(data) != "builtin":
+        check_sources([str(data)])
     check_output_dir(out, overwrite=overwrite)
     started = time.perf_counter()
     with step("reading texts"):
