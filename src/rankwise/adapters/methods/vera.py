@@ -89,15 +89,24 @@ class VeraAdapter(Adapter):
         b = self._bases.get("b", p.device, p.dtype)
         return p[:, None] * b, (self.vera_lambda_d * self.fan_scale)[:, None] * a
 
+    def _unscaled_out(self, x: torch.Tensor) -> torch.Tensor:
+        """``B (c·d ⊙ A x)`` (..., out): the vectors scale activations, not the shared
+        matrices, so backward needs no weight-sized gradient (as in PEFT)."""
+        p = self.vera_lambda_b
+        h = x @ self._bases.get("a", p.device, p.dtype)  # Aᵀ stored: (..., r)
+        h = h * (self.vera_lambda_d * self.fan_scale)
+        return h @ self._bases.get("b", p.device, p.dtype).t()
+
     def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
-        b, a = self.factors()
-        return (x @ a.t()) @ b.t()
+        return self._unscaled_out(x) * self.vera_lambda_b
 
     def compose(
         self, y: torch.Tensor, x: torch.Tensor, base: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
-        b, a = self.factors()
-        return self.layer.add_projected(y, x @ a.t(), b, 1.0)
+        z = self._unscaled_out(x)
+        if z.dtype == y.dtype:
+            return torch.addcmul(y, z, self.vera_lambda_b)  # one pass over the output
+        return y + (z * self.vera_lambda_b).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         b, a = self.factors()
