@@ -204,6 +204,8 @@ def main() -> None:
         name += "_" + "_".join(methods)
     if args.option:
         name += "_" + "_".join(o.replace("=", "-") for o in args.option)
+    if args.ratios:  # runs split by ratio (to run in parallel) get a section each
+        name += "_" + "_".join(f"{r:g}" for r in ratios)
     write_results(name, payload, md)
     print(md)
 
