@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_lord import end_to_end
 
 from rankwise.compress.base import damped_cholesky
 from rankwise.compress.layers import SparseDictLinear
-from rankwise.compress.methods.cospadi import learn_sparse_dictionary, sparse_dict_parameters
+from rankwise.compress.methods.cospadi import (
+    learn_sparse_dictionary,
+    sparse_code,
+    sparse_dict_parameters,
+)
+from rankwise.errors import ConfigError
 from rankwise.models import count_parameters
 
 
@@ -60,3 +66,37 @@ def test_cospadi_end_to_end(tmp_path, texts):
     assert rel < 0.3
     file_bytes = (res.path / "model.safetensors").stat().st_size
     assert abs(file_bytes - 4 * count_parameters(res.model)) < 0.02 * file_bytes
+
+
+def _exact_support_fit(target, dictionary, indices):
+    """Per-row least squares on the chosen atoms (the reference the batched CG must match)."""
+    rows = [torch.linalg.lstsq(dictionary[idx].T, t[:, None]).solution[:, 0] for t, idx in zip(target, indices, strict=True)]
+    return torch.stack(rows)
+
+
+def test_batched_support_fit_equals_per_row_least_squares():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(50, 40, dtype=torch.float64, generator=g)
+    dictionary = torch.randn(24, 40, dtype=torch.float64, generator=g)
+    dictionary = dictionary / dictionary.norm(dim=1, keepdim=True)  # correlated unit atoms
+    values, indices = sparse_code(target, dictionary, 6, tol=1e-10, max_iter=500)
+    assert indices.shape == (50, 6) and all(len(set(r.tolist())) == 6 for r in indices)
+    assert torch.allclose(values, _exact_support_fit(target, dictionary, indices), atol=1e-6)
+    # a warm start keeps the given supports and refits them exactly
+    support = torch.stack([torch.randperm(24, generator=g)[:6] for _ in range(50)])
+    refit, same = sparse_code(target, dictionary, 6, support=support, tol=1e-10, max_iter=500)
+    assert torch.equal(same, support)
+    assert torch.allclose(refit, _exact_support_fit(target, dictionary, support), atol=1e-6)
+
+
+def test_float32_learning_matches_float64_and_warm_starts_stay_close():
+    w = _union_of_subspaces(4) + 0.1 * torch.randn(128, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    exact = learn_sparse_dictionary(w, 24, 3, iterations=4, dtype=torch.float64)
+    fast = learn_sparse_dictionary(w, 24, 3, iterations=4)
+    assert fast.D.dtype == torch.float64 and fast.values.dtype == torch.float64
+    assert abs(fast.error - exact.error) < 0.02 * exact.error
+    warm = learn_sparse_dictionary(w, 24, 3, iterations=4, search_every=2)
+    start = learn_sparse_dictionary(w, 24, 3, iterations=0)
+    assert warm.error <= start.error and warm.error < 1.2 * fast.error
+    with pytest.raises(ConfigError, match="search_every"):
+        learn_sparse_dictionary(w, 24, 3, search_every=0)

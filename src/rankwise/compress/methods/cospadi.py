@@ -10,14 +10,20 @@ Cholesky factor ``G = X Xᵀ ≈ L Lᵀ`` this is ``‖W L − S (D L)‖_F``; m
 keeps the row-sparsity of ``S``, so the dictionary is learned on ``W̃ = W L`` and mapped back
 by ``D = D̃ L⁻¹`` (a triangular solve, as SVD-LLM 2024 does for its factors).
 
-Learning (K-SVD-style alternation; the update is MOD, Engan et al. 1999):
+Learning (K-SVD-style alternation; the update is MOD, Engan et al. 1999), in float32:
 
-1. start from the top ``k`` right singular vectors of ``W̃`` (random unit rows beyond its rank);
+1. start from the top ``k`` right singular vectors of ``W̃`` (eigenvectors of ``W̃ᵀW̃``; random
+   unit rows beyond its rank);
 2. sparse coding: generalised OMP per row (``s`` atoms chosen in 4 rounds of the largest
-   residual correlations, least squares on the support after each round, all rows batched);
-3. dictionary update: ``D̃ = (SᵀS)⁻¹ Sᵀ W̃``; unused atoms are reset to the worst-fitted rows;
-   atoms renormalised;
-4. repeat ``iterations`` times, keeping the best ``(D̃, S)``.
+   residual correlations); the least squares on each row's support is solved for all rows
+   at once by conjugate gradients on dense masked codes (one ``(out, k) @ (k, k)`` product per
+   step, a handful of steps, warm-started from the previous round) instead of a batch of
+   ``s × s`` Cholesky factorisations (measured >10× faster on SmolLM2's layers, same error);
+3. dictionary update: ``D̃ = (SᵀS)⁻¹ Sᵀ W̃`` (Cholesky); unused atoms are reset to the
+   worst-fitted rows; atoms renormalised;
+4. repeat ``iterations`` times, keeping the best ``(D̃, S)``. ``search_every=2`` re-searches
+   the supports only every other time and refits the codes on the previous supports in
+   between (faster, slightly worse: not the default).
 
 Storage counted honestly: ``k·in`` dictionary entries, ``out·s`` values (model dtype) and
 ``out·s`` int16 indices (int32 when ``k ≥ 2^15``), i.e. a 16-bit index costs half a float32
@@ -63,30 +69,98 @@ def _dense_codes(values: torch.Tensor, indices: torch.Tensor, atoms: int) -> tor
     return values.new_zeros(values.shape[0], atoms).scatter(1, indices, values)
 
 
-def sparse_code(target: torch.Tensor, dictionary: torch.Tensor, nonzeros: int, *, rounds: int = 4):
+def _ridge(gram: torch.Tensor) -> float:
+    """A diagonal shift that keeps a Gram positive definite in its own precision."""
+    scale = float(gram.diagonal().mean())
+    return 10 * torch.finfo(gram.dtype).eps * scale + torch.finfo(gram.dtype).tiny
+
+
+def _masked_cg(
+    gram: torch.Tensor, corr: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, *, tol: float, max_iter: int
+) -> torch.Tensor:
+    """Every row's least squares on its support at once, by conjugate gradients.
+
+    Row ``i`` solves ``G[S_i, S_i] c = corr[i, S_i]`` (``S_i`` = where ``mask[i]`` is 1); all rows
+    are kept dense ``(out, k)`` and zero off their support, so one CG step is one
+    ``(out, k) @ (k, k)`` product — no ``(out, s, s)`` per-row Grams. ``start (out, k)``: the
+    initial guess (the previous round's codes). Stops when every row's residual is below
+    ``tol ×`` the largest right-hand side (a few steps: atoms are near-orthonormal).
+    """
+    tiny = torch.finfo(corr.dtype).tiny
+    x = start * mask
+    b = corr * mask
+    r = b - (x @ gram) * mask
+    p, rs = r.clone(), (r * r).sum(1)
+    bound = tol**2 * float((b * b).sum(1).max())
+    for _ in range(max_iter):
+        if float(rs.max()) <= bound:
+            break
+        ap = (p @ gram) * mask
+        alpha = rs / (p * ap).sum(1).clamp(min=tiny)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        rs_next = (r * r).sum(1)
+        p = r + (rs_next / rs.clamp(min=tiny))[:, None] * p
+        rs = rs_next
+    return x
+
+
+def sparse_code(
+    target: torch.Tensor,
+    dictionary: torch.Tensor,
+    nonzeros: int,
+    *,
+    rounds: int = 4,
+    support: torch.Tensor | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+):
     """Generalised OMP: ``(values, indices) (out, s)`` approximating each row of ``target (out, in)``
-    by ``s`` rows of ``dictionary (k, in)``, chosen in ``rounds`` batches of largest correlations."""
+    by ``s`` rows of ``dictionary (k, in)``, chosen in ``rounds`` batches of largest residual
+    correlations; after each batch the coefficients on the support are refit by
+    :func:`_masked_cg`, warm-started from the previous batch's. ``support (out, s)`` given (a
+    warm start across dictionary updates): no search, only the refit on those atoms.
+    """
     gram = dictionary @ dictionary.T  # (k, k)
-    ridge = 1e-10 * float(gram.diagonal().mean()) + 1e-300
     corr = target @ dictionary.T  # (out, k)
     out, k = corr.shape
+    mask = torch.zeros_like(corr)
+    codes = torch.zeros_like(corr)
+    if support is not None:
+        mask.scatter_(1, support, 1.0)
+        codes = _masked_cg(gram, corr, mask, codes, tol=tol, max_iter=max_iter)
+        return codes.gather(1, support), support
     chosen = torch.zeros(out, 0, dtype=torch.long)
-    coef = corr.new_zeros(out, 0)
     per_round = math.ceil(nonzeros / rounds)
     while chosen.shape[1] < nonzeros:
-        residual = corr - _dense_codes(coef, chosen, k) @ gram  # correlations with the residual
-        residual.scatter_(1, chosen, 0.0)
+        residual = corr - codes @ gram  # correlations of the atoms with each row's residual
+        residual.masked_fill_(mask.bool(), 0.0)
         new = residual.abs().topk(min(per_round, nonzeros - chosen.shape[1]), dim=1).indices
         chosen = torch.cat([chosen, new], 1)  # (out, t)
-        sub = gram[chosen[:, :, None], chosen[:, None, :]]  # (out, t, t)
-        sub = sub + ridge * torch.eye(chosen.shape[1], dtype=sub.dtype)
-        rhs = corr.gather(1, chosen)[:, :, None]  # (out, t, 1)
-        chol, info = torch.linalg.cholesky_ex(sub)
-        if bool((info != 0).any()):
-            coef = torch.linalg.lstsq(sub, rhs).solution[:, :, 0]
-        else:
-            coef = torch.cholesky_solve(rhs, chol)[:, :, 0]
-    return coef, chosen
+        mask.scatter_(1, new, 1.0)
+        codes = _masked_cg(gram, corr, mask, codes, tol=tol, max_iter=max_iter)
+    return codes.gather(1, chosen), chosen
+
+
+def _top_right_singular_vectors(w: torch.Tensor, count: int) -> torch.Tensor:
+    """The top ``count`` right singular vectors of ``w (out, in)`` as rows ``(count, in)``, from the
+    eigenvectors of the float64 Gram ``wᵀw`` (a symmetric ``in × in`` eigenproblem: far cheaper
+    than ``svd(w)`` on a busy CPU, and only a starting dictionary)."""
+    w64 = w.to(torch.float64)
+    _, vectors = torch.linalg.eigh(w64.T @ w64)  # ascending eigenvalues
+    return vectors.flip(1)[:, :count].T
+
+
+def _mod_update(codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """MOD: the least-squares dictionary ``(SᵀS)⁻¹ Sᵀ W`` for codes ``S (out, k)`` (Cholesky; LU
+    if ``SᵀS`` is numerically singular)."""
+    sts = codes.T @ codes
+    sts = sts + _ridge(sts) * torch.eye(sts.shape[0], dtype=sts.dtype)
+    rhs = codes.T @ w
+    chol, info = torch.linalg.cholesky_ex(sts)
+    if int(info) != 0:
+        return torch.linalg.solve(sts, rhs)
+    return torch.cholesky_solve(rhs, chol)
 
 
 def learn_sparse_dictionary(
@@ -95,45 +169,50 @@ def learn_sparse_dictionary(
     nonzeros: int,
     *,
     iterations: int = 4,
+    search_every: int = 1,
+    dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
 ) -> SparseDictionary:
     """Learn ``target (out, in) ≈ S D`` with ``D (atoms, in)`` and ``nonzeros`` per row of ``S``.
 
-    Float64 inside; returns the best iterate found (the error never exceeds the SVD start's).
+    Computes in ``dtype`` (float32 by default: the same error as float64 to ~1e-5 on SmolLM2's
+    layers, twice as fast); returns ``D`` and the values in ``target``'s dtype.
+    ``search_every``: run the gOMP support search on every ``search_every``-th coding and, in
+    between, refit the codes on the previous supports (warm start, one solve). Returns the best
+    iterate found (the error never exceeds the start's).
     """
+    if search_every < 1:
+        raise ConfigError(f"search_every must be >= 1; got {search_every}")
     if target.ndim != 2:
         raise ShapeError(f"target must be (out, in); got {tuple(target.shape)}")
     if not 1 <= nonzeros <= atoms:
         raise ConfigError(f"need 1 <= nonzeros <= atoms; got nonzeros={nonzeros}, atoms={atoms}")
-    w = target.to(torch.float64)
+    w = target.to(dtype)
     total = float(w.pow(2).sum()) or 1.0
-    _, _, vh = torch.linalg.svd(w, full_matrices=False)
-    d = vh[:atoms]
+    d = _top_right_singular_vectors(target, min(atoms, *w.shape)).to(dtype)
     if d.shape[0] < atoms:
-        extra = torch.randn(atoms - d.shape[0], w.shape[1], dtype=w.dtype, generator=generator)
+        extra = torch.randn(atoms - d.shape[0], w.shape[1], generator=generator).to(dtype)
         d = torch.cat([d, extra / extra.norm(dim=1, keepdim=True)])
-    best = None
+    best, support = None, None
     for step in range(iterations + 1):
-        values, indices = sparse_code(w, d, nonzeros)
+        warm = support if step % search_every else None
+        values, indices = sparse_code(w, d, nonzeros, support=warm)
+        support = indices
         codes = _dense_codes(values, indices, atoms)  # (out, k)
         residual = w - codes @ d
         err = float(residual.pow(2).sum()) / total
         if best is None or err < best.error:
-            best = SparseDictionary(d.clone(), values, indices, err)
+            best = SparseDictionary(d.to(target.dtype), values.to(target.dtype), indices, err)
         if step == iterations:
             break
-        # MOD update: least-squares dictionary for these codes
-        sts = codes.T @ codes
-        sts = sts + (1e-10 * float(sts.diagonal().mean()) + 1e-300) * torch.eye(
-            atoms, dtype=w.dtype
-        )
-        d = torch.linalg.solve(sts, codes.T @ w)
+        d = _mod_update(codes, w)
         unused = codes.abs().sum(0) == 0
         if bool(unused.any()):  # reset dead atoms to the worst-fitted rows
             worst = residual.norm(dim=1).topk(int(unused.sum())).indices
             d[unused] = residual[worst]
+            support = None  # the reset atoms are in no support yet: search again
         norms = d.norm(dim=1, keepdim=True)
-        d = d / norms.clamp(min=1e-300)
+        d = d / norms.clamp(min=torch.finfo(dtype).tiny)
     return best
 
 
