@@ -333,3 +333,18 @@ def test_state_dict_holds_only_plain_data():
     sd = torch.load(buf, weights_only=True)
     keys = {k for st in sd["state"].values() for k in st}
     assert {"proj_left_idx", "proj_right_idx", "exp_avg", "step"} <= keys
+
+
+def test_param_group_added_later_is_checked_and_classified():
+    a, b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6, 10))
+    opt = GaLoreAdamW([a], rank=2)
+    with pytest.raises(ConfigError, match="param group 1: option 'rnak'"):
+        opt.add_param_group({"params": [b], "rnak": 3})
+    with pytest.raises(ConfigError, match="param group 1: 'rank' must be an int"):
+        opt.add_param_group({"params": [b], "rank": -1})
+    assert len(opt.param_groups) == 1  # nothing added by a refused group
+    opt.add_param_group({"params": [b], "rank": 3, "proj_type": "left"})
+    assert opt.rules == {"group0.param0": "svd r=2 (right)", "group1.param0": "svd r=3 (left)"}
+    a.grad, b.grad = torch.randn(8, 6), torch.randn(6, 10)
+    opt.step()
+    assert opt.state[b]["exp_avg"].shape == (3, 10)

@@ -257,29 +257,31 @@ class ProjectedAdamW(torch.optim.Optimizer):
             names = {id(p): n for n, p in params.named_parameters()}
             embedding_ids = _embedding_ids(params)
             params = list(params.parameters())
-        params = list(params)
-        valid = GROUP_OPTIONS + tuple(self.extra_options)
-        for i, g in enumerate(params):
-            if isinstance(g, dict):
-                _check_options(
-                    {k: v for k, v in g.items() if k != "params"},
-                    valid,
-                    cls,
-                    f"param group {i}: option",
-                )
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            _check_group(group, i, cls)
         self.stagger, self.embeddings, self.seed = stagger, embeddings, seed
+        self._names, self._embedding_ids = names, embedding_ids
         self.skipped_steps = 0
         self.refresh_seconds = 0.0
         self.refresh_count = 0
-        self._classify(names, embedding_ids)
+        super().__init__(list(params), defaults)
+        self._classify()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, after checking the group's options; rules are decided again."""
+        cls, i = type(self).__name__, len(self.param_groups)
+        extra = {k: v for k, v in param_group.items() if k != "params"}
+        _check_options(
+            extra, GROUP_OPTIONS + tuple(self.extra_options), cls, f"param group {i}: option"
+        )
+        _check_group({**self.defaults, **param_group}, i, cls)  # before the group is added
+        super().add_param_group(param_group)
+        if hasattr(self, "_rule"):  # a group added after construction
+            self._classify()
 
     # ---------------------------------------------------------------- rules
 
-    def _classify(self, names: dict[int, str], embedding_ids: set[int]) -> None:
+    def _classify(self) -> None:
         """Decide each parameter's rule, its stagger phase and its effective rank."""
+        names, embedding_ids = self._names, self._embedding_ids
         self._name, self._rule, self._rank, self._phase, self._index = {}, {}, {}, {}, {}
         projected, clamped = [], []
         for gi, group in enumerate(self.param_groups):
