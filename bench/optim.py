@@ -72,7 +72,7 @@ def settings(quick: bool) -> dict:
             hidden=256, layers=4, intermediate=688, heads=4, steps=30, rank=64, gap=10, val_blocks=8
         )
     return dict(
-        hidden=512, layers=6, intermediate=1376, heads=8, steps=60, rank=128, gap=20, val_blocks=16
+        hidden=512, layers=6, intermediate=1376, heads=8, steps=40, rank=128, gap=10, val_blocks=8
     )
 
 
