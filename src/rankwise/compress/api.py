@@ -30,6 +30,7 @@ from torch import nn
 from rankwise.compress.allocate import (
     LayerSpectrum,
     allocate_ranks,
+    breakeven_rank,
     minimum_parameters,
 )
 from rankwise.compress.base import CompressionJob, CompressionMethod, Decomposition, get_method
@@ -232,8 +233,10 @@ def _per_layer_svd(
             bar.set(layer=name)
             weight = layer.weight.detach().to(torch.float64)
             dec = method.decompose(weight, stats.get(name))
-            if closed is None:  # kept for factorising; closed loop decomposes again
-                decompositions[name] = Decomposition(dec.U.float(), dec.S, dec.Vh.float())
+            if closed is None:  # kept for factorising (closed loop decomposes again); a rank at or
+                # above break-even leaves the layer dense, so the factors beyond it are never used
+                keep = breakeven_rank(layer.out_features, layer.in_features)
+                decompositions[name] = Decomposition(dec.U[:, :keep].float(), dec.S, dec.Vh[:keep].float())
             weight_s = torch.linalg.svdvals(weight) if job.allocation == "welore" else None
             sensitivity = stats[name].sensitivity if name in stats else None
             directional = stats[name].direction_sensitivity(dec.U) if job.allocation == "mfac" else None
