@@ -223,6 +223,18 @@ def test_a_client_that_goes_away_frees_its_slot(server, engine):
     assert generated < 600, "the abandoned request ran to its end instead of being cancelled"
 
 
+def test_a_client_that_stops_waiting_frees_its_slot(server, engine):
+    """The same for a plain (not streamed) request whose client times out."""
+    before = engine.metrics()["generated_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=completion(max_tokens=600), headers=AUTH, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while engine.metrics()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.metrics()["running"] == 0, "the abandoned request still runs"
+    assert engine.metrics()["generated_tokens_total"] - before < 600, "it ran to its end"
+
+
 def test_a_full_queue_is_a_429_with_retry_after(http, engine):
     """The engine runs one request and queues one: a third is refused, until they are done."""
     handles = []

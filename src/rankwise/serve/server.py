@@ -29,8 +29,9 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +48,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 REQUEST_FIELD = re.compile(r"(prompt|max_tokens|temperature|top_p|seed|stop|model)\b")
 PUBLIC_PATHS = frozenset({"/health"})
 LOG = logging.getLogger("rankwise.serve")
+T = TypeVar("T")
 
 # Prometheus HELP text and type for the engine's metrics (others are exported as gauges).
 METRICS = {
@@ -294,6 +296,28 @@ class Generation:
         yield "data: [DONE]\n\n"
 
 
+async def while_connected(request: Request, work: Awaitable[T], poll: float = 0.25) -> T | None:
+    """``work``'s result, or None if the client went away first: then ``work`` is cancelled,
+    and with it its engine requests (an abandoned request must not hold a batch slot)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def client_gone() -> JSONResponse:
+    """The answer to a client that left (nobody reads it; 499 shows in /metrics, as in nginx)."""
+    return error_response(499, "the client closed the connection", "invalid_request_error", code="client_closed")
+
+
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -377,7 +401,9 @@ def _add_generation_routes(app: FastAPI, gen: Generation) -> None:
                 return [wrap([], usage)] if body.include_usage() else []
 
             return _stream(gen.events(handles[0], render, tail))
-        results = await asyncio.gather(*(gen.collect(h) for h in handles))
+        results = await while_connected(request, asyncio.gather(*(gen.collect(h) for h in handles)))
+        if results is None:
+            return client_gone()
         choices = [oa.completion_choice(i, text, reason) for i, (text, reason, _, _) in enumerate(results)]
         usage = oa.usage(sum(r[2] for r in results), sum(r[3] for r in results))
         return wrap(choices, usage)
@@ -410,7 +436,10 @@ def _add_generation_routes(app: FastAPI, gen: Generation) -> None:
                 return [wrap(chunk, [], usage)] if body.include_usage() else []
 
             return _stream(gen.events(handle, render, tail))
-        text, reason, prompt_tokens, completion_tokens = await gen.collect(handle)
+        result = await while_connected(request, gen.collect(handle))
+        if result is None:
+            return client_gone()
+        text, reason, prompt_tokens, completion_tokens = result
         choice = oa.chat_choice(0, text, reason)
         return wrap("chat.completion", [choice], oa.usage(prompt_tokens, completion_tokens))
 
