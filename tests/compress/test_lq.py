@@ -80,3 +80,18 @@ def test_lq_options_are_validated():
     with pytest.raises(ConfigError, match="fmt"):
         get_method("lq", fmt="fp4")
     assert get_method("lq", fisher=True).needs == frozenset({"fisher"})
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (128, 96)])
+def test_gram_svd_matches_lapack_on_the_leading_triplets(shape):
+    from rankwise.compress.methods.lq import _svd
+
+    g = torch.Generator().manual_seed(7)
+    scales = torch.logspace(0, -3, min(shape), dtype=torch.float64)
+    a = torch.randn(shape[0], min(shape), dtype=torch.float64, generator=g) * scales
+    a = a @ torch.randn(min(shape), shape[1], dtype=torch.float64, generator=g)
+    u, s, vh = _svd(a)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(a, full_matrices=False)
+    assert torch.allclose(s, ref_s, atol=1e-9 * float(ref_s[0]))
+    for r in (1, 16):
+        assert torch.allclose((u[:, :r] * s[:r]) @ vh[:r], (ref_u[:, :r] * ref_s[:r]) @ ref_vh[:r], atol=1e-9)
