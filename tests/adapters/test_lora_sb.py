@@ -132,3 +132,15 @@ def test_save_load_round_trip(tmp_path):
     fresh = llama()
     load_adapter(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh, x), want, atol=1e-6, rtol=0)
+
+
+def test_lora_xs_takes_the_lora_sb_start_and_svfit_nlora_refuse_it():
+    x = tokens(n=2, length=8, vocab=200)
+    model = llama()
+    attach(model, "lora_xs", TARGETS, rank=4, init="lora_sb", init_options={"inputs": x})
+    ad = next(iter(adapted_layers(model).values())).adapters["default"]
+    assert ad.lora_R.abs().sum() > 0  # R = diag(S) of the approximated update, not LoRA-XS's zero
+    assert torch.count_nonzero(ad.lora_R - torch.diag(torch.diagonal(ad.lora_R))) == 0
+    for method in ("svfit", "nlora"):
+        with pytest.raises(ConfigError):
+            attach(llama(), method, TARGETS, rank=4, init="lora_sb", init_options={"inputs": x})

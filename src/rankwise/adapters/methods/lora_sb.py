@@ -14,8 +14,6 @@ Low-Rank Fine-Tuning", Ponkshe et al. 2024.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +44,3 @@ class LoraSBAdapter(LoraXSAdapter):
                 self.lora_R.zero_()
             return
         super().reset_parameters()
-
-    def update_start(
-        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
-    ) -> Callable[[], None]:
-        """LoRA-SB's start from an update's top-r SVD: ``B = U/√s``, ``R = diag(S)``,
-        ``A = Vh/√s``, so ``s·B R A = U diag(S) Vh`` and ``√s·B``, ``√s·A`` are orthonormal."""
-        root = math.sqrt(self.scaling)
-        b, r, a = u / root, torch.diag(s), vh / root
-
-        def write() -> None:
-            with torch.no_grad():
-                self.lora_B.copy_(b)
-                self.lora_R.copy_(r)
-                self.lora_A.copy_(a)
-
-        return write

@@ -13,6 +13,7 @@ start, and :meth:`LoraXSAdapter.inner` says what ``R A`` is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,3 +78,19 @@ class LoraXSAdapter(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.inner().float()) * self.scaling
+
+    def update_start(
+        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+    ) -> Callable[[], None]:
+        """LoRA-SB's start (``init="lora_sb"``, for lora_xs and lora_sb) from an update's top-r SVD: ``B = U/√s``, ``R = diag(S)``,
+        ``A = Vh/√s``, so ``s·B R A = U diag(S) Vh`` and ``√s·B``, ``√s·A`` are orthonormal."""
+        root = math.sqrt(self.scaling)
+        b, r, a = u / root, torch.diag(s), vh / root
+
+        def write() -> None:
+            with torch.no_grad():
+                self.lora_B.copy_(b)
+                self.lora_R.copy_(r)
+                self.lora_A.copy_(a)
+
+        return write

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankwise.adapters.base import AdapterConfig, register_method
+from rankwise.adapters.base import Adapter, AdapterConfig, register_method
 from rankwise.adapters.methods.lora_xs import LoraXSAdapter
 
 
@@ -41,6 +41,7 @@ class NLoraAdapter(LoraXSAdapter):
 
     summary = "NLoRA: B M A factors started by a Nyström sketch on a residual base (2025)"
     config_class = NLoraConfig
+    update_start = Adapter.update_start  # LoRA-SB's start is for lora_xs / lora_sb only
 
     def build(self) -> None:
         r, out, inp = self.config.rank, self.layer.out_features, self.layer.in_features

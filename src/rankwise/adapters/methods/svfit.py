@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankwise.adapters.base import register_method
+from rankwise.adapters.base import Adapter, register_method
 from rankwise.adapters.init import float_weight
 from rankwise.adapters.methods.lora_xs import LoraXSAdapter, LoraXSConfig
 
@@ -31,6 +31,7 @@ class SVFitAdapter(LoraXSAdapter):
 
     summary = "SVFit: train only offsets of the top-r singular values of W (2024)"
     config_class = SVFitConfig
+    update_start = Adapter.update_start  # LoRA-SB's start is for lora_xs / lora_sb only
 
     def build(self) -> None:
         r, out, inp = self.config.rank, self.layer.out_features, self.layer.in_features
