@@ -130,3 +130,15 @@ def test_save_load_round_trip_keeps_the_kernel_and_the_outputs(tmp_path, method)
     ids = tok("the quick brown fox", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, res.model(ids).logits, atol=1e-5)
+
+
+def test_report_rows_say_which_path_each_layer_runs():
+    model, tok = tiny_llama(seed=0, layers=2, hidden=64)
+    texts = ["the quick brown fox jumps over the lazy dog " * 40] * 4
+    res = compress(
+        model, tokenizer=tok, method="eora", ratio=0.7, data=texts, calib_tokens=512, seq_len=128,
+        evaluate=False, measure_speed=False,
+    )  # fmt: skip
+    kernels = {row["name"]: row.get("kernel", row.get("detail", {}).get("kernel")) for row in res.report["layers"]}
+    assert kernels and set(kernels.values()) == {"int4"}
+    assert kernels == {n: res.model.get_submodule(n).kernel for n in kernels}

@@ -14,8 +14,8 @@ Two ways to use it:
 
 - ``--method eora`` (``base="quantize"``, the default): quantize every layer group-wise
   (``bits``, ``fmt``, ``group_size``; ``quantize.py``; the default ``fmt="auto"`` is 4-bit
-  ``"affine"`` in groups of 64, which decodes on PyTorch's packed int4 CPU kernel), then spend what is left of the budget
-  on compensation ranks, greedily by output error removed per parameter (the ``Σ_i²`` of
+  ``"affine"`` in groups of 64, which decodes on PyTorch's packed int4 CPU kernel), then
+  spend what is left of the budget on compensation ranks, greedily by output error removed per parameter (the ``Σ_i²`` of
   ``ΔW'`` relative to the layer's output energy ``‖W X‖²``, per ``out + in`` parameters:
   the ``global`` allocation, the only one this path supports).
   ``--ratio`` counts storage: a ``bits``-bit weight costs ``bits/32`` of a float32 parameter
@@ -254,7 +254,7 @@ class EoRA(CompressionMethod):
             rows.append(
                 LayerReport.of(
                     name, layer, module, rank=ranks[name] or None, parameters_after=after,
-                    relative_error=err, base="quantize", bits=self.bits,
+                    relative_error=err, base="quantize", bits=self.bits, kernel=module.kernel,
                 )  # fmt: skip
             )
         return rows

@@ -296,7 +296,7 @@ class LQLoRA(CompressionMethod):
             if self.fisher:
                 energy = _row_weights(calibration, name)[:, None] * energy
             scale = float(energy.sum())
-            detail = {} if bits is None else {"bits": bits}
+            detail = {} if bits is None else {"bits": bits, "kernel": module.kernel}
             rows.append(
                 LayerReport.of(
                     name, layer, module, rank=rank or None, parameters_after=int(-(-costs[i, j] // 1)),
