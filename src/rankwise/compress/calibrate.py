@@ -302,9 +302,13 @@ def calibrate(
     if want_backward:
         for p in model.parameters():
             p.requires_grad_(False)
-        for m in layers.values():  # the graph must reach every layer's output
-            m.weight.requires_grad_(True)
-            m.weight.grad = None
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if want_fisher or embeddings is None:
+            for m in layers.values():  # the graph must reach every layer's output (and weight)
+                m.weight.requires_grad_(True)
+                m.weight.grad = None
+        else:  # output gradients only: a graph from the embeddings' output, no weight gradients
+            handles.append(embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     bar = Bar(len(blocks), "calibrate", show=progress)
@@ -328,7 +332,7 @@ def calibrate(
                         rows = m.weight.grad.to(torch.float64).pow(2).sum(1)  # (out,)
                         s = stats[name]
                         s.fisher_rows = rows if s.fisher_rows is None else s.fisher_rows.add_(rows)
-                    m.weight.grad = None
+                        m.weight.grad = None
             inputs.end_batch(batch.numel())
             bar.update(len(batch))
     finally:
