@@ -143,14 +143,16 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
     parser.add_argument("--methods", nargs="*", default=["lq", "eora"])
     parser.add_argument("--skip-models", action="store_true", help="kernel microbench only")
+    parser.add_argument("--skip-micro", action="store_true", help="compressed models only")
     args = parser.parse_args()
     rows = (1, 8, 32, 512) if not args.quick else (1, 512)
-    micro, micro_table = microbench(rows, repeats=3 if args.quick else 7, calls=5 if args.quick else 20)
+    micro, micro_table = ([], []) if args.skip_micro else microbench(rows, repeats=3 if args.quick else 7, calls=5 if args.quick else 20)
     setup, results, model_table = ({}, [], []) if args.skip_models else models_bench(
         args.quick, tuple(args.ratios or ((0.8,) if args.quick else (0.8, 0.6))), tuple(args.methods)
     )
-    md = (
-        "### Quantized layers: packed CPU kernels vs dequantizing (`bench/quantized.py`)\n\n"
+    md = "### Quantized layers: packed CPU kernels vs dequantizing (`bench/quantized.py`)\n\n"
+    if micro:
+        md += (
         "Kernel microbench: `y = x Wᵀ` on SmolLM2's linear shapes (random weights), `rows` input rows; time per call "
         "as a speed ratio vs dense float32 `F.linear` (higher is faster), median of interleaved repeats. "
         "`dequantize` = unpack the codes and matmul in float32 every call (lq/eora before); `kernel` = "
@@ -160,7 +162,7 @@ def main() -> None:
         "and of the quantized weight's output vs the dense one.\n\n"
         + markdown_table(["shape", "format", "rows", "kernel", "dense µs", "dequantize vs dense", "kernel vs dense",
                           "kernel error", "quantization error"], micro_table)  # fmt: skip
-    )
+        )
     if results:
         md += (
             f"\n\n{setup['model']} compressed with each method's defaults (`fmt=\"auto\"`: 8-bit per-row int and "
@@ -173,6 +175,8 @@ def main() -> None:
                               "dense tok/s", "tok/s", "decode vs dense"], model_table)  # fmt: skip
         )
     name = "quantized_quick" if args.quick else "quantized"
+    if args.methods != ["lq", "eora"] or args.skip_micro:  # a partial run gets its own section
+        name += "_" + "_".join(args.methods) + ("_models" if args.skip_micro else "")
     write_results(name, {"quick": args.quick, "microbench": micro, "models": results, **setup}, md)
     print(md)
 
