@@ -30,6 +30,7 @@ import copy
 import ctypes
 import gc
 import inspect
+import json
 import math
 import statistics
 import sys
@@ -446,6 +447,16 @@ def _get(d: dict, row: str, key: str):
     return "" if v is None else v
 
 
+def previous_results() -> dict:
+    """The last run's payload (bench/results/zoo.json), or {}."""
+    from _common import RESULTS
+
+    try:
+        return json.loads((RESULTS / "zoo.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def table(rows, minilm, lm, layer) -> str:
     names = ["head only", "base model", *[r for r in rows]]
     out = []
@@ -481,9 +492,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = rows_of_methods(args.methods)
     t0 = time.time()
-    minilm = run_minilm(rows, args.quick) if "minilm" in args.parts else {}
-    lm = run_lm(rows, args.quick) if "lm" in args.parts else {}
-    layer = run_layer(rows, args.quick) if "layer" in args.parts else {}
+    mode = " --quick" if args.quick else ""
+    before = previous_results()
+    runs = {part: ("this run" + mode) for part in args.parts}
+    parts = {}
+    for part, fn in (("minilm", run_minilm), ("lm", run_lm), ("layer", run_layer)):
+        if part in args.parts:
+            parts[part] = fn(rows, args.quick)
+        else:  # a part not rerun keeps its numbers from the last run, said so in the doc
+            parts[part] = before.get(part, {})
+            earlier = "an earlier run" + (" --quick" if before.get("quick") else "")
+            runs[part] = before.get("runs", {}).get(part, earlier)
+    minilm, lm, layer = parts["minilm"], parts["lm"], parts["layer"]
     layer_rows = {r: e for r, e in layer.items() if "error" not in e}
     targets = {
         "within_1.5x_of_lora": {r: e["x_lora"] <= 1.5 for r, e in layer_rows.items()},
@@ -492,7 +512,6 @@ def main() -> None:
         },
     }
     missed = [f"{k}: {r}" for k, v in targets.items() for r, ok in v.items() if not ok]
-    mode = " --quick" if args.quick else ""
     markdown = (
         "## Adapter zoo: every method at a matched budget, and one 2048² layer vs PEFT\n\n"
         f"`bench/zoo.py{mode}` ({time.time() - t0:.0f} s). MiniLM: frozen encoder + linear head, "
@@ -504,12 +523,15 @@ def main() -> None:
         "peak RSS of one step. 2048² layer: 4096 tokens, input requiring grad, forward+backward, "
         "all rankwise methods and PEFT interleaved (median); methods matched to LoRA r16's "
         "budget, PEFT pairs at the issue's ranks (LoRA/DoRA r16, VeRA r256, RandLoRA r32, "
-        "MiSS r64; `bone` = MiSS `bat`). `head only` / `base model`: no adapter.\n\n"
+        "MiSS r64; `bone` = MiSS `bat`). `head only` / `base model`: no adapter. Columns from: "
+        + ", ".join(f"{k}: {v}" for k, v in runs.items())
+        + ".\n\n"
         f"{table(rows, minilm, lm, layer)}\n\n"
         "Targets (2048² layer): every method within 1.5x of rankwise LoRA, faster than PEFT "
         "where PEFT has it: " + ("all met" if not missed else "missed — " + ", ".join(missed))
     )
-    payload = {"quick": args.quick, "minilm": minilm, "lm": lm, "layer": layer, "targets": targets}
+    payload = {"quick": args.quick, "runs": runs, "minilm": minilm, "lm": lm, "layer": layer,
+               "targets": targets}  # fmt: skip
     write_results("zoo", payload, markdown)
     print(markdown)
 
