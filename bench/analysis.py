@@ -294,20 +294,24 @@ def lora_vs_full_plot(runs: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.7))
     for label, r in runs.items():
         steps = [c["step"] for c in r["checkpoints"]]
         style = "-o" if r["method"] == "lora" else "--s"
         axes[0].plot(steps, [c["intruders"] for c in r["checkpoints"]], style, label=label)
         axes[1].plot(steps, [c["intruders_by_threshold"]["0.9"] for c in r["checkpoints"]], style, label=label)
-        axes[2].semilogy(steps, [c["update_over_sigma10_median"] for c in r["checkpoints"]], style, label=label)
+        strength = [c["update_over_sigma10_median"] for c in r["checkpoints"]]
+        axes[2].semilogy(steps, strength, style, label=label)
+        axes[3].plot(strength, [c["intruders"] for c in r["checkpoints"]], style, label=label)
     axes[0].set_title("intruder dimensions (ε = 0.5, the default)", fontsize=9)
     axes[1].set_title("intruder dimensions (ε = 0.9)", fontsize=9)
     axes[2].set_title("median over layers of ‖ΔW‖₂ / σ₁₀(W)", fontsize=9)
-    for ax in axes:
+    axes[3].set_title("intruders (ε = 0.5) against the update's size", fontsize=9)
+    for ax in axes[:3]:
         ax.set_xlabel("training steps")
+    axes[3].set_xlabel("median ‖ΔW‖₂ / σ₁₀(W)")
     axes[0].set_ylabel("count over all linear layers (top 10 each)")
-    axes[2].legend(fontsize=7)
+    axes[3].legend(fontsize=7)
     fig.suptitle("LoRA vs full fine-tuning on the built-in corpus (bench/analysis.py --lora-vs-full)", fontsize=10)
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
@@ -338,7 +342,9 @@ def lora_vs_full(model, tokenizer, runs: list[tuple[str, int, float]], checkpoin
 
     def save(label: str, run: dict) -> None:
         nonlocal table
+        done.update(previous_runs(fresh=False))  # runs another invocation recorded meanwhile
         done[label] = run
+        print("RUN " + json.dumps({label: run}), flush=True)  # the raw numbers in the log as well
         table = lora_vs_full_markdown(done, recipe, model_name)
         write_results(LVF_NAME, {"runs": done, "markdown": table}, table)
         lora_vs_full_plot(done)

@@ -114,8 +114,8 @@ def gradient_plot(grads) -> str:
         names = [n for n in grads.layers if layer_kind(n) == kind]
         x = [block_of(n) if block_of(n) is not None else i for i, n in enumerate(names)]
         for dataset in grads.datasets:
-            axes[0][col].plot(x, [grads.nuclear_norm[dataset][n] for n in names], lw=1.1, label=dataset)
-            axes[1][col].plot(x, [grads.effective_rank[dataset][n] for n in names], lw=1.1, label=dataset)
+            axes[0][col].plot(x, [grads.nuclear_norm[dataset][n] for n in names], ".-", lw=1.1, ms=3, label=dataset)
+            axes[1][col].plot(x, [grads.effective_rank[dataset][n] for n in names], ".-", lw=1.1, ms=3, label=dataset)
         axes[0][col].set_title(kind, fontsize=9)
         axes[1][col].set_xlabel("block", fontsize=8)
         for ax in axes[:, col]:
@@ -159,7 +159,7 @@ def intrinsic_plot(result, title: str) -> str:
     ax.set_xlabel(f"subspace dimension d (of D = {result.parameters:,} parameters)", fontsize=8)
     ax.set_ylabel("metric / normal training", fontsize=8)
     ax.set_ylim(min(0.0, *fractions) - 0.02, max(1.05, *fractions) + 0.02)
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _png(fig)
