@@ -64,6 +64,7 @@ def test_symlink_leaving_the_folder_and_pickled_weights_are_refused(tmp_path):
     (root / "pickled" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     (root / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
     engine = Engine("tiny-llama", root)
+    assert "evil" not in {m["id"] for m in engine.models()}  # never offered
     with pytest.raises(ConfigError, match="symlink.*outside the adapters folder"):
         engine.load_adapter("evil")
     with pytest.raises(ConfigError, match=r"only in \['adapter_model.bin'\].*only safetensors"):

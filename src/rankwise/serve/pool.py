@@ -88,6 +88,7 @@ class AdapterPool:
                 p.name
                 for p in self.root.iterdir()
                 if p.is_dir() and (p / CONFIG_FILE).is_file() and p.name != self.reserved_name
+                and p.resolve().is_relative_to(self.root.resolve())  # a symlink out is never offered
             }
         return sorted(found)
 
