@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
     parser.add_argument("--allocate", default="auto", help="allocation (auto: each method's own; fisher for SVD methods)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens per corpus (full mode)")
+    parser.add_argument("--no-decode", action="store_true", help="skip decode timing (a quality-only run)")
     parser.add_argument("--option", "-o", action="append", default=[], help="method option key=value for every method (a variant: own section)")
     parser.add_argument("--memory", nargs="*", default=None, help="methods (default: all benchmarked) whose `rankwise compress --ratio 0.8` runs in its own process for its peak memory")
     args = parser.parse_args()
@@ -90,7 +92,7 @@ def main() -> None:
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "tiny-llama (random, 2 layers, hidden 64)", 1024, 1024, 256, 16
     else:
         model, tok = load_model("smollm2")
-        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", args.calib_tokens, 8192, 512, 64
+        model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "SmolLM2-135M", args.calib_tokens, args.eval_tokens, 512, 64
     from rankwise.cli._options import parse_options
 
     options = parse_options(args.option)
@@ -149,7 +151,10 @@ def main() -> None:
                 seconds = time.perf_counter() - t0 + (calib_seconds if stats is not None else 0.0)
                 quality = ppl(res.model)
                 kept = res.report["parameters"]["after"]
-                times = interleaved({"dense": dense_decode, "compressed": decode_time(res.model, tok, new_tokens)}, repeats=3)
+                if args.no_decode:
+                    times = {"dense": math.nan, "compressed": math.nan}
+                else:
+                    times = interleaved({"dense": dense_decode, "compressed": decode_time(res.model, tok, new_tokens)}, repeats=3)
                 speedup = times["dense"] / times["compressed"]
                 vs = {k: quality[k] / dense[k] for k in quality}
                 print(f"{name} @ {ratio} {mode}: ppl {quality} ({vs}), kept {kept / total:.3f}, {seconds:.1f} s, decode {speedup:.2f}x", flush=True)
@@ -161,7 +166,7 @@ def main() -> None:
                      "decode_speedup": speedup, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}
                 )  # fmt: skip
                 rows.append([name, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
-                             _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), f"{speedup:.2f}x",
+                             _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), "–" if args.no_decode else f"{speedup:.2f}x",
                              name if ratio == 0.8 and mode == ("closed-loop" if supported else "open-loop") else None])  # fmt: skip
                 del net, res
 
@@ -198,8 +203,8 @@ def main() -> None:
                           "held-out vs dense", "compress s", "decode speed-up", "peak RSS GB"], rows)  # fmt: skip
     )
     name = "compress_quick" if quick else "compress"
-    if args.allocate != "auto" or (not quick and args.calib_tokens != 16384):  # variants get their own section
-        name += f"_{args.allocate}_{calib_tokens}"
+    if args.allocate != "auto" or (not quick and (args.calib_tokens != 16384 or args.eval_tokens != 8192)):  # variants
+        name += f"_{args.allocate}_{calib_tokens}" + (f"_eval{eval_tokens}" if eval_tokens != 8192 and not quick else "")
     if args.methods is not None and not args.skip:  # a subset run gets its own section too
         name += "_" + "_".join(methods)
     if args.option:
