@@ -100,3 +100,13 @@ def test_float32_learning_matches_float64_and_warm_starts_stay_close():
     assert warm.error <= start.error and warm.error < 1.2 * fast.error
     with pytest.raises(ConfigError, match="search_every"):
         learn_sparse_dictionary(w, 24, 3, search_every=0)
+
+
+@pytest.mark.parametrize("shape", [(50, 30), (30, 50)])
+def test_start_dictionary_is_the_top_right_singular_vectors(shape):
+    from rankwise.compress.methods.cospadi import _top_right_singular_vectors
+
+    w = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    _, _, vh = torch.linalg.svd(w, full_matrices=False)
+    start = _top_right_singular_vectors(w, 10)
+    assert torch.allclose(start.abs(), vh[:10].abs(), atol=1e-10)  # up to each vector's sign

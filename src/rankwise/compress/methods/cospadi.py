@@ -144,11 +144,16 @@ def sparse_code(
 
 def _top_right_singular_vectors(w: torch.Tensor, count: int) -> torch.Tensor:
     """The top ``count`` right singular vectors of ``w (out, in)`` as rows ``(count, in)``, from the
-    eigenvectors of the float64 Gram ``wᵀw`` (a symmetric ``in × in`` eigenproblem: far cheaper
-    than ``svd(w)`` on a busy CPU, and only a starting dictionary)."""
+    eigenvectors of the smaller float64 Gram (``wᵀw`` or ``w wᵀ``: a symmetric eigenproblem, far
+    cheaper than ``svd(w)`` on a busy CPU, and only a starting dictionary)."""
     w64 = w.to(torch.float64)
-    _, vectors = torch.linalg.eigh(w64.T @ w64)  # ascending eigenvalues
-    return vectors.flip(1)[:, :count].T
+    if w64.shape[0] >= w64.shape[1]:
+        _, vectors = torch.linalg.eigh(w64.T @ w64)  # ascending eigenvalues
+        return vectors.flip(1)[:, :count].T
+    evals, left = torch.linalg.eigh(w64 @ w64.T)  # wide: the smaller (out, out) Gram
+    evals, left = evals.flip(0)[:count], left.flip(1)[:, :count]
+    rows = left.T @ w64  # σ_i v_iᵀ
+    return rows / rows.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
 
 
 def _mod_update(codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
