@@ -444,6 +444,14 @@ class Adapter(nn.Module, abc.ABC):
     def after_init(self) -> None:
         """Called after an initialiser changed the parameters (DoRA re-reads its row norms)."""
 
+    def dense_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scaled, differentiable ``ΔW`` (out, in) when the method would build it densely
+        for input ``x`` anyway (Bone's ``bat``, RandLoRA at many tokens): on a plain
+        ``nn.Linear`` whose every active adapter returns one, the layer then runs once with
+        ``W + ΣΔW`` instead of ``W x`` plus each adapter's own dense product. None (default):
+        the adapter adds its term through :meth:`compose`."""
+        return None
+
     def before_optimizer_step(self, lr: float) -> None:
         """Called by the training loop after backward and clipping, before the optimizer step,
         with the optimizer's current learning rate: for a part the method trains by its own

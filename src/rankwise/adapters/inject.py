@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankwise.adapters.base import (
@@ -55,6 +56,10 @@ class AdaptedLayer(nn.Module):
         self.routing: RowRouting | None = None  # set by ``route``: one adapter per batch row
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.routing is None and not (self.merged or self.disabled) and self.active and not (args or kwargs):
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         y = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return _routed(self, y, x)
@@ -84,6 +89,23 @@ class AdaptedLayer(nn.Module):
             else:
                 out = adapter.compose(out, xa, lambda a=adapter: base_from_output(a.dtype))
         return out
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``F.linear(x, W + ΣΔW, b)`` when every active adapter offers a dense ``ΔW``
+        (:meth:`~rankwise.adapters.Adapter.dense_delta`) on a plain ``nn.Linear``; else None."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or not x.is_floating_point():
+            return None
+        total: torch.Tensor | None = None
+        for name in self.active:
+            adapter = self.adapters[name]
+            if adapter.training and isinstance(adapter.dropout, nn.Dropout):
+                return None  # dropout acts on the adapter's input only: no shared product
+            dw = adapter.dense_delta(x)
+            if dw is None:
+                return None
+            total = dw if total is None else total + dw
+        return F.linear(x, base.weight + total.to(base.weight.dtype), base.bias)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

@@ -77,6 +77,11 @@ class WeightGuidedMerge:
 
     _merged_delta: torch.Tensor | None = None
 
+    def dense_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.config.variant != "bat" or self.layer.kind != "linear":
+            return None
+        return self._bat_delta(self.dtype) * self.scaling
+
     def fresh_delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 

@@ -116,6 +116,12 @@ class RandLoraAdapter(Adapter):
         dense = self.big * self.m * k + tokens * self.big * self.m
         return dense < tokens * k * (self.big + self.m)
 
+    def dense_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.layer.kind != "linear" or not self._cheaper_dense(x[..., 0].numel()):
+            return None
+        a, b = self.bases()
+        return self._dense(b, self.scaled_basis(a))
+
     def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self.compose(torch.zeros((), dtype=x.dtype, device=x.device), x, base)
 
