@@ -7,6 +7,7 @@ overwrite each other's tables and no number is typed by hand.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -86,6 +87,14 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
         f"{m['torch_threads']} threads, Python {m['python']}._\n"
     )
     section = f"{start}\n{markdown.rstrip()}\n\n{where}{end}"
+    # benchmarks running at the same time each replace their own section: lock the
+    # read-modify-write so one never writes back a copy without the other's new section
+    with open(DOC.with_name(".benchmarks.md.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _replace_section(section, start, end)
+
+
+def _replace_section(section: str, start: str, end: str) -> None:
     doc = DOC.read_text() if DOC.exists() else DOC_HEADER
     if start in doc and end in doc:
         head, rest = doc.split(start, 1)
