@@ -27,6 +27,7 @@ TEST_LIMITS: dict[str, dict[str, str]] = {
     "finetune": {"--steps": "3", "--seq-len": "32", "--batch-size": "2", "--eval-tokens": "0"},
     "generate": {"--max-new-tokens": "4", "--max-tokens": "4"},
     "analyze": {"--texts": "2", "--max-tokens": "32"},
+    "heal": {"--steps": "2", "--seq-len": "32", "--eval-tokens": "256"},
     "serve": {"--port": "0", "--log-level": "warning"},
 }
 # Where the docs' server listens (`rankwise serve ... --port 8000`): Python blocks and curl lines

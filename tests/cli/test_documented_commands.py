@@ -43,7 +43,7 @@ from rankwise.cli import build_command
 COMMANDS = documented_commands()
 CLI = build_command()
 QUICK_FLAGS = {"--help", "-h", "--list-methods"}
-SHOWS_PROGRESS = {"eval", "compress", "finetune"}
+SHOWS_PROGRESS = {"eval", "compress", "finetune", "heal"}
 READS_FOLDER = (("--model", "-m"), ("--adapter",))
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 

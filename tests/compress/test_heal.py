@@ -91,3 +91,33 @@ def test_zero_steps_changes_nothing(compressed, texts):
     result = heal(model, heal_blocks(tok, texts, seq_len=32), steps=0, progress=False)
     assert result.steps == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_rankwise_heal_heals_a_compressed_folder_into_a_new_one(tiny, texts, tmp_path, capsys):
+    import json
+
+    from rankwise import load_model
+    from rankwise.cli import main
+
+    model, tok = tiny
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(texts * 3))
+    folder, healed = tmp_path / "c", tmp_path / "c-healed"
+    compress(model, tokenizer=tok, method="svdllm", ratio=0.6, data=texts, out=folder, report_html=False, **FAST)
+    args = ["heal", "--model", str(folder), "--steps", "4", "--seq-len", "32", "--data", str(data),
+            "--eval-tokens", "256", "--lr", "3e-3", "--json"]  # fmt: skip
+    assert main([*args, "--out", str(healed)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((healed / "heal.json").read_text())
+    assert report["heal"]["steps"] == 4 and set(report["perplexity"]["before"]) == {"validation", "heldout"}
+    before, _ = load_model(folder)
+    after, _ = load_model(healed)
+    assert count_parameters(after) == count_parameters(before)
+    changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
+    assert changed and all(n in healable_parameters(after) for n in changed)
+    # in place only with --overwrite; a folder that is not compressed is refused
+    assert main([*args, "--out", str(folder)]) == 2
+    assert "add --overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(folder), "--overwrite"]) == 0
+    assert main(["heal", "--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a compressed folder" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import typer.main
 
 from rankwise.errors import RankwiseError
 
-COMMANDS = ["info", "evaluate", "generate", "finetune", "compress", "analyze", "serve"]
+COMMANDS = ["info", "evaluate", "generate", "finetune", "compress", "heal", "analyze", "serve"]
 
 app = typer.Typer(
     name="rankwise",

@@ -24,9 +24,11 @@ healing text before any slow compression work starts.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -221,4 +223,78 @@ def heal(
     return HealResult(len(losses), time.perf_counter() - start, tokens, trained, tuple(losses))
 
 
-__all__ = ["HealResult", "check_heal_steps", "heal", "heal_blocks", "healable_parameters"]
+def heal_folder(
+    model: str | os.PathLike,
+    *,
+    steps: int,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    data: str | os.PathLike = "builtin",
+    lr: float = DEFAULT_LR,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    eval_tokens: int = 8192,
+    progress: bool = True,
+) -> dict:
+    """Heal a compressed folder (what ``rankwise compress --out`` wrote) and save it to ``out``.
+
+    What ``rankwise heal`` does: ``out`` is checked and the healing text tokenized before the
+    model is loaded; perplexity is measured before and after on ``data``'s validation split
+    and on the held-out corpus (:func:`rankwise.data.heldout_texts`, never trained on);
+    the healed model is written with the folder's method and options and a ``heal.json``
+    report, and loads with ``rankwise.load_model(out)``. Returns that report.
+    """
+    from rankwise.compress.checkpoint import (
+        COMPRESSED_MARKER,
+        _read_marker,
+        load_compressed,
+        save_compressed,
+    )
+    from rankwise.data import heldout_texts, load_corpus, perplexity
+    from rankwise.fileio import check_output_dir, write_json
+    from rankwise.progress import stage
+
+    steps = check_heal_steps(steps, option="--steps")
+    folder = Path(model).expanduser()
+    if not (folder / COMPRESSED_MARKER).is_file():
+        raise ConfigError(
+            f"{str(folder)!r} is not a compressed folder (no {COMPRESSED_MARKER}); heal the folder "
+            "`rankwise compress --out` wrote, or use `rankwise compress --heal-steps`"
+        )
+    marker = _read_marker(folder)
+    same = folder.resolve() == Path(out).expanduser().resolve()
+    if not same:
+        check_output_dir(out, overwrite=overwrite, option="--out")
+    elif not overwrite:
+        raise ConfigError(f"--out is the folder being healed ({str(folder)!r}); add --overwrite to replace it")
+    corpus = load_corpus(data)
+    with stage(f"load {folder}", show=progress):
+        net, tokenizer = load_compressed(folder)
+    blocks = heal_blocks(tokenizer, corpus.train, seq_len=seq_len, batch_size=batch_size,
+                         max_tokens=steps * batch_size * seq_len + seq_len)  # fmt: skip
+    sets = {"validation": corpus.validation, "heldout": list(heldout_texts())}
+
+    def measure() -> dict[str, float]:
+        return {
+            name: perplexity(net, tokenizer, texts, seq_len=512, max_tokens=eval_tokens, progress=progress).perplexity
+            for name, texts in sets.items()
+        }
+
+    before = measure()
+    result = heal(net, blocks, steps=steps, lr=lr, batch_size=batch_size, progress=progress)
+    after = measure()
+    report = {
+        "model": str(folder),
+        "data": str(data),
+        "heal": result.as_dict() | {"lr": lr, "batch_size": batch_size, "seq_len": seq_len, "split": "train"},
+        "perplexity": {"before": before, "healed": after, "eval_tokens": eval_tokens, "seq_len": 512},
+    }
+    with stage(f"save {out}", show=progress):
+        save_compressed(
+            net, tokenizer, out, method=marker.get("method", "unknown"), method_options=marker.get("method_options"),
+            overwrite=True if same else overwrite, extra=lambda tmp: write_json(tmp / "heal.json", report),
+        )  # fmt: skip
+    return report
+
+
+__all__ = ["HealResult", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters"]
