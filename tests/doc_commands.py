@@ -26,7 +26,7 @@ TEST_LIMITS: dict[str, dict[str, str]] = {
     "compress": {"--calib-tokens": "512", "--eval-tokens": "256", "--decode-tokens": "4", "--seq-len": "32"},
     "finetune": {"--steps": "3", "--seq-len": "32", "--batch-size": "2", "--eval-tokens": "0"},
     "generate": {"--max-new-tokens": "4", "--max-tokens": "4"},
-    "analyze": {"--texts": "2", "--max-tokens": "32"},
+    "analyze": {"--texts": "2", "--max-tokens": "32", "--gradient-tokens": "16", "--intrinsic-steps": "2"},
     "heal": {"--steps": "2", "--seq-len": "32", "--eval-tokens": "256"},
     "serve": {"--port": "0", "--log-level": "warning"},
 }
