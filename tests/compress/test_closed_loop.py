@@ -71,15 +71,24 @@ def test_closed_loop_refuses_what_it_cannot_do(tiny, texts):
         decoder_blocks(flat, linear_layers(flat))
 
 
-def test_auto_means_closed_loop_where_supported(tiny, texts):
+def test_modegpt_walks_block_by_block_and_auto_is_the_default(tiny, texts):
+    from rankwise.compress.api import DEFAULT_CALIBRATION
+
     model, tok = tiny
-    res = compress(model, tokenizer=tok, method="modegpt", ratio=0.7, data=texts, **FAST)
+    res = compress(model, tokenizer=tok, method="modegpt", ratio=0.7, data=texts, calibration="closed-loop", **FAST)
     cal = res.report["calibration"]
     assert cal["mode"] == "closed-loop" and cal["blocks"] == 2
     assert cal["blocks_compressed_before_the_walk_passed_them"] == 2
-    model, tok = tiny
-    res = compress(model, tokenizer=tok, method="svd", ratio=0.8, data=texts, allocation="uniform", **FAST)
+    res = compress(tiny_model_again(), tokenizer=tok, method="modegpt", ratio=0.7, data=texts, **FAST)
+    assert res.report["calibration"]["mode"] == DEFAULT_CALIBRATION
+    res = compress(tiny_model_again(), tokenizer=tok, method="svd", ratio=0.8, data=texts, allocation="uniform", **FAST)
     assert res.report["calibration"] is None  # data-free: nothing to calibrate, open or closed
+
+
+def tiny_model_again():
+    from rankwise.models import tiny_llama
+
+    return tiny_llama(seed=0, layers=2, hidden=64)[0]
 
 
 def test_report_measures_both_corpora_and_decodes_interleaved(tiny, texts):
