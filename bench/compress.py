@@ -197,7 +197,7 @@ def main() -> None:
         "layer calibrated on the outputs of the blocks already compressed (ranks allocated on the open-loop spectra).\n\n"
         f"Decode: greedy, batch 1, KV cache, {new_tokens} new tokens, median of 3 runs interleaved with the "
         "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
-        "(default calibration, i.e. closed-loop where supported; evaluation included) in its own process, run alongside "
+        "(default calibration; evaluation included) in its own process, run alongside "
         "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
         + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
                           "held-out vs dense", "compress s", "decode speed-up", "peak RSS GB"], rows)  # fmt: skip
