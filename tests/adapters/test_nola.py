@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    ConvNet,
     assert_merge_round_trip,
     assert_same_state,
     llama,
@@ -92,8 +93,6 @@ def test_bad_config_raises_before_anything_is_attached(options, match):
 
 
 def test_conv_and_embedding_layers_and_two_adapters_on_one_layer_merge_exactly():
-    from conftest import ConvNet
-
     model = ConvNet().eval()
     idx = tokens(n=3, length=5, vocab=20)
     attach(model, "nola", ["embed", "conv1", "conv2", "head"], name="a", **{**OPTIONS, "rank": 2})

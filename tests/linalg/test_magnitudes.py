@@ -95,9 +95,10 @@ def test_rsvd_operator_extreme_scale(scale):
     A64 = low_rank() * scale
     A = A64.float()
     op = L.LinearOperator(A.shape, lambda X: A @ X, lambda Y: A.T @ Y)
-    assert_svd_matches(L.rsvd(op, 6, generator=seed()), A64, 6)
+    # a fixed depth: this is about scale, not about where n_iter="auto" stops (1% by default)
+    assert_svd_matches(L.rsvd(op, 6, n_iter=4, generator=seed()), A64, 6)
     X, W = low_rank(120, 6, 6).float() * scale, low_rank(6, 80, 6, s=1).float()
-    prod = L.rsvd(L.ProductOperator(X, W), 4, generator=seed())
+    prod = L.rsvd(L.ProductOperator(X, W), 4, n_iter=4, generator=seed())
     assert_svd_matches(prod, X.double() @ W.double(), 4)
 
 

@@ -120,6 +120,8 @@ class SpectrumResult:
         atomic_write(path, lambda tmp: open(tmp, "w", newline="").write(text))
 
 
+VALUE_RTOL = 1e-4  # relative accuracy of the randomized top-k singular values
+
 def _effective_rank(S: torch.Tensor) -> torch.Tensor:
     """``exp(H(p))``, ``p = S / ΣS``, over the last axis (the definition of
     :func:`rankwise.linalg.effective_rank`, applied to singular values already computed)."""
@@ -154,7 +156,8 @@ def _spectra(stack: torch.Tensor, k: int, exact: bool, generator: torch.Generato
     if exact:
         S = _gram_singular_values(stack)
         return S[:, :k], S
-    S = rsvd(stack, k, generator=generator).S.double()
+    # a report's singular values are read as numbers: ask rsvd for 1e-4, not its default 1%
+    S = rsvd(stack, k, generator=generator, rtol=VALUE_RTOL).S.double()
     return S, _complete_tail(S, fro2, full)
 
 

@@ -77,11 +77,6 @@ class WeightGuidedMerge:
 
     _merged_delta: torch.Tensor | None = None
 
-    def dense_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.config.variant != "bat" or self.layer.kind != "linear":
-            return None
-        return self._bat_delta(self.dtype) * self.scaling
-
     def fresh_delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -185,6 +180,11 @@ class BoneAdapter(WeightGuidedMerge, Adapter):
             return self.layer.add_projected(y, x, self._bat_delta(x.dtype), self.scaling)
         h = chunk_sum(x, self.config.rank)
         return self.layer.add_projected(y, h, self._shard().t(), self.scaling)
+
+    def dense_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.config.variant != "bat" or self.layer.kind != "linear":
+            return None
+        return self._bat_delta(self.dtype) * self.scaling
 
     def fresh_delta_weight(self) -> torch.Tensor:
         if self.config.variant == "bat":
