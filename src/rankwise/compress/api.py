@@ -337,7 +337,7 @@ def _heal(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, progres
         where = f" (nothing was written to {out})" if out is not None else ""
         raise KeyboardInterrupt(
             f"healing interrupted; the compressed model in memory is restored to its state before healing{where}. "
-            "Run again with fewer --heal-steps, or with --heal-steps 0 and heal later"
+            "Run again with fewer --heal-steps, or with --heal-steps 0 and then `rankwise heal --model OUT --out OUT --overwrite`"
         ) from None
 
 
