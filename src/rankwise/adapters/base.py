@@ -384,6 +384,19 @@ def view_for(module: nn.Module) -> LayerView | None:
     return None
 
 
+LINEAR_KINDS = ("linear", "transposed_linear")
+
+
+def not_linear_reason(method: str, layer: LayerView) -> str | None:
+    """Why ``method`` (one that adapts only linear layers) cannot take ``layer``, or None."""
+    if layer.kind in LINEAR_KINDS:
+        return None
+    return (
+        f"{method} adapts linear layers (nn.Linear, transformers Conv1D), not a "
+        f"{layer.kind} layer; valid targets are linear layers"
+    )
+
+
 # ----------------------------------------------------------------------------- the adapter
 
 

@@ -36,7 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import Adapter, AdapterConfig, LayerView, register_method
+from rankwise.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    LayerView,
+    not_linear_reason,
+    register_method,
+)
 from rankwise.adapters.random_bases import BasisSet, SharedBasis, generate
 from rankwise.errors import ConfigError
 
@@ -68,11 +74,9 @@ class RandLoraAdapter(Adapter):
 
     @classmethod
     def check_layer(cls, layer: LayerView, config: Any) -> str | None:
-        if layer.kind not in ("linear", "transposed_linear"):
-            return (
-                f"randlora adapts linear layers (nn.Linear, transformers Conv1D), not a "
-                f"{layer.kind} layer; valid targets are linear layers"
-            )
+        reason = not_linear_reason("randlora", layer)
+        if reason is not None:
+            return reason
         return super().check_layer(layer, config)
 
     def build(self) -> None:

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import Adapter, AdapterConfig, LayerView, register_method
+from rankwise.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    LayerView,
+    not_linear_reason,
+    register_method,
+)
 from rankwise.adapters.random_bases import SharedBasis
 from rankwise.errors import ConfigError
 
@@ -70,11 +76,9 @@ class TeraAdapter(Adapter):
 
     @classmethod
     def check_layer(cls, layer: LayerView, config: Any) -> str | None:
-        if layer.kind not in ("linear", "transposed_linear"):
-            return (
-                f"tera adapts linear layers (nn.Linear, transformers Conv1D), not a "
-                f"{layer.kind} layer; valid targets are linear layers"
-            )
+        reason = not_linear_reason("tera", layer)
+        if reason is not None:
+            return reason
         return None
 
     def build(self) -> None:

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import Adapter, AdapterConfig, LayerView, register_method
+from rankwise.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    LayerView,
+    not_linear_reason,
+    register_method,
+)
 from rankwise.adapters.random_bases import BasisSet, SharedBasis, generate
 from rankwise.errors import ConfigError
 
@@ -55,11 +61,9 @@ class VeraAdapter(Adapter):
 
     @classmethod
     def check_layer(cls, layer: LayerView, config: Any) -> str | None:
-        if layer.kind not in ("linear", "transposed_linear"):
-            return (
-                f"vera adapts linear layers (nn.Linear, transformers Conv1D), not a "
-                f"{layer.kind} layer; valid targets are linear layers"
-            )
+        reason = not_linear_reason("vera", layer)
+        if reason is not None:
+            return reason
         return None  # the shared matrices' rank is not bounded by the layer
 
     def build(self) -> None:
