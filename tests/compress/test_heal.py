@@ -113,6 +113,9 @@ def test_rankwise_heal_heals_a_compressed_folder_into_a_new_one(tiny, texts, tmp
     before, _ = load_model(folder)
     after, _ = load_model(healed)
     assert count_parameters(after) == count_parameters(before)
+    summary = json.loads((healed / "report.json").read_text())  # the compression report, healing added
+    assert summary["parameters"]["after"] == count_parameters(after) and summary["heal"]["steps"] == 4
+    assert summary["method"] == json.loads((folder / "report.json").read_text())["method"]
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
     assert changed and all(n in healable_parameters(after) for n in changed)
     # in place only with --overwrite; a folder that is not compressed is refused

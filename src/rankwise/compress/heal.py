@@ -23,6 +23,7 @@ healing text before any slow compression work starts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -252,6 +253,7 @@ def heal_folder(
     )
     from rankwise.data import heldout_texts, load_corpus, perplexity
     from rankwise.fileio import check_output_dir, write_json
+    from rankwise.models import count_parameters
     from rankwise.progress import stage
 
     steps = check_heal_steps(steps, option="--steps")
@@ -289,10 +291,20 @@ def heal_folder(
         "heal": result.as_dict() | {"lr": lr, "batch_size": batch_size, "seq_len": seq_len, "split": "train"},
         "perplexity": {"before": before, "healed": after, "eval_tokens": eval_tokens, "seq_len": 512},
     }
+    # the folder's report.json carries on (compression recipe and layers), with the healing added
+    source = folder / "report.json"
+    summary = json.loads(source.read_text()) if source.is_file() else {}
+    summary.setdefault("parameters", {})["after"] = count_parameters(net)
+    summary |= {"heal": report["heal"], "heal_perplexity": report["perplexity"]}
+
+    def write_reports(tmp: Path) -> None:
+        write_json(tmp / "heal.json", report)
+        write_json(tmp / "report.json", summary)
+
     with stage(f"save {out}", show=progress):
         save_compressed(
             net, tokenizer, out, method=marker.get("method", "unknown"), method_options=marker.get("method_options"),
-            overwrite=True if same else overwrite, extra=lambda tmp: write_json(tmp / "heal.json", report),
+            overwrite=True if same else overwrite, extra=write_reports,
         )  # fmt: skip
     return report
 
