@@ -29,6 +29,7 @@ B_i``), so its step costs a second dense matmul, as PEFT's ``bat`` does.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class BoneConfig(AdapterConfig):
             raise ConfigError(f"mini_r must be a positive integer, got {self.mini_r!r}")
 
 
-class WeightGuidedMerge:
+class WeightGuidedMerge(abc.ABC):
     """Merging for methods whose ``ΔW`` reads the base weight (Bone's ``bat``, Hydra).
 
     The engine restores ``W`` on unmerge by subtracting the merge terms again; once merged,
@@ -77,8 +78,9 @@ class WeightGuidedMerge:
 
     _merged_delta: torch.Tensor | None = None
 
+    @abc.abstractmethod
     def fresh_delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """``ΔW`` computed from the current weight (what ``delta_weight`` returns unmerged)."""
 
     def delta_weight(self) -> torch.Tensor:
         if self.merged and self._merged_delta is not None:
