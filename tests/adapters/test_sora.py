@@ -8,7 +8,12 @@ from conftest import assert_merge_round_trip, llama, tokens
 from torch import nn
 
 from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
-from rankwise.adapters.finetune import FinetuneConfig, before_optimizer_step, finetune
+from rankwise.adapters.finetune import (
+    FinetuneConfig,
+    before_optimizer_step,
+    finetune,
+    trainable_adapters,
+)
 from rankwise.adapters.methods.sora import soft_threshold, sora_ranks
 from rankwise.errors import ConfigError
 
@@ -27,13 +32,14 @@ def _train(model, loss_fn, steps: int, lr: float) -> list[float]:
     """The finetune loop's order: backward, the adapters' own step, then the optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    adapters = trainable_adapters(model)
     model.train()
     losses = []
     for _ in range(steps):
         loss = loss_fn()
         opt.zero_grad()
         loss.backward()
-        before_optimizer_step(model, lr)
+        before_optimizer_step(adapters, lr)
         opt.step()
         losses.append(loss.item())
     model.eval()

@@ -38,7 +38,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import rankwise
-from rankwise.adapters.base import AdapterConfig, get_initialiser, get_method
+from rankwise.adapters.base import Adapter, AdapterConfig, get_initialiser, get_method
 from rankwise.adapters.init import has_residual_init, residual_to_lora, residual_unconvertible
 from rankwise.adapters.inject import adapted_layers, attach, trainable_parameters
 from rankwise.adapters.io import save_adapter
@@ -288,13 +288,16 @@ def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progr
     )
 
 
-def before_optimizer_step(model: nn.Module, lr: float) -> None:
-    """Every trainable adapter's :meth:`~rankwise.adapters.Adapter.before_optimizer_step` (SoRA's
-    proximal gate update): called after backward and clipping, before ``optimizer.step()``."""
-    for layer in adapted_layers(model).values():
-        for adapter in layer.adapters.values():
-            if adapter.trainable:
-                adapter.before_optimizer_step(lr)
+def trainable_adapters(model: nn.Module) -> list[Adapter]:
+    """The trainable adapters of ``model`` (collected once per run, not per step)."""
+    return [a for layer in adapted_layers(model).values() for a in layer.adapters.values() if a.trainable]
+
+
+def before_optimizer_step(adapters: Iterable[Adapter], lr: float) -> None:
+    """Each adapter's :meth:`~rankwise.adapters.Adapter.before_optimizer_step` (SoRA's proximal
+    gate update): called after backward and clipping, before ``optimizer.step()``."""
+    for adapter in adapters:
+        adapter.before_optimizer_step(lr)
 
 
 def _checkpoint_due(config: FinetuneConfig, step: int) -> bool:
@@ -416,6 +419,7 @@ def finetune(
     )
     _check_residual(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    adapters = trainable_adapters(model)
     report = trainable_parameters(model)
 
     def evaluate() -> float | None:
@@ -457,7 +461,7 @@ def finetune(
             step_loss = _accumulate_gradients(net, config, blocks, order, state, rank, world)
             tokens += config.grad_accum * config.batch_size * world * config.seq_len
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            before_optimizer_step(model, schedule.get_last_lr()[0])
+            before_optimizer_step(adapters, schedule.get_last_lr()[0])
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
