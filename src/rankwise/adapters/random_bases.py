@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -180,9 +181,28 @@ class BasisSet:
         return None
 
 
+def file_bases(sets: Iterable[BasisSet]) -> dict[str, torch.Tensor] | None:
+    """The model-wide tensors of the PEFT file any of ``sets`` was read from, or None
+    (seeded bases: the caller generates the file's tensors from the seed)."""
+    read = [s.file_full for s in sets if s.file_full]
+    return dict(read[0]) if read else None
+
+
+def check_peft_bases_saved(method: str, cfg: Mapping[str, Any]) -> None:
+    """ConfigError for PEFT configs whose bases rankwise cannot use: bases left out of the
+    file (``save_projection=false``: PEFT's own generator would be needed) or a bias."""
+    if cfg.get("save_projection") is False:
+        raise ConfigError(
+            f"{method} save_projection=false: the bases are not in the file and rankwise "
+            "cannot regenerate PEFT's; save the adapter in PEFT with save_projection=true"
+        )
+    if cfg.get("bias", "none") not in ("none", None):
+        raise ConfigError(f"{method} bias={cfg['bias']!r} is not supported; valid: 'none'")
+
+
 def cached_count() -> int:
     """How many basis tensors are alive in the cache (for tests and memory reports)."""
     return len(_CACHE)
 
 
-__all__ = ["BasisSet", "SharedBasis", "TILE", "cached_count", "generate", "random_basis", "shared_copy"]
+__all__ = ["BasisSet", "SharedBasis", "TILE", "cached_count", "check_peft_bases_saved", "file_bases", "generate", "random_basis", "shared_copy"]

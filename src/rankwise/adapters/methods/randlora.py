@@ -43,7 +43,13 @@ from rankwise.adapters.base import (
     not_linear_reason,
     register_method,
 )
-from rankwise.adapters.random_bases import BasisSet, SharedBasis, generate
+from rankwise.adapters.random_bases import (
+    BasisSet,
+    SharedBasis,
+    check_peft_bases_saved,
+    file_bases,
+    generate,
+)
 from rankwise.errors import ConfigError
 
 
@@ -174,13 +180,7 @@ class RandLoraAdapter(Adapter):
         for key in ("sparse", "very_sparse"):
             if cfg.get(key):
                 raise ConfigError(f"RandLoRA {key}=true (ternary bases) is not supported; valid: false")
-        if cfg.get("save_projection") is False:
-            raise ConfigError(
-                "RandLoRA save_projection=false: the bases are not in the file and rankwise "
-                "cannot regenerate PEFT's; save the adapter in PEFT with save_projection=true"
-            )
-        if cfg.get("bias", "none") not in ("none", None):
-            raise ConfigError(f"RandLoRA bias={cfg['bias']!r} is not supported; valid: 'none'")
+        check_peft_bases_saved("RandLoRA", cfg)
         return {
             "rank": cfg.get("r", 32),
             "alpha": float(cfg.get("randlora_alpha", 640)),
@@ -210,9 +210,9 @@ class RandLoraAdapter(Adapter):
         m, big = sorted((max(a.layer.out_features for a in adapters.values()),
                          max(a.layer.in_features for a in adapters.values())))  # fmt: skip
         n = math.ceil(m / r)
-        read = [a._bases.file_full for a in adapters.values() if a._bases.file_full]
-        if read:  # bases read from a PEFT file: write them back as they were
-            return dict(read[0])
+        read = file_bases(a._bases for a in adapters.values())
+        if read is not None:  # bases read from a PEFT file: write them back as they were
+            return read
         a_big = generate((m, r), seed=seed, kind="randlora_a").t().unsqueeze(1)
         b_big = generate((big, n, r), seed=seed, kind="randlora_b")
         return {"randlora_A": a_big.contiguous(), "randlora_B": b_big}

@@ -31,7 +31,13 @@ from rankwise.adapters.base import (
     not_linear_reason,
     register_method,
 )
-from rankwise.adapters.random_bases import BasisSet, SharedBasis, generate
+from rankwise.adapters.random_bases import (
+    BasisSet,
+    SharedBasis,
+    check_peft_bases_saved,
+    file_bases,
+    generate,
+)
 from rankwise.errors import ConfigError
 
 
@@ -132,13 +138,7 @@ class VeraAdapter(Adapter):
 
     @classmethod
     def options_from_peft(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
-        if cfg.get("save_projection") is False:
-            raise ConfigError(
-                "VeRA save_projection=false: the bases are not in the file and rankwise "
-                "cannot regenerate PEFT's; save the adapter in PEFT with save_projection=true"
-            )
-        if cfg.get("bias", "none") not in ("none", None):
-            raise ConfigError(f"VeRA bias={cfg['bias']!r} is not supported; valid: 'none'")
+        check_peft_bases_saved("VeRA", cfg)
         return {
             "rank": cfg.get("r", 256),
             "dropout": float(cfg.get("vera_dropout", 0.0) or 0.0),
@@ -162,9 +162,9 @@ class VeraAdapter(Adapter):
     def peft_shared_state(cls, adapters: Mapping[str, Adapter]) -> dict[str, torch.Tensor]:
         """``vera_A`` (r, in_max), ``vera_B`` (out_max, r): every layer's ``A``, ``B`` are the
         slices ``vera_A[:, :in]``, ``vera_B[:out]``, as PEFT reads them."""
-        read = [a._bases.file_full for a in adapters.values() if a._bases.file_full]
-        if read:
-            return dict(read[0])
+        read = file_bases(a._bases for a in adapters.values())
+        if read is not None:  # bases read from a PEFT file: write them back as they were
+            return read
         first = next(iter(adapters.values()))
         r, seed = first.config.rank, first.config.seed
         inp = max(a.layer.in_features for a in adapters.values())
