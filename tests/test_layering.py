@@ -1,6 +1,8 @@
 """The architecture stays layered: no module imports from a layer above its own.
 
-linalg → models/data → adapters | compress → evaluation/analysis → cli (DESIGN.md), with
+linalg → models/data → layers → adapters | compress | optim → evaluation/analysis/serve/pretrain
+→ cli (DESIGN.md, refined: the structured layer types sit below compress so that compression
+and training share them), with
 the small utilities (errors, registry, modules, options, fileio, progress) below all of
 them. Imports inside functions count too: a lazy import is still a dependency. The package
 root (``import rankwise``, for ``rankwise.load_model`` and ``__version__``) sits above every
@@ -21,9 +23,10 @@ LAYERS = {
     "registry": 1, "modules": 1, "options": 1, "fileio": 1, "progress": 1,
     "linalg": 2,
     "models": 3, "data": 3,
-    "adapters": 4, "compress": 4, "layers": 4, "optim": 4,
-    "evaluation": 5, "analysis": 5, "serve": 5,
-    "cli": 6, "__main__": 6,
+    "layers": 4,
+    "adapters": 5, "compress": 5, "optim": 5,
+    "evaluation": 6, "analysis": 6, "serve": 6, "pretrain": 6,
+    "cli": 7, "__main__": 7,
 }  # fmt: skip
 SIBLINGS_APART = {("adapters", "compress"), ("compress", "adapters")}
 
