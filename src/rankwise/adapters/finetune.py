@@ -15,6 +15,12 @@ get the first :data:`INIT_BLOCKS` training blocks as ``inputs``. Residual inits 
 converted with :func:`~rankwise.adapters.init.residual_to_lora` into a plain LoRA that
 loads on the original model.
 
+Training rules (:mod:`rankwise.adapters.rules`): ``rules=("allora",)`` switches rules on
+(options in ``rule_options``, ``key=value`` or ``rule.key=value``); rules a method needs
+(IncreLoRA's rank growth) come on by themselves. Their hooks run around every step (before
+the forward/backward, after backward before clipping, before and after the optimizer step);
+a rule that cannot train the chosen method is a ConfigError before training starts.
+
 Checkpoints: with ``checkpoint_every=N`` the adapter tensors (safetensors), optimizer and
 scheduler state, the RNG state, the data cursor and the losses so far are written every N
 steps to ``<out>.checkpoint/`` (:func:`checkpoint_dir`; atomically, replacing the previous
@@ -54,6 +60,7 @@ from rankwise.adapters.base import Adapter, AdapterConfig, get_initialiser, get_
 from rankwise.adapters.init import has_residual_init, residual_to_lora, residual_unconvertible
 from rankwise.adapters.inject import adapted_layers, attach, trainable_parameters
 from rankwise.adapters.io import save_adapter
+from rankwise.adapters.rules import TrainingRules, build_rules
 from rankwise.data import check_window, load_corpus, perplexity, token_blocks
 from rankwise.errors import CheckpointError, ConfigError, DataError
 from rankwise.fileio import MANIFEST, check_output_dir, output_dir, write_json
@@ -94,6 +101,8 @@ class FinetuneConfig:
     overwrite: bool = False
     checkpoint_every: int = 0
     resume: bool = False
+    rules: tuple[str, ...] = ()  # training rules, run in this order (rankwise.adapters.rules)
+    rule_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "grad_accum"):
@@ -121,6 +130,9 @@ class FinetuneConfig:
             raise ConfigError(
                 "checkpoint_every/resume need out (--out): the checkpoint lives beside the adapter"
             )
+        if isinstance(self.rules, str):
+            object.__setattr__(self, "rules", (self.rules,))
+        object.__setattr__(self, "rules", tuple(self.rules))
         for key in ("rank", "r", "alpha"):
             if key in self.method_options:
                 flag = "alpha" if key == "alpha" else "rank"
@@ -155,6 +167,7 @@ class _Progress:
     cursor: int = 0
     losses: list[float] = field(default_factory=list)
     perplexity_before: float | None = None
+    rules: TrainingRules | None = None  # their state goes into checkpoints
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -194,6 +207,11 @@ def _adapter_config(config: FinetuneConfig) -> tuple[dict[str, Any], AdapterConf
     adapter_config, _ = get_method(config.method).config_class.from_dict(options)
     get_initialiser(adapter_config.init)
     return options, adapter_config
+
+
+def _training_rules(config: FinetuneConfig) -> TrainingRules:
+    """The run's rules (``config.rules`` then those the method implies), options validated."""
+    return TrainingRules(build_rules(config.rules, config.rule_options, methods=[config.method]))
 
 
 def _check_destination(config: FinetuneConfig) -> None:
@@ -244,6 +262,7 @@ def _save_checkpoint(folder: Path, model, optimizer, schedule, progress: _Progre
         "step": progress.step,
         "cursor": progress.cursor,
         "losses": torch.tensor(progress.losses, dtype=torch.float64),
+        "rules": progress.rules.state_dict() if progress.rules else {},
     }
     meta = {
         "step": progress.step,
@@ -256,7 +275,7 @@ def _save_checkpoint(folder: Path, model, optimizer, schedule, progress: _Progre
         write_json(tmp / "checkpoint.json", meta)
 
 
-def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progress:
+def _load_checkpoint(folder: Path, model, optimizer, schedule, config, rules) -> _Progress:
     """Restore adapter tensors, optimizer, scheduler and RNG; CheckpointError if it does not fit."""
     try:
         meta = json.loads((folder / "checkpoint.json").read_text())
@@ -280,6 +299,8 @@ def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progr
     optimizer.load_state_dict(trainer["optimizer"])
     schedule.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
+    if rules:
+        rules.load_state_dict(trainer.get("rules", {}))
     return _Progress(
         step=int(trainer["step"]),
         cursor=int(trainer["cursor"]),
@@ -290,7 +311,18 @@ def _load_checkpoint(folder: Path, model, optimizer, schedule, config) -> _Progr
 
 def trainable_adapters(model: nn.Module) -> list[Adapter]:
     """The trainable adapters of ``model`` (collected once per run, not per step)."""
-    return [a for layer in adapted_layers(model).values() for a in layer.adapters.values() if a.trainable]
+    return list(trainable_adapter_map(model).values())
+
+
+def trainable_adapter_map(model: nn.Module) -> dict[str, Adapter]:
+    """``{module path: adapter}`` for the trainable adapters (a layer with several trainable
+    adapters lists them as ``path[name]``)."""
+    out: dict[str, Adapter] = {}
+    for path, layer in adapted_layers(model).items():
+        mine = [(n, a) for n, a in layer.adapters.items() if a.trainable]
+        for name, adapter in mine:
+            out[path if len(mine) == 1 else f"{path}[{name}]"] = adapter
+    return out
 
 
 def before_optimizer_step(adapters: Iterable[Adapter], lr: float) -> None:
@@ -397,6 +429,7 @@ def finetune(
     ``on_step(step, loss)`` is called after every optimizer step (and its checkpoint).
     """
     options, adapter_config = _adapter_config(config)
+    rules = _training_rules(config)
     _check_destination(config)
     rank, world = _distributed()
     torch.manual_seed(config.seed)
@@ -419,7 +452,8 @@ def finetune(
     )
     _check_residual(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    adapters = trainable_adapters(model)
+    adapter_map = trainable_adapter_map(model)
+    adapters = list(adapter_map.values())
     report = trainable_parameters(model)
 
     def evaluate() -> float | None:
@@ -438,11 +472,13 @@ def finetune(
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
+    rules.setup(model, adapter_map, optimizer, steps=config.steps)
     folder = checkpoint_dir(config.out) if config.out is not None else None
     if config.resume:
-        state = _load_checkpoint(folder, model, optimizer, schedule, config)
+        state = _load_checkpoint(folder, model, optimizer, schedule, config, rules)
     else:
         state = _Progress(perplexity_before=evaluate())
+    state.rules = rules
     resumed_from = state.step
 
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -458,11 +494,16 @@ def finetune(
     bar.update(state.step)
     try:
         while state.step < config.steps:
+            rules.before_backward(state.step)
             step_loss = _accumulate_gradients(net, config, blocks, order, state, rank, world)
             tokens += config.grad_accum * config.batch_size * world * config.seq_len
+            rules.after_backward(state.step)
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            before_optimizer_step(adapters, schedule.get_last_lr()[0])
+            lr = schedule.get_last_lr()[0]
+            before_optimizer_step(adapters, lr)
+            rules.before_optimizer_step(state.step, lr)
             optimizer.step()
+            rules.after_optimizer_step(state.step)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             state.losses.append(step_loss)

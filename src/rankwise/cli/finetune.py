@@ -8,15 +8,18 @@ import typer
 
 from rankwise import progress
 from rankwise.cli._options import parse_options
+from rankwise.errors import ConfigError
 
 
 def finetune_command(
     model: str = typer.Option("smollm2", "--model", "-m", help="Model name (smollm2, tiny-llama, ...), local Hugging Face folder or .gguf file; recorded in the saved adapter as given."),
     method: str = typer.Option("lora", "--method", help="Adapter method (see `rankwise finetune --list-methods`)."),
-    rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank (PEFT's r)."),
+    rank: int = typer.Option(16, "--rank", help="Adapter rank (PEFT's r)."),
     alpha: float = typer.Option(None, "--alpha", help="Scale numerator: the update is scaled by alpha/rank (default: alpha = rank)."),
     targets: str = typer.Option("all-linear", "--targets", help="Comma-separated module names / glob patterns, or all-linear (every linear layer but the output head)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o init=pissa -o dropout=0.05; values are checked against the option's type; see docs/adapters.md."),
+    rule: list[str] = typer.Option([], "--rule", help="Training rule (repeatable, run in the order given), e.g. --rule allora; see `rankwise finetune --list-rules` and docs/adapters.md."),
+    rule_option: list[str] = typer.Option([], "--rule-option", "-r", help="Rule option key=value (repeatable), or rule.key=value when several rules have that option, e.g. -r eta=2."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files."),
     steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Blocks per process per micro-step."),
@@ -34,6 +37,7 @@ def finetune_command(
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's own choice).", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     list_methods: bool = typer.Option(False, "--list-methods", help="List the adapter methods and exit."),
+    list_rules: bool = typer.Option(False, "--list-rules", help="List the training rules and exit."),
 ) -> None:
     """Fine-tune a causal LM with an adapter (AdamW, cosine schedule) and save the adapter.
 
@@ -43,6 +47,12 @@ def finetune_command(
 
     if list_methods:
         for name, cls in METHODS.items():
+            typer.echo(f"{name:10s} {cls.summary}")
+        return
+    if list_rules:
+        from rankwise.adapters.rules import RULES
+
+        for name, cls in RULES.items():
             typer.echo(f"{name:10s} {cls.summary}")
         return
     from rankwise.adapters.finetune import FinetuneConfig, finetune
@@ -58,6 +68,7 @@ def finetune_command(
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
         gradient_checkpointing=gradient_checkpointing, eval_tokens=eval_tokens, seed=seed,
         out=out, overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume,
+        rules=tuple(rule), rule_options=_rule_options(rule_option),
     )
     result = finetune(config, progress=not as_json and progress.enabled())
     if result.rank != 0:
@@ -81,6 +92,8 @@ def finetune_command(
     if result.resumed_from:
         steps_text += f" (resumed at {result.resumed_from})"
     table.add_row("steps", steps_text)
+    if rule:
+        table.add_row("training rules", ", ".join(rule))
     table.add_row("loss first → last", f"{result.losses[0]:.4f} → {result.losses[-1]:.4f}")
     table.add_row("val perplexity before", fmt(result.perplexity_before))
     table.add_row("val perplexity after", fmt(result.perplexity_after))
@@ -88,6 +101,17 @@ def finetune_command(
     table.add_row("processes", str(result.world_size))
     table.add_row("adapter saved to", result.out or "(not saved; pass --out)")
     Console().print(table)
+
+
+def _rule_options(pairs: list[str]) -> dict:
+    """``-r key=value`` pairs, parsed like ``-o``; a bare number points to ``--rank`` (``-r``
+    was its short form before training rules)."""
+    for pair in pairs:
+        if "=" not in pair and pair.strip().isdigit():
+            raise ConfigError(
+                f"-r/--rule-option expects key=value, got {pair!r}; the adapter rank is --rank {pair}"
+            )
+    return parse_options(pairs)
 
 
 def register(app: typer.Typer) -> None:
