@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, markdown_table, write_results  # noqa: E402
 
 from rankwise.compress.api import compress  # noqa: E402
-from rankwise.compress.layers import QuantizedLinear  # noqa: E402
-from rankwise.compress.quantize import quantize  # noqa: E402
 from rankwise.data import load_corpus, perplexity  # noqa: E402
+from rankwise.layers import QuantizedLinear  # noqa: E402
+from rankwise.layers.quantize import quantize  # noqa: E402
 from rankwise.models import load_model, tiny_llama  # noqa: E402
 
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536)}

@@ -38,7 +38,7 @@ def _one_thread():
 def _no_registry_leftovers():
     """A test may register methods or layer types only for its own duration."""
     from rankwise.compress.base import METHODS
-    from rankwise.compress.layers import LAYER_TYPES
+    from rankwise.layers import LAYER_TYPES
 
     before = (METHODS.names(), LAYER_TYPES.names())
     yield

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from rankwise.compress.base import (
-    LowRankLinear,
     breakeven_rank,
     damped_cholesky,
     get_method,
@@ -12,6 +11,7 @@ from rankwise.compress.base import (
 )
 from rankwise.compress.calibrate import LayerStats
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers import LowRankLinear
 
 
 def anisotropic_inputs(n: int, d: int, *, seed: int = 0) -> torch.Tensor:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from rankwise.compress.api import compress
-from rankwise.compress.base import LowRankLinear
 from rankwise.compress.checkpoint import COMPRESSED_MARKER, load_compressed, save_compressed
 from rankwise.errors import CheckpointError
 from rankwise.fileio import MANIFEST
+from rankwise.layers import LowRankLinear
 from rankwise.models import count_parameters, load_model, tiny_llama
 
 

@@ -7,13 +7,13 @@ import torch
 from test_lord import end_to_end
 
 from rankwise.compress.base import damped_cholesky
-from rankwise.compress.layers import SparseDictLinear
 from rankwise.compress.methods.cospadi import (
     learn_sparse_dictionary,
     sparse_code,
     sparse_dict_parameters,
 )
 from rankwise.errors import ConfigError
+from rankwise.layers import SparseDictLinear
 from rankwise.models import count_parameters
 
 

@@ -7,14 +7,14 @@ import torch
 from test_lord import end_to_end
 
 from rankwise.compress.calibrate import LayerStats
-from rankwise.compress.layers import CompensatedLinear, QuantizedLinear
 from rankwise.compress.methods.eora import (
     activation_eigenspace,
     eigenspace_compensation,
     eora_compensate,
 )
-from rankwise.compress.quantize import quantize, quantize_dequantize
 from rankwise.errors import ConfigError
+from rankwise.layers import CompensatedLinear, QuantizedLinear
+from rankwise.layers.quantize import quantize, quantize_dequantize
 
 
 def _problem(seed=0):

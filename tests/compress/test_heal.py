@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rankwise.compress.api import compress
-from rankwise.compress.base import LowRankLinear
 from rankwise.compress.heal import check_heal_steps, heal, heal_blocks, healable_parameters
 from rankwise.errors import ConfigError, DataError
+from rankwise.layers import LowRankLinear
 from rankwise.models import count_parameters
 
 FAST = {"evaluate": False, "measure_speed": False, "seq_len": 64, "calib_tokens": 256}

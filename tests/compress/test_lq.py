@@ -7,10 +7,10 @@ import torch
 from test_lord import end_to_end
 
 from rankwise.compress.allocate import choose_configurations
-from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
 from rankwise.compress.methods.lq import lq_decompose
-from rankwise.compress.quantize import dequantize
 from rankwise.errors import ConfigError
+from rankwise.layers import QuantizedLinear, QuantizedLowRankLinear
+from rankwise.layers.quantize import dequantize
 from rankwise.models import count_parameters
 
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from rankwise.compress.api import compress
-from rankwise.compress.base import METHODS, CompressionMethod, LowRankLinear, method_names
+from rankwise.compress.base import METHODS, CompressionMethod, method_names
 from rankwise.compress.report import LayerReport
 from rankwise.data import token_blocks
+from rankwise.layers import LowRankLinear
 from rankwise.models import count_parameters, tiny_llama
 
 

@@ -7,8 +7,8 @@ import copy
 import torch
 from test_lord import end_to_end
 
-from rankwise.compress.layers import GatherLinear, ResizedLinear, ScatterLinear
 from rankwise.compress.methods.modegpt import nystrom_mlp, qk_pairs, vo_svd
+from rankwise.layers import GatherLinear, ResizedLinear, ScatterLinear
 
 
 def test_nystrom_is_exact_when_the_intermediate_activations_have_rank_k():

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankwise.compress import quantize as qmod
 from rankwise.compress.api import compress
-from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
-from rankwise.compress.quantize import dequantize, kernel_for, quantize, storage_bits
+from rankwise.layers import QuantizedLinear, QuantizedLowRankLinear
+from rankwise.layers import quantize as qmod
+from rankwise.layers.quantize import dequantize, kernel_for, quantize, storage_bits
 from rankwise.models import load_model, tiny_llama
 
 # bfloat16 activations: a relative output error of a few 2^-9 is the kernel's rounding

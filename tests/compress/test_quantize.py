@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankwise.compress.quantize import (
+from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers.quantize import (
     codebook,
     dequantize,
     pack_codes,
@@ -14,7 +15,6 @@ from rankwise.compress.quantize import (
     storage_bits,
     unpack_codes,
 )
-from rankwise.errors import ConfigError, ShapeError
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

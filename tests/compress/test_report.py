@@ -5,9 +5,9 @@ import json
 import pytest
 from torch import nn
 
-from rankwise.compress.base import LowRankLinear
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ShapeError
+from rankwise.layers import LowRankLinear
 
 
 def test_layer_report_of_a_factorised_layer():

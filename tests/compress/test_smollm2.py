@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rankwise.compress.api import compress
-from rankwise.compress.base import LowRankLinear
+from rankwise.layers import LowRankLinear
 from rankwise.models import EMBEDDED, count_parameters, load_model
 
 

@@ -17,7 +17,6 @@ from rankwise.compress.base import (
     CompressionJob,
     CompressionMethod,
     Decomposition,
-    LowRankLinear,
     get_method,
     method_names,
     register_method,
@@ -37,6 +36,7 @@ from rankwise.compress.checkpoint import (
     save_compressed,
 )
 from rankwise.compress.report import LayerReport
+from rankwise.layers import LowRankLinear
 
 __all__ = [
     "compress",

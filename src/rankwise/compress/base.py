@@ -50,76 +50,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankwise.compress.allocate import STRATEGIES, breakeven_rank, layer_parameters, statistics_for
 from rankwise.compress.calibrate import INPUT_STATISTICS, STATISTICS, Calibration, LayerStats
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers import LowRankLinear
 from rankwise.options import coerce, field_types, type_name
 from rankwise.registry import Registry
 
 if TYPE_CHECKING:
     from rankwise.compress.report import LayerReport
-
-# ----------------------------------------------------------------------------- the layer
-
-
-class LowRankLinear(nn.Module):
-    """``y = U (V x) + b``: a rank-``r`` replacement for ``nn.Linear(in, out)``.
-
-    ``U`` has shape ``(out, r)`` and ``V`` shape ``(r, in)``; the forward is two small
-    matmuls (``r (in + out)`` multiply-adds per token instead of ``in · out``), never a
-    re-densified weight. Parameter names ``U``, ``V``, ``bias`` are what checkpoints store.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        *,
-        bias: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ConfigError(
-                f"rank must be in [1, {min(in_features, out_features)}] for a "
-                f"{out_features}x{in_features} layer; got {rank}"
-            )
-        kw = {"dtype": dtype, "device": device}
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.U = nn.Parameter(torch.zeros(out_features, rank, **kw))
-        self.V = nn.Parameter(torch.zeros(rank, in_features, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-
-    @classmethod
-    def from_factors(
-        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> LowRankLinear:
-        """Build from ``up (out, r)``, ``down (r, in)`` and an optional ``bias (out,)``."""
-        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise ShapeError(f"factors must be (out, r) and (r, in); got {tuple(up.shape)}, {tuple(down.shape)}")
-        layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, dtype=up.dtype, device=up.device)
-        with torch.no_grad():
-            layer.U.copy_(up)
-            layer.V.copy_(down)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.V), self.U, self.bias)
-
-    def to_dense(self) -> torch.Tensor:
-        """The equivalent dense weight ``U V``, shape ``(out, in)`` (for tests and analysis)."""
-        return self.U @ self.V
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
-
 
 # ----------------------------------------------------------------------------- decompositions
 

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.compress.base import LowRankLinear
-from rankwise.compress.layers import install_module, module_spec, registered_modules
 from rankwise.errors import CheckpointError
 from rankwise.fileio import output_dir, write_json
+from rankwise.layers import LowRankLinear, install_module, module_spec, registered_modules
 from rankwise.models import register_folder_format
 
 COMPRESSED_MARKER = "rankwise_compressed.json"

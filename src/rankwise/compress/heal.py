@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.compress.base import LowRankLinear
-from rankwise.compress.layers import is_registered
 from rankwise.errors import ConfigError, DataError
+from rankwise.layers import LowRankLinear, is_registered
 from rankwise.progress import Bar
 
 DEFAULT_LR = 1e-4

@@ -49,9 +49,9 @@ from rankwise.compress.base import (
     damped_cholesky,
     register_method,
 )
-from rankwise.compress.layers import SparseDictLinear
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers import SparseDictLinear
 from rankwise.modules import replace_module
 from rankwise.progress import Bar
 

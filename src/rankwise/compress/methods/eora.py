@@ -40,15 +40,15 @@ from torch import nn
 from rankwise.compress.allocate import LayerSpectrum, allocate_with_overhead, greedy_fill
 from rankwise.compress.base import CompressionJob, CompressionMethod, get_method, register_method
 from rankwise.compress.calibrate import Calibration, LayerStats
-from rankwise.compress.layers import (
+from rankwise.compress.report import LayerReport
+from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers import (
     CompensatedLinear,
     QuantizedLinear,
     dense_weight,
     module_storage_bits,
 )
-from rankwise.compress.quantize import AUTO, FORMATS, quantize, resolve_format
-from rankwise.compress.report import LayerReport
-from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers.quantize import AUTO, FORMATS, quantize, resolve_format
 from rankwise.modules import replace_module
 from rankwise.progress import Bar
 

@@ -43,8 +43,10 @@ from torch import nn
 from rankwise.compress.allocate import breakeven_rank, choose_configurations, greedy_fill
 from rankwise.compress.base import CompressionJob, CompressionMethod, register_method
 from rankwise.compress.calibrate import Calibration
-from rankwise.compress.layers import QuantizedLinear, QuantizedLowRankLinear
-from rankwise.compress.quantize import (
+from rankwise.compress.report import LayerReport
+from rankwise.errors import ConfigError
+from rankwise.layers import QuantizedLinear, QuantizedLowRankLinear
+from rankwise.layers.quantize import (
     AUTO,
     FORMATS,
     Quantized,
@@ -53,8 +55,6 @@ from rankwise.compress.quantize import (
     resolve_format,
     storage_bits,
 )
-from rankwise.compress.report import LayerReport
-from rankwise.errors import ConfigError
 from rankwise.modules import replace_module
 from rankwise.progress import Bar
 

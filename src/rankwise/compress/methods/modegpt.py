@@ -49,9 +49,9 @@ from rankwise.compress.base import (
     damped_cholesky,
     register_method,
 )
-from rankwise.compress.layers import GatherLinear, ResizedLinear, ScatterLinear, module_storage_bits
 from rankwise.compress.report import LayerReport
 from rankwise.errors import ConfigError, ModelError
+from rankwise.layers import GatherLinear, ResizedLinear, ScatterLinear, module_storage_bits
 from rankwise.modules import replace_module
 from rankwise.progress import Bar
 

@@ -1,6 +1,10 @@
 """Group-wise k-bit weight quantization with packed storage (NF-k, symmetric int-k or affine),
 and the packed-weight CPU matmul kernels that run it without dequantizing.
 
+This is the storage format of :class:`~rankwise.layers.QuantizedLinear`; it lives beside the
+layer (below ``rankwise.compress``) so that the layer can be rebuilt without the compression
+code, and ``compress``'s ``lq``/``eora`` methods quantize with it.
+
 A weight ``W (out, in)`` is flattened row-major and cut into groups of ``group_size``
 consecutive values (the last group zero-padded). Each group keeps one absmax scale
 ``a_g = max |w|`` (stored as float16) and each value one ``bits``-bit code ``c`` into a
