@@ -519,6 +519,7 @@ def finetune(
             if on_step is not None:
                 on_step(state.step, step_loss)
     finally:
+        rules.teardown()
         bar.close()
     seconds = time.perf_counter() - t0
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):

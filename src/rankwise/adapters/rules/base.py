@@ -17,6 +17,8 @@ The step, and where each hook runs::
     rules.before_optimizer_step(step, lr)
     optimizer.step()
     rules.after_optimizer_step(step)         # then the lr schedule steps
+    ...
+    rules.teardown()                         # when training ends, also by an exception
 
 ``step`` counts optimizer steps from 0. ``setup(model, adapters, optimizer, steps=...)``
 runs once before the first step, with ``{module path: adapter}`` for every trainable
@@ -122,6 +124,10 @@ class TrainingRule:
 
     def after_optimizer_step(self, step: int) -> None:
         """Right after ``optimizer.step()``."""
+
+    def teardown(self) -> None:
+        """Called when training ends, normally or by an exception: undo any temporary change
+        to the model (GGPO's perturbation) so the model is left as the optimizer made it."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly (tensors, numbers, lists)."""
@@ -268,6 +274,10 @@ class TrainingRules:
     def after_optimizer_step(self, step: int) -> None:
         for rule in self.rules:
             rule.after_optimizer_step(step)
+
+    def teardown(self) -> None:
+        for rule in self.rules:
+            rule.teardown()
 
     def state_dict(self) -> dict[str, Any]:
         return {rule.name: rule.state_dict() for rule in self.rules}
