@@ -465,6 +465,16 @@ class Adapter(nn.Module, abc.ABC):
         the adapter adds its term through :meth:`compose`."""
         return None
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A (r, in), B (out, r), s)`` when this adapter's term in an eval-mode forward on
+        a linear layer is exactly ``s · B (A x)``, else None (default).
+
+        Per-row routing (:func:`rankwise.adapters.inject.route`, which ``rankwise.serve``
+        uses) then computes many such adapters at once with batched matmuls over copies of
+        these factors, re-copied when the rank, the scale or a parameter of the adapter changes
+        (so they must follow from those); without them the adapter runs its own :meth:`compose`."""
+        return None
+
     def before_optimizer_step(self, lr: float) -> None:
         """Called by the training loop after backward and clipping, before the optimizer step,
         with the optimizer's current learning rate: for a part the method trains by its own

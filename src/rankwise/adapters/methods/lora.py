@@ -58,6 +58,16 @@ class LoraAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, B, s)`` on a linear layer. A subclass whose forward differs (DyLoRA's rank,
+        SoRA's gate, DoRA's norm) gets None unless it overrides this method as well."""
+        cls = type(self)
+        if cls.compose is not LoraAdapter.compose or cls.delta is not LoraAdapter.delta:
+            return None
+        if self.layer.kind not in ("linear", "transposed_linear"):
+            return None
+        return self.lora_A, self.lora_B, self.scaling
+
     # -- PEFT format
     def _peft_names(self) -> tuple[str, str]:
         if self.layer.kind == "embedding":
