@@ -19,6 +19,16 @@ multiply-adds, then one ``T·out·in`` product) or the two thin products ``(x Q�
 (``T·n·r·(out + in)``); PEFT always takes the second, and materialises ``Q`` the same way.
 Linear and transposed-linear (GPT-2 ``Conv1D``) layers, as in PEFT.
 
+Cost against LoRA on a d×d layer with T tokens (units of ``T·d²`` multiply-adds): LoRA's
+step is about 2 (the frozen forward and the input gradient). The dense path adds the
+gradient of ``ΔW`` (``gᵀx``, 1) and two ``d³`` products (building ``ΔW`` and ``BᵀG``,
+``2·d/T``): ``1.5 + d/T`` times LoRA, 2.0× at d = 2048, T = 4096 — what bench/zoo.py
+measures, so this path is at its floor. With full-rank dense bases every exact formulation
+we tried pays at least that ``gᵀx`` term (``Γ`` has ``d²/r`` entries, each a sum over all
+tokens); the thin path pays more. PEFT's ternary ``sparse`` bases would cut the ``d³`` terms,
+but torch's CPU sparse kernels do not: a 4.4%-dense CSR (2048²) times a dense 2048×4096 took
+0.39 s against 0.52 s dense, and 2.3 s at 1/3 density (torch 2.13, this 2-core machine).
+
 PEFT format (``peft_type="RANDLORA"``): ``randlora_lambda`` (r, n), ``randlora_gamma``
 (n, m) per layer, and the bases of the largest layer, ``randlora_A`` (r, 1, m_max) and
 ``randlora_B`` (M_max, n_max, r), which PEFT slices per layer. Ours are prefixes of one
