@@ -54,6 +54,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.routing: RowRouting | None = None  # set by ``route``: one adapter per batch row
+        self.slots: _LayerSlots | None = None  # the adapters' factors, laid out for ``route``
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.routing is None and not (self.merged or self.disabled) and self.active and not (args or kwargs):
@@ -120,9 +121,8 @@ class RowRouting:
     Used by :func:`route`: every :class:`AdaptedLayer` then adds, to each row of its output,
     that row's adapter only (the layer's ``active`` list is ignored). Build one per batch
     composition and reuse it across decode steps: it keeps each layer's plan (the rows of
-    each adapter and, for LoRA, the factors stacked per rank, a copy) from first use, so an
-    unchanged batch gathers nothing again; dropping the routing frees them. Rebuild it after
-    adapters are attached or deleted.
+    each adapter, the slots of their factors) from first use, so an unchanged batch plans
+    nothing again. Rebuild it after adapters are attached or deleted or their weights change.
     """
 
     def __init__(self, rows: Sequence[str | None]) -> None:
@@ -133,6 +133,7 @@ class RowRouting:
                 groups.setdefault(name, []).append(i)
         self.groups = groups
         self._index: dict[str, torch.Tensor] = {}
+        self._lines: dict[tuple, _Lines] = {}  # row grids, shared by layers that group alike
         self.plans: dict[AdaptedLayer, _LayerPlan] = {}
         self.checked: nn.Module | None = None  # the model whose adapter names were checked
 
@@ -148,99 +149,209 @@ class RowRouting:
         return t
 
 
+class _SlotPool:
+    """One layer's low-rank factors of one shape and dtype, one adapter per slot, in two
+    preallocated tensors laid out as the batched matmuls read them: ``a[slot] = Aᵀ``
+    ``(in, r)`` and ``b[slot] = (s·B)ᵀ`` ``(r, out)`` (S-LoRA's unified adapter pool, "S-LoRA:
+    Serving Thousands of Concurrent LoRA Adapters", 2023). A batch whose adapters sit in nearby
+    slots reads a view of the pool, so a new batch composition copies no factors. Capacity
+    doubles when full; freed slots are reused, lowest first."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a = a.new_empty((0, a.shape[1], a.shape[0]))
+        self.b = b.new_empty((0, b.shape[1], b.shape[0]))
+        self.owners: list[str | None] = []
+
+    def take(self, name: str) -> int:
+        """A free slot for ``name`` (growing the pool when none is free)."""
+        if None not in self.owners:
+            used = len(self.owners)
+            cap = max(4, 2 * used)
+            a = self.a.new_empty((cap, *self.a.shape[1:]))
+            b = self.b.new_empty((cap, *self.b.shape[1:]))
+            a[:used], b[:used] = self.a, self.b
+            self.a, self.b = a, b  # views of the old tensors (in older plans) stay valid
+            self.owners += [None] * (cap - used)
+        slot = self.owners.index(None)
+        self.owners[slot] = name
+        return slot
+
+    @torch.no_grad()
+    def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        self.a[slot].copy_(a.detach().T)
+        self.b[slot].copy_(b.detach().T).mul_(scale)
+
+
+def _state(adapter: Adapter, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple:
+    """What a slot's copy depends on: the factors' shapes and scale, the adapter's tensors
+    (an in-place change bumps ``_version``, a replaced tensor has another address)."""
+    tensors = [*adapter.parameters(), *adapter.buffers()]
+    return (a.shape, b.shape, float(scale), tuple((t.data_ptr(), t._version) for t in tensors))
+
+
+class _LayerSlots:
+    """Where each adapter of one layer sits in that layer's slot pools."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple, _SlotPool] = {}
+        self.where: dict[str, tuple[_SlotPool, int, Adapter, tuple]] = {}
+        self.generation = 0  # bumped when a slot is freed: plans that read it are rebuilt
+
+    def place(
+        self, name: str, adapter: Adapter, factors: tuple[torch.Tensor, torch.Tensor, float]
+    ) -> tuple[_SlotPool, int]:
+        """The pool and slot holding ``adapter``'s current factors (copied in if needed)."""
+        a, b, scale = factors
+        state = _state(adapter, a, b, scale)
+        entry = self.where.get(name)
+        if entry is not None:
+            if entry[2] is adapter and entry[3] == state:
+                return entry[0], entry[1]
+            self.free(name)
+        key = (tuple(a.shape), tuple(b.shape), a.dtype, a.device)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _SlotPool(a, b)
+        slot = pool.take(name)
+        pool.write(slot, a, b, scale)
+        self.where[name] = (pool, slot, adapter, state)
+        return pool, slot
+
+    def free(self, name: str) -> None:
+        entry = self.where.pop(name, None)
+        if entry is not None:
+            entry[0].owners[entry[1]] = None
+            self.generation += 1
+
+    def sweep(self, layer: AdaptedLayer) -> None:
+        """Free the slots of adapters no longer attached to ``layer``."""
+        for name, entry in list(self.where.items()):
+            if layer.adapters._modules.get(name) is not entry[2]:
+                self.free(name)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.pools.values() for t in (p.a, p.b))
+
+
+@dataclass
+class _Lines:
+    """The batch rows of a group's ``k`` adapters, one line each, padded to ``m`` rows with a
+    repeat of a real row (rows, never ranks, are padded): ``grid`` ``(k, m)``; ``keep`` the
+    real entries of the flattened grid (None: no padding) and ``rows`` their batch rows;
+    ``start`` when the grid is exactly the rows ``start, start+1, ...`` (a slice of the batch:
+    no gather, no scatter)."""
+
+    grid: torch.Tensor
+    keep: torch.Tensor | None
+    rows: torch.Tensor
+    start: int | None
+
+
+def _lines(routing: RowRouting, lists: tuple[tuple[int, ...] | None, ...], device) -> _Lines:
+    """The :class:`_Lines` for these per-adapter row lists (None: an unused slot in a
+    window of the pool), cached on ``routing`` for every layer that groups alike."""
+    key = (lists, device)
+    found = routing._lines.get(key)
+    if found is not None:
+        return found
+    m = max(len(r) for r in lists if r)
+    filler = next(r[0] for r in lists if r)
+    grid = [list(r) + [r[0]] * (m - len(r)) if r else [filler] * m for r in lists]
+    real = [j < len(r or ()) for r in lists for j in range(m)]
+    flat = [i for line in grid for i in line]
+    whole = all(real) and flat == list(range(flat[0], flat[0] + len(flat)))
+    found = routing._lines[key] = _Lines(
+        grid=torch.tensor(grid, dtype=torch.long, device=device),
+        keep=None if all(real) else torch.tensor([i for i, ok in enumerate(real) if ok], device=device),
+        rows=torch.tensor([i for i, ok in zip(flat, real, strict=True) if ok], device=device),
+        start=flat[0] if whole else None,
+    )
+    return found
+
+
 @dataclass
 class _RankGroup:
-    """LoRA adapters of one rank in one layer, stacked: ``Δ = bmm(bmm(x_g, A_gᵀ), (s·B_g)ᵀ)``.
+    """Adapters of one factor shape in one layer: ``Δ = bmm(bmm(x_g, a), b)`` over ``k``
+    adapters; ``a`` ``(k, in, r)`` and ``b`` ``(k, r, out)`` are a view of the slot pool (or,
+    for scattered slots, a copy of the needed ones)."""
 
-    ``grid`` is ``(k, m)``: the rows of each of the ``k`` adapters, padded to the largest row
-    count ``m`` with a repeat of the adapter's first row (rows, never ranks, are padded);
-    ``keep`` selects the real entries of the flattened grid and ``rows`` are their batch
-    rows. ``whole`` means the grid is exactly ``0..B-1`` in order (no gather, no scatter).
-    """
-
-    a: torch.Tensor  # (k, r, in)
-    b: torch.Tensor  # (k, out, r), scaling folded in
-    grid: torch.Tensor  # (k, m)
-    keep: torch.Tensor | None  # (n_real,) positions in grid.flatten(), None if no padding
-    rows: torch.Tensor  # (n_real,)
-    whole: bool
+    a: torch.Tensor
+    b: torch.Tensor
+    lines: _Lines
 
 
 @dataclass
 class _LayerPlan:
     groups: list[_RankGroup]
-    generic: list[tuple[Adapter, torch.Tensor]]  # (adapter, its rows): methods without a fast path
+    generic: list[tuple[Adapter, torch.Tensor]]  # (adapter, its rows): methods without factors
+    generation: int  # of the layer's slots when planned
 
 
-def _lora_factors(layer: AdaptedLayer, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(A, s·B)`` if ``adapter``'s delta here is exactly ``s · B (A x)`` on a linear input."""
-    if type(adapter) is not get_method("lora") or layer.view.kind not in (
-        "linear",
-        "transposed_linear",
-    ):
+def _fast_factors(layer: AdaptedLayer, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The adapter's :meth:`~rankwise.adapters.Adapter.delta_factors` when this forward is
+    exactly ``s · B (A x)`` on a linear input (no training-mode dropout), else None."""
+    if layer.view.kind not in ("linear", "transposed_linear"):
         return None
     if adapter.training and isinstance(adapter.dropout, nn.Dropout):
         return None
-    return adapter.lora_A, adapter.lora_B
+    return adapter.delta_factors()
+
+
+def _group(pool: _SlotPool, members: list[tuple[int, str]], routing: RowRouting, device) -> _RankGroup:
+    """One group's factors and row grid; ``members`` are ``(slot, name)`` sorted by slot."""
+    lo, hi = members[0][0], members[-1][0] + 1
+    if hi - lo <= 2 * len(members):  # nearby slots: a view of the pool, nothing copied
+        names = dict(members)
+        lists = tuple(tuple(routing.groups[names[s]]) if s in names else None for s in range(lo, hi))
+        return _RankGroup(pool.a[lo:hi], pool.b[lo:hi], _lines(routing, lists, device))
+    idx = torch.tensor([s for s, _ in members], device=pool.a.device)
+    lists = tuple(tuple(routing.groups[n]) for _, n in members)
+    return _RankGroup(pool.a.index_select(0, idx), pool.b.index_select(0, idx), _lines(routing, lists, device))
 
 
 def _plan(layer: AdaptedLayer, routing: RowRouting, device: torch.device) -> _LayerPlan:
-    """Group the batch's adapters present in ``layer`` by rank and stack their factors."""
-    by_rank: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    """Put the batch's adapters present in ``layer`` into slots and group them by shape."""
+    if layer.slots is None:
+        layer.slots = _LayerSlots()
+    slots = layer.slots
+    slots.sweep(layer)
+    members: dict[int, tuple[_SlotPool, list[tuple[int, str]]]] = {}
     generic = []
     for name in routing.groups:
-        if name not in layer.adapters:
+        adapter = layer.adapters._modules.get(name)
+        if adapter is None:
             continue
-        adapter = layer.adapters[name]
-        factors = _lora_factors(layer, adapter)
+        factors = _fast_factors(layer, adapter)
         if factors is None:
             generic.append((adapter, routing.index(name, device)))
-        else:
-            by_rank.setdefault(factors[0].shape[0], []).append((name, *factors))
-    groups = []
-    batch = len(routing)
-    for members in by_rank.values():
-        rows = [routing.groups[name] for name, _, _ in members]
-        m = max(len(r) for r in rows)
-        grid = torch.tensor([r + [r[0]] * (m - len(r)) for r in rows], device=device)
-        real = torch.tensor([[j < len(r) for j in range(m)] for r in rows], device=device)
-        flat = real.flatten()
-        padded = not bool(flat.all())
-        whole = not padded and grid.numel() == batch and bool(
-            (grid.flatten() == torch.arange(batch, device=device)).all()
-        )
-        b = torch.stack([b for _, _, b in members])
-        scales = [layer.adapters[name].scaling for name, _, _ in members]
-        b.mul_(torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1))
-        groups.append(
-            _RankGroup(
-                a=torch.stack([a for _, a, _ in members]),
-                b=b,
-                grid=grid,
-                keep=flat.nonzero().squeeze(1) if padded else None,
-                rows=grid.flatten()[flat],
-                whole=whole,
-            )
-        )
-    return _LayerPlan(groups, generic)
+            continue
+        pool, slot = slots.place(name, adapter, factors)
+        members.setdefault(id(pool), (pool, []))[1].append((slot, name))
+    groups = [_group(pool, sorted(found), routing, device) for pool, found in members.values()]
+    return _LayerPlan(groups, generic, slots.generation)
 
 
 def _add_rank_group(y: torch.Tensor, x: torch.Tensor, g: _RankGroup) -> None:
     """``y[rows] += s·B (A x[rows])`` for every row of the group, as two batched matmuls."""
-    k, m = g.grid.shape
+    lines = g.lines
+    k, m = lines.grid.shape
     tail = x.shape[1:-1]  # tokens per row (empty for 2-D input)
-    per_row = math.prod(tail)
-    xa = x.to(g.a.dtype)
-    xg = xa.reshape(1, -1, xa.shape[-1]) if g.whole and k == 1 else xa[g.grid]
-    xg = xg.reshape(k, m * per_row, xa.shape[-1])
-    d = torch.bmm(torch.bmm(xg, g.a.transpose(1, 2)), g.b.transpose(1, 2))
-    d = d.reshape(k * m, *tail, d.shape[-1]).to(y.dtype)
-    if g.whole:
-        y += d
+    if lines.start is not None:
+        xg = x[lines.start : lines.start + k * m]
+    else:
+        xg = x.index_select(0, lines.grid.view(-1))
+    xg = xg.reshape(k, m * math.prod(tail), x.shape[-1])
+    if xg.dtype != g.a.dtype:
+        xg = xg.to(g.a.dtype)
+    d = torch.bmm(torch.bmm(xg, g.a), g.b).reshape(k * m, *tail, g.b.shape[-1])
+    if d.dtype != y.dtype:
+        d = d.to(y.dtype)
+    if lines.start is not None:
+        y[lines.start : lines.start + k * m] += d
         return
-    if g.keep is not None:
-        d = d.index_select(0, g.keep)
-    y.index_add_(0, g.rows, d)
+    if lines.keep is not None:
+        d = d.index_select(0, lines.keep)
+    y.index_add_(0, lines.rows, d)
 
 
 def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +365,7 @@ def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tens
             "build a RowRouting with one entry per batch row"
         )
     plan = routing.plans.get(layer)
-    if plan is None:
+    if plan is None or plan.generation != layer.slots.generation:
         plan = routing.plans[layer] = _plan(layer, routing, y.device)
     if not plan.groups and not plan.generic:
         return y
@@ -283,8 +394,9 @@ def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tens
 def route(model: nn.Module, routing: RowRouting | Sequence[str | None]) -> Iterator[RowRouting]:
     """Context manager: run ``model`` with one adapter per batch row (None: the base alone).
 
-    Rows of one batch may use different adapters, methods and ranks. LoRA rows are computed
-    with two batched matmuls per rank present (factors stacked, rows gathered; no Python loop
+    Rows of one batch may use different adapters, methods and ranks. Adapters with
+    :meth:`~rankwise.adapters.Adapter.delta_factors` (LoRA) are computed with two batched
+    matmuls per rank present, over the layer's slot pool of their factors (no Python loop
     over adapters, no merging, no padding to the largest rank); other methods (DoRA...)
     run exactly through their own ``compose`` on their rows. Unknown names raise ConfigError.
     """
@@ -756,6 +868,8 @@ def delete(model: nn.Module, name: str) -> None:
             continue
         del layer.adapters[name]
         layer.active = [n for n in layer.active if n != name]
+        if layer.slots is not None:
+            layer.slots.free(name)
         if not layer.adapters:
             replace_module(model, path, layer.base_layer, expect=AdaptedLayer)
 

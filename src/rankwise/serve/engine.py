@@ -54,6 +54,7 @@ class _Row:
     stream: TextStream
     generator: torch.Generator | None
     kv_bytes: int
+    order: tuple[int, int] = (-1, 0)  # sort key in the batch: (rank, load order); base rows first
     last: int = -1
     generated: int = 0
     reserved: bool = False  # holds a KV-cache reservation in the pool
@@ -163,6 +164,7 @@ class Engine:
         self._running: list[_Row] = []
         self._admitted: list[_Row] = []  # taken from the queue, not yet prefilled
         self._batch: BatchCache | None = None
+        self._ordered = True  # the running rows are sorted by _Row.order
         self._routing: tuple[tuple, RowRouting] | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -318,6 +320,8 @@ class Engine:
             seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator.manual_seed(seed)
         row = _Row(handle, adapter, internal, TextStream(self.tokenizer, request.stop), generator, kv)
+        if adapter is not None:
+            row.order = self.pool.order_key(adapter)
         try:
             with self._cv:
                 self._check_room()
@@ -446,7 +450,21 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1]
 
+    def _sort_rows(self) -> None:
+        """Order the running rows (and their cache rows) by rank, then adapter, so that each
+        rank's rows are one slice of the batch: the adapter layers then read and write them
+        in place instead of gathering and scattering rows (one cache copy per join)."""
+        order = sorted(range(len(self._running)), key=lambda i: self._running[i].order)
+        self._ordered = True
+        if order == list(range(len(order))):
+            return
+        with self._cv:
+            self._running = [self._running[i] for i in order]
+        self._batch.select(torch.tensor(order, device=self.device))
+
     def _decode(self) -> None:
+        if not self._ordered:
+            self._sort_rows()
         batch = self._batch
         ids = torch.tensor([[r.last] for r in self._running], device=self.device)
         positions = batch.positions()
@@ -455,6 +473,7 @@ class Engine:
         self._emit(self._running, logits)
 
     def _prefill(self, rows: list[_Row]) -> None:
+        rows.sort(key=lambda r: r.order)
         length = max(len(r.handle.prompt_ids) for r in rows)
         ids = torch.full((len(rows), length), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -474,6 +493,7 @@ class Engine:
                 self._batch.merge(batch)
                 self._running = self._running + list(rows)
             self._admitted = []
+            self._ordered = False
         self._emit(rows, logits, offset=len(self._running) - len(rows))
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, offset: int = 0) -> None:

@@ -37,8 +37,9 @@ def _info(config: dict) -> dict[str, Any]:
 
 
 class _Resident:
-    def __init__(self, internal: str, nbytes: int, info: dict[str, Any]) -> None:
+    def __init__(self, internal: str, nbytes: int, info: dict[str, Any], serial: int) -> None:
         self.internal = internal
+        self.serial = serial  # load order
         self.nbytes = nbytes
         self.info = info
         self.pins = 0
@@ -196,14 +197,9 @@ class AdapterPool:
             except CheckpointError as e:
                 raise CheckpointError(f"adapter {name!r}: {e}") from None
             self.version += 1
-        nbytes = sum(
-            p.numel() * p.element_size()
-            for layer in adapted_layers(self.model).values()
-            if internal in layer.adapters
-            for p in layer.adapters[internal].parameters()
-        )
+        nbytes = _resident_bytes(self.model, internal)
         self.loads += 1
-        entry = _Resident(internal, nbytes, info)
+        entry = _Resident(internal, nbytes, info, self._counter)
         self.resident[name] = entry
         return entry
 
@@ -252,6 +248,27 @@ class AdapterPool:
 
     def internal(self, name: str) -> str:
         return self.resident[name].internal
+
+    def order_key(self, name: str) -> tuple[int, int]:
+        """``(rank, load order)`` of resident adapter ``name``: the engine sorts batch rows by it
+        so rows of one rank sit together (rank 0 when the config names none)."""
+        entry = self.resident[name]
+        return (entry.info.get("rank") or 0, entry.serial)
+
+
+def _resident_bytes(model: nn.Module, internal: str) -> int:
+    """Bytes adapter ``internal`` holds: its parameters, plus the copy of its factors that
+    per-row routing keeps in each layer's slot pool (adapters with ``delta_factors``)."""
+    total = 0
+    for layer in adapted_layers(model).values():
+        adapter = layer.adapters[internal] if internal in layer.adapters else None
+        if adapter is None:
+            continue
+        total += sum(p.numel() * p.element_size() for p in adapter.parameters())
+        factors = adapter.delta_factors()
+        if factors is not None:
+            total += sum(t.numel() * t.element_size() for t in factors[:2])
+    return total
 
 
 __all__ = ["AdapterPool"]
