@@ -12,15 +12,16 @@ updates
   small parameters ``U_active (out, r)`` and ``V_active (r, in)``; the other directions are
   frozen buffers. Gradients and optimizer state therefore scale with ``r``, not with ``K``.
 
-With ``enhanced_gradient`` (the paper's default) the gradient of ``u_i`` and ``v_i`` is that of
-``W`` projected on the direction, without the factor ``s_i`` (``∂L/∂u_i = G v_i``, not
-``s_i G v_i``), so directions with small singular values still move.
+With ``enhanced_gradient`` (on by default; the paper's "enhanced gradient", Sec. 4.2) the
+gradient of ``u_i`` and ``v_i`` is that of ``W`` projected on the direction, without the
+factor ``s_i`` (``∂L/∂u_i = G v_i``, not ``s_i G v_i``), so directions with small singular
+values still move.
 
-The training loop calls :meth:`SSTLinear.after_optimizer_step` after each optimizer step: it resamples the
-active directions every ``resample_every`` steps and re-orthogonalises every ``every`` steps by
-an exact SVD of the current ``U diag(s) Vh`` (:func:`rankwise.linalg.truncated_svd`; the
-function is unchanged, only ``U``/``Vh`` become orthonormal again and ``s`` non-negative).
-:meth:`resample` and :meth:`resvd` can also be called directly.
+The training loop calls :meth:`SSTLinear.after_optimizer_step` after each optimizer step: it
+resamples the active directions every ``resample_every`` steps and re-orthogonalises every
+``every`` steps by an exact SVD of the current ``U diag(s) Vh``
+(:func:`rankwise.linalg.truncated_svd`; the function is unchanged, only ``U``/``Vh`` become
+orthonormal again and ``s`` non-negative). :meth:`resample` and :meth:`resvd` can also be called directly.
 
 Stored values: ``K (in + out + 1) + r (in + out)`` (+ ``out`` bias); trainable:
 ``K + r (in + out)`` (+ bias).
