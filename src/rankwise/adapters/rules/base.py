@@ -229,6 +229,7 @@ class TrainingRules:
 
     def __init__(self, rules: Sequence[TrainingRule] = ()) -> None:
         self.rules = list(rules)
+        self.adapters: dict[str, Adapter] = {}
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -256,8 +257,35 @@ class TrainingRules:
         steps: int,
     ) -> None:
         self.check(adapters)
+        self.adapters = dict(adapters)
         for rule in self.rules:
             rule.setup(model, adapters, optimizer, steps=steps)
+
+    def train_step(
+        self,
+        step: int,
+        loss_fn: Callable[[], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float | None = None,
+    ) -> float:
+        """One optimizer step of a simple loop (no accumulation) with every hook in its place;
+        returns the loss. ``rankwise finetune`` calls the same hooks around its own step."""
+        self.before_backward(step)
+        loss = loss_fn()
+        loss.backward()
+        self.after_backward(step)
+        if max_grad_norm is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        for adapter in self.adapters.values():
+            adapter.before_optimizer_step(lr)
+        self.before_optimizer_step(step, lr)
+        optimizer.step()
+        self.after_optimizer_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
     def before_backward(self, step: int) -> None:
         for rule in self.rules:
