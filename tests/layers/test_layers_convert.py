@@ -116,3 +116,10 @@ def test_converted_model_state_dict_round_trips():
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(3, 12)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_linear_parts_of_structured_layers_are_left_alone():
+    base = nn.Linear(8, 8)
+    model = nn.Sequential(L.CompensatedLinear(base, 2), nn.Linear(8, 8))
+    assert list(L.convert(model, "lowrank", rank=2)) == ["1"]
+    assert model[0].base is base

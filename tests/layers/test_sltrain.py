@@ -67,6 +67,16 @@ def test_custom_backward_matches_autograd():
     assert torch.autograd.gradcheck(lambda *t: _SparsePlusLowRank.apply(*t, index, 0.5), (x, B, A, values))
 
 
+def test_backward_keeps_no_dense_weight_alive():
+    layer = L.SLTrainLinear.from_linear(linear(96, 80), rank=4, density=0.05)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = layer(torch.randn(3, 96, requires_grad=True)).sum()
+    assert saved and (80, 96) not in saved and (96, 80) not in saved
+    loss.backward()
+    assert layer.B.grad is not None and layer.values.grad.shape == (layer.nnz,)
+
+
 def test_training_lowers_the_loss_and_keeps_the_support():
     layer = _layer(rank=4, density=0.1)
     support, values = layer.index.clone(), layer.values.detach().clone()

@@ -1,8 +1,9 @@
 """``convert(model, name, rank=..., targets=...)``: swap the linear layers of any model for a
 registered structured layer type.
 
-Only plain ``nn.Linear`` modules are converted (not subclasses such as the ``out_proj`` of
-``nn.MultiheadAttention``, whose weight the attention reads directly, nor structured layers).
+Only plain ``nn.Linear`` modules are converted: not subclasses such as the ``out_proj`` of
+``nn.MultiheadAttention`` (the attention reads its weight directly), nor the ``nn.Linear`` parts
+of structured layers (the base of a ``CompensatedLinear``).
 Targets are matched like adapter targets: ``None`` is every ``nn.Linear`` except the output
 head (the LM head, tied to the embeddings or not, stays dense); a string is a module name
 matched against the end of each path (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)
@@ -24,6 +25,7 @@ from torch import nn
 
 from rankwise.errors import ConfigError
 from rankwise.layers.base import TRAINABLE, StructuredLinear
+from rankwise.layers.spec import is_registered
 from rankwise.modules import replace_module
 
 Targets = str | re.Pattern | Sequence[str | re.Pattern] | None
@@ -53,7 +55,12 @@ def linear_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Li
     A pattern that matches nothing raises a :class:`~rankwise.errors.ConfigError` with close
     names and the linear module names the model has.
     """
-    linears = {p: m for p, m in model.named_modules() if type(m) is nn.Linear and p}
+    structured = [p for p, m in model.named_modules() if isinstance(m, StructuredLinear) or is_registered(m)]
+    linears = {
+        p: m
+        for p, m in model.named_modules()
+        if type(m) is nn.Linear and p and not any(p.startswith(s + ".") for s in structured)
+    }
     if targets is None:
         head = _output_head(model)
         chosen = {p: m for p, m in linears.items() if m is not head}
