@@ -3,13 +3,9 @@
 :func:`~rankwise.adapters.finetune.finetune` loads a model by name and trains it on a corpus;
 the methods that prune, transfer or federate adapters (``prune.py``, ``loram.py``,
 ``trans_lora.py``, ``federated/``) train a model they hold, a few steps at a time, sometimes
-with another loss (Trans-LoRA's distillation). :func:`train_adapters` is that step, in the
-same order as ``finetune``'s and with the same pieces (the adapters' own
-``before_optimizer_step`` hook, the :class:`~rankwise.adapters.rules.TrainingRules` hooks):
-
-    rules.before_backward → loss.backward → rules.after_backward → clip →
-    adapters' before_optimizer_step → rules.before_optimizer_step → optimizer.step →
-    rules.after_optimizer_step
+with another loss (Trans-LoRA's distillation). :func:`train_adapters` runs those steps with
+:meth:`TrainingRules.train_step <rankwise.adapters.rules.TrainingRules.train_step>`, the
+step every rule hooks into (the same hooks, in the same order, as ``finetune``'s).
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankwise.adapters.finetune import before_optimizer_step, trainable_adapters
 from rankwise.adapters.inject import adapted_layers
 from rankwise.adapters.rules import TrainingRule, TrainingRules
 from rankwise.errors import ConfigError
@@ -99,8 +94,7 @@ def train_adapters(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; attach an adapter first")
-    adapters = trainable_adapters(model)
-    by_path = {
+    adapters = {
         path: a
         for path, layer in adapted_layers(model).items()
         for a in layer.adapters.values()
@@ -108,24 +102,18 @@ def train_adapters(
     }
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     hooks = TrainingRules(rules)
-    hooks.setup(model, by_path, optimizer, steps=steps)
+    hooks.setup(model, adapters, optimizer, steps=steps)
     losses: list[float] = []
     was_training = model.training
     model.train()
     try:
         for step in range(steps):
-            hooks.before_backward(step)
-            loss = loss_fn(model, next(batches))
-            loss.backward()
-            hooks.after_backward(step)
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            before_optimizer_step(adapters, lr)
-            hooks.before_optimizer_step(step, lr)
-            optimizer.step()
-            hooks.after_optimizer_step(step)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            batch = next(batches)
+            losses.append(
+                hooks.train_step(step, lambda b=batch: loss_fn(model, b), optimizer, max_grad_norm=max_grad_norm)
+            )
     finally:
+        hooks.teardown()
         model.train(was_training)
     return TrainLog(losses)
 
