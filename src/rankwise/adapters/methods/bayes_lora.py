@@ -182,5 +182,5 @@ def bayes_lora_choices(model: nn.Module, name: str = "default") -> dict[str, tup
     return {
         path: layer.adapters[name].choices()
         for path, layer in adapted_layers(model).items()
-        if isinstance(layer.adapters.get(name), BayesLoraAdapter)
+        if name in layer.adapters and isinstance(layer.adapters[name], BayesLoraAdapter)
     }

@@ -77,7 +77,8 @@ class GrowingLoraAdapter(LoraAdapter):
 
     def build(self) -> None:
         super().build()
-        self.register_buffer("active", torch.tensor(self.config.init_rank, device=self.layer.device))
+        # a float buffer (adapter files hold float tensors): the number of active components
+        self.register_buffer("active", torch.tensor(float(self.config.init_rank), device=self.layer.device))
         self.stats: dict[str, float] = {}  # the method's running importance numbers (observe)
 
     @property
