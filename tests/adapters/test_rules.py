@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from rankwise.adapters.finetune import FinetuneConfig, finetune
 from rankwise.adapters.rules import (
@@ -137,3 +138,37 @@ def test_cli_rule_options(capsys):
          "--batch-size", "2", "--eval-tokens", "0", "--rule", "allora", "-r", "8"]
     )
     assert code == 2 and "--rank 8" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step):
+    def on_step(s, loss):
+        if s == step:
+            raise _Stop
+
+    return on_step
+
+
+@pytest.mark.parametrize(
+    "method, rules, options",
+    [("increlora", (), {"init_rank": 1, "target_rank": 2, "grow_every": 1}), ("lora", ("ggpo", "allora"), {})],
+)
+def test_rule_state_resumes_exactly(tmp_path, method, rules, options):
+    """Rule state (importance, noise generator, gradient norms) is in the checkpoint."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    common = {**TINY, "steps": 6, "method": method, "rules": rules, "method_options": options}
+    whole = finetune(FinetuneConfig(**common, out=str(tmp_path / "whole")), progress=False)
+    config = FinetuneConfig(**common, out=str(tmp_path / "parts"), checkpoint_every=2)
+    with pytest.raises(_Stop):
+        finetune(config, progress=False, on_step=_stop_at(5))
+    resumed = finetune(replace(config, resume=True), progress=False)
+    assert resumed.resumed_from == 4 and resumed.losses == whole.losses
+    (name,) = [f.name for f in (tmp_path / "whole").glob("*.safetensors")]
+    a, b = load_file(tmp_path / "parts" / name), load_file(tmp_path / "whole" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
