@@ -165,3 +165,17 @@ def test_bad_options_raise_config_error_naming_the_layer_and_valid_values(option
 def test_convert_lists_the_valid_options_of_sst():
     with pytest.raises(ConfigError, match="every"):
         L.convert(nn.Sequential(_linear()), "sst", rank=2, evry=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_keeps_the_dtype_and_trains_in_it(dtype):
+    linear = _linear().to(dtype)
+    layer = SSTLinear.from_linear(linear, rank=2, every=1)
+    assert {p.dtype for p in layer.parameters()} == {dtype} and layer.U.dtype == dtype
+    x = torch.randn(4, 12, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 3e-2
+    torch.testing.assert_close(layer(x), linear(x), atol=tol, rtol=tol)
+    layer(x).sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=1e-3).step()
+    layer.after_optimizer_step(0)  # re-SVD (computed in float32 for bf16) and resample
+    assert layer.s.dtype == dtype and bool(torch.isfinite(layer(x)).all())
