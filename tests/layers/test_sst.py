@@ -179,3 +179,16 @@ def test_keeps_the_dtype_and_trains_in_it(dtype):
     torch.optim.SGD(layer.parameters(), lr=1e-3).step()
     layer.after_optimizer_step(0)  # re-SVD (computed in float32 for bf16) and resample
     assert layer.s.dtype == dtype and bool(torch.isfinite(layer(x)).all())
+
+
+def test_state_dict_round_trip_restores_the_spectrum_and_the_active_directions():
+    layer = SSTLinear.from_linear(_linear(), rank=3, seed=1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(8, 12)).pow(2).mean().backward()
+    opt.step()
+    layer.after_optimizer_step(0)
+    fresh = SSTLinear.from_linear(_linear(), rank=3, seed=2)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 12)
+    assert torch.equal(fresh.index, layer.index)
+    torch.testing.assert_close(fresh(x), layer(x))
