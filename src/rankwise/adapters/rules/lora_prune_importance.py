@@ -89,7 +89,7 @@ def check_lora_on_units(model: nn.Module, name: str = "default") -> None:
 
 @register_rule("lora_prune_importance")
 class LoraPruneImportance(TrainingRule):
-    """LoRAPrune: head/channel importance from LoRA weights and gradients (moving average)."""
+    """LoRAPrune: head/channel importance from LoRA weights and gradients (moving average; lora_prune reads it)."""
 
     config_class = LoraPruneImportanceConfig
     works_with = "method 'lora' on q/o/gate/up/down projections of a Llama-style decoder"
