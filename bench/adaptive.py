@@ -1,0 +1,230 @@
+"""Adaptive-rank methods and training rules, each next to plain LoRA at the same budget.
+
+Every row fine-tunes SmolLM2-135M (q_proj and v_proj of every layer) through
+``rankwise.adapters.finetune`` on the built-in corpus, with the same steps, batch, learning
+rate and seed, saves the adapter, loads it back onto a fresh model and measures validation
+perplexity plus the method's own claim, at small scale:
+
+- dylora: any rank k ≤ r works without retraining (perplexity at r, r/2, r/4 next to plain
+  LoRA truncated to the same k, which was never trained to work truncated);
+- sora: the gate prunes rank during training (total rank left of the starting total);
+- increlora / triadapt: rank starts at 1 per layer and grows, unevenly, to the budget of
+  plain LoRA's rank (total rank and the per-layer range at the end);
+- bayes_lora: gates choose each layer's rank and each factor's bits (mean rank, mean bits);
+- sara: the same number of trainable weights as LoRA, chosen among the smallest |w| of the
+  base model; the nuclear-norm penalty keeps the update low-rank (its effective rank);
+- allora / ggpo (training rules on LoRA): validation perplexity next to LoRA's.
+
+Perplexities are on the built-in validation split (``--eval-tokens`` tokens, blocks of
+``--seq-len``). ``--quick`` runs fewer, shorter steps (a smoke run: the claims need the full
+run). Writes ``bench/results/adaptive.json`` and its section of docs/benchmarks.md.
+
+    nice -n 10 timeout 1800 .venv/bin/python bench/adaptive.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_results  # noqa: E402
+
+warnings.filterwarnings("ignore")
+MODEL = "smollm2"
+TARGETS = ["q_proj", "v_proj"]
+RANK = 8
+
+
+@dataclass
+class Run:
+    """One row: a method (and rules) with its options, and what to measure afterwards."""
+
+    label: str
+    method: str
+    rank: int = RANK
+    options: dict[str, Any] = field(default_factory=dict)
+    rules: tuple[str, ...] = ()
+    rule_options: dict[str, Any] = field(default_factory=dict)
+
+
+def runs(sara_fraction: float) -> list[Run]:
+    grow = {"init_rank": 1, "target_rank": RANK, "grow_until": 0.6}
+    return [
+        Run("lora", "lora"),
+        Run("dylora", "dylora"),
+        Run("sora", "sora", options={"sparsity": 0.05, "gate_lr": 0.05}),
+        Run("increlora", "increlora", rank=2 * RANK, options=grow),
+        Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
+        Run("bayes_lora", "bayes_lora", options={"rank_prior": 0.02, "bit_prior": 0.02, "gate_init": 2.0}),
+        Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-3}),
+        Run("lora + allora", "lora", rules=("allora",)),
+        Run("lora + ggpo", "lora", rules=("ggpo",)),
+    ]
+
+
+def lora_budget_fraction(model) -> float:
+    """The share of the targeted weights that equals LoRA's rank-RANK parameter count."""
+    from rankwise.adapters import resolve_targets
+
+    plan = resolve_targets(model, TARGETS)
+    modules = dict(model.named_modules())
+    lora = weights = 0
+    for path in plan:
+        out, inp = modules[path].weight.shape
+        lora += RANK * (out + inp)
+        weights += out * inp
+    return lora / weights
+
+
+def evaluate(model, tokenizer, texts, args) -> float:
+    from rankwise.data import perplexity
+
+    model.eval()
+    with torch.no_grad():
+        return perplexity(model, tokenizer, texts, seq_len=args.seq_len, max_tokens=args.eval_tokens).perplexity
+
+
+def claims(run: Run, model, tokenizer, texts, args) -> dict[str, Any]:
+    """The method's own measurement on the trained, reloaded model."""
+    from rankwise.adapters import adapted_layers
+
+    adapters = [layer.adapters["default"] for layer in adapted_layers(model).values()]
+    if run.method in ("dylora", "lora") and not run.rules:
+        return {f"ppl_at_rank_{k}": truncated_ppl(run.method, model, k, tokenizer, texts, args) for k in (RANK // 2, RANK // 4)}
+    if run.method == "sora":
+        return {"rank_left": sum(a.active_rank for a in adapters), "rank_start": RANK * len(adapters)}
+    if run.method in ("increlora", "triadapt"):
+        ranks = [a.active_rank for a in adapters]
+        return {"total_rank": sum(ranks), "budget": RANK * len(ranks), "start": len(ranks), "min": min(ranks), "max": max(ranks)}
+    if run.method == "bayes_lora":
+        chosen = [a.choices() for a in adapters]
+        n = len(chosen)
+        return {"mean_rank": sum(c[0] for c in chosen) / n, "mean_bits": sum(c[1] + c[2] for c in chosen) / (2 * n)}
+    if run.method == "sara":
+        ranks = [effective_rank(a.delta_weight()) for a in adapters]
+        return {"trainable": sum(a.values.numel() for a in adapters), "update_effective_rank": sum(ranks) / len(ranks)}
+    return {}
+
+
+def effective_rank(matrix: torch.Tensor, energy: float = 0.9) -> int:
+    """Singular values needed for ``energy`` of the squared Frobenius norm."""
+    s = torch.linalg.svdvals(matrix.float()).square()
+    return int((s.cumsum(0) / s.sum() < energy).sum()) + 1
+
+
+def truncated_ppl(method: str, model, k: int, tokenizer, texts, args) -> float:
+    """Perplexity with every adapter cut to its first ``k`` components (DyLoRA: set_rank)."""
+    from rankwise.adapters import adapted_layers
+    from rankwise.adapters.methods.dylora import set_rank
+
+    if method == "dylora":
+        set_rank(model, k)
+        return evaluate(model, tokenizer, texts, args)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            ad = layer.adapters["default"]
+            ad.lora_B[:, k:] = 0  # plain LoRA keeps its first k components, scale unchanged
+    return evaluate(model, tokenizer, texts, args)
+
+
+def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
+    from rankwise.adapters import load_adapter
+    from rankwise.adapters.finetune import FinetuneConfig, finetune
+    from rankwise.models import load_model
+
+    config = FinetuneConfig(
+        model=MODEL, method=run.method, rank=run.rank, targets=TARGETS, method_options=run.options,
+        rules=run.rules, rule_options=run.rule_options, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, eval_tokens=0, seed=0, out=str(folder), overwrite=True,
+    )
+    t0 = time.perf_counter()
+    result = finetune(config, progress=False)
+    seconds = time.perf_counter() - t0
+    model, tokenizer = load_model(MODEL)
+    load_adapter(model, folder)
+    row = {
+        "label": run.label,
+        "trainable": result.trainable_parameters,
+        "loss_first": sum(result.losses[:3]) / 3,
+        "loss_last": sum(result.losses[-3:]) / 3,
+        "ppl": evaluate(model, tokenizer, texts, args),
+        "seconds": seconds,
+    }
+    row.update(claims(run, model, tokenizer, texts, args))
+    print(row, flush=True)
+    return row
+
+
+def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
+    label = row["label"]
+    if label in ("lora", "dylora"):
+        k2, k4 = RANK // 2, RANK // 4
+        return f"rank {k2}: ppl {row[f'ppl_at_rank_{k2}']:.2f}, rank {k4}: {row[f'ppl_at_rank_{k4}']:.2f}"
+    if label == "sora":
+        return f"rank left {row['rank_left']} of {row['rank_start']}"
+    if label in ("increlora", "triadapt"):
+        return f"total rank {row['start']} → {row['total_rank']} (budget {row['budget']}), per layer {row['min']}–{row['max']}"
+    if label == "bayes_lora":
+        return f"mean rank {row['mean_rank']:.1f} of {RANK}, mean bits {row['mean_bits']:.1f} of 32"
+    if label == "sara":
+        return f"{row['trainable']:,} smallest-|w| weights (LoRA {base['trainable']:,}); update effective rank {row['update_effective_rank']:.1f}"
+    return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few short steps: a smoke run")
+    parser.add_argument("--only", nargs="*", help="run only these labels (lora always runs)")
+    args = parser.parse_args()
+    args.steps, args.batch_size, args.seq_len, args.eval_tokens = (
+        (8, 2, 64, 2048) if args.quick else (60, 4, 128, 8192)
+    )
+    args.lr = 1e-3
+    from rankwise.data import load_corpus
+    from rankwise.models import load_model
+
+    texts = load_corpus("builtin").validation
+    model, tokenizer = load_model(MODEL)
+    base_ppl = evaluate(model, tokenizer, texts, args)
+    selected = runs(lora_budget_fraction(model))
+    if args.only:
+        selected = [r for r in selected if r.label == "lora" or r.label in args.only]
+    del model
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, run in enumerate(selected):
+            rows.append(train_and_measure(run, args, Path(tmp) / f"run{i}", texts))
+    base = rows[0]
+    table = markdown_table(
+        ["method", "trainable", "train loss first → last", "val ppl", "the method's claim, measured"],
+        [
+            [r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", claim_text(r, base)]
+            for r in rows
+        ],
+    )
+    mode = "quick (smoke run)" if args.quick else "full"
+    markdown = (
+        f"### Adaptive-rank methods and training rules ({mode})\n\n"
+        f"SmolLM2-135M, adapters on q_proj/v_proj, rank {RANK} (increlora/triadapt: budget "
+        f"{RANK} per layer, capacity {2 * RANK}), {args.steps} steps × {args.batch_size} × "
+        f"{args.seq_len} tokens, lr {args.lr:g}, seed 0; validation perplexity on "
+        f"{args.eval_tokens} built-in validation tokens (base model: {base_ppl:.2f}). "
+        f"Rerun: `nice -n 10 timeout 1800 .venv/bin/python bench/adaptive.py"
+        f"{' --quick' if args.quick else ''}`.\n\n{table}"
+    )
+    payload = {"mode": mode, "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_tokens", "lr")},
+               "base_ppl": base_ppl, "rows": rows}
+    write_results("adaptive", payload, markdown)
+
+
+if __name__ == "__main__":
+    main()
