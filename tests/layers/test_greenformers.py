@@ -107,6 +107,13 @@ def test_bad_parts_name_the_valid_ones_and_leave_the_model_unchanged():
     model, _ = tiny_llama(seed=0, layers=1, hidden=32)
     with pytest.raises(ConfigError, match="attention, feed_forward"):
         low_rank_transformer(model, 4, parts=("attn",))
-    with pytest.raises(ConfigError, match=r"rank must be in \[1, 16\]"):
-        low_rank_transformer(model, 17)  # k_proj is 32 -> 16
+    with pytest.raises(ConfigError, match=r"rank must be in \[1, 32\] for a 32x32 layer; got 0"):
+        low_rank_transformer(model, 0)
     assert not any(isinstance(m, LowRankTransformerLinear) for m in model.modules())
+
+
+def test_a_rank_above_a_layers_full_rank_caps_it_with_a_warning():
+    model, _ = tiny_llama(seed=0, layers=1, hidden=32)
+    with pytest.warns(UserWarning, match=r"rank=17 is above the full rank of .*k_proj \(16x32: 16\)"):
+        new = low_rank_transformer(model, 17)  # k_proj is 16x32
+    assert {p.rsplit(".", 1)[-1]: m.rank for p, m in new.items()}["k_proj"] == 16

@@ -89,10 +89,19 @@ def test_misspelled_option_lists_the_valid_options():
             _unchanged(model, lambda: L.convert(model, "opt-test", rank=2, densty=0.1))
 
 
-def test_a_rank_too_large_for_one_layer_changes_no_layer():
-    model = _mlp()  # ranks allowed: at most 8 in both layers
-    with pytest.raises(ConfigError, match=r"LowRankLinear: rank must be in \[1, 8\] for a 8x12 layer; got 10"):
-        _unchanged(model, lambda: L.convert(model, "lowrank", rank=10))
+def test_a_rank_above_a_layers_full_rank_gives_it_full_rank_with_one_warning():
+    model = _mlp()  # full ranks: 8 and 8
+    x = torch.randn(5, 12)
+    want = model(x)
+    with pytest.warns(UserWarning, match=r"rank=10 is above the full rank of 2 layer\(s\).*0 \(8x12: 8\)") as seen:
+        new = L.convert(model, "lowrank", rank=10)
+    assert len(seen) == 1
+    assert [m.rank for m in new.values()] == [8, 8]
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bad_rank_changes_no_layer():
+    model = _mlp()
     for bad in (0, 2.5, True, "4"):
         with pytest.raises(ConfigError, match="LowRankLinear: rank must be in"):
             L.convert(model, "lowrank", rank=bad)
@@ -123,3 +132,18 @@ def test_linear_parts_of_structured_layers_are_left_alone():
     model = nn.Sequential(L.CompensatedLinear(base, 2), nn.Linear(8, 8))
     assert list(L.convert(model, "lowrank", rank=2)) == ["1"]
     assert model[0].base is base
+
+
+def test_after_optimizer_step_reaches_every_structured_layer():
+    model = _mlp()
+    L.convert(model, "lowrank", rank=4)
+    seen = []
+
+    class Probe(L.LowRankLinear):
+        def after_optimizer_step(self, step, optimizer=None):
+            seen.append((step, optimizer))
+
+    model[0].__class__ = Probe
+    marker = object()
+    assert L.after_optimizer_step(model, 3, marker) == 2
+    assert seen == [(3, marker)]  # the other layer runs the base class's no-op

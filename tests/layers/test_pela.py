@@ -54,7 +54,9 @@ def test_state_dict_round_trip():
 
 def test_bad_rank_names_the_layer_and_valid_values():
     with pytest.raises(ConfigError, match=r"PELALinear: rank must be in \[1, 16\] for a 16x24 layer; got 20"):
-        L.convert(nn.Sequential(linear(24, 16)), "pela", rank=20)
+        L.PELALinear.from_linear(linear(24, 16), rank=20)
+    with pytest.raises(ConfigError, match=r"PELALinear: rank must be in \[1, 16\] for a 16x24 layer; got 0"):
+        L.convert(nn.Sequential(linear(24, 16)), "pela", rank=0)
 
 
 def test_weight_perturbation_loss_is_the_relative_distance_to_the_original():

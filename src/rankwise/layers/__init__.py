@@ -16,7 +16,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from rankwise.layers.base import TRAINABLE, StructuredLinear, names, register_trainable
+from rankwise.layers.base import (
+    TRAINABLE,
+    StructuredLinear,
+    after_optimizer_step,
+    names,
+    register_trainable,
+)
 from rankwise.layers.compensated import CompensatedLinear, QuantizedLowRankLinear
 from rankwise.layers.convert import convert, linear_targets
 from rankwise.layers.lost import LOSTLinear
@@ -52,6 +58,7 @@ __all__ = [
     "LAYER_TYPES",
     "StructuredLinear",
     "convert",
+    "after_optimizer_step",
     "names",
     "linear_targets",
     "register_trainable",

@@ -70,6 +70,11 @@ class StructuredLinear(nn.Module, abc.ABC):
             )
         return rank
 
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Called by a training loop after optimizer step ``step`` (counted from 0), through
+        :func:`after_optimizer_step`: layers with periodic work (SST's re-SVD, TRP's
+        projection) override it; most layers have none."""
+
     def extra_repr(self) -> str:
         rank = getattr(self, "rank", None)
         shown = "" if rank is None else f", rank={rank}"
@@ -104,9 +109,24 @@ def register_trainable(name: str) -> Callable[[L], L]:
     return register
 
 
+def after_optimizer_step(
+    model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None
+) -> int:
+    """Call :meth:`StructuredLinear.after_optimizer_step` on every structured layer of
+    ``model`` (a training loop calls this once after each ``optimizer.step()``); returns how
+    many layers were called."""
+    layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
+    for layer in layers:
+        layer.after_optimizer_step(step, optimizer)
+    return len(layers)
+
+
 def names() -> list[str]:
     """Every layer type :func:`~rankwise.layers.convert` can build."""
     return TRAINABLE.names()
 
 
-__all__ = ["TRAINABLE", "StructuredLinear", "check_fraction", "linear_bias", "names", "register_trainable"]
+__all__ = [
+    "TRAINABLE", "StructuredLinear", "after_optimizer_step", "check_fraction", "linear_bias", "names",
+    "register_trainable",
+]  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -105,13 +106,26 @@ def check_options(cls: type[StructuredLinear], options: dict) -> None:
         )
 
 
+def _layer_rank(rank: int | None, linear: nn.Linear, path: str, capped: list[str]) -> int | None:
+    """``rank``, or the layer's full rank when ``rank`` exceeds it (noted in ``capped``)."""
+    full = min(linear.in_features, linear.out_features)
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank > full:
+        capped.append(f"{path} ({linear.out_features}x{linear.in_features}: {full})")
+        return full
+    return rank
+
+
 def convert(
-    model: nn.Module, name: str, *, rank: int, targets: Targets = None, **options: object
+    model: nn.Module, name: str, *, rank: int | None = None, targets: Targets = None,
+    **options: object,
 ) -> dict[str, StructuredLinear]:
     """Replace the targeted ``nn.Linear`` layers of ``model`` in place by ``name`` layers
     (:func:`~rankwise.layers.names` lists them) built with ``from_linear(linear, rank=rank,
     **options)``; returns the new modules by path.
 
+    ``rank``: the rank of each new layer (``None`` for types whose size is set otherwise,
+    e.g. ``monarch``'s ``nblocks``, ``welore``'s threshold). A rank above what a layer allows,
+    ``min(in, out)``, gives that layer full rank, with one warning listing such layers.
     ``targets``: see the module docstring (``None``: every linear layer but the output head).
     A layer type, option, target or rank that is invalid for any layer raises a
     :class:`~rankwise.errors.ConfigError` before the model is touched.
@@ -119,7 +133,18 @@ def convert(
     cls = layer_type(name)
     check_options(cls, options)
     chosen = linear_targets(model, targets)
-    new = {path: cls.from_linear(linear, rank=rank, **options) for path, linear in chosen.items()}
+    capped: list[str] = []
+    new = {
+        path: cls.from_linear(linear, rank=_layer_rank(rank, linear, path, capped), **options)
+        for path, linear in chosen.items()
+    }  # fmt: skip
+    if capped:
+        more = f" and {len(capped) - 3} more" if len(capped) > 3 else ""
+        warnings.warn(
+            f"rank={rank} is above the full rank of {len(capped)} layer(s), which get full rank "
+            f"instead: {', '.join(capped[:3])}{more}",
+            stacklevel=2,
+        )
     for path, module in new.items():
         replace_module(model, path, module, expect=nn.Linear)
     return new
