@@ -154,7 +154,10 @@ def _stop_at(step):
 
 @pytest.mark.parametrize(
     "method, rules, options",
-    [("increlora", (), {"init_rank": 1, "target_rank": 2, "grow_every": 1}), ("lora", ("ggpo", "allora"), {})],
+    [
+        ("increlora", (), {"init_rank": 1, "target_rank": 3, "grow_every": 1, "grow_until": 1.0}),
+        ("lora", ("ggpo", "allora"), {}),
+    ],
 )
 def test_rule_state_resumes_exactly(tmp_path, method, rules, options):
     """Rule state (importance, noise generator, gradient norms) is in the checkpoint."""
