@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,23 @@ def test_short_text_nan_and_no_linear_layers_raise(tiny, texts):
         calibrate(model, tok, texts, tokens=64, seq_len=64)
     with pytest.raises(ModelError, match="no linear layers"):
         linear_layers(nn.Sequential(nn.Embedding(10, 4), nn.ReLU()))
+
+
+@pytest.mark.parametrize("statistics", [("gram", "abs_mean", "out_grad"), ("gram", "fisher"), ("out_fisher",)])
+def test_block_by_block_backward_equals_one_backward_pass_bit_for_bit(tiny, texts, monkeypatch, statistics):
+    """Gradients taken one block's activations at a time, and input statistics in a pass of
+    their own, give exactly the one-pass numbers (same batches, same operations)."""
+    calibration = importlib.import_module("rankwise.compress.calibrate")  # the package exports a function of that name
+    model, tok = tiny
+    layers = linear_layers(model)
+    assert calibration._checkpoint_blocks(model, layers) is not None  # tiny-llama takes the lean path
+    lean = calibrate(model, tok, texts, tokens=256, seq_len=64, batch_size=2, statistics=statistics)
+    monkeypatch.setattr(calibration, "_checkpoint_blocks", lambda model, layers: None)
+    one_pass = calibrate(model, tok, texts, tokens=256, seq_len=64, batch_size=2, statistics=statistics)
+    fields = ("gram", "abs_sum", "fisher_rows", "out_grad_sq", "out_grad_sketch", "tokens")
+    for name in layers:
+        for f in fields:
+            a, b = getattr(lean.stats[name], f), getattr(one_pass.stats[name], f)
+            assert (a is None and b is None) or (torch.equal(a, b) if torch.is_tensor(a) else a == b), (name, f)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert all(p.grad is None for p in model.parameters())

@@ -238,6 +238,137 @@ def calibration_blocks(tokenizer, texts: Sequence[str], tokens: int, seq_len: in
     return token_blocks(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
 
 
+class _GradientStatistics:
+    """Hooks accumulating the gradient statistics (``fisher``, ``out_grad``, ``out_fisher``) of
+    each layer into its :class:`LayerStats`: output-gradient hooks registered by a forward hook
+    (only on outputs autograd tracks), and the weight gradients' row sums read per batch."""
+
+    def __init__(self, layers: dict[str, nn.Linear], stats: dict[str, LayerStats], statistics: Sequence[str]) -> None:
+        self.layers, self.stats = layers, stats
+        self.fisher, self.out_grad, self.sketch = ("fisher" in statistics, "out_grad" in statistics, "out_fisher" in statistics)
+        self.rng = torch.Generator().manual_seed(FISHER_SEED)
+        self.omega: torch.Tensor | None = None  # this batch's Ω (window, tokens), drawn once
+
+    def attach(self) -> list:
+        if not (self.out_grad or self.sketch):
+            return []
+        return [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+
+    def start_batch(self) -> None:
+        self.omega = None
+
+    def end_batch(self) -> None:
+        if not self.fisher:
+            return
+        for name, m in self.layers.items():
+            rows = m.weight.grad.to(torch.float64).pow(2).sum(1)  # (out,)
+            s = self.stats[name]
+            s.fisher_rows = rows if s.fisher_rows is None else s.fisher_rows.add_(rows)
+            m.weight.grad = None
+
+    def _hook(self, name: str):
+        def grad_hook(grad: torch.Tensor) -> None:
+            s = self.stats[name]
+            if self.out_grad:
+                sq = float(grad.detach().to(torch.float64).pow(2).sum())
+                s.out_grad_sq = sq if s.out_grad_sq is None else s.out_grad_sq + sq
+            if self.sketch:
+                g = grad.detach().reshape(-1, grad.shape[-1]).float()  # (tokens, out)
+                if self.omega is None:
+                    self.omega = torch.randn(FISHER_WINDOW, g.shape[0], generator=self.rng)
+                z = (self.omega @ g).to(torch.float64)  # (window, out)
+                s.out_grad_sketch = z if s.out_grad_sketch is None else s.out_grad_sketch.add_(z)
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+
+        return hook
+
+
+def _loss(model: nn.Module, out) -> torch.Tensor:
+    if getattr(out, "loss", None) is None:
+        raise ModelError(
+            f"gradient statistics (fisher, out_grad, out_fisher) need a language-model loss; "
+            f"{type(model).__name__} returned none (use a causal LM, or a method "
+            "and allocation without gradients)"
+        )
+    return out.loss
+
+
+def _checkpoint_blocks(model: nn.Module, layers: dict[str, nn.Linear]) -> list[DecoderBlock] | None:
+    """The decoder blocks a block-by-block backward can run through: every layer is inside one
+    of them or is the output head (computed after the last). ``None`` otherwise."""
+    try:
+        blocks = decoder_blocks(model, layers)
+    except ModelError:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = {n for b in blocks for n in b.layers}
+    return blocks if all(n in inside or m is head for n, m in layers.items()) else None
+
+
+def _as_positional(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's call with its hidden states first, positionally (some models pass them by name)."""
+    if "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        args = (kwargs.pop("hidden_states"), *args)
+    return args, kwargs
+
+
+def _backward_by_block(model: nn.Module, batch: torch.Tensor, blocks: list[DecoderBlock]) -> None:
+    """The language-model loss's backward pass on ``batch`` with one decoder block's activations
+    held at a time (gradient checkpointing; the whole graph of SmolLM2 at 512 tokens is 0.6 GB).
+
+    A forward runs the blocks without autograd, keeping each block's inputs (one batch's hidden
+    states per block), and tracks only what follows the last block (norm, head, loss); its
+    backward gives the gradient at the last block's output. Then, last block first, each block
+    runs again from its kept inputs with autograd and the gradient flows back through it. The
+    same operations on the same values in the same order: every gradient equals a single
+    backward pass's bit for bit (tested). Hooks on layer outputs fire in the re-runs."""
+    kept: list[tuple[tuple, dict]] = []
+    tail: dict[str, torch.Tensor] = {}
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kept.append(_as_positional(args, kwargs))
+        torch.set_grad_enabled(False)
+
+    def leave(module: nn.Module, args: tuple, kwargs: dict, out):
+        torch.set_grad_enabled(True)
+        if module is not blocks[-1].module:
+            return None
+        tail["h"] = _block_output(out).detach().requires_grad_(True)  # autograd starts here
+        return (tail["h"], *out[1:]) if isinstance(out, tuple | list) else tail["h"]
+
+    handles = [b.module.register_forward_pre_hook(enter, with_kwargs=True) for b in blocks]
+    handles += [b.module.register_forward_hook(leave, with_kwargs=True) for b in blocks]
+    try:
+        with torch.enable_grad():
+            out = model(input_ids=batch, labels=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(True)
+    _loss(model, out).backward()
+    grad = tail.pop("h").grad
+    del out
+    for block, (args, kwargs) in zip(reversed(blocks), reversed(kept), strict=True):
+        h = args[0].detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _block_output(block.module(h, *args[1:], **kwargs))
+        torch.autograd.backward(y, grad)
+        grad = h.grad
+    kept.clear()
+
+
+class _StopAfter(Exception):
+    """Raised after the last block when nothing downstream is needed."""
+
+
+def _stop_after(module: nn.Module, args: tuple, out) -> None:
+    raise _StopAfter
+
+
 def calibrate(
     model: nn.Module,
     tokenizer,
@@ -254,8 +385,15 @@ def calibrate(
     per-layer :class:`LayerStats` for ``layers`` (default: :func:`linear_layers`).
 
     ``statistics`` is any subset of ``("gram", "abs_mean", "fisher", "out_grad",
-    "out_fisher")``; the last three add a backward pass of the causal-LM loss per batch. The model's weights, ``requires_grad``
-    flags and train/eval mode are left as they were.
+    "out_fisher")``; the last three add a backward pass of the causal-LM loss per batch. The
+    model's weights, ``requires_grad`` flags and train/eval mode are left as they were.
+
+    Memory: gradient statistics are taken in a pass of their own, block by block
+    (:func:`_backward_by_block`) on a model whose layers all sit in decoder blocks, and the input
+    statistics in a second pass without autograd, so the activations of the whole graph and
+    every layer's Gram matrix are never held together (SmolLM2, 16,384 tokens: 0.8 GB of Grams
+    in float64, 0.6 GB of graph per 512-token sequence). Every statistic equals the one-pass
+    result bit for bit (same batches, same operations; tested).
     """
     unknown = sorted(set(statistics) - set(STATISTICS))
     if unknown:
@@ -263,95 +401,85 @@ def calibrate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     layers = linear_layers(model) if layers is None else layers
-    blocks = calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
-    want_gram, want_abs, want_fisher, want_out_grad, want_sketch = (s in statistics for s in STATISTICS)
-    want_backward = want_fisher or want_out_grad or want_sketch
-    sketch_rng = torch.Generator().manual_seed(FISHER_SEED)
-    omega: list[torch.Tensor | None] = [None]  # this batch's Ω (window, tokens), drawn once
-
+    ids = calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
+    want_inputs = "gram" in statistics or "abs_mean" in statistics
+    want_backward = bool(set(statistics) & {"fisher", "out_grad", "out_fisher"})
     stats = {n: LayerStats(out_features=m.out_features, in_features=m.in_features) for n, m in layers.items()}
-    inputs = _InputStatistics(layers, stats, gram=want_gram, abs_mean=want_abs)
+    inputs = _InputStatistics(layers, stats, gram="gram" in statistics, abs_mean="abs_mean" in statistics)
+    gradients = _GradientStatistics(layers, stats, statistics)
+    blocks = _checkpoint_blocks(model, layers) if want_backward else None
+    # (backward?, input statistics and token counts?) per pass over the calibration set
+    passes = [(True, not want_inputs), (False, True)] if blocks is not None else [(want_backward, True)]
+    passes = [(grad, inp) for grad, inp in passes if grad or want_inputs or not want_backward]
 
-    def out_hook(name: str):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            if not out.requires_grad:
-                return
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                s = stats[name]
-                if want_out_grad:
-                    sq = float(grad.detach().to(torch.float64).pow(2).sum())
-                    s.out_grad_sq = sq if s.out_grad_sq is None else s.out_grad_sq + sq
-                if want_sketch:
-                    g = grad.detach().reshape(-1, grad.shape[-1]).float()  # (tokens, out)
-                    if omega[0] is None:
-                        omega[0] = torch.randn(FISHER_WINDOW, g.shape[0], generator=sketch_rng)
-                    z = (omega[0] @ g).to(torch.float64)  # (window, out)
-                    s.out_grad_sketch = z if s.out_grad_sketch is None else s.out_grad_sketch.add_(z)
-
-            out.register_hook(grad_hook)
-
-        return hook
-
-    handles = inputs.attach()
-    if want_out_grad or want_sketch:
-        handles += [m.register_forward_hook(out_hook(n)) for n, m in layers.items()]
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
-    if want_backward:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if want_fisher or embeddings is None:
-            for m in layers.values():  # the graph must reach every layer's output (and weight)
-                m.weight.requires_grad_(True)
-                m.weight.grad = None
-        else:  # output gradients only: a graph from the embeddings' output, no weight gradients
-            handles.append(embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    bar = Bar(len(blocks), "calibrate", show=progress)
+    bar = Bar(len(ids) * len(passes), "calibrate", show=progress)
     try:
-        for i in range(0, len(blocks), batch_size):
-            batch = blocks[i : i + batch_size].to(device)
-            inputs.start_batch()
-            omega[0] = None
-            with torch.set_grad_enabled(want_backward):
-                out = model(input_ids=batch, labels=batch if want_backward else None)
-            if want_backward:
-                if getattr(out, "loss", None) is None:
-                    raise ModelError(
-                        f"gradient statistics (fisher, out_grad, out_fisher) need a language-model loss; "
-                        f"{type(model).__name__} returned none (use a causal LM, or a method "
-                        "and allocation without gradients)"
-                    )
-                out.loss.backward()
-                for name, m in layers.items():
-                    if want_fisher:
-                        rows = m.weight.grad.to(torch.float64).pow(2).sum(1)  # (out,)
-                        s = stats[name]
-                        s.fisher_rows = rows if s.fisher_rows is None else s.fisher_rows.add_(rows)
-                        m.weight.grad = None
-            inputs.end_batch(batch.numel())
-            bar.update(len(batch))
+        for backward, collect in passes:
+            handles = inputs.attach() if collect else []
+            if backward:
+                handles += gradients.attach() + _prepare_backward(model, layers, "fisher" in statistics, by_block=blocks is not None)
+            elif blocks is not None and not set(layers) - {n for b in blocks for n in b.layers}:
+                handles.append(blocks[-1].module.register_forward_hook(_stop_after))  # no logits needed
+            try:
+                for i in range(0, len(ids), batch_size):
+                    batch = ids[i : i + batch_size].to(device)
+                    inputs.start_batch()
+                    gradients.start_batch()
+                    if backward and blocks is not None:
+                        _backward_by_block(model, batch, blocks)
+                    elif backward:
+                        with torch.enable_grad():
+                            _loss(model, model(input_ids=batch, labels=batch)).backward()
+                    else:
+                        try:
+                            with torch.no_grad():
+                                model(input_ids=batch)
+                        except _StopAfter:
+                            pass
+                    if backward:
+                        gradients.end_batch()
+                    if collect:
+                        inputs.end_batch(batch.numel())
+                    bar.update(len(batch))
+            finally:
+                for h in handles:
+                    h.remove()
+                for p, flag in grad_flags.items():
+                    p.requires_grad_(flag)
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
         model.train(was_training)
-    digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
     return Calibration(
         stats=stats,
-        tokens=blocks.numel(),
+        tokens=ids.numel(),
         seq_len=seq_len,
         seconds=time.perf_counter() - t0,
         text_fingerprint=digest,
         collected=tuple(s for s in STATISTICS if s in statistics),
     )
 
+
+def _prepare_backward(model: nn.Module, layers: dict[str, nn.Linear], fisher: bool, *, by_block: bool) -> list:
+    """Freeze every parameter but what the gradient statistics need: the layers' weights (for
+    ``fisher``, or when no graph could otherwise reach every layer), else a graph from the
+    embeddings' output (no weight gradients). Returns hook handles to remove afterwards."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if fisher or (embeddings is None and not by_block):
+        for m in layers.values():  # the graph must reach every layer's output (and weight)
+            m.weight.requires_grad_(True)
+            m.weight.grad = None
+        return []
+    if by_block:  # each block's re-run starts from inputs that track gradients
+        return []
+    return [embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))]
 
 
 # ----------------------------------------------------------------------------- closed loop
