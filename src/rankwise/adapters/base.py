@@ -480,6 +480,12 @@ class Adapter(nn.Module, abc.ABC):
         with the optimizer's current learning rate: for a part the method trains by its own
         rule (SoRA's proximal gate step). Clear that part's ``.grad`` so the optimizer skips it."""
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """``{parameter name: factor}`` for parameters that train at the optimizer's learning
+        rate times a factor (Bayesian-LoRA's gate logits); the others train at the rate itself.
+        The training loop puts them in their own optimizer groups (same schedule)."""
+        return {}
+
     def merge_terms(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(c, E)`` with ``ΔW = c ⊙ W + E`` (``c`` per output row, or None): how to merge.
 
