@@ -61,10 +61,10 @@ def runs(sara_fraction: float) -> list[Run]:
     return [
         Run("lora", "lora"),
         Run("dylora", "dylora"),
-        Run("sora", "sora", options={"sparsity": 0.05, "gate_lr": 0.05}),
+        Run("sora", "sora", options={"sparsity": 1.0, "gate_lr": 0.1}),
         Run("increlora", "increlora", rank=2 * RANK, options=grow),
         Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
-        Run("bayes_lora", "bayes_lora", options={"rank_prior": 0.02, "bit_prior": 0.02, "gate_init": 2.0}),
+        Run("bayes_lora", "bayes_lora", options={"rank_prior": 1e-3, "bit_prior": 1e-3, "gate_init": 1.0, "gate_lr_scale": 100.0}),
         Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-3}),
         Run("lora + allora", "lora", rules=("allora",)),
         Run("lora + ggpo", "lora", rules=("ggpo",)),
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these labels (lora always runs)")
     args = parser.parse_args()
     args.steps, args.batch_size, args.seq_len, args.eval_tokens = (
-        (8, 2, 64, 2048) if args.quick else (60, 4, 128, 8192)
+        (8, 2, 64, 2048) if args.quick else (40, 2, 128, 4096)
     )
     args.lr = 1e-3
     from rankwise.data import load_corpus

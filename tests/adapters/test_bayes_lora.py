@@ -97,3 +97,17 @@ def test_finetune_bayes_lora_lowers_the_loss():
 def test_bad_options():
     with pytest.raises(ConfigError, match="rank_prior must be a number >= 0"):
         attach(llama(), "bayes_lora", "all-linear", rank_prior=-1.0)
+
+
+def test_gate_logits_train_at_a_multiple_of_the_learning_rate():
+    from rankwise.adapters.finetune import param_groups
+
+    model = llama()
+    attach(model, "bayes_lora", "all-linear", rank=4, gate_lr_scale=20.0)
+    groups = param_groups(model, 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(2e-2)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("logit" in names[id(p)] for p in groups[1]["params"])
+    assert not any("logit" in names[id(p)] for p in groups[0]["params"])
+    with pytest.raises(ConfigError, match="gate_lr_scale must be a positive number"):
+        attach(llama(), "bayes_lora", "all-linear", gate_lr_scale=0.0)

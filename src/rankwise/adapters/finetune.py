@@ -325,6 +325,23 @@ def trainable_adapter_map(model: nn.Module) -> dict[str, Adapter]:
     return out
 
 
+def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one at ``lr``, and one per learning-rate
+    factor that adapters ask for (:meth:`~rankwise.adapters.Adapter.lr_multipliers`)."""
+    factor_of: dict[int, float] = {}
+    for layer in adapted_layers(model).values():
+        for adapter in layer.adapters.values():
+            params = dict(adapter.named_parameters())
+            for name, factor in adapter.lr_multipliers().items():
+                factor_of[id(params[name])] = float(factor)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(factor_of.get(id(p), 1.0), []).append(p)
+    order = sorted(groups, key=lambda f: (f != 1.0, f))  # the plain rate first: get_last_lr()[0]
+    return [{"params": groups[f], "lr": lr * f} for f in order]
+
+
 def before_optimizer_step(adapters: Iterable[Adapter], lr: float) -> None:
     """Each adapter's :meth:`~rankwise.adapters.Adapter.before_optimizer_step` (SoRA's proximal
     gate update): called after backward and clipping, before ``optimizer.step()``."""
@@ -469,7 +486,9 @@ def finetune(
         )
         return res.perplexity
 
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.lr), lr=config.lr, weight_decay=config.weight_decay
+    )
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
     rules.setup(model, adapter_map, optimizer, steps=config.steps)

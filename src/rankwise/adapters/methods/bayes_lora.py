@@ -43,11 +43,14 @@ GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2 / 3  # hard-concrete stretch and tempera
 @dataclass(frozen=True)
 class BayesLoraConfig(AdapterConfig):
     """``rank_prior`` / ``bit_prior``: the weights of the expected-rank and expected-bits
-    penalties; ``gate_init``: the starting gate logit (positive: gates start open)."""
+    penalties; ``gate_init``: the starting gate logit (positive: gates start open);
+    ``gate_lr_scale``: the gate logits train at this multiple of the learning rate (a logit
+    travels about ±5 between open and closed, far more than a factor entry moves)."""
 
     rank_prior: float = 1e-3
     bit_prior: float = 1e-3
     gate_init: float = 3.0
+    gate_lr_scale: float = 50.0
 
     def validate(self) -> None:
         super().validate()
@@ -55,6 +58,8 @@ class BayesLoraConfig(AdapterConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if not (math.isfinite(self.gate_lr_scale) and self.gate_lr_scale > 0):
+            raise ConfigError(f"gate_lr_scale must be a positive number, got {self.gate_lr_scale!r}")
         if not math.isfinite(self.gate_init):
             raise ConfigError(f"gate_init must be a finite number, got {self.gate_init!r}")
 
@@ -144,6 +149,10 @@ class BayesLoraAdapter(LoraAdapter):
 
     def lowrank_start(self, b, core, a):
         return None
+
+    def lr_multipliers(self) -> dict[str, float]:
+        scale = self.config.gate_lr_scale
+        return {"rank_logit": scale, "bits_logit_A": scale, "bits_logit_B": scale}
 
     def penalty(self) -> torch.Tensor:
         """The gate prior (see the module docstring), differentiable in the gate logits."""
