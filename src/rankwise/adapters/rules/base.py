@@ -136,10 +136,6 @@ class TrainingRule:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (called after :meth:`setup` when a run resumes)."""
 
-    def trainable_tensors(self, adapter: Adapter) -> list[tuple[str, nn.Parameter]]:
-        """``adapter``'s parameters that train (``requires_grad``), with their names."""
-        return [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
