@@ -1,19 +1,12 @@
 """Rank that grows during training (IncreLoRA, TriAdaptLoRA): the ``rank_growth`` rule.
 
-A growing adapter (:class:`~rankwise.adapters.methods.increlora.GrowingLoraAdapter`) is a
-LoRA with room for ``rank`` components (its capacity) of which only the first ``active`` are
-used; it starts at ``init_rank``. The ``rank_growth`` rule, switched on by every method built
-on it, runs through the ordinary rule
+The adapters are :class:`~rankwise.adapters.methods.increlora.GrowingLoraAdapter` (LoRA
+with room for ``rank`` components, of which the first ``active`` are used, starting at
+``init_rank``). This rule, switched on with every method built on them, uses the ordinary
 hooks: after each backward every adapter updates its importance
-(:meth:`GrowingLoraAdapter.observe`), and every ``grow_every`` optimizer steps the method
-decides which layers get one more component (:meth:`GrowingLoraAdapter.plan_growth`), until
-the model's total rank reaches the budget ``target_rank × layers`` or ``grow_until`` of the
-steps have passed. A new component starts with a zero column of ``B``, so growing never
-changes the model's output; its row of ``A`` is drawn at the start ("advance learning").
-
-Preallocating the capacity keeps every tensor's shape fixed, so the optimizer, checkpoints
-and saved files need nothing special: unused components get zero gradients (Adam leaves
-them where they are) and ``active`` is a saved buffer.
+(:meth:`GrowingLoraAdapter.observe`); every ``grow_every`` optimizer steps the method decides
+which layers get one more component (:meth:`GrowingLoraAdapter.plan_growth`), until the total
+rank reaches the budget ``target_rank × layers`` or ``grow_until`` of the steps have passed.
 """
 
 from __future__ import annotations
