@@ -7,8 +7,8 @@ Adaptation", Hu et al. 2024 (the adapter is ``methods/sara.py``; this rule comes
   to ``ΔW`` is ``U Vᵀ`` over the non-zero singular values of ``ΔW = U Σ Vᵀ``, and ``ΔW``
   holds ``values`` at ``index``, so after backward the rule adds ``λ (U Vᵀ)[index]`` to the
   values' gradient (:meth:`SaraRule.after_backward`; every ``svd_every`` steps).
-- Progressive adjustment: after ``progressive_at`` of the steps each adapter
-  :meth:`~rankwise.adapters.methods.sara.SaraAdapter.reselect`\\ s (what was learned stays,
+- Progressive adjustment: after ``progressive_at`` of the steps every adapter reselects
+  (:meth:`~rankwise.adapters.methods.sara.SaraAdapter.reselect`: what was learned stays,
   frozen; the now-smallest ``|W + ΔW|`` entries train next, their optimizer state reset).
 """
 
