@@ -29,6 +29,7 @@ TEST_LIMITS: dict[str, dict[str, str]] = {
     "analyze": {"--texts": "2", "--max-tokens": "32", "--gradient-tokens": "16", "--intrinsic-steps": "2"},
     "heal": {"--steps": "2", "--seq-len": "32", "--eval-tokens": "256"},
     "serve": {"--port": "0", "--log-level": "warning"},
+    "pretrain": {"--config": "tiny", "--steps": "3", "--batch-size": "2", "--seq-len": "32", "--eval-tokens": "128", "--warmup": "1"},
 }
 # Where the docs' server listens (`rankwise serve ... --port 8000`): Python blocks and curl lines
 # that talk to it are run by tests/serve/test_server_docs.py against a started server, with

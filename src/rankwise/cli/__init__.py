@@ -18,7 +18,7 @@ import typer.main
 
 from rankwise.errors import RankwiseError
 
-COMMANDS = ["info", "evaluate", "generate", "finetune", "compress", "heal", "analyze", "serve"]
+COMMANDS = ["info", "evaluate", "generate", "finetune", "compress", "heal", "analyze", "serve", "pretrain"]
 
 app = typer.Typer(
     name="rankwise",
