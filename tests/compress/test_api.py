@@ -136,3 +136,29 @@ def test_heal_steps_lower_perplexity_keep_the_size_and_are_checked_first(tiny, t
 
     loaded, _ = load_compressed(tmp_path / "m")
     assert count_parameters(loaded) == res.report["parameters"]["after"]
+
+
+def test_own_statistics_are_freed_given_ones_kept_and_the_factors_are_the_same(texts, tmp_path, monkeypatch):
+    """compress() drops its own statistics layer by layer and parks decompositions on disk (in a
+    temporary folder it removes); factors equal those from statistics the caller keeps."""
+    import tempfile
+
+    import torch
+
+    from rankwise.compress.base import get_method
+    from rankwise.compress.calibrate import calibrate
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    given_model, tok = tiny_llama(seed=0, layers=2, hidden=64)
+    needs = sorted(get_method("svdllm").statistics("auto"))
+    given = calibrate(given_model, tok, texts, tokens=256, seq_len=64, statistics=needs, batch_size=1)  # compress's batches
+    kept = compress(given_model, tokenizer=tok, ratio=0.6, data=texts, statistics=given, **FAST).model
+    assert len(given.stats) == 14  # the caller's statistics are left whole
+    own_model, _ = tiny_llama(seed=0, layers=2, hidden=64)
+    own = compress(own_model, tokenizer=tok, ratio=0.6, data=texts, **FAST).model
+    factors = {n: p for n, p in own.named_parameters() if n.endswith((".U", ".V"))}
+    assert factors
+    for name, p in kept.named_parameters():
+        if name in factors:
+            assert torch.equal(p, factors[name]), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("rankwise-")]  # the decompositions' folder is gone

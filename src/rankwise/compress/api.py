@@ -19,6 +19,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from rankwise.compress.calibrate import (
     closed_loop_calibration,
     decoder_blocks,
     linear_layers,
+    release_memory,
 )
 from rankwise.compress.checkpoint import map_weights, save_compressed, weights_header_bound
 from rankwise.compress.heal import (
@@ -205,11 +207,43 @@ def _with_weight(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     return proxy
 
 
+class _DecompositionStore:
+    """The per-layer decompositions kept for factorising, in a temporary folder: written as each
+    layer is decomposed, read back (and deleted) one at a time when it is factorised. Each holds
+    the factors up to the layer's break-even rank, together about the size of the dense layers
+    (0.42 GB in float32 for SmolLM2) — held in memory beside every layer's Gram matrix they were
+    the largest part of ``rankwise compress``'s peak. Values are written and read exactly."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="rankwise-decompositions-")
+        self._files: dict[str, Path] = {}
+
+    def put(self, name: str, dec: Decomposition) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(self._folder.name) / f"{len(self._files)}.safetensors"
+        save_file({"U": dec.U.contiguous(), "S": dec.S.contiguous(), "Vh": dec.Vh.contiguous()}, str(path))
+        self._files[name] = path
+
+    def pop(self, name: str) -> Decomposition:
+        from safetensors.torch import load_file
+
+        path = self._files.pop(name)
+        tensors = load_file(str(path))
+        path.unlink()
+        return Decomposition(tensors["U"], tensors["S"], tensors["Vh"])
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+
 def _per_layer_svd(
     method: CompressionMethod,
     job: CompressionJob,
     timing: dict[str, float],
     closed: Callable[[], Calibration] | None = None,
+    *,
+    release: bool = False,
 ) -> tuple[list[LayerReport], dict[str, LayerSpectrum]]:
     """The SVD path: decompose every layer, allocate ranks to the budget, factorise.
 
@@ -222,11 +256,34 @@ def _per_layer_svd(
     compressed, and factorised at its allocated rank — with the weight that maps those inputs
     to the dense model's outputs (:meth:`~rankwise.compress.calibrate.LayerStats.target_weight`),
     so each layer also corrects the error of the blocks before it. Returns the report rows and
-    the spectra (for the HTML report's plots)."""
-    t0 = time.perf_counter()
+    the spectra (for the HTML report's plots).
+
+    Memory: open-loop decompositions wait for factorising on disk (:class:`_DecompositionStore`);
+    with ``release`` (the statistics are this run's own) each layer's statistics are dropped from
+    ``job.calibration`` once it is factorised, so the Gram matrices shrink as the factors grow."""
     stats = job.calibration.stats if job.calibration is not None else {}
-    decompositions: dict[str, Decomposition] = {}
+    decompositions = _DecompositionStore() if closed is None else None
     spectra: dict[str, LayerSpectrum] = {}
+    try:
+        rows = _decompose_allocate_factorise(method, job, timing, closed, stats, decompositions, spectra, release)
+    finally:
+        if decompositions is not None:
+            decompositions.close()
+    return rows, spectra
+
+
+def _decompose_allocate_factorise(
+    method: CompressionMethod,
+    job: CompressionJob,
+    timing: dict[str, float],
+    closed: Callable[[], Calibration] | None,
+    stats,
+    decompositions: _DecompositionStore | None,
+    spectra: dict[str, LayerSpectrum],
+    release: bool,
+) -> list[LayerReport]:
+    """The three stages of :func:`_per_layer_svd` (which owns the decomposition store)."""
+    t0 = time.perf_counter()
     bar = Bar(len(job.layers), f"decompose ({method.name})", show=job.progress)
     try:
         for name, layer in job.layers.items():
@@ -236,7 +293,7 @@ def _per_layer_svd(
             if closed is None:  # kept for factorising (closed loop decomposes again); a rank at or
                 # above break-even leaves the layer dense, so the factors beyond it are never used
                 keep = breakeven_rank(layer.out_features, layer.in_features)
-                decompositions[name] = Decomposition(dec.U[:, :keep].float(), dec.S, dec.Vh[:keep].float())
+                decompositions.put(name, Decomposition(dec.U[:, :keep].float(), dec.S, dec.Vh[:keep].float()))
             weight_s = torch.linalg.svdvals(weight) if job.allocation == "welore" else None
             sensitivity = stats[name].sensitivity if name in stats else None
             directional = stats[name].direction_sensitivity(dec.U) if job.allocation == "mfac" else None
@@ -270,13 +327,15 @@ def _per_layer_svd(
                     new = method.factorize(_with_weight(layer, target), layer_stats, rank, dec)
                 replace_module(job.model, name, new, expect=nn.Linear)
                 error = math.sqrt(dec.relative_error(rank))
+            if release and walk is None:
+                stats.pop(name, None)  # its Gram matrix goes once every layer sharing it is done
             after = spectra[name].cost(rank)
             rows.append(LayerReport.of(name, layer, new, rank=rank, parameters_after=after, relative_error=error))
             bar.update(1)
     finally:
         bar.close()
     timing["factorise_s"] = time.perf_counter() - t0
-    return rows, spectra
+    return rows
 
 
 def _check_device(device: str) -> torch.device:
@@ -407,6 +466,7 @@ def compress(
     from rankwise.data import heldout_texts, load_corpus, perplexity
 
     t_start = time.perf_counter()
+    own_statistics = statistics is None  # this run's own: freed as soon as they are used
     chosen = get_method(method, **(method_options or {}))
     allocation = chosen.resolve_allocation(allocation)
     mode = _resolve_mode(calibration, chosen)
@@ -522,7 +582,7 @@ def compress(
     rows, spectra = None, {}
     if per_layer:
         job = CompressionJob(net, layers, spectra_from, target - fixed, allocation, progress)
-        rows, spectra = _per_layer_svd(chosen, job, timing, closed_walk if mode == "closed-loop" else None)
+        rows, spectra = _per_layer_svd(chosen, job, timing, closed_walk if mode == "closed-loop" else None, release=own_statistics)
     else:
         job = CompressionJob(net, layers, closed_walk() if mode == "closed-loop" else statistics, target - fixed, allocation, progress)
         rows = chosen.compress_model(job)
@@ -542,6 +602,7 @@ def compress(
     timing["compress_s"] = sum(timing.values())
     del statistics, spectra_from, used, job
     walks.clear()  # the walks hold activations and statistics: free them before evaluating
+    release_memory()
 
     after_total = count_parameters(net)
     report["parameters"] = {
