@@ -58,7 +58,7 @@ class Setup:
         self.steps, self.rank, self.lr = (30, 8, 3e-3) if quick else (60, 8, 1e-3)
         task = TINY_TASK * 40 if quick else list(heldout_texts())
         self.task = self.blocks(task, 40 * SEQ)
-        self.seeds = TINY_TASK if quick else [t[:600] for t in list(heldout_texts())[:4]]
+        self.seeds = TINY_TASK if quick else [t[:600] for t in heldout_texts() if len(t) > 600][:4]
 
     def blocks(self, texts, max_tokens: int) -> torch.Tensor:
         ids = torch.tensor(self.tok("\n".join(texts))["input_ids"][:max_tokens])

@@ -94,12 +94,11 @@ def train_adapters(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; attach an adapter first")
-    adapters = {
-        path: a
-        for path, layer in adapted_layers(model).items()
-        for a in layer.adapters.values()
-        if a.trainable
-    }
+    adapters = {}  # {module path: adapter}, "path[name]" when a layer trains several
+    for path, layer in adapted_layers(model).items():
+        trained = {n: a for n, a in layer.adapters.items() if a.trainable}
+        for name, adapter in trained.items():
+            adapters[path if len(trained) == 1 else f"{path}[{name}]"] = adapter
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     hooks = TrainingRules(rules)
     hooks.setup(model, adapters, optimizer, steps=steps)

@@ -59,6 +59,11 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
+def _is_linear(parent: nn.Module | None, name: str) -> bool:
+    module = getattr(parent, name, None)
+    return module is not None and isinstance(_base(module), nn.Linear)
+
+
 def decoder_blocks(model: nn.Module) -> list[Block]:
     """The decoder layers of a Llama-style model; ConfigError naming what is missing."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -71,8 +76,8 @@ def decoder_blocks(model: nn.Module) -> list[Block]:
     blocks = []
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        missing = [f"self_attn.{n}" for n in ATTN if not isinstance(_base(getattr(attn, n, None) or nn.Identity()), nn.Linear)]
-        missing += [f"mlp.{n}" for n in MLP if not isinstance(_base(getattr(mlp, n, None) or nn.Identity()), nn.Linear)]
+        missing = [f"self_attn.{n}" for n in ATTN if not _is_linear(attn, n)]
+        missing += [f"mlp.{n}" for n in MLP if not _is_linear(mlp, n)]
         if missing:
             raise ConfigError(
                 f"structured pruning needs Llama-style linear projections; model.layers.{i} has "

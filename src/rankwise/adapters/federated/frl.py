@@ -100,18 +100,19 @@ class FRL(Strategy):
     def setup(self, model: nn.Module) -> None:
         if adapted_layers(model):
             raise ConfigError("FRL attaches its own LoRA; give a model without adapters")
-        attach(model, "lora", self.targets, rank=self.rank, alpha=self.alpha)
-        for path, adapter in self.adapters(model).items():
-            adapter.lora_A.requires_grad_(False)
-            self.frozen_b[path] = torch.randn(adapter.lora_B.shape) * self.init_scale
-        total = self.components
+        plan = attach(model, "lora", self.targets, rank=self.rank, alpha=self.alpha, dry_run=True)
+        total = self.rank * len(plan.layers)
         if self.budget is None:
             self.budget = total // 2
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or not 1 <= self.budget <= total:
             raise ConfigError(
                 f"budget (the components kept over all layers) must be in [1, {total}] "
-                f"(rank {self.rank} x {len(self.frozen_b)} layers), got {self.budget!r}"
+                f"(rank {self.rank} x {len(plan.layers)} layers), got {self.budget!r}"
             )
+        attach(model, "lora", self.targets, rank=self.rank, alpha=self.alpha)
+        for path, adapter in self.adapters(model).items():
+            adapter.lora_A.requires_grad_(False)
+            self.frozen_b[path] = torch.randn(adapter.lora_B.shape) * self.init_scale
         self.ranking = positions(torch.rand(total))
 
     def top(self, scores: torch.Tensor) -> torch.Tensor:
