@@ -89,9 +89,11 @@ def test_training_moves_the_ranking():
 
 
 @pytest.mark.parametrize("budget", [0, 1000, 2.5])
-def test_bad_budget_names_the_range(budget):
+def test_bad_budget_names_the_range_and_leaves_the_model_alone(budget):
+    model, _ = tiny_llama(layers=1, hidden=32)
     with pytest.raises(ConfigError, match=r"budget .* must be in \[1, 28\]"):
-        frl(budget=budget)
+        FRL(rank=4, budget=budget).setup(model)
+    assert adapted_layers(model) == {}
 
 
 def test_bad_options():
