@@ -9,10 +9,14 @@ includes the walk). Decode speed (batch 1, KV cache, greedy) of the compressed m
 dense one is timed interleaved, median of 3. The ratio counts ALL distinct parameters (embeddings
 included, tied once). Peak memory: with ``--memory``, each method's default 80% run of the real
 ``rankwise compress`` command in a fresh process (its report.json's ru_maxrss, load included).
+Healing: with ``--heal-steps N`` every compressed model is also healed (``rankwise.compress.heal``:
+N AdamW steps of 4 x 256 tokens of the built-in train split, at each ``--heal-lrs`` rate, one row
+per rate) and measured again on both corpora — the held-out one shows recovery, not adaptation.
 
     .venv/bin/python bench/compress.py                      # SmolLM2-135M, every method, both modes
     .venv/bin/python bench/compress.py --methods svdllm modegpt --memory svdllm
     .venv/bin/python bench/compress.py --quick              # a small random Llama, < 60 s
+    .venv/bin/python bench/compress.py --methods svdllm --modes open-loop --heal-steps 100 --heal-lrs 1e-4 2e-4 5e-4
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ from _common import interleaved, markdown_table, write_results  # noqa: E402
 from rankwise.compress.api import compress  # noqa: E402
 from rankwise.compress.base import get_method, method_names  # noqa: E402
 from rankwise.compress.calibrate import calibrate  # noqa: E402
+from rankwise.compress.heal import (  # noqa: E402
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    DEFAULT_SEQ_LEN,
+    heal,
+    heal_blocks,
+)
 from rankwise.data import heldout_texts, load_corpus, perplexity  # noqa: E402
 from rankwise.errors import ConfigError  # noqa: E402
 from rankwise.models import count_parameters, load_model, tiny_llama  # noqa: E402
@@ -84,6 +95,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens per corpus (full mode)")
     parser.add_argument("--no-decode", action="store_true", help="skip decode timing (a quality-only run)")
     parser.add_argument("--option", "-o", action="append", default=[], help="method option key=value for every method (a variant: own section)")
+    parser.add_argument("--heal-steps", type=int, default=0, help="also heal every compressed model this many steps (0: no healing columns)")
+    parser.add_argument("--heal-lrs", nargs="*", type=float, default=[DEFAULT_LR], help="healing learning rates (one row each)")
     parser.add_argument("--memory", nargs="*", default=None, help="methods (default: all benchmarked) whose `rankwise compress --ratio 0.8` runs in its own process for its peak memory")
     args = parser.parse_args()
     quick = args.quick
@@ -101,6 +114,10 @@ def main() -> None:
     corpus = load_corpus("builtin")
     corpora = {"builtin": corpus.validation, "heldout": list(heldout_texts())}
     ratios = tuple(args.ratios or ((0.8,) if quick else (0.8, 0.6)))
+
+    heal_seq = min(seq_len, DEFAULT_SEQ_LEN)
+    heal_data = (heal_blocks(tok, corpus.train, seq_len=heal_seq, batch_size=DEFAULT_BATCH_SIZE,
+                             max_tokens=args.heal_steps * DEFAULT_BATCH_SIZE * heal_seq) if args.heal_steps else None)  # fmt: skip
 
     def ppl(net) -> dict[str, float]:
         return {k: perplexity(net, tok, texts, seq_len=seq_len, max_tokens=eval_tokens, batch_size=1).perplexity for k, texts in corpora.items()}
@@ -158,16 +175,26 @@ def main() -> None:
                 speedup = times["dense"] / times["compressed"]
                 vs = {k: quality[k] / dense[k] for k in quality}
                 print(f"{name} @ {ratio} {mode}: ppl {quality} ({vs}), kept {kept / total:.3f}, {seconds:.1f} s, decode {speedup:.2f}x", flush=True)
-                results.append(
-                    {"method": name, "ratio": ratio, "calibration": mode, "perplexity": quality["builtin"],
-                     "perplexity_heldout": quality["heldout"], "vs_dense": vs["builtin"], "vs_dense_heldout": vs["heldout"],
-                     "parameters_after": kept, "kept_fraction": kept / total, "compress_seconds": seconds,
-                     "decode_dense_tokens_per_s": new_tokens / times["dense"], "decode_tokens_per_s": new_tokens / times["compressed"],
-                     "decode_speedup": speedup, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}
-                )  # fmt: skip
-                rows.append([name, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
-                             _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), "–" if args.no_decode else f"{speedup:.2f}x",
-                             name if ratio == 0.8 and mode == ("closed-loop" if supported else "open-loop") else None])  # fmt: skip
+                result = {"method": name, "ratio": ratio, "calibration": mode, "perplexity": quality["builtin"],
+                          "perplexity_heldout": quality["heldout"], "vs_dense": vs["builtin"], "vs_dense_heldout": vs["heldout"],
+                          "parameters_after": kept, "kept_fraction": kept / total, "compress_seconds": seconds,
+                          "decode_dense_tokens_per_s": new_tokens / times["dense"], "decode_tokens_per_s": new_tokens / times["compressed"],
+                          "decode_speedup": speedup, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}  # fmt: skip
+                row = [name, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
+                       _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), "–" if args.no_decode else f"{speedup:.2f}x"]  # fmt: skip
+                memory_cell = name if ratio == 0.8 and mode == ("closed-loop" if supported else "open-loop") else None
+                if not args.heal_steps:
+                    results.append(result)
+                    rows.append([*row, memory_cell])
+                for lr in args.heal_lrs if args.heal_steps else ():
+                    healed = _healed(res.model, heal_data, args.heal_steps, lr, ppl, last=lr == args.heal_lrs[-1])
+                    healed_vs = {k: healed["perplexity"][k] / dense[k] for k in healed["perplexity"]}
+                    print(f"{name} @ {ratio} {mode} healed lr {lr:g}: ppl {healed['perplexity']} ({healed_vs}), {healed['seconds']:.0f} s", flush=True)
+                    results.append(result | {"heal": {"steps": args.heal_steps, "lr": lr, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+                                                      "seconds": healed["seconds"], "perplexity": healed["perplexity"]["builtin"],
+                                                      "perplexity_heldout": healed["perplexity"]["heldout"], "vs_dense": healed_vs["builtin"],
+                                                      "vs_dense_heldout": healed_vs["heldout"]}})  # fmt: skip
+                    rows.append([*row, f"{lr:g}", round(healed_vs["builtin"], 2), round(healed_vs["heldout"], 2), round(healed["seconds"]), memory_cell])
                 del net, res
 
     memory = {name: memory_result(run, Path(scratch.name) / name) for name, run in memory_runs.items()}
@@ -182,6 +209,7 @@ def main() -> None:
         "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
         "allocation": args.allocate, "method_options": options, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
         "results": results, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory,
+        "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq},
     }  # fmt: skip
     allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
     md = (
@@ -199,8 +227,11 @@ def main() -> None:
         "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
         "(default calibration; evaluation included) in its own process, run alongside "
         "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
+        + (f"Healing: {args.heal_steps} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train split "
+           "(warm-up, cosine decay), one row per learning rate; healed perplexities on both corpora vs dense.\n\n" if args.heal_steps else "")
         + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
-                          "held-out vs dense", "compress s", "decode speed-up", "peak RSS GB"], rows)  # fmt: skip
+                          "held-out vs dense", "compress s", "decode speed-up",
+                          *(["heal lr", "healed vs dense", "held-out healed vs dense", "heal s"] if args.heal_steps else []), "peak RSS GB"], rows)  # fmt: skip
     )
     name = "compress_quick" if quick else "compress"
     if args.allocate != "auto" or (not quick and (args.calib_tokens != 16384 or args.eval_tokens != 8192)):  # variants
@@ -209,10 +240,21 @@ def main() -> None:
         name += "_" + "_".join(methods)
     if args.option:
         name += "_" + "_".join(o.replace("=", "-") for o in args.option)
+    if args.heal_steps:
+        name += f"_heal{args.heal_steps}_" + "_".join(f"{lr:g}" for lr in args.heal_lrs)
     if args.ratios:  # runs split by ratio (to run in parallel) get a section each
         name += "_" + "_".join(f"{r:g}" for r in ratios)
     write_results(name, payload, md)
     print(md)
+
+
+def _healed(model, blocks, steps: int, lr: float, ppl, *, last: bool) -> dict:
+    """Heal ``model`` (a copy of it unless ``last``: the next rate starts from the same compressed
+    model) and measure it; ``{"seconds", "perplexity"}``."""
+    net = model if last else copy.deepcopy(model)
+    t0 = time.perf_counter()
+    heal(net, blocks, steps=steps, lr=lr, batch_size=DEFAULT_BATCH_SIZE, progress=False)
+    return {"seconds": time.perf_counter() - t0, "perplexity": ppl(net)}
 
 
 def _num(x: float) -> float | str:
