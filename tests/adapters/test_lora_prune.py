@@ -118,6 +118,9 @@ def test_bad_models_and_adapters():
         lora_prune(model, torch.zeros(4, 8, dtype=torch.long), LoraPruneConfig(ratio=0.001))
     with pytest.raises(ConfigError, match="Llama-style"):
         lora_prune(gpt2(), torch.zeros(4, 8, dtype=torch.long))
+    with pytest.raises(ConfigError, match="non-empty"):  # refused before anything is attached
+        lora_prune(model, torch.zeros(0, 8, dtype=torch.long))
+    assert adapted_layers(model) == {}
     attach(model, "lora", ["q_proj", "v_proj"], rank=2)
     with pytest.raises(ConfigError, match="targets="):
         lora_prune(model, torch.zeros(4, 8, dtype=torch.long))

@@ -52,7 +52,8 @@ def check_ratio(name: str, value: object, *, low: float = 0.0, high: float = 1.0
 
 
 def batches_of(blocks: torch.Tensor, batch_size: int, *, seed: int = 0):
-    """An endless, seeded stream of ``batch_size`` rows of ``blocks`` (reshuffled every pass)."""
+    """An endless, seeded stream of ``batch_size`` rows of ``blocks`` (reshuffled every pass);
+    ConfigError at once (not at the first batch) for blocks that cannot make a batch."""
     check_positive("batch_size", batch_size)
     if blocks.dim() != 2 or len(blocks) == 0:
         raise ConfigError(
@@ -64,7 +65,10 @@ def batches_of(blocks: torch.Tensor, batch_size: int, *, seed: int = 0):
             f"{len(blocks)} training blocks are fewer than batch_size={batch_size}; give more "
             "text or a smaller batch_size"
         )
-    g = torch.Generator().manual_seed(seed)
+    return _endless(blocks, batch_size, torch.Generator().manual_seed(seed))
+
+
+def _endless(blocks: torch.Tensor, batch_size: int, g: torch.Generator):
     while True:
         order = torch.randperm(len(blocks), generator=g)
         for i in range(0, len(order) - batch_size + 1, batch_size):

@@ -177,11 +177,11 @@ class LoramResult:
 def loram(model: nn.Module, blocks: torch.Tensor, config: LoramConfig | None = None) -> LoramResult:
     """Prune a copy of ``model``, train a LoRA on it with ``blocks``, recover it onto ``model``."""
     config = config or LoramConfig()
+    data = batches_of(blocks, config.batch_size, seed=config.seed)
     small, prune_map = loram_prune(model, config.ratio, criterion=config.criterion, seed=config.seed)
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters()))
     torch.manual_seed(config.seed)
     attach(small, "lora", list(config.targets), rank=config.rank, alpha=config.alpha)
-    data = batches_of(blocks, config.batch_size, seed=config.seed)
     log = train_adapters(small, data, steps=config.steps, lr=config.lr)
     recover(small, model, prune_map)
     return LoramResult(model, log.losses, sizes)

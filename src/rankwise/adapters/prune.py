@@ -139,10 +139,10 @@ def lora_prune(model: nn.Module, blocks: torch.Tensor, config: LoraPruneConfig |
             f"ratio={config.ratio} removes no head and no channel of this model ({shape.heads} "
             f"heads, {shape.channels} channels per layer); use a larger ratio"
         )
+    data = batches_of(blocks, config.batch_size, seed=config.seed)
     _attach_lora(model, config)
     before = _base_parameters(model)
     rule = LoraPruneImportance(LoraPruneImportanceConfig(momentum=config.momentum))
-    data = batches_of(blocks, config.batch_size, seed=config.seed)
     losses, schedule = [], []
     for t in range(1, config.iterations + 1):
         log = train_adapters(model, data, steps=config.steps_per_iteration, lr=config.lr, rules=[rule])

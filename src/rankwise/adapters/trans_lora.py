@@ -157,10 +157,10 @@ def distill(source: nn.Module, target: nn.Module, synthetic: torch.Tensor, confi
     check_compatible(source, target)
     if not adapted_layers(source):
         raise ConfigError("the source model carries no adapter to transfer; attach or load one first")
+    batches = batches_of(synthetic, min(config.batch_size, len(synthetic)), seed=config.seed)
     torch.manual_seed(config.seed)
     attach(target, "lora", list(config.targets) if isinstance(config.targets, tuple) else config.targets, name=name, rank=config.rank, alpha=config.alpha)
     source.eval()
-    batches = batches_of(synthetic, min(config.batch_size, len(synthetic)), seed=config.seed)
     loss_fn = distillation_loss(source, config.distill_temperature)
     return train_adapters(target, batches, steps=config.steps, lr=config.lr, loss_fn=loss_fn).losses
 
