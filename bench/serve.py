@@ -17,7 +17,11 @@ resident) against the same request once it is resident. Scenarios run round-robi
 and every ratio is the median of the per-round ratios (the machine is shared). Accuracy:
 the share of requests whose tokens are identical between rankwise and PEFT mixed.
 
-    .venv/bin/python bench/serve.py [--quick]
+    .venv/bin/python bench/serve.py [--quick] [--tokens 16] [--rounds 2] [--dtype bfloat16]
+        [--scenarios base 1 64 cold]   # a subset: printed only, docs untouched
+
+``--dtype`` puts the base model of both rankwise and PEFT in that dtype (adapters stay
+float32 in both), so the comparison stays like for like.
 """
 
 from __future__ import annotations
@@ -167,7 +171,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 requests x 8 tokens, up to 16 adapters, 1 round")
     parser.add_argument("--tokens", type=int, help="new tokens per request (default 16; --quick 8)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 2; --quick 1)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the base model, for rankwise and PEFT alike (default float32)")
+    parser.add_argument("--scenarios", nargs="+", metavar="NAME",
+                        help="run only these of: base, 1, 8, 64, 256, cold (then the docs are not written)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     quick = args.quick
     n_requests, tokens, repeats = (16, 8, 1) if quick else (64, 16, 2)
     tokens = args.tokens or tokens
@@ -179,10 +188,13 @@ def main() -> None:
 
     import rankwise
     from rankwise.serve import Engine
+    from rankwise.serve.engine import contiguous_input_hook
 
     torch.manual_seed(0)
-    model, tok = rankwise.load_model("smollm2")
-    peft_base, _ = rankwise.load_model("smollm2")
+    model, tok = rankwise.load_model("smollm2", dtype=dtype)
+    peft_base, _ = rankwise.load_model("smollm2", dtype=dtype)
+    # the same workaround in both: torch's bf16 LM head on a non-contiguous input (see the hook)
+    peft_base.get_output_embeddings().register_forward_pre_hook(contiguous_input_hook)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -214,6 +226,13 @@ def main() -> None:
     big = max(counts)
     if big > n_requests:
         scenarios[f"1@{big}"] = requests_for([single], big)
+    chosen = set(args.scenarios or [*scenarios, "cold"])
+    unknown = chosen - {*scenarios, "cold"}
+    if unknown:
+        parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {[*scenarios, 'cold']}")
+    if str(big) in chosen and f"1@{big}" in scenarios:
+        chosen.add(f"1@{big}")
+    scenarios = {k: v for k, v in scenarios.items() if k in chosen}
 
     results: dict[str, dict[str, list]] = {k: {} for k in scenarios}
     for _ in range(repeats):
@@ -228,7 +247,9 @@ def main() -> None:
                 entry["tps"].append(tps)
                 entry["lat"] += lat
                 entry["outs"] = outs
-    cold, warm, load = cold_start(engine, cold_names)
+    cold = warm = load = None
+    if "cold" in chosen:
+        cold, warm, load = cold_start(engine, cold_names)
     engine.stop()
 
     def tps(key, lib):
@@ -263,11 +284,13 @@ def main() -> None:
         )  # fmt: skip
 
     many = str(peft_adapters)
-    targets = {
-        f"{many} adapters: rankwise / PEFT mixed (target >= 4)": ratio((many, "rankwise"), (many, "peft_mixed")),
-        "1 adapter / base model (target >= 0.85)": ratio(("1", "rankwise"), ("base", "rankwise")),
-        "cold start s, rank 16 (target < 0.5)": cold,
-    }
+    targets = {}
+    if many in scenarios:
+        targets[f"{many} adapters: rankwise / PEFT mixed (target >= 4)"] = ratio((many, "rankwise"), (many, "peft_mixed"))
+    if "1" in scenarios and "base" in scenarios:
+        targets["1 adapter / base model (target >= 0.85)"] = ratio(("1", "rankwise"), ("base", "rankwise"))
+    if cold is not None:
+        targets["cold start s, rank 16 (target < 0.5)"] = cold
     if f"1@{big}" in scenarios:
         targets[f"{big} adapters / 1 adapter at {big} requests (target >= 0.7)"] = ratio(
             (str(big), "rankwise"), (f"1@{big}", "rankwise")
@@ -276,6 +299,7 @@ def main() -> None:
         "quick": quick,
         "requests": n_requests,
         "new_tokens": tokens,
+        "dtype": args.dtype,
         "repeats": repeats,
         "ranks": list(RANKS),
         "targets": sorted(TARGETS),
@@ -292,18 +316,23 @@ def main() -> None:
     ]  # fmt: skip
     md = (
         "## Serving many adapters (`bench/serve.py`)\n\n"
-        f"SmolLM2-135M, LoRA on q_proj/v_proj with ranks {', '.join(map(str, RANKS))} mixed; every "
+        f"SmolLM2-135M ({args.dtype}), LoRA on q_proj/v_proj with ranks {', '.join(map(str, RANKS))} mixed; every "
         f"request is offered at once, greedy, {tokens} new tokens; rankwise's engine batches up to 64 "
         f"rows; PEFT mixed = `generate(adapter_names=...)` in batches of 64. Medians of {repeats} "
         "interleaved round(s); latency is submit to last token.\n\n"
         + markdown_table(header, rows)
         + "\n\n"
         + markdown_table(["target", "measured"], [[k, v] for k, v in targets.items()])
-        + f"\n\nCold start: first token {cold:.3f} s for a non-resident rank-16 adapter (load alone "
-        f"{load:.3f} s; the same request once resident {warm:.3f} s). Loading an adapter: rankwise "
-        f"{engine_load:.3f} s, PEFT {peft_load:.3f} s (mean).\n"
+        + "\n\n"
+        + (
+            f"Cold start: first token {cold:.3f} s for a non-resident rank-16 adapter (load alone "
+            f"{load:.3f} s; the same request once resident {warm:.3f} s). "
+            if cold is not None
+            else ""
+        )
+        + f"Loading an adapter: rankwise {engine_load:.3f} s, PEFT {peft_load:.3f} s (mean).\n"
     )
-    if quick:  # a smoke run: printed, never replacing the full run's numbers in the docs
+    if quick or args.scenarios:  # a smoke run or a subset: printed, never replacing the docs' numbers
         print(json.dumps(payload, indent=2))
     else:
         write_results("serve", payload, md)

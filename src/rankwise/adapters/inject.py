@@ -351,7 +351,7 @@ def _add_rank_group(y: torch.Tensor, x: torch.Tensor, g: _RankGroup) -> None:
         return
     if lines.keep is not None:
         d = d.index_select(0, lines.keep)
-    y.index_add_(0, lines.rows, d)
+    y.index_put_((lines.rows,), d, accumulate=True)  # several times faster than index_add_ on CPU
 
 
 def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
