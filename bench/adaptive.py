@@ -56,8 +56,8 @@ class Run:
     rule_options: dict[str, Any] = field(default_factory=dict)
 
 
-def runs(sara_fraction: float) -> list[Run]:
-    grow = {"init_rank": 1, "target_rank": RANK, "grow_until": 0.6}
+def runs(sara_fraction: float, steps: int) -> list[Run]:
+    grow = {"init_rank": 1, "target_rank": RANK, "grow_until": 0.6, "grow_every": max(1, steps // 10)}
     return [
         Run("lora", "lora"),
         Run("dylora", "dylora"),
@@ -65,7 +65,7 @@ def runs(sara_fraction: float) -> list[Run]:
         Run("increlora", "increlora", rank=2 * RANK, options=grow),
         Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
         Run("bayes_lora", "bayes_lora", options={"rank_prior": 1e-3, "bit_prior": 1e-3, "gate_init": 1.0, "gate_lr_scale": 100.0}),
-        Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-3}),
+        Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-2}),
         Run("lora + allora", "lora", rules=("allora",)),
         Run("lora + ggpo", "lora", rules=("ggpo",)),
     ]
@@ -195,7 +195,7 @@ def main() -> None:
     texts = load_corpus("builtin").validation
     model, tokenizer = load_model(MODEL)
     base_ppl = evaluate(model, tokenizer, texts, args)
-    selected = runs(lora_budget_fraction(model))
+    selected = runs(lora_budget_fraction(model), args.steps)
     if args.only:
         selected = [r for r in selected if r.label == "lora" or r.label in args.only]
     del model

@@ -127,3 +127,21 @@ def test_the_growth_rule_refuses_other_methods():
     with pytest.raises(ConfigError, match="rank_growth.*'lora'.*works with methods that grow rank"):
         TrainingRules(build_rules(["rank_growth"])).check(trainable_adapter_map(model))
     assert adapted_layers(model)
+
+
+def test_a_growth_event_can_add_several_components_to_one_layer():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    attach(model, "increlora", ["0", "1"], rank=4, init_rank=1, target_rank=4)
+    adapters = trainable_adapter_map(model)
+    adapters["0"].stats = {"sensitivity": 1.0, "uncertainty": 1.0}
+    cls = type(adapters["0"])
+    assert cls.plan_growth(adapters, budget=5, events_left=1, progress=1.0) == ["0", "1", "0", "1", "0"]
+
+
+def test_a_schedule_without_growth_events_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8))
+    attach(model, "increlora", "0", rank=4, init_rank=1, target_rank=2, grow_every=10)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    rules = TrainingRules(build_rules([], methods=["increlora"]))
+    with pytest.raises(ConfigError, match="no growth event.*grow_every <= 5"):
+        rules.setup(model, trainable_adapter_map(model), opt, steps=8)

@@ -132,7 +132,7 @@ class GrowingLoraAdapter(LoraAdapter):
     def plan_growth(
         cls, adapters: Mapping[str, GrowingLoraAdapter], budget: int, events_left: int, progress: float
     ) -> list[str]:
-        """Which layers get one more component at this growth event. ``budget``: components
+        """Which layers get one more component at this growth event (a path listed twice gets two). ``budget``: components
         still to hand out; ``events_left``: growth events left including this one;
         ``progress``: the share of the growth window passed (0 at the first event)."""
         raise NotImplementedError
@@ -186,6 +186,15 @@ class IncreLoraAdapter(GrowingLoraAdapter):
     def plan_growth(
         cls, adapters: Mapping[str, GrowingLoraAdapter], budget: int, events_left: int, progress: float
     ) -> list[str]:
-        """The ``ceil(budget / events_left)`` highest-scoring layers."""
+        """``ceil(budget / events_left)`` components for the highest-scoring layers, one each
+        in score order, again from the top while some are left and layers have room."""
         n = math.ceil(budget / max(1, events_left))
-        return sorted(adapters, key=lambda p: adapters[p].score, reverse=True)[:n]
+        order = sorted(adapters, key=lambda p: adapters[p].score, reverse=True)
+        room = {p: adapters[p].room for p in order}
+        chosen: list[str] = []
+        while len(chosen) < n and any(room.values()):
+            for p in order:
+                if room[p] and len(chosen) < n:
+                    chosen.append(p)
+                    room[p] -= 1
+        return chosen

@@ -56,6 +56,12 @@ class RankGrowthRule(TrainingRule):
         self.budget = sum(c.budget_rank for c in configs)
         self.grow_every = first.grow_every if first else 1
         self.last_step = math.floor(first.grow_until * steps) if first else 0
+        if first and self.budget > total_rank(self.adapters) and self.last_step < self.grow_every:
+            raise ConfigError(
+                f"{first.__class__.__name__}: grow_every={self.grow_every} leaves no growth event "
+                f"in the first grow_until={first.grow_until} of {steps} steps, so rank would never "
+                f"grow; use grow_every <= {max(1, self.last_step)} (or more steps)"
+            )
 
     def after_backward(self, step: int) -> None:
         for adapter in self.adapters.values():
