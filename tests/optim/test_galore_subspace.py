@@ -1,0 +1,45 @@
+"""GaLore's refresh (leading_subspace): orthonormal, captures the exact subspace's energy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankwise.optim.galore import leading_subspace
+
+
+def graded(m: int, n: int, decay: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, min(m, n), generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, min(m, n), generator=g)).Q
+    s = decay ** torch.arange(min(m, n), dtype=torch.float32)
+    return (U * s) @ V.mT
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("decay", [0.9, 0.97])
+def test_captures_the_exact_subspace_energy(shape, side, decay):
+    A = graded(*shape, decay)
+    rank = 8
+    P = leading_subspace(A, rank, side, generator=torch.Generator().manual_seed(1))
+    d = shape[0] if side == "left" else shape[1]
+    assert P.shape == (d, rank)
+    torch.testing.assert_close(P.mT @ P, torch.eye(rank), atol=1e-5, rtol=0)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    exact = float(S[:rank].square().sum())
+    captured = float((P.mT @ A if side == "left" else A @ P).square().sum())
+    assert captured >= 0.99 * exact
+    assert captured <= exact * (1 + 1e-5)
+
+
+def test_full_rank_spans_the_whole_side_and_low_rank_input_is_fine():
+    A = graded(30, 12, 0.5)
+    P = leading_subspace(A, 12, "right", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(P @ P.mT, torch.eye(12), atol=1e-5, rtol=0)
+    rank_one = torch.outer(torch.randn(30), torch.randn(12))
+    Q = leading_subspace(rank_one, 4, "left", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(4), atol=1e-5, rtol=0)
+    captured = float((Q.mT @ rank_one).square().sum())
+    assert captured == pytest.approx(float(rank_one.square().sum()), rel=1e-5)
+    assert leading_subspace(rank_one.double(), 2, "right").dtype == torch.float64
