@@ -136,6 +136,7 @@ class RowRouting:
         self._lines: dict[tuple, _Lines] = {}  # row grids, shared by layers that group alike
         self.plans: dict[AdaptedLayer, _LayerPlan] = {}
         self.checked: nn.Module | None = None  # the model whose adapter names were checked
+        self.layers: list[AdaptedLayer] = []  # that model's adapted layers
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -405,7 +406,8 @@ def route(model: nn.Module, routing: RowRouting | Sequence[str | None]) -> Itera
     if routing.checked is not model:
         _check_names(model, list(routing.groups))
         routing.checked = model
-    layers = list(adapted_layers(model).values())
+        routing.layers = list(adapted_layers(model).values())  # walked once per routing
+    layers = routing.layers
     for layer in layers:
         layer.routing = routing
     try:
