@@ -139,8 +139,9 @@ def test_heal_steps_lower_perplexity_keep_the_size_and_are_checked_first(tiny, t
 
 
 def test_own_statistics_are_freed_given_ones_kept_and_the_factors_are_the_same(texts, tmp_path, monkeypatch):
-    """compress() drops its own statistics layer by layer and parks decompositions on disk (in a
-    temporary folder it removes); factors equal those from statistics the caller keeps."""
+    """compress() on its own statistics walks the dense model block by block (one block's Gram
+    matrices at a time) and parks statistics and decompositions on disk (in a temporary folder it
+    removes); the factors equal, bit for bit, those from one-pass statistics the caller keeps."""
     import tempfile
 
     import torch
@@ -155,7 +156,10 @@ def test_own_statistics_are_freed_given_ones_kept_and_the_factors_are_the_same(t
     kept = compress(given_model, tokenizer=tok, ratio=0.6, data=texts, statistics=given, **FAST).model
     assert len(given.stats) == 14  # the caller's statistics are left whole
     own_model, _ = tiny_llama(seed=0, layers=2, hidden=64)
-    own = compress(own_model, tokenizer=tok, ratio=0.6, data=texts, **FAST).model
+    own_result = compress(own_model, tokenizer=tok, ratio=0.6, data=texts, **FAST)
+    assert own_result.report["calibration"]["walk"] == "block by block, dense model"
+    assert own_result.report["calibration"]["mode"] == "open-loop"
+    own = own_result.model
     factors = {n: p for n, p in own.named_parameters() if n.endswith((".U", ".V"))}
     assert factors
     for name, p in kept.named_parameters():

@@ -14,6 +14,7 @@ inside the target.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -40,6 +41,8 @@ from rankwise.compress.calibrate import (
     INPUT_STATISTICS,
     Calibration,
     ClosedLoopStats,
+    LayerStats,
+    blocks_hold_every_layer,
     calibrate,
     calibration_blocks,
     closed_loop_calibration,
@@ -217,11 +220,12 @@ class _DecompositionStore:
     def __init__(self) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="rankwise-decompositions-")
         self._files: dict[str, Path] = {}
+        self._stats: dict[str, Path] = {}
 
     def put(self, name: str, dec: Decomposition) -> None:
         from safetensors.torch import save_file
 
-        path = Path(self._folder.name) / f"{len(self._files)}.safetensors"
+        path = Path(self._folder.name) / f"{len(self._files)}-factors.safetensors"
         save_file({"U": dec.U.contiguous(), "S": dec.S.contiguous(), "Vh": dec.Vh.contiguous()}, str(path))
         self._files[name] = path
 
@@ -232,6 +236,18 @@ class _DecompositionStore:
         tensors = load_file(str(path))
         path.unlink()
         return Decomposition(tensors["U"], tensors["S"], tensors["Vh"])
+
+    def put_stats(self, name: str, stats: LayerStats) -> None:
+        """Park a layer's statistics too (an open-loop walk has moved past its block)."""
+        path = Path(self._folder.name) / f"{len(self._files)}-stats.pt"
+        torch.save({f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}, path)
+        self._stats[name] = path
+
+    def pop_stats(self, name: str) -> LayerStats:
+        path = self._stats.pop(name)
+        fields = torch.load(path, weights_only=True)
+        path.unlink()
+        return LayerStats(**fields)
 
     def close(self) -> None:
         self._folder.cleanup()
@@ -284,6 +300,7 @@ def _decompose_allocate_factorise(
 ) -> list[LayerReport]:
     """The three stages of :func:`_per_layer_svd` (which owns the decomposition store)."""
     t0 = time.perf_counter()
+    spill = closed is None and isinstance(stats, ClosedLoopStats)  # an open-loop walk: read once, in order
     bar = Bar(len(job.layers), f"decompose ({method.name})", show=job.progress)
     try:
         for name, layer in job.layers.items():
@@ -294,6 +311,8 @@ def _decompose_allocate_factorise(
                 # above break-even leaves the layer dense, so the factors beyond it are never used
                 keep = breakeven_rank(layer.out_features, layer.in_features)
                 decompositions.put(name, Decomposition(dec.U[:, :keep].float(), dec.S, dec.Vh[:keep].float()))
+                if spill:
+                    decompositions.put_stats(name, stats[name])
             weight_s = torch.linalg.svdvals(weight) if job.allocation == "welore" else None
             sensitivity = stats[name].sensitivity if name in stats else None
             directional = stats[name].direction_sensitivity(dec.U) if job.allocation == "mfac" else None
@@ -318,7 +337,8 @@ def _decompose_allocate_factorise(
             rank, new, error = ranks[name], layer, 0.0
             if rank is not None:
                 if walk is None:
-                    layer_stats, dec = stats.get(name), decompositions.pop(name)
+                    layer_stats = decompositions.pop_stats(name) if spill else stats.get(name)
+                    dec = decompositions.pop(name)
                     new = method.factorize(layer, layer_stats, rank, dec)
                 else:
                     layer_stats = walk.stats[name]
@@ -327,7 +347,7 @@ def _decompose_allocate_factorise(
                     new = method.factorize(_with_weight(layer, target), layer_stats, rank, dec)
                 replace_module(job.model, name, new, expect=nn.Linear)
                 error = math.sqrt(dec.relative_error(rank))
-            if release and walk is None:
+            if release and isinstance(stats, dict):
                 stats.pop(name, None)  # its Gram matrix goes once every layer sharing it is done
             after = spectra[name].cost(rank)
             rows.append(LayerReport.of(name, layer, new, rank=rank, parameters_after=after, relative_error=error))
@@ -551,7 +571,12 @@ def compress(
     # before any is cut), one on the model being compressed — one block's statistics at a time.
     per_layer = type(chosen).compress_model is CompressionMethod.compress_model
     gradient_needs = sorted(set(needs) - set(INPUT_STATISTICS))
+    # an open-loop per-layer run on its own statistics walks the dense model block by block too:
+    # the same numbers, one block's Gram matrices held at a time (parked on disk until factorising)
+    block_walk = (mode == "open-loop" and per_layer and statistics is None and bool(set(needs) & set(INPUT_STATISTICS))
+                  and blocks_hold_every_layer(net, layers))  # fmt: skip
     open_needs = needs if mode == "open-loop" or (per_layer and statistics is not None) else gradient_needs
+    open_needs = gradient_needs if block_walk else open_needs
     if statistics is not None:
         missing = sorted(set(open_needs) - set(statistics.collected))
         if missing or set(statistics.stats) != set(layers):
@@ -567,7 +592,11 @@ def compress(
         )  # fmt: skip
     walk_kwargs = {"tokens": calib_tokens, "seq_len": seq_len, "statistics": needs, "layers": layers, "progress": progress}
     spectra_from = statistics
-    if mode == "closed-loop" and per_layer and (statistics is None or not set(needs) <= set(statistics.collected)):
+    if block_walk:
+        walk_batch = 1 if gradient_needs else 4  # the batches of the one-pass calibration: identical sums
+        dense_walk = closed_loop_calibration(net, tokenizer, calib_texts, base=statistics, batch_size=walk_batch, **walk_kwargs)
+        spectra_from = dataclasses.replace(dense_walk, mode="open-loop")
+    elif mode == "closed-loop" and per_layer and (statistics is None or not set(needs) <= set(statistics.collected)):
         spectra_from = closed_loop_calibration(net, tokenizer, calib_texts, base=statistics, **walk_kwargs)
     walks: list[Calibration] = []  # the closed-loop walk, once made (after the spectra's walk is done)
 
@@ -587,10 +616,13 @@ def compress(
         job = CompressionJob(net, layers, closed_walk() if mode == "closed-loop" else statistics, target - fixed, allocation, progress)
         rows = chosen.compress_model(job)
         timing["factorise_s"] = time.perf_counter() - t0
-    used = walks[0] if walks else statistics
+    used = walks[0] if walks else (spectra_from if block_walk else statistics)
     calibration_info = None
     if used is not None:
         calibration_info = used.recipe() | {"split": "calibration", "corpus": corpus_name, "corpus_fingerprint": fingerprint}
+    if block_walk:
+        gradient_seconds = statistics.seconds if statistics is not None else 0.0
+        calibration_info |= {"seconds": round(gradient_seconds + spectra_from.stats.seconds, 3), "walk": "block by block, dense model"}
     if walks:
         walk = walks[0].stats
         walk.finish()

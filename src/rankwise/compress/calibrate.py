@@ -308,6 +308,16 @@ def _checkpoint_blocks(model: nn.Module, layers: dict[str, nn.Linear]) -> list[D
     return blocks if all(n in inside or m is head for n, m in layers.items()) else None
 
 
+def blocks_hold_every_layer(model: nn.Module, layers: dict[str, nn.Linear]) -> bool:
+    """Whether every one of ``layers`` sits inside the model's decoder blocks (a walk over the
+    blocks then sees them all)."""
+    try:
+        blocks = decoder_blocks(model, layers)
+    except ModelError:
+        return False
+    return sum(len(b.layers) for b in blocks) == len(layers)
+
+
 def _as_positional(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A block's call with its hidden states first, positionally (some models pass them by name)."""
     if "hidden_states" in kwargs:
@@ -822,5 +832,6 @@ __all__ = [
     "closed_loop_calibration",
     "decoder_blocks",
     "linear_layers",
+    "blocks_hold_every_layer",
     "release_memory",
 ]
