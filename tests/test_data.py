@@ -317,3 +317,13 @@ def test_several_sources_mix_balanced_by_characters(tmp_path):
     assert mix_corpora([a]).calibration == a.calibration
     with pytest.raises(DataError, match="empty list of sources"):
         load_corpus([])
+
+
+def test_a_single_string_is_one_text_not_one_text_per_character():
+    from rankwise.models import tiny_llama
+
+    _, tok = tiny_llama(seed=0, layers=1, hidden=32)
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    as_str = token_blocks(tok, text, seq_len=16)
+    assert torch.equal(as_str, token_blocks(tok, [text], seq_len=16))
+    assert tokenize_stream(tok, text).tolist().count(tok.eos_token_id) == 1

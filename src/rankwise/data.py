@@ -329,8 +329,11 @@ def tokenize_stream(tokenizer, texts: Sequence[str], *, max_tokens: int | None =
     """Token ids of all texts, concatenated with the EOS token between documents, shape ``(T,)``.
 
     With ``max_tokens``, at most that many ids, and only as much text is tokenised as needed.
+    A single string is one text (not a sequence of one-character texts).
     """
     check_max_tokens(max_tokens)
+    if isinstance(texts, str):
+        texts = [texts]
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
