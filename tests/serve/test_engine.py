@@ -72,6 +72,32 @@ def test_bad_engine_options(tmp_path):
         Engine("tiny-llama", max_batch_size=0)
     with pytest.raises(ConfigError, match="memory_budget_bytes must be positive"):
         Engine("tiny-llama", memory_budget_bytes=0)
+    with pytest.raises(ConfigError, match="dtype must be a floating torch dtype"):
+        Engine("tiny-llama", dtype="bf16")
+
+
+def test_bfloat16_engine_serves_a_mixed_batch(tmp_path):
+    """``dtype=torch.bfloat16``: the base runs in bf16, adapters stay float32, and a mixed batch
+    gives each request the tokens it gets alone in the same engine."""
+    import torch
+
+    save_tiny_adapter(tmp_path / "alpha", seed=1)
+    save_tiny_adapter(tmp_path / "beta", seed=2, rank=8)
+    with Engine("tiny-llama", tmp_path, dtype=torch.bfloat16) as engine:
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        names = ["alpha", "tiny-llama", "beta"]
+        def tokens(handle):
+            return [t for e in handle.events(timeout=120) for t in e.token_ids]
+
+        def submit(name):
+            return engine.submit(GenerationRequest(model=name, prompt=PROMPT, max_tokens=6))
+
+        alone = [tokens(submit(n)) for n in names]
+        handles = [submit(n) for n in names]
+        assert [tokens(h) for h in handles] == alone
+        assert len(set(map(tuple, alone))) > 1  # the adapters changed the tokens
+        adapter = next(a for layer in engine.model.modules() if hasattr(layer, "adapters") for a in layer.adapters.values())
+        assert adapter.dtype == torch.float32
 
 
 def test_seeded_sampling_is_reproducible(engine):

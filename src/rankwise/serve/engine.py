@@ -106,8 +106,9 @@ class Engine:
     ``memory_budget_bytes`` bounds resident adapter weights plus the KV cache (not the base
     model; None: unbounded). Limits: ``max_batch_size`` rows per forward, ``max_queue``
     waiting requests (then :class:`QueueFullError`), ``max_prompt_tokens`` and
-    ``max_new_tokens`` per request (then ConfigError). Call :meth:`start` to run the
-    decode thread and :meth:`stop` to end it.
+    ``max_new_tokens`` per request (then ConfigError). ``dtype`` converts the base model
+    (``torch.bfloat16`` runs several times faster on CPUs with AMX or AVX-512 BF16; adapters
+    stay float32). Call :meth:`start` to run the decode thread and :meth:`stop` to end it.
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class Engine:
         adapters_dir: str | os.PathLike | None = None,
         *,
         device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
         max_batch_size: int = 64,
         max_queue: int = 256,
         memory_budget_bytes: int | None = None,
@@ -131,16 +133,18 @@ class Engine:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{option} must be a positive integer, got {value!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating torch dtype such as torch.bfloat16, got {dtype!r}")
         if isinstance(model, tuple):
             if len(model) != 2 or not isinstance(model[0], nn.Module):
                 raise ConfigError("model must be a name, a folder, or a (torch module, tokenizer) pair")
             module, tokenizer = model
-            module = module.to(device)
+            module = module.to(device=device, dtype=dtype)
             default_name = "base"
         else:
             import rankwise
 
-            module, tokenizer = rankwise.load_model(model, device=device)
+            module, tokenizer = rankwise.load_model(model, device=device, dtype=dtype)
             default_name = str(model)
         self.model = module.eval()
         for p in self.model.parameters():
