@@ -1,31 +1,33 @@
-"""Memory-efficient pretraining optimizers on one small LLaMA, same data and token budget.
+"""Memory-efficient pretraining on one small LLaMA: every method, same data and token budget.
 
-Methods: full-rank AdamW (torch), galore-torch's GaLoreAdamW, and rankwise's GaLoreAdamW,
-DCTAdamW, FrugalAdamW and GradNormLoRPAdamW, in the spirit of "Scalable Parameter and
-Memory Efficient Pretraining for LLM" (2025). Every method trains its own copy of the same
-randomly initialised LLaMA (built here from transformers.LlamaConfig) on the same batches
-of the built-in corpus (byte tokenizer), the methods interleaved step by step so machine
-noise hits all alike. The projected methods get identical parameter groups: every linear
-weight of the transformer blocks (attention and MLP) projected at the same rank, gap and
-scale; embeddings, the LM head and norms train with plain AdamW.
+Methods: full-rank AdamW, galore-torch's GaLoreAdamW, rankwise's GaLore, DCT, FRUGAL and
+GradNormLoRP optimizers, and the layer types of ``rankwise.layers`` that train from scratch
+(whatever is registered when the script runs, minus those that start from a trained weight),
+in the spirit of "Scalable Parameter and Memory Efficient Pretraining for LLM" (2025). Each
+method is one :class:`rankwise.pretrain.Trainer` (the loop ``rankwise pretrain`` runs) on
+its own copy of the same randomly initialised LLaMA and the same batches of the built-in
+corpus, the methods interleaved step by step so machine noise hits all alike. The projected
+optimizers project every 2-D weight of the blocks at the same rank, gap and scale (galore-torch's
+recipe); embeddings, LM head and norms train with AdamW. Layer types convert every block
+linear layer at the same rank and train with AdamW.
 
-Columns: validation perplexity after the budget; optimizer-state bytes (moments, projection
-matrices or indices, shared DCT bases); peak resident memory of a child process running
-three steps of that method alone; median step time (forward + backward + update);
-total subspace-refresh time over the run.
+Columns: validation perplexity after the budget; optimizer-state bytes; weight bytes; peak
+resident memory of a child process running three steps of that method alone; median step
+time (forward + backward + update); total subspace-refresh time over the run.
 
-Refresh micro-benchmark: the gradients of every projected matrix (captured from the AdamW
-model at the end of the run) are given to galore-torch's refresh (full torch.linalg.svd)
-and rankwise's (rsvd, default accuracy); both are timed interleaved (median of repeats),
-and the gradient energy each captures, ‖PᵀG‖²/‖G‖², is compared.
+Refresh benchmark (the issue's target): on the 512-wide ``llama-60m`` shape, the gradients of
+the block matrices after a few AdamW steps go to galore-torch's refresh (full
+``torch.linalg.svd``) and to rankwise's (``SVDProjector`` exactly as GaLoreAdamW calls it),
+timed interleaved (median of repeats); the gradient energy each subspace captures,
+``‖PᵀG‖²/‖G‖²``, is compared.
 
-Run: .venv/bin/python bench/optim.py [--quick] [--steps N]
+Run: .venv/bin/python bench/optim.py [--quick] [--steps N] [--refresh-only]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
 import resource
 import statistics
@@ -42,77 +44,36 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, markdown_table, write_results  # noqa: E402
 
-from rankwise.data import load_corpus, token_blocks  # noqa: E402
-from rankwise.linalg import rsvd  # noqa: E402
-from rankwise.models import byte_tokenizer  # noqa: E402
-from rankwise.optim import DCTAdamW, FrugalAdamW, GaLoreAdamW, GradNormLoRPAdamW  # noqa: E402
-from rankwise.optim.galore import ENERGY_RTOL  # noqa: E402
+from rankwise.errors import RankwiseError  # noqa: E402
+from rankwise.pretrain import OPTIMIZERS, PretrainConfig, Trainer, load_data  # noqa: E402
+from rankwise.pretrain.methods import projected_groups  # noqa: E402
 
-METHODS = [
-    "adamw",
-    "galore-torch",
-    "rankwise galore",
-    "rankwise dct",
-    "rankwise frugal",
-    "rankwise gradnormlorp",
-]
-RANKWISE = {
-    "rankwise galore": GaLoreAdamW,
-    "rankwise dct": DCTAdamW,
-    "rankwise frugal": FrugalAdamW,
-    "rankwise gradnormlorp": GradNormLoRPAdamW,
-}
-BATCH, SEQ = 4, 256
-LR, WARMUP = 2e-3, 10
+OPTIMIZER_METHODS = ["adamw", "galore-torch", "galore", "dct", "frugal", "gradnorm"]
+# Layer types that start from a trained model's weights (a pruned / distilled checkpoint), not
+# from scratch: left out of a pretraining comparison.
+FROM_TRAINED = {"pela", "welore"}
 
 
-def settings(quick: bool) -> dict:
-    """Model size, budget and projection options of a run."""
-    if quick:  # the issue's reference model: 4 layers, 256 wide
-        return dict(
-            hidden=256, layers=4, intermediate=688, heads=4, steps=30, rank=64, gap=10, val_blocks=8
-        )
-    return dict(
-        hidden=512, layers=6, intermediate=1376, heads=8, steps=40, rank=128, gap=10, val_blocks=8
-    )
+def layer_methods() -> list[str]:
+    from rankwise.layers import names
+
+    return [n for n in names() if n not in FROM_TRAINED]
 
 
-def build_model(cfg: dict, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["intermediate"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["heads"],
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+def run_config(quick: bool, steps: int | None = None) -> PretrainConfig:
+    """The run every method shares (quick: the byte-tokenizer 4 x 256 model, a few steps)."""
+    if quick:
+        base = dict(config="llama-small", steps=12, batch_size=2, seq_len=128, warmup=4, rank=64,
+                    update_proj_gap=4, eval_tokens=2048)  # fmt: skip
+    else:
+        base = dict(config="llama-20m", steps=200, batch_size=4, seq_len=256, warmup=20, rank=64,
+                    update_proj_gap=50, eval_tokens=16384)  # fmt: skip
+    if steps:
+        base["steps"] = steps
+    return PretrainConfig(lr=2e-3, scale=0.25, eval_every=10**6, checkpoint_every=10**6, **base)
 
 
-def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
-    """galore-torch's recipe: block linear weights projected, everything else plain."""
-    projected = [p for n, p in model.model.layers.named_parameters() if p.ndim == 2]
-    ids = {id(p) for p in projected}
-    plain = [p for p in model.parameters() if id(p) not in ids]
-    return [
-        {"params": plain},
-        {
-            "params": projected,
-            "rank": cfg["rank"],
-            "update_proj_gap": cfg["gap"],
-            "scale": 0.25,
-            "proj_type": "std",
-        },
-    ]
+# ------------------------------------------------------------------ galore-torch as a method
 
 
 class GaloreTorchTimer:
@@ -140,72 +101,30 @@ class GaloreTorchTimer:
         GaLoreProjector.get_orthogonal_matrix = timed
 
 
-def build_optimizer(method: str, model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-6, weight_decay=0.0)
-    groups = param_groups(model, cfg)
-    if method == "galore-torch":
-        from galore_torch import GaLoreAdamW as TorchGaLore
+def galore_torch(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
+    from galore_torch import GaLoreAdamW
 
-        GaloreTorchTimer.install()
-        return TorchGaLore(groups, lr=LR, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
-    return RANKWISE[method](groups, lr=LR, eps=1e-6, weight_decay=0.0)
+    GaloreTorchTimer.install()
+    return GaLoreAdamW(projected_groups(model, config), lr=config.lr, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer state (galore-torch's projector matrices too)."""
-    if hasattr(opt, "state_bytes"):
-        return opt.state_bytes()
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                total += v.numel() * v.element_size()
-            elif hasattr(v, "ortho_matrix") and v.ortho_matrix is not None:
-                mats = v.ortho_matrix if isinstance(v.ortho_matrix, list) else [v.ortho_matrix]
-                total += sum(m.numel() * m.element_size() for m in mats)
+if "galore-torch" not in OPTIMIZERS:
+    OPTIMIZERS.register("galore-torch", galore_torch)
+
+
+def state_bytes(trainer: Trainer) -> int:
+    """Optimizer-state bytes; galore-torch's projector objects hold their matrices too."""
+    total = trainer.optimizer_state_bytes()
+    for st in trainer.optimizer.state.values():
+        v = st.get("projector")
+        if v is not None and getattr(v, "ortho_matrix", None) is not None:
+            mats = v.ortho_matrix if isinstance(v.ortho_matrix, list) else [v.ortho_matrix]
+            total += sum(m.numel() * m.element_size() for m in mats)
     return total
 
 
-def refresh_seconds(method: str, opt: torch.optim.Optimizer) -> float:
-    if method == "galore-torch":
-        return GaloreTorchTimer.seconds
-    return getattr(opt, "refresh_seconds", 0.0)
-
-
-def data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    tok = byte_tokenizer()
-    corpus = load_corpus()
-    train = token_blocks(
-        tok, corpus.train, seq_len=SEQ, max_tokens=cfg["steps"] * BATCH * SEQ + SEQ
-    )
-    val = token_blocks(tok, corpus.validation, seq_len=SEQ, max_tokens=cfg["val_blocks"] * SEQ)
-    if len(train) < cfg["steps"] * BATCH:
-        raise SystemExit(f"corpus too small for {cfg['steps']} steps of {BATCH}x{SEQ} tokens")
-    return train, val
-
-
-def lr_factor(step: int) -> float:
-    return min(1.0, (step + 1) / WARMUP)
-
-
-def train_step(model, opt, batch: torch.Tensor, step: int) -> float:
-    for g in opt.param_groups:
-        g["lr"] = LR * lr_factor(step)
-    opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
-@torch.no_grad()
-def perplexity(model, val: torch.Tensor) -> float:
-    losses = [
-        float(model(input_ids=val[i : i + BATCH], labels=val[i : i + BATCH]).loss)
-        for i in range(0, len(val), BATCH)
-    ]
-    return math.exp(statistics.mean(losses))
+def refresh_seconds(method: str, trainer: Trainer) -> float:
+    return GaloreTorchTimer.seconds if method == "galore-torch" else trainer.refresh_seconds()
 
 
 # ------------------------------------------------------------------ peak memory (child)
@@ -213,18 +132,12 @@ def perplexity(model, val: torch.Tensor) -> float:
 
 def peak_child(method: str, quick: bool) -> None:
     """Run three steps of one method alone and print the peak RSS in bytes."""
-    cfg = settings(quick)
-    cfg["steps"] = 3
-    train, _ = data(cfg)
+    config = dataclasses.replace(run_config(quick), method=method, steps=3, eval_tokens=0)
+    data = load_data(config)
     reset_peak()  # the corpus is read first; count only what the method itself holds
-    model = build_model(cfg)
-    opt = build_optimizer(method, model, cfg) if method != "none" else None
-    for step in range(3):
-        batch = train[step * BATCH : (step + 1) * BATCH]
-        if opt is None:
-            model(input_ids=batch, labels=batch).loss.backward()
-        else:
-            train_step(model, opt, batch, step)
+    trainer = Trainer(config, data=data)
+    for _ in range(3):
+        trainer.train_step()
     print(peak_rss())
 
 
@@ -247,61 +160,75 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_memory(method: str, quick: bool) -> int:
+def peak_memory(method: str, quick: bool) -> int | None:
     cmd = [sys.executable, __file__, "--peak-child", method] + (["--quick"] if quick else [])
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "RANKWISE_PROGRESS": "0"},
-    )
+    env = {**os.environ, "RANKWISE_PROGRESS": "0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"peak memory of {method} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
     return int(out.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------ refresh micro-benchmark
+# ------------------------------------------------------------------ refresh benchmark
 
 
-def refresh_bench(model: nn.Module, batch: torch.Tensor, rank: int, repeats: int) -> dict:
-    """rankwise's refresh (rsvd) vs galore-torch's (full SVD) on the same real gradients."""
+def refresh_gradients(quick: bool) -> tuple[list[torch.Tensor], PretrainConfig]:
+    """Block-matrix gradients of the 512-wide llama-60m after a few AdamW steps."""
+    config = PretrainConfig(
+        config="llama-60m", method="adamw", steps=3 if quick else 20, batch_size=2 if quick else 4,
+        seq_len=128 if quick else 256, warmup=2, lr=2e-3, rank=128, eval_tokens=0,
+        eval_every=10**6, checkpoint_every=10**6,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    for _ in range(config.steps):
+        trainer.train_step()
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    batch = trainer.batch(0)
+    model(input_ids=batch, labels=batch).loss.backward()
+    layers = model.model.layers[:2] if quick else model.model.layers
+    grads = [p.grad.detach().clone() for p in layers.parameters() if p.ndim == 2]
+    return grads, config
+
+
+def refresh_bench(grads: list[torch.Tensor], rank: int, repeats: int) -> dict:
+    """rankwise's refresh (SVDProjector) vs galore-torch's (full SVD) on the same gradients."""
     from galore_torch.galore_projector import GaLoreProjector
 
-    model.zero_grad(set_to_none=True)
-    model(input_ids=batch, labels=batch).loss.backward()
-    grads = [
-        p.grad.detach().clone() for _, p in model.model.layers.named_parameters() if p.ndim == 2
-    ]
-    model.zero_grad(set_to_none=True)
+    from rankwise.optim import SVDProjector
+
     projector = GaLoreProjector(rank, proj_type="std")
 
-    def theirs():
-        return [
-            projector.get_orthogonal_matrix(
-                g, rank, "right" if g.shape[0] >= g.shape[1] else "left"
-            )
-            for g in grads
-        ]
+    def side(g: torch.Tensor) -> str:
+        return "right" if g.shape[0] >= g.shape[1] else "left"
 
-    def ours():  # exactly the call GaLoreAdamW's refresh makes
+    def theirs() -> list[torch.Tensor]:  # (d, r) bases
+        out = []
+        for g in grads:
+            P = projector.get_orthogonal_matrix(g, rank, side(g))
+            out.append(P.mT if side(g) == "right" else P)
+        return out
+
+    def ours() -> list[torch.Tensor]:  # exactly GaLoreAdamW's refresh call
         out = []
         for i, g in enumerate(grads):
-            gen = torch.Generator().manual_seed(i)
-            U, _, Vh = rsvd(g, rank, accuracy="energy", rtol=ENERGY_RTOL, generator=gen)
-            out.append(Vh if g.shape[0] >= g.shape[1] else U)
+            state: dict = {}
+            SVDProjector(state, tuple(g.shape), rank=rank, seed=i).refresh(g, 0)
+            out.append(state[f"proj_{side(g)}"])
         return out
 
     times = interleaved({"galore-torch": theirs, "rankwise": ours}, repeats=repeats)
     ratios = []
     for g, Pt, Po in zip(grads, theirs(), ours(), strict=True):
-        right = g.shape[0] >= g.shape[1]
-        cap_t = (g @ Pt.mT if right else Pt.mT @ g).square().sum()
-        cap_o = (g @ Po.mT if right else Po.mT @ g).square().sum()
+        cap_t = (g @ Pt if side(g) == "right" else Pt.mT @ g).square().sum()
+        cap_o = (g @ Po if side(g) == "right" else Po.mT @ g).square().sum()
         ratios.append(float(cap_o / cap_t))
-    shapes = sorted({tuple(g.shape) for g in grads})
     return {
         "matrices": len(grads),
-        "shapes": [list(s) for s in shapes],
+        "shapes": [list(s) for s in sorted({tuple(g.shape) for g in grads})],
         "rank": rank,
+        "repeats": repeats,
         "galore_torch_s": times["galore-torch"],
         "rankwise_s": times["rankwise"],
         "speedup": times["galore-torch"] / times["rankwise"],
@@ -310,169 +237,136 @@ def refresh_bench(model: nn.Module, batch: torch.Tensor, rank: int, repeats: int
     }
 
 
-# ------------------------------------------------------------------ main
+# ------------------------------------------------------------------ the table
+
+
+def train_all(config: PretrainConfig, methods: list[str]) -> tuple[list[dict], int]:
+    data = load_data(config)
+    trainers, failed = {}, {}
+    for method in methods:
+        try:
+            trainers[method] = Trainer(dataclasses.replace(config, method=method), data=data)
+        except (RankwiseError, TypeError, ValueError) as e:
+            failed[method] = f"{type(e).__name__}: {e}"
+            print(f"{method}: cannot run ({failed[method]})", flush=True)
+    n_params = sum(p.numel() for p in trainers["adamw"].model.parameters())
+    print(f"{n_params / 1e6:.1f}M parameters, {config.steps} steps of {config.batch_size}x{config.seq_len} tokens", flush=True)
+    times: dict[str, list[float]] = {m: [] for m in trainers}
+    losses: dict[str, float] = {}
+    for step in range(config.steps):
+        for method, trainer in trainers.items():
+            record = trainer.train_step()
+            times[method].append(record.seconds)
+            losses[method] = record.loss
+        if step % 5 == 0 or step == config.steps - 1:
+            print(f"step {step + 1}: " + ", ".join(f"{m} {v:.3f}" for m, v in losses.items()), flush=True)
+    rows = []
+    for method, trainer in trainers.items():
+        rows.append({
+            "method": method,
+            "val_ppl": trainer.evaluate(),
+            "state_bytes": state_bytes(trainer),
+            "weight_bytes": trainer.weight_bytes(),
+            "step_s": statistics.median(times[method]),
+            "refresh_s": refresh_seconds(method, trainer),
+            "final_train_loss": losses[method],
+            "skipped_steps": trainer.skipped_steps,
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    rows += [{"method": m, "error": err} for m, err in failed.items()]
+    return rows, n_params
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4-layer 256-wide LLaMA, 30 steps")
+    ap.add_argument("--quick", action="store_true", help="4-layer 256-wide byte-tokenizer LLaMA, 12 steps (minutes)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per method")
+    ap.add_argument("--methods", nargs="*", default=None, help="only these methods (default: all)")
     ap.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument(
-        "--refresh-only",
-        action="store_true",
-        help="train only AdamW, redo the refresh micro-benchmark, keep the table of the last run",
-    )
+    ap.add_argument("--refresh-only", action="store_true", help="only the refresh benchmark; keep the last table")
     args = ap.parse_args()
     if args.peak_child:
         peak_child(args.peak_child, args.quick)
         return
     t_start = time.perf_counter()
-    cfg = settings(args.quick)
-    if args.steps:
-        cfg["steps"] = args.steps
-    train, val = data(cfg)
+    config = run_config(args.quick, args.steps)
+    name = "optim_quick" if args.quick else "optim"
     if args.refresh_only:
-        refresh_only(args, cfg, train, val, t_start)
-        return
-    runs = {}
-    for method in METHODS:
-        model = build_model(cfg)
-        runs[method] = {
-            "model": model,
-            "opt": build_optimizer(method, model, cfg),
-            "times": [],
-            "losses": [],
-        }
-    n_params = sum(p.numel() for p in runs["adamw"]["model"].parameters())
-    print(
-        f"{n_params / 1e6:.1f}M parameters, {cfg['steps']} steps of {BATCH}x{SEQ} tokens",
-        flush=True,
-    )
-    for step in range(cfg["steps"]):
-        batch = train[step * BATCH : (step + 1) * BATCH]
-        for run in runs.values():
-            t0 = time.perf_counter()
-            run["losses"].append(train_step(run["model"], run["opt"], batch, step))
-            run["times"].append(time.perf_counter() - t0)
-        if step % 10 == 0 or step == cfg["steps"] - 1:
-            print(
-                f"step {step}: " + ", ".join(f"{m} {r['losses'][-1]:.3f}" for m, r in runs.items()),
-                flush=True,
-            )
-    rows = []
-    for method, run in runs.items():
-        rows.append(
-            {
-                "method": method,
-                "val_ppl": perplexity(run["model"], val),
-                "final_train_loss": statistics.mean(run["losses"][-5:]),
-                "state_bytes": state_bytes(run["opt"]),
-                "step_s": statistics.median(run["times"]),
-                "refresh_s": refresh_seconds(method, run["opt"]),
-            }
-        )
-        print(rows[-1], flush=True)
-    for row in rows:
-        row["peak_rss_bytes"] = peak_memory(row["method"], args.quick)
-    base = next(r for r in rows if r["method"] == "adamw")
-    for row in rows:
-        row["state_vs_adamw"] = row["state_bytes"] / base["state_bytes"]
-        row["step_vs_adamw"] = row["step_s"] / base["step_s"]
-    micro = refresh_bench(runs["adamw"]["model"], val[:BATCH], cfg["rank"], repeats=5)
+        import json
+
+        from _common import RESULTS
+
+        last = json.loads((RESULTS / f"{name}.json").read_text())
+        rows, n_params = last["rows"], last["parameters"]
+    else:
+        methods = args.methods or [*OPTIMIZER_METHODS, *layer_methods()]
+        rows, n_params = train_all(config, methods)
+        for row in rows:
+            if "error" not in row:
+                row["peak_rss_bytes"] = peak_memory(row["method"], args.quick)
+        base = next(r for r in rows if r["method"] == "adamw")
+        for row in rows:
+            if "error" not in row:
+                row["state_vs_adamw"] = row["state_bytes"] / base["state_bytes"]
+                row["step_vs_adamw"] = row["step_s"] / base["step_s"]
+    grads, grad_config = refresh_gradients(args.quick)
+    micro = refresh_bench(grads, grad_config.rank, repeats=3 if args.quick else 7)
     print(micro, flush=True)
-    report(args, cfg, n_params, rows, micro, time.perf_counter() - t_start)
+    report(args, config, n_params, rows, micro, grad_config, time.perf_counter() - t_start)
 
 
-def refresh_only(args, cfg: dict, train: torch.Tensor, val: torch.Tensor, t_start: float) -> None:
-    """Train AdamW alone on the same budget, then re-run the refresh micro-benchmark; the
-    training table is taken from the last full run of this mode."""
-    import json
-
-    from _common import RESULTS
-
-    name = "optim" if not args.quick else "optim_quick"
-    last = json.loads((RESULTS / f"{name}.json").read_text())
-    model = build_model(cfg)
-    opt = build_optimizer("adamw", model, cfg)
-    for step in range(cfg["steps"]):
-        train_step(model, opt, train[step * BATCH : (step + 1) * BATCH], step)
-    micro = refresh_bench(model, val[:BATCH], cfg["rank"], repeats=5)
-    print(micro, flush=True)
-    for row in last["rows"]:
-        row["peak_rss_bytes"] = peak_memory(row["method"], args.quick)
-    report(
-        args,
-        last["settings"],
-        last["parameters"],
-        last["rows"],
-        micro,
-        time.perf_counter() - t_start,
-    )
+def _mb(v: int | None) -> str:
+    return "–" if v is None else f"{v / 2**20:.2f}"
 
 
-def report(args, cfg: dict, n_params: int, rows: list[dict], micro: dict, seconds: float) -> None:
+def report(args, config: PretrainConfig, n_params: int, rows: list[dict], micro: dict, grad_config: PretrainConfig, seconds: float) -> None:
     mode = "quick" if args.quick else "full"
-    table = markdown_table(
-        [
-            "method",
-            "val. perplexity",
-            "optimizer state (MB)",
-            "vs AdamW",
-            "peak RSS (MB)",
-            "step (s)",
-            "step vs AdamW",
-            "refresh total (s)",
-        ],
-        [
-            [
-                r["method"],
-                f"{r['val_ppl']:.2f}",
-                f"{r['state_bytes'] / 2**20:.2f}",
-                f"{r['state_vs_adamw']:.2f}",
-                f"{r['peak_rss_bytes'] / 2**20:.0f}",
-                f"{r['step_s']:.3f}",
-                f"{r['step_vs_adamw']:.2f}",
-                f"{r['refresh_s']:.2f}",
-            ]
-            for r in rows
-        ],
-    )
+    header = ["method", "val. perplexity", "optimizer state (MB)", "vs AdamW", "weights (MB)", "peak RSS (MB)",
+              "step (s)", "step vs AdamW", "refresh total (s)"]  # fmt: skip
+    table_rows = []
+    for r in rows:
+        if "error" in r:
+            table_rows.append([r["method"], f"could not run: {r['error'][:80]}"] + [""] * (len(header) - 2))
+            continue
+        table_rows.append([
+            r["method"], f"{r['val_ppl']:.2f}", _mb(r["state_bytes"]), f"{r['state_vs_adamw']:.2f}",
+            _mb(r["weight_bytes"]), _mb(r.get("peak_rss_bytes")).split(".")[0], f"{r['step_s']:.3f}",
+            f"{r['step_vs_adamw']:.2f}", f"{r['refresh_s']:.2f}",
+        ])  # fmt: skip
+    m = config.model
     shapes = ", ".join("×".join(map(str, s)) for s in micro["shapes"])
+    g = grad_config.model
     md = (
-        f"## Low-rank optimizers, pretraining (`bench/optim.py`, {mode} mode)\n\n"
-        f"LLaMA {cfg['layers']} layers × {cfg['hidden']} wide (MLP {cfg['intermediate']}), "
-        f"{n_params / 1e6:.1f}M parameters, byte tokenizer, random init (seed 0); "
-        f"{cfg['steps']} steps of {BATCH}×{SEQ} tokens of the built-in corpus "
-        f"({cfg['steps'] * BATCH * SEQ:,} tokens, the same batches for every method), lr {LR:g} "
-        f"with {WARMUP} warm-up steps, eps 1e-6, no weight decay. Projected methods: every "
-        f"block linear weight at rank {cfg['rank']}, update_proj_gap {cfg['gap']} (short "
-        "budget, so the subspace is renewed several times), scale 0.25, proj_type std; "
-        "embeddings, LM head and norms use AdamW. Validation perplexity on "
-        f"{cfg['val_blocks']}×{SEQ} validation tokens. Step time: median over the run, "
-        "methods interleaved step by step (a shared, noisy 2-core machine). Peak RSS: a "
-        "child process running three steps of that method alone, counted from after the "
-        "corpus is read (model, activations, gradients, optimizer state, Python and torch). The budget is far below a real pretraining run, so "
-        "perplexities compare methods at equal tokens, not converged models.\n\n"
-        f"{table}\n\n"
-        f"Refresh micro-benchmark: the {micro['matrices']} projected gradients ({shapes}) of "
-        f"the AdamW model after the run, rank {micro['rank']}; galore-torch's refresh (full "
-        f"`torch.linalg.svd`) {micro['galore_torch_s']:.3f} s vs rankwise's (`rsvd` as "
-        f'GaLoreAdamW calls it: accuracy="energy", rtol={ENERGY_RTOL:g}) '
-        f"{micro['rankwise_s']:.3f} s for all of them: speed-up **{micro['speedup']:.1f}×**, "
-        f"capturing {100 * micro['energy_ratio_min']:.2f}% (worst matrix) and "
-        f"{100 * micro['energy_ratio_mean']:.2f}% (mean) of the gradient energy galore-torch's "
-        "exact subspace captures (median of 5 interleaved repeats).\n\n"
+        f"## Low-rank optimizers and layers, pretraining (`bench/optim.py`, {mode} mode)\n\n"
+        f"`{config.config}`: LLaMA {m.layers} layers × {m.hidden} wide (MLP {m.intermediate}), "
+        f"{m.tokenizer} tokenizer, {n_params / 1e6:.1f}M parameters, random init (seed {config.seed}); "
+        f"{config.steps} steps of {config.batch_size}×{config.seq_len} tokens of the built-in corpus "
+        f"({config.steps * config.batch_size * config.seq_len:,} tokens, the same batches for every method), "
+        f"lr {config.lr:g} with {config.warmup} warm-up steps then cosine to 10%, eps 1e-6, no weight decay. "
+        f"Every method is a `rankwise.pretrain.Trainer` (the loop of `rankwise pretrain`). Projected "
+        f"optimizers: every block matrix at rank {config.rank}, update_proj_gap {config.update_proj_gap}, "
+        f"scale {config.scale}, proj_type std; embeddings, LM head and norms use AdamW. Layer types: every "
+        f"block linear layer converted at rank {config.rank} (default options), trained with AdamW. "
+        f"Validation perplexity on {config.eval_tokens:,} validation tokens. Step time: median over the run, "
+        "methods interleaved step by step (a shared, noisy 2-core machine). Peak RSS: a child process "
+        "running three steps of that method alone, counted from after the corpus is read. The budget is "
+        "far below a real pretraining run: perplexities compare methods at equal tokens, not converged "
+        "models.\n\n"
+        f"{markdown_table(header, table_rows)}\n\n"
+        f"Refresh benchmark: `{grad_config.config}` ({g.layers} layers × {g.hidden} wide, MLP {g.intermediate}) "
+        f"after {grad_config.steps} AdamW steps; the {micro['matrices']} block-matrix gradients ({shapes}), "
+        f"rank {micro['rank']}: galore-torch's refresh (full `torch.linalg.svd`) {micro['galore_torch_s']:.3f} s "
+        f"vs rankwise's (`SVDProjector`, as GaLoreAdamW calls it) {micro['rankwise_s']:.3f} s for all of them: "
+        f"**{micro['speedup']:.1f}×** (target ≥ 3×), capturing {100 * micro['energy_ratio_min']:.3f}% (worst "
+        f"matrix) and {100 * micro['energy_ratio_mean']:.3f}% (mean) of the gradient energy galore-torch's exact "
+        f"subspace captures (target ≥ 99%; median of {micro['repeats']} interleaved repeats).\n\n"
         f"_Whole run: {seconds / 60:.1f} min._\n"
     )
     payload = {
-        "mode": mode,
-        "settings": cfg,
-        "parameters": n_params,
-        "rows": rows,
-        "refresh": micro,
-    }
-    write_results("optim" if not args.quick else "optim_quick", payload, md)
+        "mode": mode, "settings": config.to_dict(), "parameters": n_params, "rows": rows,
+        "refresh": micro, "refresh_settings": grad_config.to_dict(),
+    }  # fmt: skip
+    write_results("optim_quick" if args.quick else "optim", payload, md)
 
 
 if __name__ == "__main__":
