@@ -61,7 +61,7 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
     return [
         Run("lora", "lora"),
         Run("dylora", "dylora"),
-        Run("sora", "sora", options={"sparsity": 1.0, "gate_lr": 0.1}),
+        Run("sora", "sora", options={"sparsity": 0.3, "gate_lr": 0.1}),
         Run("increlora", "increlora", rank=2 * RANK, options=grow),
         Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
         Run("bayes_lora", "bayes_lora", options={"rank_prior": 1e-3, "bit_prior": 1e-3, "gate_init": 1.0, "gate_lr_scale": 100.0}),
