@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -34,6 +35,51 @@ def torchrun(out, *extra: str) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout[done.stdout.index("{") :])
+
+
+def fsdp_resume_worker(out: str) -> None:
+    """Run under torchrun (this file as a script): 4 steps straight vs 2 steps, a checkpoint,
+    a fresh sharded trainer loading it, 2 more steps; process 0 prints whether they are equal."""
+    import torch
+    import torch.distributed as dist
+
+    from rankwise.pretrain import Trainer
+    from rankwise.pretrain import checkpoint as ckpt
+    from rankwise.pretrain.trainer import join_world
+
+    world, _ = join_world()
+    config = PretrainConfig(config="tiny", steps=4, batch_size=4, seq_len=32, warmup=1, eval_tokens=0, fsdp=True)
+    straight = Trainer(config, world=world)
+    for _ in range(4):
+        straight.train_step()
+    cut = Trainer(config, world=world)
+    for _ in range(2):
+        cut.train_step()
+    model_state, optimizer_state, info = cut.state()
+    if world.rank == 0:
+        ckpt.save_checkpoint(Path(out), model_state, optimizer_state, info)
+    dist.barrier()
+    resumed = Trainer(config, world=world)
+    model_state, optimizer_state, rng = ckpt.load_tensors(Path(out))
+    resumed.load_state(model_state, optimizer_state, info, rng)
+    for _ in range(2):
+        resumed.train_step()
+    a, b = straight.state()[0], resumed.state()[0]
+    if world.rank == 0:
+        print(json.dumps({"equal": all(torch.equal(a[k], b[k]) for k in a), "tensors": len(a)}))
+    dist.destroy_process_group()
+
+
+def test_fsdp_resume_is_bit_identical(tmp_path):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), __file__, str(tmp_path / "run"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKWISE_PROGRESS": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    assert result["tensors"] > 10 and result["equal"]
 
 
 def single(tmp_path, method: str) -> dict:
@@ -70,3 +116,7 @@ def test_fsdp_trains_and_matches_ddp(tmp_path):
     config = PretrainConfig(config="tiny", steps=3, batch_size=4, seq_len=32, warmup=1, eval_tokens=0, lr=3e-3)
     losses = [h["loss"] for h in pretrain(config).history]
     assert [h["loss"] for h in fsdp["history"]] == pytest.approx(losses, rel=1e-4)
+
+
+if __name__ == "__main__":
+    fsdp_resume_worker(sys.argv[1])
