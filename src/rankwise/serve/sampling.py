@@ -16,7 +16,8 @@ def next_tokens(
     """One token per row of ``logits`` ``(rows, vocab)``: argmax where the temperature is 0,
     else a draw from the nucleus (``top_p``) of ``softmax(logits / temperature)`` using the
     row's own generator (so a seeded request draws the same tokens in any batch)."""
-    chosen = logits.argmax(dim=-1).tolist()
+    # max(dim).indices is argmax (the first maximal index) at about half its time on CPU
+    chosen = logits.float().max(dim=-1).indices.tolist()
     for i, t in enumerate(temperatures):
         if t > 0:
             chosen[i] = _sample(logits[i].float(), t, top_ps[i], generators[i])
