@@ -43,3 +43,16 @@ def test_full_rank_spans_the_whole_side_and_low_rank_input_is_fine():
     captured = float((Q.mT @ rank_one).square().sum())
     assert captured == pytest.approx(float(rank_one.square().sum()), rel=1e-5)
     assert leading_subspace(rank_one.double(), 2, "right").dtype == torch.float64
+
+
+def test_check_finite_off_leaves_the_check_to_the_loop():
+    from torch import nn
+
+    from rankwise.optim import GaLoreAdamW
+
+    layer = nn.Linear(6, 5)
+    opt = GaLoreAdamW(layer, rank=2, check_finite=False)
+    layer.weight.grad = torch.full((5, 6), float("nan"))
+    layer.bias.grad = torch.zeros(5)
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.isnan(layer.weight).all()  # not checked: the caller's job

@@ -210,7 +210,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
     plain AdamW (:meth:`summary` says which got which). Refreshes are staggered
     (``stagger=True``): the i-th of n projected matrices renews its subspace at steps
     ``≡ i·gap/n (mod gap)``. Non-finite gradients skip the whole step (counted in
-    ``skipped_steps``) without touching any state. Defaults follow galore-torch
+    ``skipped_steps``) without touching any state (``check_finite=False``: a training loop
+    that checks the gradients itself, as :mod:`rankwise.pretrain` does, saves the pass). Defaults follow galore-torch
     (``eps=1e-6``, ``weight_decay=0``), so switching is one import.
     """
 
@@ -234,6 +235,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         correct_bias: bool = True,
         stagger: bool = True,
         embeddings: bool = False,
+        check_finite: bool = True,
         seed: int = 0,
         **extra: Any,
     ) -> None:
@@ -258,6 +260,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             embedding_ids = _embedding_ids(params)
             params = list(params.parameters())
         self.stagger, self.embeddings, self.seed = stagger, embeddings, seed
+        self.check_finite = check_finite
         self._names, self._embedding_ids = names, embedding_ids
         self.skipped_steps = 0
         self.refresh_seconds = 0.0
@@ -375,7 +378,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        if self.check_finite and grads and not _all_finite(grads):
             self.skipped_steps += 1
             log.warning(
                 "%s: non-finite gradient, step skipped (%d so far)",
@@ -402,7 +405,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         t = self._next_step(state)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
+        _decay(p, group)
         direction, step_size = adam_direction(*_moments(state, p), p.grad, t, group)
         p.add_(direction, alpha=-step_size)
 
@@ -457,13 +460,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
         **context: Any,
     ) -> None:
         """Apply the full-size ``update``: decoupled weight decay, then ``p -= step_size·update``."""
-        p.mul_(1 - group["lr"] * group["weight_decay"])
+        _decay(p, group)
         p.add_(update, alpha=-step_size)
 
 
 # --------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element is finite: one fused max-abs per tensor (NaN/Inf propagate)."""
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+
+def _decay(p: torch.Tensor, group: dict) -> None:
+    """Decoupled weight decay ``p *= 1 - lr·wd`` (nothing to do, and no pass over p, at wd 0)."""
+    if group["weight_decay"]:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
 
 
 def _check_options(given: dict, valid: tuple[str, ...], where: str, what: str) -> None:

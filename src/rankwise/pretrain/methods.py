@@ -48,7 +48,7 @@ def _projected(cls: type) -> OptimizerFactory:
     def build(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
         return cls(
             projected_groups(model, config), lr=config.lr, eps=1e-6, weight_decay=config.weight_decay,
-            seed=config.seed, **config.method_options,
+            seed=config.seed, check_finite=False, **config.method_options,  # the loop checks
         )  # fmt: skip
 
     build.projected = True
