@@ -154,3 +154,29 @@ def test_continuous_batching_requests_join_and_leave(adapters_dir):
     expected.append(greedy_alone(adapters_dir, "b8", "late", 4))
     assert got == expected
     assert [len(t) for t in got] == [m for _, m in plan] + [4]
+
+
+def _cost(groups, lengths, forward_cost):
+    return sum(len(g) * max(lengths[i] for i in g) + forward_cost for g in groups)
+
+
+def test_length_buckets_split_prompts_to_least_padding_plus_forwards():
+    import itertools
+    import random
+
+    from rankwise.serve.engine import length_buckets
+
+    assert length_buckets([7] * 5) == [[0, 1, 2, 3, 4]]  # equal lengths: one forward
+    assert sorted(map(sorted, length_buckets([3, 200, 4], forward_cost=8))) == [[0, 2], [1]]
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 7))]
+        groups = length_buckets(lengths, forward_cost=10)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(  # every split of the sorted prompts into consecutive groups
+            _cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], lengths, 10)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert _cost(groups, lengths, 10) == best

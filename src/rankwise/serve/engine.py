@@ -42,6 +42,7 @@ from rankwise.serve.requests import (
 from rankwise.serve.sampling import TextStream, next_tokens
 
 RATE_WINDOW = 10.0  # seconds over which tokens_per_s is measured
+FORWARD_COST = 32  # the fixed cost of one more prefill forward, in padded prompt tokens
 
 
 @dataclass
@@ -84,6 +85,26 @@ def contiguous_input_hook(module: nn.Module, args: tuple) -> tuple | None:
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
+
+
+def length_buckets(lengths: list[int], forward_cost: int = FORWARD_COST) -> list[list[int]]:
+    """Split prompts (by index) into prefill groups: each group is padded to its longest
+    prompt, so one group wastes compute on padding and many groups pay ``forward_cost``
+    padded tokens each. Returns the split minimising ``Σ (rows × longest + forward_cost)``
+    (exact, over the prompts sorted by length)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = [0] + [None] * len(order)  # best[j]: cost of the first j sorted prompts
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + forward_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -413,7 +434,9 @@ class Engine:
         if self._running:
             self._decode()
         if self._admitted:
-            self._prefill(self._admitted)
+            rows = list(self._admitted)
+            for group in length_buckets([len(r.handle.prompt_ids) for r in rows]):
+                self._prefill([rows[i] for i in group])
         with self._cv:
             self._cv.notify_all()
 
@@ -495,6 +518,7 @@ class Engine:
         self._emit(self._running, logits)
 
     def _prefill(self, rows: list[_Row]) -> None:
+        """One forward over ``rows``' prompts (left-padded); they then join the running batch."""
         rows.sort(key=lambda r: r.order)
         length = max(len(r.handle.prompt_ids) for r in rows)
         ids = torch.full((len(rows), length), self._pad, dtype=torch.long)
@@ -514,7 +538,8 @@ class Engine:
             else:
                 self._batch.merge(batch)
                 self._running = self._running + list(rows)
-            self._admitted = []
+            joined = {id(r) for r in rows}
+            self._admitted = [r for r in self._admitted if id(r) not in joined]
             self._ordered = False
         self._emit(rows, logits, offset=len(self._running) - len(rows))
 
