@@ -138,3 +138,17 @@ def test_cli_compress_mixes_sources_and_takes_the_calibration_mode(tmp_path, cap
     assert "heal_steps must be >= 0" in capsys.readouterr().err
     assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "z"), "--calibration", "both"]) == 2
     assert "auto, open-loop or closed-loop" in capsys.readouterr().err
+
+
+def test_cli_healing_rates_default_to_the_library_default():
+    """`rankwise compress --heal-lr` and `rankwise heal --lr` default to heal.DEFAULT_LR (the rate
+    chosen by measurement, docs/compress.md), so the three entry points cannot drift apart."""
+    import inspect
+
+    from rankwise.cli.compress import compress_command
+    from rankwise.cli.heal import heal_command
+    from rankwise.compress.heal import DEFAULT_LR, heal
+
+    assert inspect.signature(compress_command).parameters["heal_lr"].default.default == DEFAULT_LR
+    assert inspect.signature(heal_command).parameters["lr"].default.default == DEFAULT_LR
+    assert inspect.signature(heal).parameters["lr"].default == DEFAULT_LR
