@@ -158,3 +158,21 @@ def test_contiguous_input_hook(contiguous):
         assert out is None
     else:
         assert out[0].is_contiguous() and torch.equal(out[0], x) and out[1] == "other"
+
+
+def test_frozen_routing_reuses_slots_but_rereads_a_reloaded_adapter():
+    model, _ = tiny_llama()
+    _add(model, "a", 8, 0)
+    _add(model, "b", 8, 1)
+    ids = torch.randint(4, 200, (2, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), route(model, RowRouting(["a", "b"], frozen=True)):
+        first = model(ids).logits
+    _randomise(model, "a", 321)  # a frozen routing trusts the slot: not re-read
+    with torch.no_grad(), route(model, RowRouting(["a", "b"], frozen=True)):
+        assert torch.equal(model(ids).logits, first)
+    delete(model, "a")
+    _add(model, "a", 8, 321)  # a reload is another adapter object: re-read
+    with torch.no_grad(), route(model, RowRouting(["a", "b"], frozen=True)):
+        again = model(ids).logits
+    assert torch.allclose(again[0], _alone(model, "a", ids[:1])[0], atol=1e-4)
+    assert (again[0] - first[0]).abs().max() > 1e-2

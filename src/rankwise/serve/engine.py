@@ -480,7 +480,7 @@ class Engine:
     def _routing_for(self, rows: list[_Row]) -> RowRouting:
         key = (tuple(r.internal for r in rows), self.pool.version)
         if self._routing is None or self._routing[0] != key:
-            self._routing = (key, RowRouting([r.internal for r in rows]))
+            self._routing = (key, RowRouting([r.internal for r in rows], frozen=True))
         return self._routing[1]
 
     def _forward(self, ids, mask, positions, batch: BatchCache, routing: RowRouting) -> torch.Tensor:
@@ -530,7 +530,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         batch = BatchCache(new_cache(self._num_layers), mask)
-        logits = self._forward(ids, mask, positions, batch, RowRouting([r.internal for r in rows]))
+        logits = self._forward(ids, mask, positions, batch, RowRouting([r.internal for r in rows], frozen=True))
         with self._cv:  # the admitted rows join the running batch
             if self._batch is None or not self._running:
                 self._batch = batch
