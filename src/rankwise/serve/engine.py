@@ -5,8 +5,9 @@ A background thread runs the loop. Each iteration (a "step") it
 1. drops cancelled requests,
 2. admits waiting requests while the batch has room and the memory budget allows their
    KV cache (evicting idle adapters, see :mod:`rankwise.serve.pool`),
-3. runs one decode forward for the running rows (one new token each), and one prefill
-   forward for the admitted ones, which then join the batch ("continuous batching",
+3. runs one decode forward for the running rows (one new token each), and prefill
+   forwards for the admitted ones (grouped by prompt length, :func:`length_buckets`), which
+   then join the batch, sorted by rank so each rank's rows are one slice ("continuous batching",
    "Orca: A Distributed Serving System for Transformer-Based Generative Models", 2022),
 4. streams each row's new text and removes the rows that finished.
 
