@@ -25,6 +25,7 @@ run). Writes ``bench/results/adaptive.json`` and its section of docs/benchmarks.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -176,15 +177,44 @@ def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
     if label == "bayes_lora":
         return f"mean rank {row['mean_rank']:.1f} of {RANK}, mean bits {row['mean_bits']:.1f} of 32"
     if label == "sara":
-        return f"{row['trainable']:,} smallest-|w| weights (LoRA {base['trainable']:,}); update effective rank {row['update_effective_rank']:.1f}"
+        return f"{row['trainable']:,} smallest-magnitude weights (LoRA {base['trainable']:,}); update effective rank {row['update_effective_rank']:.1f}"
     return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}"
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The docs section for a results payload (``main`` and ``--render`` share it)."""
+    rows, cfg = payload["rows"], payload["settings"]
+    base = rows[0]
+    table = markdown_table(
+        ["method", "trainable", "train loss first → last", "val ppl", "the method's claim, measured"],
+        [
+            [r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", claim_text(r, base)]
+            for r in rows
+        ],
+    )
+    quick = payload["mode"] != "full"
+    return (
+        f"### Adaptive-rank methods and training rules{' (--quick: a smoke run)' if quick else ''}\n\n"
+        f"SmolLM2-135M, adapters on q_proj/v_proj, rank {RANK} (increlora/triadapt: budget "
+        f"{RANK} per layer, capacity {2 * RANK}, so twice LoRA's parameters are allocated), "
+        f"{cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
+        f"seed 0; validation perplexity on {cfg['eval_tokens']} built-in validation tokens (base "
+        f"model: {payload['base_ppl']:.2f}). Rerun: `nice -n 10 timeout 1800 .venv/bin/python "
+        f"bench/adaptive.py{' --quick' if quick else ''}`.\n\n{table}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few short steps: a smoke run")
     parser.add_argument("--only", nargs="*", help="run only these labels (lora always runs)")
+    parser.add_argument("--render", action="store_true", help="rewrite the docs section from bench/results/adaptive.json")
     args = parser.parse_args()
+    if args.render:
+        payload = json.loads((Path(__file__).resolve().parent / "results" / "adaptive.json").read_text())
+        payload = {k: v for k, v in payload.items() if k not in ("benchmark", "machine")}
+        write_results("adaptive", payload, render(payload))
+        return
     args.steps, args.batch_size, args.seq_len, args.eval_tokens = (
         (8, 2, 64, 2048) if args.quick else (40, 2, 128, 4096)
     )
@@ -203,27 +233,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, run in enumerate(selected):
             rows.append(train_and_measure(run, args, Path(tmp) / f"run{i}", texts))
-    base = rows[0]
-    table = markdown_table(
-        ["method", "trainable", "train loss first → last", "val ppl", "the method's claim, measured"],
-        [
-            [r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", claim_text(r, base)]
-            for r in rows
-        ],
-    )
-    mode = "quick (smoke run)" if args.quick else "full"
-    markdown = (
-        f"### Adaptive-rank methods and training rules ({mode})\n\n"
-        f"SmolLM2-135M, adapters on q_proj/v_proj, rank {RANK} (increlora/triadapt: budget "
-        f"{RANK} per layer, capacity {2 * RANK}), {args.steps} steps × {args.batch_size} × "
-        f"{args.seq_len} tokens, lr {args.lr:g}, seed 0; validation perplexity on "
-        f"{args.eval_tokens} built-in validation tokens (base model: {base_ppl:.2f}). "
-        f"Rerun: `nice -n 10 timeout 1800 .venv/bin/python bench/adaptive.py"
-        f"{' --quick' if args.quick else ''}`.\n\n{table}"
-    )
-    payload = {"mode": mode, "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_tokens", "lr")},
-               "base_ppl": base_ppl, "rows": rows}
-    write_results("adaptive", payload, markdown)
+    payload = {
+        "mode": "quick" if args.quick else "full",
+        "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_tokens", "lr")},
+        "base_ppl": base_ppl,
+        "rows": rows,
+    }
+    write_results("adaptive", payload, render(payload))
 
 
 if __name__ == "__main__":
