@@ -38,11 +38,12 @@ class GrowthConfig(AdapterConfig):
     """``rank``: the most components a layer can grow to; ``init_rank``: where every layer
     starts; ``target_rank``: the average rank per layer at the end (the budget is
     ``target_rank × layers``; None: half of ``rank``); ``grow_every``: optimizer steps between
-    growth events; ``grow_until``: the share of training after which rank stops growing."""
+    growth events (None: ten events spread over the growth window); ``grow_until``: the share
+    of training after which rank stops growing."""
 
     init_rank: int = 1
     target_rank: int | None = None
-    grow_every: int = 10
+    grow_every: int | None = None
     grow_until: float = 0.7
 
     def validate(self) -> None:
@@ -55,7 +56,7 @@ class GrowthConfig(AdapterConfig):
                 f"average final rank per layer; rank is the most one layer can reach), got "
                 f"{self.target_rank}"
             )
-        if self.grow_every < 1:
+        if self.grow_every is not None and self.grow_every < 1:
             raise ConfigError(f"grow_every must be >= 1 (optimizer steps), got {self.grow_every}")
         if not 0 < self.grow_until <= 1:
             raise ConfigError(f"grow_until must be in (0, 1] (a share of the steps), got {self.grow_until}")

@@ -54,8 +54,8 @@ class RankGrowthRule(TrainingRule):
         configs = [a.config for a in self.adapters.values()]
         first = configs[0] if configs else None
         self.budget = sum(c.budget_rank for c in configs)
-        self.grow_every = first.grow_every if first else 1
         self.last_step = math.floor(first.grow_until * steps) if first else 0
+        self.grow_every = (first.grow_every if first else None) or max(1, self.last_step // 10)
         if first and self.budget > total_rank(self.adapters) and self.last_step < self.grow_every:
             raise ConfigError(
                 f"{first.__class__.__name__}: grow_every={self.grow_every} leaves no growth event "
