@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.errors import ShapeError
+from rankwise.errors import ConfigError, ShapeError
+from rankwise.layers.quantize import INT8_K_MULTIPLE, KERNEL_DTYPE, int8_rows
+from rankwise.layers.quantized import QuantizedLinear
 from rankwise.layers.spec import (
     build_module,
     module_spec,
@@ -24,7 +26,24 @@ class CompensatedLinear(nn.Module):
 
     ``base`` is any linear-like module (``nn.Linear``, :class:`LowRankLinear`, a registered
     layer); its bias stays in ``base``. EoRA (2024) and LQ-LoRA (2023) build these.
+
+    Decoding: when ``base`` is a :class:`QuantizedLinear` that sends this input to its packed
+    kernel (:meth:`QuantizedLinear.decodes_on_kernel`) and no gradient is needed, the input is
+    rounded to bfloat16 once, ``Q x`` runs on the base's kernel and ``B (A x)`` on
+    :attr:`FACTOR_KERNELS` ``[factor_kernel]`` operands built once from the stored float32
+    factors (rebuilt when they change; nothing extra is saved), summed into a float32 output:
+
+    - ``"int8"`` (default, measured fastest in ``bench/quantized.py``): ``A`` and ``B`` as
+      per-row int8 with bfloat16 scales (rank zero-padded to a multiple of 16) on
+      ``_weight_int8pack_mm`` — a quarter of the float32 factors' bytes;
+    - ``"bfloat16"``: bfloat16 copies of ``A`` and ``B``;
+    - ``"float32"``: the stored factors, as every other input uses.
+
+    Prefill, training and bases without a kernel compute ``base(x) + B (A x)`` in float32.
     """
+
+    FACTOR_KERNELS = ("int8", "bfloat16", "float32")
+    factor_kernel = "int8"
 
     def __init__(self, base: nn.Module, rank: int, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -32,6 +51,7 @@ class CompensatedLinear(nn.Module):
         self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
         self.B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype))
         self.A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=dtype))
+        self._factors: tuple | None = None  # (key, operands), see _factor_operands
 
     @classmethod
     def from_factors(
@@ -58,7 +78,58 @@ class CompensatedLinear(nn.Module):
         return getattr(self.base, "kernel", "dense")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._decodes_on_kernel(x):
+            y = self._kernel_forward(x)
+            if y is not None:
+                return y
         return self.base(x) + F.linear(F.linear(x, self.A), self.B)
+
+    def _decodes_on_kernel(self, x: torch.Tensor) -> bool:
+        if self.factor_kernel not in self.FACTOR_KERNELS:
+            raise ConfigError(
+                f"factor_kernel must be one of {', '.join(self.FACTOR_KERNELS)}; got {self.factor_kernel!r}"
+            )
+        if self.factor_kernel == "float32" or not isinstance(self.base, QuantizedLinear):
+            return False
+        grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
+        return not grad and self.base.decodes_on_kernel(x)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``Q x + B (A x)`` in bfloat16 on the kernels, accumulated in ``x``'s dtype; ``None``
+        when the base has no kernel."""
+        rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+        base = self.base.packed_matmul(rows)
+        if base is None:
+            return None
+        kind, operands = self._factor_operands()
+        if kind == "int8":
+            hidden = torch.ops.aten._weight_int8pack_mm(rows, *operands[:2])
+            low = torch.ops.aten._weight_int8pack_mm(hidden, *operands[2:])
+        else:
+            low = F.linear(F.linear(rows, operands[0]), operands[1])
+        y = base.to(x.dtype).add_(low)
+        if self.base.bias is not None:
+            y = y + self.base.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _factor_operands(self) -> tuple[str, tuple[torch.Tensor, ...]]:
+        """``(kind, operands)`` for ``B (A x)`` in bfloat16, rebuilt when the factors change;
+        ``"int8"`` falls back to ``"bfloat16"`` where the kernel does not fit the width."""
+        kind = self.factor_kernel
+        if kind == "int8" and self.in_features % INT8_K_MULTIPLE:
+            kind = "bfloat16"
+        key = (kind, *((t.data_ptr(), t._version) for t in (self.A, self.B)))
+        if self._factors is None or self._factors[0] != key:
+            A, B = self.A.detach(), self.B.detach()
+            if kind == "int8":
+                pad = -self.rank % INT8_K_MULTIPLE  # the second matmul's width is the rank
+                A = torch.cat([A, A.new_zeros(pad, self.in_features)])
+                B = torch.cat([B, B.new_zeros(self.out_features, pad)], 1)
+                operands = (*int8_rows(A), *int8_rows(B))
+            else:
+                operands = (A.to(KERNEL_DTYPE).contiguous(), B.to(KERNEL_DTYPE).contiguous())
+            self._factors = (key, kind, operands)
+        return self._factors[1], self._factors[2]
 
     def dense_weight(self) -> torch.Tensor:
         base = self.base.weight if isinstance(self.base, nn.Linear) else self.base.dense_weight()

@@ -227,6 +227,8 @@ def storage_bits(
 
 KERNEL_DTYPE = torch.bfloat16  # the activations' dtype the CPU kernels are fast in
 INT4_GROUPS = (32, 64, 128, 256)
+#: ``_weight_int8pack_mm`` returns garbage (or crashes) unless the input width is a multiple of 16
+INT8_K_MULTIPLE = 16
 _warned: set[str] = set()
 
 
@@ -239,7 +241,7 @@ def kernel_for(
     out_f, in_f = shape
     if torch.device(device).type != "cpu":
         return None
-    if fmt == "int" and bits == 8 and group_size == in_f:
+    if fmt == "int" and bits == 8 and group_size == in_f and in_f % INT8_K_MULTIPLE == 0:
         return "int8"
     if fmt == "affine" and bits == 4 and group_size in INT4_GROUPS and in_f % group_size == 0 and out_f % 16 == 0:
         return "int4"
@@ -280,6 +282,18 @@ def pack_for_kernel(q: Quantized, kernel: str) -> tuple[torch.Tensor, ...] | Non
     return operands
 
 
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight (n, k)`` as the int8 kernel's operands: symmetric int8 levels with one bfloat16
+    scale per row (``w ≈ s_i · j``, ``|j| ≤ 127``). ``k`` must be a multiple of
+    :data:`INT8_K_MULTIPLE` (pad with zero columns first)."""
+    if weight.shape[1] % INT8_K_MULTIPLE:
+        raise ShapeError(f"the int8 kernel needs a width that is a multiple of {INT8_K_MULTIPLE}; got {weight.shape[1]}")
+    w = weight.detach().float()
+    scales = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    levels = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return levels.contiguous(), scales.to(KERNEL_DTYPE)
+
+
 def kernel_matmul(
     x: torch.Tensor, kernel: str, operands: tuple[torch.Tensor, ...], group_size: int
 ) -> torch.Tensor:
@@ -299,6 +313,7 @@ __all__ = [
     "kernel_for",
     "pack_for_kernel",
     "kernel_matmul",
+    "int8_rows",
     "warn_once",
     "Quantized",
     "codebook",

@@ -116,11 +116,22 @@ class QuantizedLinear(nn.Module):
         """What decoding-sized inputs run on: ``"int8"``, ``"int4"`` or ``"dequantize"``."""
         return self._operands()[0] or "dequantize"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decodes_on_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is decoding-sized (at most :attr:`KERNEL_MAX_ROWS` rows) and needs no
+        gradient: the inputs that :meth:`forward` sends to the packed kernel."""
         rows = x.numel() // max(1, x.shape[-1])
-        if rows <= self.KERNEL_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+        return rows <= self.KERNEL_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decodes_on_kernel(x):
             return self._kernel_forward(x)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x Wᵀ`` (no bias) on the packed kernel, in ``x``'s dtype (pass bfloat16 to skip the
+        casts); ``None`` when no kernel runs this layer."""
+        name, operands = self._operands()
+        return None if operands is None else kernel_matmul(x, name, operands, self.group_size)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` on the packed kernel whatever its size (no autograd); dequantizes if none."""
