@@ -19,6 +19,7 @@ the share of requests whose tokens are identical between rankwise and PEFT mixed
 
     .venv/bin/python bench/serve.py [--quick] [--tokens 16] [--rounds 2] [--dtype bfloat16]
         [--scenarios base 1 64 cold]   # a subset: printed only, docs untouched
+    .venv/bin/python bench/serve.py --profile   # where a step's time goes (64 adapters)
 
 ``--dtype`` puts the base model of both rankwise and PEFT in that dtype (adapters stay
 float32 in both), so the comparison stays like for like.
@@ -158,6 +159,37 @@ def cold_start(engine, names: list[str]) -> tuple[float, float, float]:
     return statistics.median(cold), statistics.median(warm), statistics.median(load)
 
 
+def profile_steps(engine, work, tokens: int, decode_steps: int = 4) -> None:
+    """Print torch.profiler tables (self CPU time per op: proportions, meaningful on a busy
+    machine too) for the admission + prefill of ``work`` and for ``decode_steps`` decode
+    steps after it, driving the engine's steps in this thread (its loop is not started)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rankwise.serve import GenerationRequest
+
+    def submit():
+        return [engine.submit(GenerationRequest(model=m, prompt=p, max_tokens=tokens)) for m, p in work]
+
+    def drain():
+        while engine._waiting or engine._running:
+            engine._step()
+
+    submit()
+    drain()  # warm: slots filled, kernels initialised
+    submit()
+    phases = {}
+    for label, steps in (("prefill", 1), (f"{decode_steps} decode steps", decode_steps)):
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine._step()
+        phases[label] = (time.perf_counter() - t0, prof)
+    drain()
+    for label, (seconds, prof) in phases.items():
+        print(f"\n## {label}: {seconds:.3f} s")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -175,6 +207,8 @@ def main() -> None:
                         help="dtype of the base model, for rankwise and PEFT alike (default float32)")
     parser.add_argument("--scenarios", nargs="+", metavar="NAME",
                         help="run only these of: base, 1, 8, 64, 256, cold (then the docs are not written)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one prefill and 4 decode steps at 64 requests on 64 adapters, then stop")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     quick = args.quick
@@ -207,11 +241,15 @@ def main() -> None:
         write_adapter(tmp / name, model, 16, seed=10_000 + i)
     single = names[1]  # rank 16
 
-    engine = Engine((model, tok), tmp, max_batch_size=64, base_name="base", max_queue=1024).start()
+    engine = Engine((model, tok), tmp, max_batch_size=64, base_name="base", max_queue=1024)
     t0 = time.perf_counter()
     for name in names:
         engine.load_adapter(name)
     engine_load = (time.perf_counter() - t0) / len(names)
+    if args.profile:
+        profile_steps(engine, requests_for(names[:64], 64), tokens)
+        return
+    engine.start()
 
     t0 = time.perf_counter()
     peft = peft_lib.PeftModel.from_pretrained(peft_base, str(tmp / names[0]), adapter_name=names[0])
