@@ -147,3 +147,19 @@ def test_after_optimizer_step_reaches_every_structured_layer():
     marker = object()
     assert L.after_optimizer_step(model, 3, marker) == 2
     assert seen == [(3, marker)]  # the other layer runs the base class's no-op
+
+
+@pytest.mark.parametrize("name", ["maestro", "trp"])
+def test_penalty_is_the_weighted_regulariser_and_none_at_weight_zero(name):
+    model = _mlp()
+    L.convert(model, name, rank=4)
+    assert L.penalty(model) is None  # default weight 0: train without it
+    model = _mlp()
+    new = L.convert(model, name, rank=4, penalty_weight=0.5)
+    raw = {"maestro": lambda m: m.group_lasso(), "trp": lambda m: m.nuclear_penalty()}[name]
+    want = 0.5 * sum(raw(m) for m in new.values())
+    torch.testing.assert_close(L.penalty(model), want)
+    L.penalty(model).backward()
+    assert all(p.grad is not None for m in new.values() for p in m.parameters() if p.dim() == 2)
+    with pytest.raises(ConfigError, match="penalty_weight must be a number >= 0; got -1"):
+        L.convert(_mlp(), name, rank=4, penalty_weight=-1)

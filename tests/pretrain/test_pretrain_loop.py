@@ -127,3 +127,16 @@ def test_bad_method_and_options_name_the_fix():
         Trainer(tiny(fsdp=True))
     with pytest.raises(ConfigError, match="DDP"):
         Trainer(tiny(method="galore", fsdp=True))
+
+
+def test_a_layer_types_penalty_is_part_of_the_training_objective():
+    """Maestro's group lasso, weighted, pulls the factors' tail norms down against the same
+    run without it (same data, same seed): the loop adds rankwise.layers.penalty to the loss."""
+    runs = {}
+    for weight in (0.0, 0.05):
+        trainer = Trainer(tiny(method="maestro", steps=4, method_options={"penalty_weight": weight}))
+        for _ in range(4):
+            trainer.train_step()
+        lasso = sum(m.group_lasso() for m in trainer.model.modules() if hasattr(m, "group_lasso"))
+        runs[weight] = float(lasso)
+    assert runs[0.05] < runs[0.0]

@@ -21,6 +21,7 @@ from rankwise.layers.base import (
     StructuredLinear,
     after_optimizer_step,
     names,
+    penalty,
     register_trainable,
 )
 from rankwise.layers.compensated import CompensatedLinear, QuantizedLowRankLinear
@@ -59,6 +60,7 @@ __all__ = [
     "StructuredLinear",
     "convert",
     "after_optimizer_step",
+    "penalty",
     "names",
     "linear_targets",
     "register_trainable",

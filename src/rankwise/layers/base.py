@@ -70,6 +70,12 @@ class StructuredLinear(nn.Module, abc.ABC):
             )
         return rank
 
+    def penalty(self) -> torch.Tensor | None:
+        """The regulariser a training loop adds to this layer's loss, already weighted
+        (Maestro's group lasso, TRP's nuclear norm; through :func:`penalty`); ``None`` for
+        layers without one or with a zero weight."""
+        return None
+
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called by a training loop after optimizer step ``step`` (counted from 0), through
         :func:`after_optimizer_step`: layers with periodic work (SST's re-SVD, TRP's
@@ -121,12 +127,28 @@ def after_optimizer_step(
     return len(layers)
 
 
+def penalty(model: nn.Module) -> torch.Tensor | None:
+    """The sum of :meth:`StructuredLinear.penalty` over the structured layers of ``model``,
+    for a training loop to add to its loss; ``None`` when no layer has one."""
+    terms = [
+        t for m in model.modules() if isinstance(m, StructuredLinear) and (t := m.penalty()) is not None
+    ]
+    return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+
+
+def check_weight(layer: str, option: str, value: object) -> float:
+    """``value`` as a float ``>= 0`` (a regulariser's weight), else a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{layer}: {option} must be a number >= 0; got {value!r}")
+    return float(value)
+
+
 def names() -> list[str]:
     """Every layer type :func:`~rankwise.layers.convert` can build."""
     return TRAINABLE.names()
 
 
 __all__ = [
-    "TRAINABLE", "StructuredLinear", "after_optimizer_step", "check_fraction", "linear_bias", "names",
-    "register_trainable",
+    "TRAINABLE", "StructuredLinear", "after_optimizer_step", "check_fraction", "check_weight",
+    "linear_bias", "names", "penalty", "register_trainable",
 ]  # fmt: skip

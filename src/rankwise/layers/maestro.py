@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import linear_bias, register_trainable
+from rankwise.layers.base import check_weight, linear_bias, register_trainable
 from rankwise.layers.lowrank import LowRankLinear, balanced_factors
 
 
@@ -52,6 +52,9 @@ class MaestroLinear(LowRankLinear):
         min_rank: the smallest rank ordered dropout samples (``1 <= min_rank <= rank``).
         ordered_dropout: sample a rank per training forward (``False``: always the full rank).
         seed: seed of the layer's own sampling generator.
+        penalty_weight: λ of the group lasso that :meth:`penalty` gives a training loop
+            (``rankwise.layers.penalty(model)``; ``rankwise pretrain`` adds it to the loss).
+            0 (the default) trains without it; the paper's λ depends on the model.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class MaestroLinear(LowRankLinear):
         min_rank: int = 1,
         ordered_dropout: bool = True,
         seed: int = 0,
+        penalty_weight: float = 0.0,
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -76,6 +80,7 @@ class MaestroLinear(LowRankLinear):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"{name}: seed must be an integer; got {seed!r}")
         self.min_rank, self.ordered_dropout = min_rank, ordered_dropout
+        self.penalty_weight = check_weight(name, "penalty_weight", penalty_weight)
         self.generator = torch.Generator().manual_seed(seed)
         self.last_rank = rank
 
@@ -88,6 +93,7 @@ class MaestroLinear(LowRankLinear):
         min_rank: int = 1,
         ordered_dropout: bool = True,
         seed: int = 0,
+        penalty_weight: float = 0.0,
     ) -> MaestroLinear:
         """The balanced rank-``rank`` SVD factors of ``linear`` (equal to it at full rank)."""
         cls.check_rank(rank, linear.in_features, linear.out_features)
@@ -99,6 +105,7 @@ class MaestroLinear(LowRankLinear):
             min_rank=min_rank,
             ordered_dropout=ordered_dropout,
             seed=seed,
+            penalty_weight=penalty_weight,
             bias=linear.bias is not None,
             dtype=weight.dtype,
             device=weight.device,
@@ -132,6 +139,10 @@ class MaestroLinear(LowRankLinear):
     def group_lasso(self) -> torch.Tensor:
         """The hierarchical group lasso ``Σ_b ‖(U[:, b:], V[b:])‖_F`` (differentiable)."""
         return self.tail_norms().sum()
+
+    def penalty(self) -> torch.Tensor | None:
+        """``penalty_weight ·`` :meth:`group_lasso` (``None`` at weight 0)."""
+        return self.penalty_weight * self.group_lasso() if self.penalty_weight else None
 
     def effective_rank(self, threshold: float = 0.0) -> int:
         """The rank left after cutting the longest tail whose norm is at most ``threshold``

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import StructuredLinear, check_fraction, linear_bias, register_trainable
+from rankwise.layers.base import (
+    StructuredLinear,
+    check_fraction,
+    check_weight,
+    linear_bias,
+    register_trainable,
+)
 from rankwise.layers.lowrank import LowRankLinear, balanced_factors
 from rankwise.linalg import energy_rank, truncated_svd
 
@@ -45,6 +51,9 @@ class TRPLinear(StructuredLinear):
         rank: the largest rank a projection keeps (``min(in, out)``: energy alone decides).
         energy: the fraction of ``Σ σ²`` a projection keeps, in ``(0, 1]``.
         every: steps between projections in :meth:`after_optimizer_step`.
+        penalty_weight: λ of the nuclear norm that :meth:`penalty` gives a training loop
+            (``rankwise.layers.penalty(model)``; ``rankwise pretrain`` adds it to the loss);
+            0 (the default): projection only.
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class TRPLinear(StructuredLinear):
         *,
         energy: float = 0.95,
         every: int = 20,
+        penalty_weight: float = 0.0,
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -70,9 +80,13 @@ class TRPLinear(StructuredLinear):
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.projected_rank: int | None = None  # the rank of the last projection
+        self.penalty_weight = check_weight(name, "penalty_weight", penalty_weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, rank: int, energy: float = 0.95, every: int = 20) -> TRPLinear:
+    def from_linear(
+        cls, linear: nn.Linear, *, rank: int, energy: float = 0.95, every: int = 20,
+        penalty_weight: float = 0.0,
+    ) -> TRPLinear:
         """A TRP layer holding ``linear``'s weight and bias (equal to it)."""
         weight = linear.weight
         layer = cls(
@@ -81,6 +95,7 @@ class TRPLinear(StructuredLinear):
             rank,
             energy=energy,
             every=every,
+            penalty_weight=penalty_weight,
             bias=linear.bias is not None,
             dtype=weight.dtype,
             device=weight.device,
@@ -101,6 +116,10 @@ class TRPLinear(StructuredLinear):
 
     def _svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return truncated_svd(self.weight.detach().to(_work_dtype(self.weight)))
+
+    def penalty(self) -> torch.Tensor | None:
+        """``penalty_weight ·`` :meth:`nuclear_penalty` (``None`` at weight 0)."""
+        return self.penalty_weight * self.nuclear_penalty() if self.penalty_weight else None
 
     def nuclear_penalty(self) -> torch.Tensor:
         """``‖W‖_*`` whose gradient is the sub-gradient ``U Vᵀ`` (TRP's stochastic sub-gradient)."""

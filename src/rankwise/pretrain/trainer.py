@@ -190,7 +190,13 @@ class Trainer:
         self.wrapped.train()
         opt.zero_grad(set_to_none=True)
         loss = self.wrapped(input_ids=batch, labels=batch).loss
-        loss.backward()
+        objective = loss
+        if self.layer_hooks:  # a layer type's own regulariser (Maestro, TRP), when weighted
+            from rankwise.layers import penalty
+
+            extra = penalty(self.model)
+            objective = loss if extra is None else loss + extra
+        objective.backward()
         finite = self._grads_finite()
         if finite:
             opt.step()
