@@ -176,7 +176,7 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
-def _distributed() -> tuple[int, int]:
+def distributed_rank() -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
     import torch.distributed as dist
 
@@ -448,7 +448,7 @@ def finetune(
     options, adapter_config = _adapter_config(config)
     rules = _training_rules(config)
     _check_destination(config)
-    rank, world = _distributed()
+    rank, world = distributed_rank()
     torch.manual_seed(config.seed)
     with stage(f"load {config.model}", show=progress and rank == 0):
         model, tokenizer = rankwise.load_model(config.model)  # compressed folders too

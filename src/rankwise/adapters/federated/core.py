@@ -151,10 +151,10 @@ def run_distributed(
     """:func:`simulate` with the clients spread over the processes of ``torch.distributed``
     (initialised from torchrun's environment if needed; gloo on CPU). Every process must
     build the same model and pass the same ``clients``; every process returns the result."""
-    from rankwise.adapters.finetune import _distributed
+    from rankwise.adapters.finetune import distributed_rank
 
     config = config or RoundConfig()
-    rank, world = _distributed()
+    rank, world = distributed_rank()
     if world < 2:
         raise ConfigError(
             "run_distributed needs a process group of 2 or more processes; launch with "
