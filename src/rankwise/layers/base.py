@@ -48,6 +48,21 @@ class StructuredLinear(nn.Module, abc.ABC):
     def from_linear(cls, linear: nn.Linear, *, rank: int, **options: object) -> StructuredLinear:
         """The layer replacing ``linear`` (same dtype and device; ``linear`` is not modified)."""
 
+    @classmethod
+    def shaped_like(cls, linear: nn.Linear, *args: object, **options: object) -> StructuredLinear:
+        """``cls(in, out, *args, bias=..., dtype=..., device=..., **options)`` with ``linear``'s
+        shape, bias presence, dtype and device, and ``linear``'s bias copied in: the part of
+        ``from_linear`` every type shares (it then sets its own weights)."""
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, *args,
+            bias=linear.bias is not None, dtype=w.dtype, device=w.device, **options,
+        )  # fmt: skip
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
     @abc.abstractmethod
     def dense_weight(self) -> torch.Tensor:
         """The dense weight ``(out, in)`` this layer applies (bias excluded)."""

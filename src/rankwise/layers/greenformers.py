@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import linear_bias, register_trainable
+from rankwise.layers.base import register_trainable
 from rankwise.layers.convert import convert, linear_targets
 from rankwise.layers.lowrank import LowRankLinear, balanced_factors
 
@@ -48,24 +48,14 @@ class LowRankTransformerLinear(LowRankLinear):
         if init not in INITS:
             raise ConfigError(f"{cls.__name__}: init must be one of {', '.join(INITS)}; got {init!r}")
         cls.check_rank(rank, linear.in_features, linear.out_features)
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
+        layer = cls.shaped_like(linear, rank)
         with torch.no_grad():
             if init == "svd":
-                up, down = balanced_factors(weight, rank)
+                up, down = balanced_factors(linear.weight, rank)
                 layer.U.copy_(up)
                 layer.V.copy_(down)
             else:
                 layer.reset_parameters()
-            if linear.bias is not None:
-                layer.bias.copy_(linear_bias(linear))
         return layer
 
     @torch.no_grad()

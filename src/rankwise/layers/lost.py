@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers.base import StructuredLinear, check_fraction, linear_bias, register_trainable
+from rankwise.layers.base import StructuredLinear, check_fraction, register_trainable
 from rankwise.linalg import truncated_svd
 
 
@@ -80,19 +80,13 @@ class LOSTLinear(StructuredLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int, density: float = 0.05) -> LOSTLinear:
         """LOST's SVD split of ``linear``'s weight (:func:`spectral_split`), bias copied."""
-        w = linear.weight
-        layer = cls(
-            linear.in_features, linear.out_features, rank, density=density,
-            bias=linear.bias is not None, dtype=w.dtype, device=w.device,
-        )  # fmt: skip
-        B, A, C, channels = spectral_split(w, rank, layer.kept)
+        layer = cls.shaped_like(linear, rank, density=density)
+        B, A, C, channels = spectral_split(linear.weight, rank, layer.kept)
         with torch.no_grad():
             layer.B.copy_(B)
             layer.A.copy_(A)
             layer.C.copy_(C)
             layer.channels.copy_(channels.to(torch.int32))
-            if linear.bias is not None:
-                layer.bias.copy_(linear_bias(linear))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import check_weight, linear_bias, register_trainable
+from rankwise.layers.base import check_weight, register_trainable
 from rankwise.layers.lowrank import LowRankLinear, balanced_factors
 
 
@@ -97,25 +97,14 @@ class MaestroLinear(LowRankLinear):
     ) -> MaestroLinear:
         """The balanced rank-``rank`` SVD factors of ``linear`` (equal to it at full rank)."""
         cls.check_rank(rank, linear.in_features, linear.out_features)
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            min_rank=min_rank,
-            ordered_dropout=ordered_dropout,
-            seed=seed,
+        layer = cls.shaped_like(
+            linear, rank, min_rank=min_rank, ordered_dropout=ordered_dropout, seed=seed,
             penalty_weight=penalty_weight,
-            bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
-        up, down = balanced_factors(weight, rank)
+        )  # fmt: skip
+        up, down = balanced_factors(linear.weight, rank)
         with torch.no_grad():
             layer.U.copy_(up)
             layer.V.copy_(down)
-            if linear.bias is not None:
-                layer.bias.copy_(linear_bias(linear))
         return layer
 
     def sample_rank(self) -> int:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import StructuredLinear, linear_bias, register_trainable
+from rankwise.layers.base import StructuredLinear, register_trainable
 from rankwise.linalg import monarch_dense, monarch_matmul, monarch_project
 
 INITS = ("project", "random")
@@ -95,24 +95,14 @@ class MonarchLinear(StructuredLinear):
             )
         if init not in INITS:
             raise ConfigError(f"{cls.__name__}: init must be one of {', '.join(INITS)}; got {init!r}")
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            nblocks,
-            bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
+        layer = cls.shaped_like(linear, nblocks)
         with torch.no_grad():
             if init == "project":
-                L, R = monarch_project(weight.detach(), nblocks)
+                L, R = monarch_project(linear.weight.detach(), nblocks)
                 layer.L.copy_(L)
                 layer.R.copy_(R)
             else:
                 layer.reset_parameters()
-            if linear.bias is not None:
-                layer.bias.copy_(linear_bias(linear))
         return layer
 
     @torch.no_grad()

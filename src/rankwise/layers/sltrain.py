@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import StructuredLinear, check_fraction, linear_bias, register_trainable
+from rankwise.layers.base import StructuredLinear, check_fraction, register_trainable
 
 
 def _dense(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
@@ -121,16 +121,9 @@ class SLTrainLinear(StructuredLinear):
 
         ``generator`` draws the support and the initial values (default: torch's global RNG).
         """
-        w = linear.weight
-        layer = cls(
-            linear.in_features, linear.out_features, rank, density=density, alpha=alpha,
-            bias=linear.bias is not None, dtype=w.dtype, device=w.device,
-        )  # fmt: skip
-        layer.reset_parameters(generator=generator)
-        bias = linear_bias(linear)
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias)
+        layer = cls.shaped_like(linear, rank, density=density, alpha=alpha)
+        with torch.no_grad():
+            layer.reset_parameters(generator=generator)  # the bias stays linear's
         return layer
 
     @torch.no_grad()

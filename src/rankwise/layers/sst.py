@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError
-from rankwise.layers.base import StructuredLinear, linear_bias, register_trainable
+from rankwise.layers.base import StructuredLinear, register_trainable
 from rankwise.layers.spec import tensor_bits
 from rankwise.linalg import truncated_svd
 
@@ -112,23 +112,11 @@ class SSTLinear(StructuredLinear):
         seed: int = 0,
     ) -> SSTLinear:
         """The SST layer equal to ``linear`` (its exact SVD), with ``rank`` directions sampled."""
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            every=every,
-            resample_every=resample_every,
-            enhanced_gradient=enhanced_gradient,
-            seed=seed,
-            bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
-        layer._set_spectrum(*truncated_svd(weight.detach()))
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear_bias(linear))
+        layer = cls.shaped_like(
+            linear, rank, every=every, resample_every=resample_every,
+            enhanced_gradient=enhanced_gradient, seed=seed,
+        )  # fmt: skip
+        layer._set_spectrum(*truncated_svd(linear.weight.detach()))
         layer.resample()
         return layer
 

@@ -31,7 +31,6 @@ from rankwise.layers.base import (
     StructuredLinear,
     check_fraction,
     check_weight,
-    linear_bias,
     register_trainable,
 )
 from rankwise.layers.lowrank import LowRankLinear, balanced_factors
@@ -88,22 +87,9 @@ class TRPLinear(StructuredLinear):
         penalty_weight: float = 0.0,
     ) -> TRPLinear:
         """A TRP layer holding ``linear``'s weight and bias (equal to it)."""
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            energy=energy,
-            every=every,
-            penalty_weight=penalty_weight,
-            bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
+        layer = cls.shaped_like(linear, rank, energy=energy, every=every, penalty_weight=penalty_weight)
         with torch.no_grad():
-            layer.weight.copy_(weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear_bias(linear))
+            layer.weight.copy_(linear.weight)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

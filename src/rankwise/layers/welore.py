@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError, ShapeError
-from rankwise.layers.base import StructuredLinear, check_fraction, linear_bias, register_trainable
+from rankwise.layers.base import StructuredLinear, check_fraction, register_trainable
 from rankwise.layers.convert import Targets, convert, linear_targets
 from rankwise.layers.lowrank import balanced_factors
 
@@ -104,8 +104,7 @@ class WeLoreLinear(StructuredLinear):
         k = welore_rank(_spectrum(linear.weight), threshold)
         k = k if rank is None else min(k, rank)
         weight = linear.weight
-        kw = {"bias": linear.bias is not None, "dtype": weight.dtype, "device": weight.device}
-        layer = cls(n, m, k if is_low_rank(n, m, k) else None, **kw)
+        layer = cls.shaped_like(linear, k if is_low_rank(n, m, k) else None)
         with torch.no_grad():
             if layer.low_rank:
                 up, down = balanced_factors(weight, k)
@@ -113,8 +112,6 @@ class WeLoreLinear(StructuredLinear):
                 layer.V.copy_(down)
             else:
                 layer.weight.copy_(weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear_bias(linear))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
