@@ -9,16 +9,21 @@ Two parts, both timed interleaved (round-robin, median of repeats) on a shared m
    error against the dequantized reference.
 2. SmolLM2 (``--quick``: tiny-llama) compressed with ``lq`` and ``eora`` (their defaults) at 80%
    and 60%: perplexity on the default path (prefill dequantizes) and with every input forced
-   onto the kernel, and decode tokens/s interleaved with the dense model.
+   onto the kernel, and decode tokens/s interleaved with the dense model — once per
+   ``CompensatedLinear.factor_kernel`` (how decoding computes the low-rank term ``B (A x)``:
+   ``float32`` = the stored factors, as before; ``int8`` = the default; ``bfloat16``), all
+   variants of one model timed round-robin with the dense model.
 
 Run: ``.venv/bin/python bench/quantized.py [--quick]``; writes ``bench/results/quantized*.json``
-and its section of docs/benchmarks.md.
+and its section of docs/benchmarks.md. Only the eora decode rows at SmolLM2 scale:
+``nice -n 10 timeout 1800 .venv/bin/python bench/quantized.py --skip-micro --methods eora --ratios 0.8``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import sys
 import time
@@ -32,7 +37,7 @@ from _common import interleaved, markdown_table, write_results  # noqa: E402
 
 from rankwise.compress.api import compress  # noqa: E402
 from rankwise.data import load_corpus, perplexity  # noqa: E402
-from rankwise.layers import QuantizedLinear  # noqa: E402
+from rankwise.layers import CompensatedLinear, QuantizedLinear  # noqa: E402
 from rankwise.layers.quantize import quantize  # noqa: E402
 from rankwise.models import load_model, tiny_llama  # noqa: E402
 
@@ -91,7 +96,36 @@ def decode_fn(model, tokenizer, new_tokens: int):
     return run
 
 
-def models_bench(quick: bool, ratios: tuple[float, ...], methods: tuple[str, ...]) -> tuple[dict, list[dict], list[list[object]]]:
+@contextlib.contextmanager
+def factor_kernel(kind: str):
+    """Every ``CompensatedLinear`` computes its decoding-sized low-rank term on ``kind``."""
+    default, CompensatedLinear.factor_kernel = CompensatedLinear.factor_kernel, kind
+    try:
+        yield
+    finally:
+        CompensatedLinear.factor_kernel = default
+
+
+@contextlib.contextmanager
+def all_on_kernel():
+    """Every input, prefill included, on the decoding path (what decoding computes)."""
+    default, QuantizedLinear.KERNEL_MAX_ROWS = QuantizedLinear.KERNEL_MAX_ROWS, 1 << 30
+    try:
+        yield
+    finally:
+        QuantizedLinear.KERNEL_MAX_ROWS = default
+
+
+def with_factor_kernel(kind: str, fn):
+    def run():
+        with factor_kernel(kind):
+            fn()
+
+    return run
+
+
+def models_bench(quick: bool, ratios: tuple[float, ...], methods: tuple[str, ...], factor_kernels: tuple[str, ...],
+                 repeats: int) -> tuple[dict, list[dict], list[list[object]]]:  # fmt: skip
     """lq / eora on SmolLM2 (tiny-llama when quick): perplexity both paths, decode vs dense."""
     if quick:
         model, tok = tiny_llama(seed=0, layers=2, hidden=64)
@@ -116,23 +150,26 @@ def models_bench(quick: bool, ratios: tuple[float, ...], methods: tuple[str, ...
             seconds = time.perf_counter() - t0
             kernels = collections.Counter(m.kernel for m in res.model.modules() if isinstance(m, QuantizedLinear))
             default_ppl = ppl(res.model)
-            default_rows, QuantizedLinear.KERNEL_MAX_ROWS = QuantizedLinear.KERNEL_MAX_ROWS, 1 << 30
-            try:  # every input on the kernel: the quality of what decoding computes
-                kernel_ppl = ppl(res.model)
-            finally:
-                QuantizedLinear.KERNEL_MAX_ROWS = default_rows
-            times = interleaved({"dense": dense_decode, "compressed": decode_fn(res.model, tok, setup["new_tokens"])}, repeats=3)
-            speed = times["dense"] / times["compressed"]
-            row = {"method": method, "ratio": ratio, "perplexity": default_ppl, "perplexity_kernel_path": kernel_ppl,
-                   "dense_perplexity": dense_ppl, "kernels": dict(kernels), "compress_seconds": seconds,
-                   "decode_dense_tokens_per_s": setup["new_tokens"] / times["dense"],
-                   "decode_tokens_per_s": setup["new_tokens"] / times["compressed"], "decode_vs_dense": speed,
-                   "kept_fraction": res.report["parameters"]["kept_fraction"]}  # fmt: skip
-            results.append(row)
-            table.append([method, f"{ratio:.0%}", f"{row['kept_fraction']:.1%}", ", ".join(f"{k} ×{v}" for k, v in sorted(kernels.items())),
-                          f"{default_ppl:.2f}", f"{kernel_ppl:.2f}", f"{default_ppl / dense_ppl:.3f}",
-                          f"{row['decode_dense_tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}", f"{speed:.2f}x"])  # fmt: skip
-            print(table[-1], flush=True)
+            kernel_ppl = {}
+            for kind in factor_kernels:
+                with factor_kernel(kind), all_on_kernel():
+                    kernel_ppl[kind] = ppl(res.model)
+            compressed = decode_fn(res.model, tok, setup["new_tokens"])
+            variants = {f"compressed[{kind}]": with_factor_kernel(kind, compressed) for kind in factor_kernels}
+            times = interleaved({"dense": dense_decode, **variants}, repeats=repeats)
+            for kind in factor_kernels:
+                seconds_kind = times[f"compressed[{kind}]"]
+                speed = times["dense"] / seconds_kind
+                row = {"method": method, "ratio": ratio, "factor_kernel": kind, "perplexity": default_ppl,
+                       "perplexity_kernel_path": kernel_ppl[kind], "dense_perplexity": dense_ppl, "kernels": dict(kernels),
+                       "compress_seconds": seconds, "decode_dense_tokens_per_s": setup["new_tokens"] / times["dense"],
+                       "decode_tokens_per_s": setup["new_tokens"] / seconds_kind, "decode_vs_dense": speed,
+                       "kept_fraction": res.report["parameters"]["kept_fraction"]}  # fmt: skip
+                results.append(row)
+                table.append([method, f"{ratio:.0%}", f"{row['kept_fraction']:.1%}", ", ".join(f"{k} ×{v}" for k, v in sorted(kernels.items())),
+                              kind, f"{default_ppl:.2f}", f"{kernel_ppl[kind]:.2f}", f"{default_ppl / dense_ppl:.3f}",
+                              f"{row['decode_dense_tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}", f"{speed:.2f}x"])  # fmt: skip
+                print(table[-1], flush=True)
             del net, res
     return setup | {"dense_perplexity": dense_ppl}, results, table
 
@@ -144,11 +181,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["lq", "eora"])
     parser.add_argument("--skip-models", action="store_true", help="kernel microbench only")
     parser.add_argument("--skip-micro", action="store_true", help="compressed models only")
+    parser.add_argument("--factor-kernels", nargs="*", default=["float32", "merged-int8"], choices=CompensatedLinear.FACTOR_KERNELS,
+                        help="decoding paths of the low-rank term to time (float32 = before, merged-int8 = default)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
     args = parser.parse_args()
     rows = (1, 8, 32, 512) if not args.quick else (1, 512)
     micro, micro_table = ([], []) if args.skip_micro else microbench(rows, repeats=3 if args.quick else 7, calls=5 if args.quick else 20)
     setup, results, model_table = ({}, [], []) if args.skip_models else models_bench(
-        args.quick, tuple(args.ratios or ((0.8,) if args.quick else (0.8, 0.6))), tuple(args.methods)
+        args.quick, tuple(args.ratios or ((0.8,) if args.quick else (0.8, 0.6))), tuple(args.methods),
+        tuple(args.factor_kernels), args.repeats,
     )
     md = "### Quantized layers: packed CPU kernels vs dequantizing (`bench/quantized.py`)\n\n"
     if micro:
@@ -169,9 +210,11 @@ def main() -> None:
             f"4-bit affine groups of 64), dense perplexity **{setup['dense_perplexity']:.2f}** (built-in validation split, "
             f"seq_len {setup['seq_len']}, first {setup['eval_tokens']:,} tokens). `ppl` = default path (prefill "
             "dequantizes, float32), `ppl kernel path` = every input forced onto the kernel (bfloat16 activations, "
-            f"what decoding computes). Decode: greedy, batch 1, KV cache, {setup['new_tokens']} new tokens, median of 3 "
-            "runs interleaved with the dense model's.\n\n"
-            + markdown_table(["method", "target kept", "kept", "layer kernels", "ppl", "ppl kernel path", "ppl vs dense",
+            f"what decoding computes). `factor kernel`: how decoding computes the low-rank term `B (A x)` of lq/eora layers "
+            "(`float32` = the stored factors, before; `int8` = per-row int8 copies on `_weight_int8pack_mm`, the default; "
+            f"`bfloat16` = bfloat16 copies). Decode: greedy, batch 1, KV cache, {setup['new_tokens']} new tokens, median of "
+            f"{args.repeats} runs, every factor kernel interleaved with the dense model's.\n\n"
+            + markdown_table(["method", "target kept", "kept", "layer kernels", "factor kernel", "ppl", "ppl kernel path", "ppl vs dense",
                               "dense tok/s", "tok/s", "decode vs dense"], model_table)  # fmt: skip
         )
     name = "quantized_quick" if args.quick else "quantized"

@@ -27,23 +27,31 @@ class CompensatedLinear(nn.Module):
     ``base`` is any linear-like module (``nn.Linear``, :class:`LowRankLinear`, a registered
     layer); its bias stays in ``base``. EoRA (2024) and LQ-LoRA (2023) build these.
 
-    Decoding: when ``base`` is a :class:`QuantizedLinear` that sends this input to its packed
-    kernel (:meth:`QuantizedLinear.decodes_on_kernel`) and no gradient is needed, the input is
-    rounded to bfloat16 once, ``Q x`` runs on the base's kernel and ``B (A x)`` on
-    :attr:`FACTOR_KERNELS` ``[factor_kernel]`` operands built once from the stored float32
-    factors (rebuilt when they change; nothing extra is saved), summed into a float32 output:
+    Decoding: when ``base`` is a :class:`QuantizedLinear` that runs on a packed kernel
+    (:attr:`kernel` ``"int8"``/``"int4"``; others keep the float32 path) and that kernel takes this input
+    (:meth:`QuantizedLinear.decodes_on_kernel`: decoding-sized, no gradient) and the factors
+    need no gradient, the input is rounded to bfloat16 and the layer runs on operands built
+    once from the stored codes and float32 factors (rebuilt when they change; nothing extra is
+    saved), chosen by :attr:`factor_kernel` (class attribute; measured in ``bench/quantized.py``):
 
-    - ``"int8"`` (default, measured fastest in ``bench/quantized.py``): ``A`` and ``B`` as
-      per-row int8 with bfloat16 scales (rank zero-padded to a multiple of 16) on
-      ``_weight_int8pack_mm`` — a quarter of the float32 factors' bytes;
-    - ``"bfloat16"``: bfloat16 copies of ``A`` and ``B``;
-    - ``"float32"``: the stored factors, as every other input uses.
+    - ``"merged-int8"`` (default): ``deq(Q) + B A`` requantized to per-row int8 with bfloat16
+      scales, one ``_weight_int8pack_mm`` call — a quarter of a dense float32 weight's bytes at
+      run time; the only path measured at dense decode speed or better with compensation ranks
+      of 120–270 (eager bfloat16/int8 matmuls of the thin factors cost more per call than
+      float32 ones on CPU). Error vs float32: per-row int8 rounding of the merged weight
+      (relative output error ~5e-3, like ``lq``'s 8-bit layers);
+    - ``"int8"``: ``Q x`` on the base's kernel, ``A`` and ``B`` as per-row int8 copies (rank
+      zero-padded to a multiple of 16);
+    - ``"bfloat16"``: ``Q x`` on the base's kernel, bfloat16 copies of ``A`` and ``B``;
+    - ``"float32"``: ``base(x) + B (A x)`` with the stored factors, as every other input.
 
-    Prefill, training and bases without a kernel compute ``base(x) + B (A x)`` in float32.
+    The int8 paths need ``in_features`` to be a multiple of 16 (else ``"bfloat16"``); outputs
+    are accumulated in ``x``'s dtype. Prefill, training and bases without a kernel compute
+    ``base(x) + B (A x)`` in float32.
     """
 
-    FACTOR_KERNELS = ("int8", "bfloat16", "float32")
-    factor_kernel = "int8"
+    FACTOR_KERNELS = ("merged-int8", "int8", "bfloat16", "float32")
+    factor_kernel = "merged-int8"
 
     def __init__(self, base: nn.Module, rank: int, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -92,16 +100,21 @@ class CompensatedLinear(nn.Module):
         if self.factor_kernel == "float32" or not isinstance(self.base, QuantizedLinear):
             return False
         grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
-        return not grad and self.base.decodes_on_kernel(x)
+        return not grad and self.base.decodes_on_kernel(x) and self.base.kernel != "dequantize"
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``Q x + B (A x)`` in bfloat16 on the kernels, accumulated in ``x``'s dtype; ``None``
         when the base has no kernel."""
         rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+        kind, operands = self._factor_operands()
+        if kind == "merged-int8":
+            y = torch.ops.aten._weight_int8pack_mm(rows, *operands).to(x.dtype)
+            if self.base.bias is not None:
+                y = y + self.base.bias
+            return y.view(*x.shape[:-1], self.out_features)
         base = self.base.packed_matmul(rows)
         if base is None:
             return None
-        kind, operands = self._factor_operands()
         if kind == "int8":
             hidden = torch.ops.aten._weight_int8pack_mm(rows, *operands[:2])
             low = torch.ops.aten._weight_int8pack_mm(hidden, *operands[2:])
@@ -116,12 +129,15 @@ class CompensatedLinear(nn.Module):
         """``(kind, operands)`` for ``B (A x)`` in bfloat16, rebuilt when the factors change;
         ``"int8"`` falls back to ``"bfloat16"`` where the kernel does not fit the width."""
         kind = self.factor_kernel
-        if kind == "int8" and self.in_features % INT8_K_MULTIPLE:
+        if kind in ("int8", "merged-int8") and self.in_features % INT8_K_MULTIPLE:
             kind = "bfloat16"
-        key = (kind, *((t.data_ptr(), t._version) for t in (self.A, self.B)))
+        tensors = (self.A, self.B, *(t for t in (self.base.codes, self.base.scales, self.base.zeros) if t is not None))
+        key = (kind, *((t.data_ptr(), t._version) for t in tensors))
         if self._factors is None or self._factors[0] != key:
             A, B = self.A.detach(), self.B.detach()
-            if kind == "int8":
+            if kind == "merged-int8":
+                operands = int8_rows(self.dense_weight())
+            elif kind == "int8":
                 pad = -self.rank % INT8_K_MULTIPLE  # the second matmul's width is the rank
                 A = torch.cat([A, A.new_zeros(pad, self.in_features)])
                 B = torch.cat([B, B.new_zeros(self.out_features, pad)], 1)
