@@ -89,6 +89,11 @@ def test_training_samples_ranks_and_eval_uses_the_active_rank():
     set_rank(model, 4)
     expected = ad.lora_B[:, :4] @ ad.lora_A[:4] * (RANK / 4)
     torch.testing.assert_close(ad.delta_weight(), expected.float())
+    p, q = ad.lowrank_factors()  # ΔW = s·P Q at the active rank, s = alpha / rank
+    assert q.shape[0] == 4
+    torch.testing.assert_close((p @ q * ad.scaling).float(), expected.float())
+    a, b, scale = ad.delta_factors()
+    torch.testing.assert_close((b @ a * scale).float(), expected.float())
 
 
 def test_update_last_trains_only_the_sampled_component():

@@ -110,3 +110,8 @@ def test_bind_names_the_option_to_change():
         assert url_of(sock).startswith("http://127.0.0.1:") and not url_of(sock).endswith(":0")
     finally:
         sock.close()
+
+
+def test_a_bad_dtype_is_refused_before_the_model_loads():
+    result = subprocess.run(serve("--dtype", "float64"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--dtype must be one of float32, bfloat16, float16" in result.stderr

@@ -130,9 +130,10 @@ def test_changed_weights_are_copied_again_by_the_next_routing():
     _check_rows(model, ["b", "a"], seed=3)
 
 
-def test_lora_subclasses_with_another_forward_stay_exact():
+def test_lora_subclasses_with_another_forward_take_slots_with_their_own_factors():
     """DyLoRA at a lower rank and SoRA with closed gates inherit LoRA's factors but not its
-    forward: delta_factors is None for them and their rows go through their own compose."""
+    forward: their own delta_factors (the active rank; the gate folded into A) put them in
+    the slot pools, and their rows equal each adapter run alone."""
     model, _ = tiny_llama()
     _add(model, "lora", 8, 0)
     _add(model, "dy", 8, 1, method="dylora")
@@ -143,10 +144,13 @@ def test_lora_subclasses_with_another_forward_stay_exact():
             layer.adapters["so"].gate[::2] = 0.0
     layer = next(iter(adapted_layers(model).values()))
     assert layer.adapters["lora"].delta_factors() is not None
-    assert layer.adapters["dy"].delta_factors() is None
-    assert layer.adapters["so"].delta_factors() is None
+    with torch.no_grad():  # as routing calls it (DyLoRA samples a rank in a training forward)
+        a, b, s = layer.adapters["dy"].delta_factors()
+        assert a.shape[0] == b.shape[1] == 3 and s == layer.adapters["dy"].scaling_at(3)
+        a, _, _ = layer.adapters["so"].delta_factors()
+    assert not a[::2].any() and a[1::2].any()
     _check_rows(model, ["dy", "lora", "so", "dy", None])
-    assert set(layer.slots.where) == {"lora"}
+    assert set(layer.slots.where) == {"lora", "dy", "so"}
 
 
 @pytest.mark.parametrize("contiguous", [True, False])

@@ -27,6 +27,7 @@ def serve_command(
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0: any free port; the URL is printed)."),
     api_key: str = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True, help="Require 'Authorization: Bearer <key>' on every route but /health (prefer the environment variable: command lines are visible to other users)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(None, "--dtype", help="Run the base model in float32, bfloat16 or float16 (default: as loaded). bfloat16 is about 3x faster on CPUs with AMX/AVX-512 BF16 and halves the memory; adapters stay float32."),
     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help="Requests decoded together in one batch."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Requests waiting beyond the batch; more get HTTP 429 with Retry-After."),
     memory_budget: str = typer.Option(None, "--memory-budget", help="Memory for resident adapters and the KV cache, e.g. 2GB or 512MiB (least recently used adapters are evicted); default: the engine's."),
@@ -46,6 +47,9 @@ def serve_command(
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     if api_key is not None and not api_key.strip():
         raise ConfigError(f"--api-key (or {API_KEY_ENV}) is empty; give a key or leave it unset")
+    dtypes = ("float32", "bfloat16", "float16")
+    if dtype is not None and dtype not in dtypes:
+        raise ConfigError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     budget = None
     if memory_budget is not None:
         from rankwise.compress.api import parse_size
@@ -53,6 +57,7 @@ def serve_command(
         budget = parse_size(memory_budget)
     if adapters is not None and not os.path.isdir(adapters):
         raise ConfigError(f"--adapters {adapters!r} is not a folder; give the folder that holds the adapter folders")
+    import torch
     import uvicorn
 
     from rankwise.serve.listen import bind, is_loopback, url_of
@@ -67,7 +72,7 @@ def serve_command(
     engine = Engine(
         model, adapters, device=device, max_batch_size=max_batch_size, max_queue=max_queue,
         memory_budget_bytes=budget, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_tokens,
-        base_name=served_name,
+        base_name=served_name, dtype=None if dtype is None else getattr(torch, dtype),
     )  # fmt: skip
     app = create_app(
         engine, api_key=api_key, max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,

@@ -96,6 +96,23 @@ class DyLoraAdapter(LoraAdapter):
         b = self.active_rank
         return (self.lora_B[:, :b].float() @ self.lora_A[:b].float()) * self.scaling_at(b)
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A[:b], B[:, :b], alpha/b)`` at the active rank ``b`` when not sampling (serving)."""
+        if self._sampling() or self.layer.kind not in ("linear", "transposed_linear"):
+            return None
+        b = self.active_rank
+        return self.lora_A[:b], self.lora_B[:, :b], self.scaling_at(b)
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """LoRA's factors cut to the active rank, ``B``'s part rescaled so ``s·P Q`` is the
+        rank-``b`` update (``s = alpha / rank``, the scale the contract assumes)."""
+        pair = super().lowrank_factors()
+        if pair is None:
+            return None
+        b = self.active_rank
+        up, a = pair
+        return up[:, :b] * (self.scaling_at(b) / self.scaling), a[:b]
+
     def peft_config(self) -> dict[str, Any] | None:
         return None
 

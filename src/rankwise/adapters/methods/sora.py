@@ -83,6 +83,12 @@ class SoraAdapter(LoraAdapter):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self._gated_a().float()) * self.scaling
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(g ⊙ A, B, s)``: the gate folded into ``A`` (batched serving)."""
+        if self.layer.kind not in ("linear", "transposed_linear"):
+            return None
+        return self._gated_a(), self.lora_B, self.scaling
+
     def before_optimizer_step(self, lr: float) -> None:
         """The gate's proximal step (see the module docstring); clears its gradient."""
         g = self.gate
