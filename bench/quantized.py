@@ -11,7 +11,7 @@ Two parts, both timed interleaved (round-robin, median of repeats) on a shared m
    and 60%: perplexity on the default path (prefill dequantizes) and with every input forced
    onto the kernel, and decode tokens/s interleaved with the dense model — once per
    ``CompensatedLinear.factor_kernel`` (how decoding computes the low-rank term ``B (A x)``:
-   ``float32`` = the stored factors, as before; ``int8`` = the default; ``bfloat16``), all
+   ``float32`` = the stored factors, as before; ``auto`` = the default), all
    variants of one model timed round-robin with the dense model.
 
 Run: ``.venv/bin/python bench/quantized.py [--quick]``; writes ``bench/results/quantized*.json``
@@ -181,8 +181,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["lq", "eora"])
     parser.add_argument("--skip-models", action="store_true", help="kernel microbench only")
     parser.add_argument("--skip-micro", action="store_true", help="compressed models only")
-    parser.add_argument("--factor-kernels", nargs="*", default=["float32", "merged-int8"], choices=CompensatedLinear.FACTOR_KERNELS,
-                        help="decoding paths of the low-rank term to time (float32 = before, merged-int8 = default)")
+    parser.add_argument("--factor-kernels", nargs="*", default=["float32", "auto"], choices=CompensatedLinear.FACTOR_KERNELS,
+                        help="decoding paths of the low-rank term to time (float32 = before, auto = default)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
     args = parser.parse_args()
     rows = (1, 8, 32, 512) if not args.quick else (1, 512)
@@ -211,8 +211,9 @@ def main() -> None:
             f"seq_len {setup['seq_len']}, first {setup['eval_tokens']:,} tokens). `ppl` = default path (prefill "
             "dequantizes, float32), `ppl kernel path` = every input forced onto the kernel (bfloat16 activations, "
             f"what decoding computes). `factor kernel`: how decoding computes the low-rank term `B (A x)` of lq/eora layers "
-            "(`float32` = the stored factors, before; `int8` = per-row int8 copies on `_weight_int8pack_mm`, the default; "
-            f"`bfloat16` = bfloat16 copies). Decode: greedy, batch 1, KV cache, {setup['new_tokens']} new tokens, median of "
+            "(`float32` = the stored factors, as before; `auto` = the default: `merged-int8` (deq(Q) + B A as one per-row int8 "
+            "weight on `_weight_int8pack_mm`) where that reads fewer bytes than the codes plus float32 factors, else `float32`; "
+            "`int8`/`bfloat16` = the factors' copies beside the base's kernel). Decode: greedy, batch 1, KV cache, {setup['new_tokens']} new tokens, median of "
             f"{args.repeats} runs, every factor kernel interleaved with the dense model's.\n\n"
             + markdown_table(["method", "target kept", "kept", "layer kernels", "factor kernel", "ppl", "ppl kernel path", "ppl vs dense",
                               "dense tok/s", "tok/s", "decode vs dense"], model_table)  # fmt: skip

@@ -103,8 +103,18 @@ def test_changed_factors_or_codes_rebuild_the_operands():
         assert _rel(layer(x), _reference(layer, x)) < TOL
 
 
-def test_merged_int8_is_the_default_and_only_where_the_base_has_a_kernel():
-    assert CompensatedLinear.factor_kernel == "merged-int8"
+def test_auto_merges_only_where_it_reads_fewer_bytes():
+    assert CompensatedLinear.factor_kernel == "auto"
+    x = torch.randn(1, 64)
+    small = _layer(out_f=96, in_f=64, rank=2)  # int4 base + 2·160 float32: fewer bytes than int8
+    big = _layer(out_f=96, in_f=64, rank=10)  # 10·160·4 bytes of factors: the merged int8 is smaller
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), small.base(x) + x @ small.A.T @ small.B.T)
+        assert _rel(big(x), _reference(big, x)) < TOL
+    assert small._factors is None and big._factors[1] == "merged-int8"
+
+
+def test_no_base_kernel_keeps_the_float32_path():
     layer = _layer(out_f=40, in_f=64, rank=6, bits=4)  # out 40: no int4 kernel for the base
     assert layer.kernel == "dequantize"
     x = torch.randn(1, 64)
@@ -116,7 +126,7 @@ def test_merged_int8_is_the_default_and_only_where_the_base_has_a_kernel():
 def test_unknown_factor_kernel_names_the_choices(monkeypatch):
     layer = _layer()
     monkeypatch.setattr(layer, "factor_kernel", "fp8")
-    with pytest.raises(ConfigError, match="merged-int8, int8, bfloat16, float32"), torch.no_grad():
+    with pytest.raises(ConfigError, match="auto, merged-int8, int8, bfloat16, float32"), torch.no_grad():
         layer(torch.randn(1, 64))
 
 

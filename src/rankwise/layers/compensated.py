@@ -34,7 +34,10 @@ class CompensatedLinear(nn.Module):
     once from the stored codes and float32 factors (rebuilt when they change; nothing extra is
     saved), chosen by :attr:`factor_kernel` (class attribute; measured in ``bench/quantized.py``):
 
-    - ``"merged-int8"`` (default): ``deq(Q) + B A`` requantized to per-row int8 with bfloat16
+    - ``"auto"`` (default): ``"merged-int8"`` where it reads fewer bytes than the base's codes
+      plus the float32 factors (an int8 base; an int4 base with ``r ≥ in·out / (8 (in + out))``,
+      e.g. eora's ranks of 120–270), else ``"float32"`` (e.g. lq's small ranks over int4);
+    - ``"merged-int8"``: ``deq(Q) + B A`` requantized to per-row int8 with bfloat16
       scales, one ``_weight_int8pack_mm`` call — a quarter of a dense float32 weight's bytes at
       run time; the only path measured at dense decode speed or better with compensation ranks
       of 120–270 (eager bfloat16/int8 matmuls of the thin factors cost more per call than
@@ -50,8 +53,8 @@ class CompensatedLinear(nn.Module):
     ``base(x) + B (A x)`` in float32.
     """
 
-    FACTOR_KERNELS = ("merged-int8", "int8", "bfloat16", "float32")
-    factor_kernel = "merged-int8"
+    FACTOR_KERNELS = ("auto", "merged-int8", "int8", "bfloat16", "float32")
+    factor_kernel = "auto"
 
     def __init__(self, base: nn.Module, rank: int, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -100,7 +103,15 @@ class CompensatedLinear(nn.Module):
         if self.factor_kernel == "float32" or not isinstance(self.base, QuantizedLinear):
             return False
         grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
-        return not grad and self.base.decodes_on_kernel(x) and self.base.kernel != "dequantize"
+        if grad or not self.base.decodes_on_kernel(x) or self.base.kernel == "dequantize":
+            return False
+        return self.factor_kernel != "auto" or self._merge_pays()
+
+    def _merge_pays(self) -> bool:
+        """Whether one int8 ``(out, in)`` weight is fewer bytes than the base's codes plus the
+        float32 factors (``"auto"``: then ``"merged-int8"``, else the float32 path)."""
+        base_bytes = self.base.storage_bits() // 8
+        return self.in_features * self.out_features < base_bytes + 4 * self.rank * (self.in_features + self.out_features)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``Q x + B (A x)`` in bfloat16 on the kernels, accumulated in ``x``'s dtype; ``None``
@@ -128,7 +139,7 @@ class CompensatedLinear(nn.Module):
     def _factor_operands(self) -> tuple[str, tuple[torch.Tensor, ...]]:
         """``(kind, operands)`` for ``B (A x)`` in bfloat16, rebuilt when the factors change;
         ``"int8"`` falls back to ``"bfloat16"`` where the kernel does not fit the width."""
-        kind = self.factor_kernel
+        kind = "merged-int8" if self.factor_kernel == "auto" else self.factor_kernel
         if kind in ("int8", "merged-int8") and self.in_features % INT8_K_MULTIPLE:
             kind = "bfloat16"
         tensors = (self.A, self.B, *(t for t in (self.base.codes, self.base.scales, self.base.zeros) if t is not None))
