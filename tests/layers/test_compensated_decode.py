@@ -165,3 +165,23 @@ def test_a_folder_written_before_decodes_close_to_its_float32_logits():
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert _rel(logits, ref["logits"][:, :8]) < 2e-2
+
+
+
+def test_a_missing_int8_kernel_falls_back_to_float32_with_one_warning(monkeypatch):
+    import rankwise.layers.quantize as quantize_module
+
+    layer = _layer(rank=10)
+    x = torch.randn(1, 64)
+    monkeypatch.setattr(quantize_module, "_warned", set())
+
+    def missing(*args):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="int8 matmul is unavailable.*float32 instead"):
+        y = layer(x)
+    assert layer._factors[1] == "float32"
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(y, layer.base(x) + x @ layer.A.T @ layer.B.T)

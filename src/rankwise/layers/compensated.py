@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import ConfigError, ShapeError
-from rankwise.layers.quantize import INT8_K_MULTIPLE, KERNEL_DTYPE, int8_rows
+from rankwise.layers.quantize import INT8_K_MULTIPLE, KERNEL_DTYPE, int8_rows, kernel_for, warn_once
 from rankwise.layers.quantized import QuantizedLinear
 from rankwise.layers.spec import (
     build_module,
@@ -18,6 +18,20 @@ from rankwise.layers.spec import (
     register_layer,
     tensor_bits,
 )
+
+
+def _int8_kernel_runs(operands: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Probe ``_weight_int8pack_mm`` once per operand set; one warning per process if missing."""
+    try:
+        torch.ops.aten._weight_int8pack_mm(torch.zeros(1, operands[0].shape[1], dtype=KERNEL_DTYPE), *operands)
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        warn_once(
+            "merged-int8",
+            f"the packed int8 matmul is unavailable in this torch ({torch.__version__}): {type(e).__name__}; "
+            "compensated layers decode in float32 instead (correct, but slower)",
+        )
+        return False
+    return True
 
 
 @register_layer
@@ -103,9 +117,16 @@ class CompensatedLinear(nn.Module):
         if self.factor_kernel == "float32" or not isinstance(self.base, QuantizedLinear):
             return False
         grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
-        if grad or not self.base.decodes_on_kernel(x) or self.base.kernel == "dequantize":
+        if grad or not self.base.decodes_on_kernel(x) or not self._base_has_kernel():
             return False
         return self.factor_kernel != "auto" or self._merge_pays()
+
+    def _base_has_kernel(self) -> bool:
+        """Whether the base's format fits a packed kernel, without building its operands (the
+        merged path never needs them)."""
+        base = self.base
+        shape = (base.out_features, base.in_features)
+        return kernel_for(shape, bits=base.bits, fmt=base.fmt, group_size=base.group_size, device=base.codes.device) is not None
 
     def _merge_pays(self) -> bool:
         """Whether one int8 ``(out, in)`` weight is fewer bytes than the base's codes plus the
@@ -118,6 +139,8 @@ class CompensatedLinear(nn.Module):
         when the base has no kernel."""
         rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
         kind, operands = self._factor_operands()
+        if kind == "float32":
+            return None
         if kind == "merged-int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, *operands).to(x.dtype)
             if self.base.bias is not None:
@@ -148,6 +171,10 @@ class CompensatedLinear(nn.Module):
             A, B = self.A.detach(), self.B.detach()
             if kind == "merged-int8":
                 operands = int8_rows(self.dense_weight())
+                if not _int8_kernel_runs(operands):
+                    kind, operands = "float32", ()
+                else:
+                    self.base._packed = None  # its own kernel copy is not used on this path
             elif kind == "int8":
                 pad = -self.rank % INT8_K_MULTIPLE  # the second matmul's width is the rank
                 A = torch.cat([A, A.new_zeros(pad, self.in_features)])
