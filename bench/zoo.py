@@ -502,7 +502,8 @@ def main() -> None:
         else:  # a part not rerun keeps its numbers from the last run, said so in the doc
             parts[part] = before.get(part, {})
             earlier = "an earlier run" + (" --quick" if before.get("quick") else "")
-            runs[part] = before.get("runs", {}).get(part, earlier)
+            label = before.get("runs", {}).get(part, earlier)
+            runs[part] = label.replace("this run", "an earlier run")  # its own run, not this one
     minilm, lm, layer = parts["minilm"], parts["lm"], parts["layer"]
     layer_rows = {r: e for r, e in layer.items() if "error" not in e}
     targets = {
