@@ -77,6 +77,7 @@ class CompensatedLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype))
         self.A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=dtype))
         self._factors: tuple | None = None  # (key, operands), see _factor_operands
+        self._plan: tuple[bool, bool] | None = None  # (base has a kernel, merging pays)
 
     @classmethod
     def from_factors(
@@ -117,9 +118,12 @@ class CompensatedLinear(nn.Module):
         if self.factor_kernel == "float32" or not isinstance(self.base, QuantizedLinear):
             return False
         grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
-        if grad or not self.base.decodes_on_kernel(x) or not self._base_has_kernel():
+        if grad or not self.base.decodes_on_kernel(x):
             return False
-        return self.factor_kernel != "auto" or self._merge_pays()
+        if self._plan is None:  # shapes and formats are fixed: decide once, not per token
+            self._plan = (self._base_has_kernel(), self._merge_pays())
+        has_kernel, merge_pays = self._plan
+        return has_kernel and (self.factor_kernel != "auto" or merge_pays)
 
     def _base_has_kernel(self) -> bool:
         """Whether the base's format fits a packed kernel, without building its operands (the
