@@ -72,6 +72,7 @@ from typing import TypeVar
 import torch
 
 from rankwise.errors import ConfigError
+from rankwise.layers.welore import normalized_spectrum
 
 STRATEGIES = ("fisher", "uniform", "energy", "welore", "global", "mfac")
 STATISTIC_OF = {"fisher": "out_grad", "mfac": "out_fisher"}  # calibration statistic each needs
@@ -268,8 +269,8 @@ def _energy(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int
 def _welore(layers: dict[str, LayerSpectrum]) -> Callable[[float], dict[str, int]]:
     normalised = {}
     for n, layer in layers.items():
-        s = (layer.weight_spectrum if layer.weight_spectrum is not None else layer.spectrum).double()
-        normalised[n] = s / s[0] if float(s[0]) > 0 else torch.zeros_like(s)
+        s = layer.weight_spectrum if layer.weight_spectrum is not None else layer.spectrum
+        normalised[n] = normalized_spectrum(s)
     # threshold θ = 1 - t on s_i / s_0: t = 0 keeps one direction, t = 1 keeps all
     return lambda t: {n: max(1, int((s >= 1.0 - t).sum())) for n, s in normalised.items()}
 

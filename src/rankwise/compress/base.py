@@ -247,7 +247,7 @@ class CompressionMethod:
 
     def compress_model(self, job: CompressionJob) -> list[LayerReport] | None:
         """Whole-model path for methods that are not one weighted SVD per layer (quantized,
-        sparse-dictionary, module-pair methods; see ``compress/layers.py``).
+        sparse-dictionary, module-pair methods; see ``rankwise/layers/``).
 
         Replace modules of ``job.model`` in place so that ``job.layers`` take at most
         ``job.budget`` parameters of the model's dtype (as

@@ -38,7 +38,7 @@ from rankwise.models import register_folder_format
 COMPRESSED_MARKER = "rankwise_compressed.json"
 FORMAT = "rankwise-compressed"
 VERSION = 1
-VERSION_WITH_MODULES = 2  # adds "modules": registered layer types of compress/layers.py
+VERSION_WITH_MODULES = 2  # adds "modules": registered layer types of rankwise/layers (spec.py)
 WEIGHTS = "model.safetensors"
 WEIGHTS_METADATA = {"format": "pt", "rankwise": FORMAT}
 

@@ -8,7 +8,7 @@ Gram ``G = X Xᵀ = Q Λ Qᵀ``, projects the error into that eigenspace,
 ``B = U_r Σ_r (out, r)``, ``A = V_rᵀ Λ^-½ Qᵀ (r, in)``. Then ``W' + B A`` is the best rank-``r``
 correction for the calibration inputs (Eckart–Young in the projected space); ``Λ`` is
 floored at ``damp · mean(Λ)`` so near-null directions do not blow ``A`` up. The layer becomes
-a :class:`~rankwise.compress.layers.CompensatedLinear` (``y = W' x + B (A x)``).
+a :class:`~rankwise.layers.CompensatedLinear` (``y = W' x + B (A x)``).
 
 Two ways to use it:
 

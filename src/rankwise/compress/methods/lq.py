@@ -29,7 +29,7 @@ Storage and ``--ratio``: a layer at ``(b, r)`` costs ``b`` bits per weight, 16 b
 scale and ``r (out + in)`` parameters of the model's dtype for ``L1 (out, r)``, ``L2 (r, in)``;
 the budget is ``ratio ×`` the dense model's bits (``size`` = bytes), i.e. in parameter
 equivalents of the model's dtype. The layer is a
-:class:`~rankwise.compress.layers.QuantizedLowRankLinear` (its ``kernel`` says how ``Q`` runs).
+:class:`~rankwise.layers.QuantizedLowRankLinear` (its ``kernel`` says how ``Q`` runs).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def lq_decompose(
     """Alternate ``L = SVD_r(W − Q)``, ``Q = quant(W − L)`` and return the best iterate.
 
     ``row_weights`` (``(out,)``, positive): weights ``f`` of the error ``Σ_i f_i ‖row_i‖²``.
-    ``rank = 0`` is plain quantization. ``fmt="auto"``: see :func:`~rankwise.compress.quantize.resolve_format`.
+    ``rank = 0`` is plain quantization. ``fmt="auto"``: see :func:`~rankwise.layers.quantize.resolve_format`.
     """
     fmt, group_size = resolve_format(fmt, bits, group_size, weight.shape[1])
     w = weight.detach().to(torch.float64)

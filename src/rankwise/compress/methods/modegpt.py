@@ -23,8 +23,8 @@ For each decoder block (Llama-style: ``mlp.{gate,up,down}_proj``, ``self_attn.{q
 
 Realisation: Hugging Face attention needs one ``head_dim`` for q, k and v, so kept value / query
 -key dims are written into their slots of each head by a
-:class:`~rankwise.compress.layers.ScatterLinear` (zeros elsewhere) and ``o_proj`` reads only
-kept slots (:class:`~rankwise.compress.layers.GatherLinear`). Parameters shrink as in the
+:class:`~rankwise.layers.ScatterLinear` (zeros elsewhere) and ``o_proj`` reads only
+kept slots (:class:`~rankwise.layers.GatherLinear`). Parameters shrink as in the
 paper (plus the int32 slot indices, counted); attention FLOPs and the KV cache do not — a
 custom attention with per-layer ``qk_dim``/``v_dim`` would, and is not written.
 
