@@ -594,7 +594,10 @@ def compress(
     spectra_from = statistics
     if block_walk:
         walk_batch = 1 if gradient_needs else 4  # the batches of the one-pass calibration: identical sums
-        dense_walk = closed_loop_calibration(net, tokenizer, calib_texts, base=statistics, batch_size=walk_batch, **walk_kwargs)
+        dense_walk = closed_loop_calibration(
+            net, tokenizer, calib_texts, base=statistics, batch_size=walk_batch,
+            label="block statistics (open-loop)", **walk_kwargs,
+        )  # fmt: skip
         spectra_from = dataclasses.replace(dense_walk, mode="open-loop")
     elif mode == "closed-loop" and per_layer and (statistics is None or not set(needs) <= set(statistics.collected)):
         spectra_from = closed_loop_calibration(net, tokenizer, calib_texts, base=statistics, **walk_kwargs)

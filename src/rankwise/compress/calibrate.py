@@ -580,6 +580,7 @@ class ClosedLoopStats(Mapping):
         *,
         cross: bool = False,
         progress: bool = False,
+        label: str = "closed-loop calibration",
     ) -> None:
         self.model, self.blocks, self.layers, self.base = model, blocks, layers, base
         self.cross = cross and "gram" in statistics
@@ -591,7 +592,7 @@ class ClosedLoopStats(Mapping):
         self._current, self._stats = 0, None
         self.compressed_blocks = 0  # blocks that were compressed when the walk passed them
         self.seconds = 0.0
-        self._bar = Bar(len(blocks), "closed-loop calibration", show=progress)
+        self._bar = Bar(len(blocks), label, show=progress)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -746,6 +747,7 @@ def closed_loop_calibration(
     base: Calibration | None = None,
     cross: bool = False,
     progress: bool = False,
+    label: str = "closed-loop calibration",
 ) -> Calibration:
     """A :class:`Calibration` whose ``stats`` is a :class:`ClosedLoopStats` walk (``mode``
     ``"closed-loop"``): compress block ``b`` after reading its statistics and before reading
@@ -758,6 +760,7 @@ def closed_loop_calibration(
     needs none). ``statistics`` beyond ``gram`` / ``abs_mean`` must be in ``base``. ``cross``:
     also run the dense model's stream alongside (one more block run per block, twice the
     activations) and collect :attr:`LayerStats.cross`, for :meth:`LayerStats.target_weight`.
+    ``label``: the progress bar's name (the open-loop block walk of ``compress`` shows its own).
     """
     unknown = sorted(set(statistics) - set(STATISTICS))
     if unknown:
@@ -805,7 +808,9 @@ def closed_loop_calibration(
         for h in handles:
             h.remove()
         model.train(was_training)
-    walk = ClosedLoopStats(model, blocks, batches, layers, base_stats, statistics, cross=cross, progress=progress)
+    walk = ClosedLoopStats(
+        model, blocks, batches, layers, base_stats, statistics, cross=cross, progress=progress, label=label
+    )
     walk.seconds = time.perf_counter() - t0
     return Calibration(
         stats=walk,
