@@ -145,3 +145,9 @@ def test_a_schedule_without_growth_events_is_refused():
     rules = TrainingRules(build_rules([], methods=["increlora"]))
     with pytest.raises(ConfigError, match="no growth event.*grow_every <= 5"):
         rules.setup(model, trainable_adapter_map(model), opt, steps=8)
+
+
+def test_a_growing_method_must_plan_its_growth():
+    from rankwise.adapters.methods.increlora import GrowingLoraAdapter
+
+    assert "plan_growth" in GrowingLoraAdapter.__abstractmethods__

@@ -182,3 +182,19 @@ def test_allocations_each_method_supports():
     ]:
         with pytest.raises(ConfigError, match=rf"'{method}' cannot allocate with '{bad}'; it supports .*{supported}"):
             get_method(method).resolve_allocation(bad)
+
+
+def test_a_method_defining_neither_decompose_nor_compress_model_is_refused():
+    from dataclasses import dataclass
+
+    from rankwise.compress.base import CompressionMethod, register_method
+
+    @dataclass(frozen=True)
+    class Nothing(CompressionMethod):
+        name = "nothing-test"
+
+    with pytest.raises(ConfigError, match=r"Nothing must define decompose\(weight, stats\).*or compress_model\(job\)"):
+        register_method(Nothing)
+    assert "nothing-test" not in method_names()
+    with pytest.raises(TypeError, match="whole-model method"):
+        get_method("cospadi").decompose(torch.zeros(2, 2), None)

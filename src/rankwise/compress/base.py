@@ -205,7 +205,12 @@ class CompressionMethod:
     closed_loop: ClassVar[bool] = False  # a whole-model method reading statistics block by block
 
     def decompose(self, weight: torch.Tensor, stats: LayerStats | None) -> Decomposition:
-        raise NotImplementedError
+        """The per-layer decomposition (per-layer methods define it). A whole-model method,
+        which defines :meth:`compress_model` instead, has none: :func:`register_method`
+        refuses a class that defines neither."""
+        raise TypeError(
+            f"{type(self).__name__} is a whole-model method (compress_model): it has no per-layer decompose"
+        )
 
     def refine(
         self, weight: torch.Tensor, stats: LayerStats | None, up: torch.Tensor, down: torch.Tensor
@@ -289,6 +294,13 @@ def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
     unknown = set(cls.needs) - set(STATISTICS)
     if unknown:
         raise ConfigError(f"{cls.__name__}.needs has unknown statistics {sorted(unknown)}")
+    per_layer = cls.decompose is not CompressionMethod.decompose
+    whole_model = cls.compress_model is not CompressionMethod.compress_model
+    if not (per_layer or whole_model):
+        raise ConfigError(
+            f"{cls.__name__} must define decompose(weight, stats) (a per-layer method) or "
+            "compress_model(job) (a whole-model method)"
+        )
     return METHODS.register(cls.name, cls)
 
 

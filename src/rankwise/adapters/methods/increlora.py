@@ -21,6 +21,7 @@ gradients, and ``active`` is a saved buffer); a new component starts with a zero
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -130,13 +131,13 @@ class GrowingLoraAdapter(LoraAdapter):
         """Update :attr:`stats` after a backward (gradients present). Default: nothing."""
 
     @classmethod
+    @abc.abstractmethod
     def plan_growth(
         cls, adapters: Mapping[str, GrowingLoraAdapter], budget: int, events_left: int, progress: float
     ) -> list[str]:
         """Which layers get one more component at this growth event (a path listed twice gets two). ``budget``: components
         still to hand out; ``events_left``: growth events left including this one;
         ``progress``: the share of the growth window passed (0 at the first event)."""
-        raise NotImplementedError
 
     def peft_config(self) -> dict[str, Any] | None:
         return None
