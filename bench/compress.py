@@ -9,14 +9,20 @@ includes the walk). Decode speed (batch 1, KV cache, greedy) of the compressed m
 dense one is timed interleaved, median of 3. The ratio counts ALL distinct parameters (embeddings
 included, tied once). Peak memory: with ``--memory``, each method's default 80% run of the real
 ``rankwise compress`` command in a fresh process (its report.json's ru_maxrss, load included).
-Healing: with ``--heal-steps N`` every compressed model is also healed (``rankwise.compress.heal``:
+Healing: with ``--heal-steps N [M ...]`` every compressed model is also healed (``rankwise.compress.heal``:
 N AdamW steps of 4 x 256 tokens of the built-in train split, at each ``--heal-lrs`` rate, one row
-per rate) and measured again on both corpora — the held-out one shows recovery, not adaptation.
+per step count and rate, each from a copy of the same compressed model) and measured again on both
+corpora — the held-out one shows recovery, not adaptation. Healing time is reported as wall time and
+as this process's CPU time (all threads): on a shared machine the CPU time per step is the steadier
+measure of the work (a quiet machine's wall time is about CPU time / threads).
+``--recipe short`` is the quick-iteration recipe (4,096 calibration and 2,048 evaluation tokens).
 
     .venv/bin/python bench/compress.py                      # SmolLM2-135M, every method, both modes
     .venv/bin/python bench/compress.py --methods svdllm modegpt --memory svdllm
     .venv/bin/python bench/compress.py --quick              # a small random Llama, < 60 s
     .venv/bin/python bench/compress.py --methods svdllm --modes open-loop --heal-steps 100 --heal-lrs 1e-4 2e-4 5e-4
+    .venv/bin/python bench/compress.py --recipe short --methods svdllm --modes open-loop --ratios 0.8 \
+        --no-decode --heal-steps 100 200 --heal-lrs 1e-4 2e-4 5e-4 1e-3
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from rankwise.errors import ConfigError  # noqa: E402
 from rankwise.models import count_parameters, load_model, tiny_llama  # noqa: E402
 
 MODES = ("open-loop", "closed-loop")
+RECIPES = {"full": (16384, 8192), "short": (4096, 2048)}  # (calibration, evaluation) tokens
 
 
 def decode_time(model, tokenizer, new_tokens: int):
@@ -91,15 +98,21 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="calibration modes to compare")
     parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
     parser.add_argument("--allocate", default="auto", help="allocation (auto: each method's own; fisher for SVD methods)")
-    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (full mode)")
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens per corpus (full mode)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="full",
+                        help="token counts: full = 16,384 calibration / 8,192 evaluation, short = 4,096 / 2,048")
+    parser.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (full mode; default: the recipe's)")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens per corpus (full mode; default: the recipe's)")
     parser.add_argument("--no-decode", action="store_true", help="skip decode timing (a quality-only run)")
     parser.add_argument("--option", "-o", action="append", default=[], help="method option key=value for every method (a variant: own section)")
-    parser.add_argument("--heal-steps", type=int, default=0, help="also heal every compressed model this many steps (0: no healing columns)")
+    parser.add_argument("--heal-steps", nargs="*", type=int, default=[], help="also heal every compressed model this many steps (one row per count; none: no healing columns)")
     parser.add_argument("--heal-lrs", nargs="*", type=float, default=[DEFAULT_LR], help="healing learning rates (one row each)")
     parser.add_argument("--memory", nargs="*", default=None, help="methods (default: all benchmarked) whose `rankwise compress --ratio 0.8` runs in its own process for its peak memory")
     args = parser.parse_args()
     quick = args.quick
+    args.heal_steps = [n for n in args.heal_steps if n > 0]
+    recipe_calib, recipe_eval = RECIPES[args.recipe]
+    args.calib_tokens = recipe_calib if args.calib_tokens is None else args.calib_tokens
+    args.eval_tokens = recipe_eval if args.eval_tokens is None else args.eval_tokens
     if quick:
         model, tok = tiny_llama(seed=0, layers=2, hidden=64)
         model_name, calib_tokens, eval_tokens, seq_len, new_tokens = "tiny-llama (random, 2 layers, hidden 64)", 1024, 1024, 256, 16
@@ -117,7 +130,7 @@ def main() -> None:
 
     heal_seq = min(seq_len, DEFAULT_SEQ_LEN)
     heal_data = (heal_blocks(tok, corpus.train, seq_len=heal_seq, batch_size=DEFAULT_BATCH_SIZE,
-                             max_tokens=args.heal_steps * DEFAULT_BATCH_SIZE * heal_seq) if args.heal_steps else None)  # fmt: skip
+                             max_tokens=max(args.heal_steps) * DEFAULT_BATCH_SIZE * heal_seq) if args.heal_steps else None)  # fmt: skip
 
     def ppl(net) -> dict[str, float]:
         return {k: perplexity(net, tok, texts, seq_len=seq_len, max_tokens=eval_tokens, batch_size=1).perplexity for k, texts in corpora.items()}
@@ -186,15 +199,20 @@ def main() -> None:
                 if not args.heal_steps:
                     results.append(result)
                     rows.append([*row, memory_cell])
-                for lr in args.heal_lrs if args.heal_steps else ():
-                    healed = _healed(res.model, heal_data, args.heal_steps, lr, ppl, last=lr == args.heal_lrs[-1])
+                runs = [(steps, lr) for steps in args.heal_steps for lr in args.heal_lrs]
+                for steps, lr in runs:
+                    healed = _healed(res.model, heal_data, steps, lr, ppl, last=(steps, lr) == runs[-1])
                     healed_vs = {k: healed["perplexity"][k] / dense[k] for k in healed["perplexity"]}
-                    print(f"{name} @ {ratio} {mode} healed lr {lr:g}: ppl {healed['perplexity']} ({healed_vs}), {healed['seconds']:.0f} s", flush=True)
-                    results.append(result | {"heal": {"steps": args.heal_steps, "lr": lr, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
-                                                      "seconds": healed["seconds"], "perplexity": healed["perplexity"]["builtin"],
+                    print(f"{name} @ {ratio} {mode} healed {steps} steps lr {lr:g}: ppl {healed['perplexity']} ({healed_vs}), "
+                          f"{healed['seconds']:.0f} s wall, {healed['cpu_seconds']:.0f} s CPU", flush=True)  # fmt: skip
+                    results.append(result | {"heal": {"steps": steps, "lr": lr, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+                                                      "seconds": healed["seconds"], "cpu_seconds": healed["cpu_seconds"],
+                                                      "cpu_seconds_per_step": healed["cpu_seconds"] / steps,
+                                                      "perplexity": healed["perplexity"]["builtin"],
                                                       "perplexity_heldout": healed["perplexity"]["heldout"], "vs_dense": healed_vs["builtin"],
                                                       "vs_dense_heldout": healed_vs["heldout"]}})  # fmt: skip
-                    rows.append([*row, f"{lr:g}", round(healed_vs["builtin"], 2), round(healed_vs["heldout"], 2), round(healed["seconds"]), memory_cell])
+                    rows.append([*row, steps, f"{lr:g}", round(healed_vs["builtin"], 2), round(healed_vs["heldout"], 2), round(healed["seconds"]),
+                                 round(healed["cpu_seconds"] / steps, 2), memory_cell])  # fmt: skip
                 del net, res
 
     memory = {name: memory_result(run, Path(scratch.name) / name) for name, run in memory_runs.items()}
@@ -209,7 +227,8 @@ def main() -> None:
         "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
         "allocation": args.allocate, "method_options": options, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
         "results": results, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory,
-        "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq},
+        "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+                 "cpu_time": "time.process_time() of this process around heal() (all threads)"},
     }  # fmt: skip
     allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
     md = (
@@ -227,11 +246,13 @@ def main() -> None:
         "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
         "(default calibration; evaluation included) in its own process, run alongside "
         "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
-        + (f"Healing: {args.heal_steps} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train split "
-           "(warm-up, cosine decay), one row per learning rate; healed perplexities on both corpora vs dense.\n\n" if args.heal_steps else "")
+        + (f"Healing: {' / '.join(map(str, args.heal_steps))} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train "
+           "split (warm-up, cosine decay), one row per step count and learning rate, each from a copy of the same compressed model; "
+           "healed perplexities on both corpora vs dense; heal s = wall time, CPU s/step = this process's CPU time (all "
+           f"{torch.get_num_threads()} threads) per step.\n\n" if args.heal_steps else "")
         + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
                           "held-out vs dense", "compress s", "decode speed-up",
-                          *(["heal lr", "healed vs dense", "held-out healed vs dense", "heal s"] if args.heal_steps else []), "peak RSS GB"], rows)  # fmt: skip
+                          *(["heal steps", "heal lr", "healed vs dense", "held-out healed vs dense", "heal s", "CPU s/step"] if args.heal_steps else []), "peak RSS GB"], rows)  # fmt: skip
     )
     name = "compress_quick" if quick else "compress"
     if args.allocate != "auto" or (not quick and (args.calib_tokens != 16384 or args.eval_tokens != 8192)):  # variants
@@ -241,7 +262,7 @@ def main() -> None:
     if args.option:
         name += "_" + "_".join(o.replace("=", "-") for o in args.option)
     if args.heal_steps:
-        name += f"_heal{args.heal_steps}_" + "_".join(f"{lr:g}" for lr in args.heal_lrs)
+        name += "_heal" + "_".join(map(str, args.heal_steps)) + "_" + "_".join(f"{lr:g}" for lr in args.heal_lrs)
     if args.ratios:  # runs split by ratio (to run in parallel) get a section each
         name += "_" + "_".join(f"{r:g}" for r in ratios)
     write_results(name, payload, md)
@@ -249,12 +270,13 @@ def main() -> None:
 
 
 def _healed(model, blocks, steps: int, lr: float, ppl, *, last: bool) -> dict:
-    """Heal ``model`` (a copy of it unless ``last``: the next rate starts from the same compressed
-    model) and measure it; ``{"seconds", "perplexity"}``."""
+    """Heal ``model`` (a copy of it unless ``last``: the next run starts from the same compressed
+    model) and measure it; ``{"seconds", "cpu_seconds", "perplexity"}`` (CPU: all threads)."""
     net = model if last else copy.deepcopy(model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     heal(net, blocks, steps=steps, lr=lr, batch_size=DEFAULT_BATCH_SIZE, progress=False)
-    return {"seconds": time.perf_counter() - t0, "perplexity": ppl(net)}
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "perplexity": ppl(net)}
 
 
 def _num(x: float) -> float | str:
