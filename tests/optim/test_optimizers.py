@@ -297,6 +297,59 @@ def test_rules_and_summary_say_who_gets_what(caplog):
     assert with_emb.rules["emb.weight"] == "svd r=3 (right)"
 
 
+class TiedLM(nn.Module):
+    """A (vocab 40, d 6) embedding tied to the LM head, one hidden matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 6)
+        self.mid = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(6, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+def _lm_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 0) -> None:
+    ids = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(seed))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+
+
+def test_embeddings_on_request_are_projected_on_their_small_side():
+    """embeddings=True: the (vocab, d) tied embedding/head is one projected matrix whose
+    moments are vocab × rank and whose basis is d × rank; without it, full-size AdamW moments."""
+    plain_model, asked_model = TiedLM(), TiedLM()
+    plain = GaLoreAdamW(plain_model, rank=2)
+    asked = GaLoreAdamW(asked_model, rank=2, embeddings=True)
+    assert plain.rules["emb.weight"].startswith("adamw (embedding; pass embeddings=True")
+    assert asked.rules == {"emb.weight": "svd r=2 (right)", "mid.weight": "svd r=2 (right)"}
+    _lm_step(plain_model, plain)
+    _lm_step(asked_model, asked)
+    assert plain.state[plain_model.emb.weight]["exp_avg"].shape == (40, 6)
+    state = asked.state[asked_model.emb.weight]
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (40, 2)
+    assert state["proj_right"].shape == (6, 2)
+    assert asked.state_bytes() < plain.state_bytes() - 40 * 6 * 4
+
+
+def test_named_parameter_groups_name_the_rules():
+    model = TiedLM()
+    groups = [
+        {"params": [("mid.weight", model.mid.weight)]},
+        {"params": [("emb.weight", model.emb.weight)], "rank": 3},  # galore-torch's way to ask
+    ]
+    opt = GaLoreAdamW(groups)
+    assert opt.rules == {"mid.weight": "adamw (no rank in its group)", "emb.weight": "svd r=3 (right)"}
+    _lm_step(model, opt)
+    assert opt.state[model.emb.weight]["exp_avg"].shape == (40, 3)
+
+
 def test_galore_torch_style_groups_and_plain_group():
     model = Net()
     matrices = [model.up.weight, model.down.weight]

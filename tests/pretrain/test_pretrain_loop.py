@@ -38,9 +38,12 @@ def weights(out) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoint" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["adamw", "galore", "dct", "sltrain"])
-def test_resumed_run_is_bit_identical(tmp_path, method):
-    config = tiny(method=method)
+@pytest.mark.parametrize(
+    "method, project_embeddings",
+    [("adamw", False), ("galore", False), ("dct", False), ("sltrain", False), ("galore", True), ("sltrain", True)],
+)
+def test_resumed_run_is_bit_identical(tmp_path, method, project_embeddings):
+    config = tiny(method=method, project_embeddings=project_embeddings)
     whole = pretrain(config, tmp_path / "whole")
     with pytest.raises(Interrupt):
         pretrain(config, tmp_path / "cut", on_step=stop_after(3))  # last checkpoint: step 2
@@ -89,6 +92,52 @@ def test_resume_with_other_options_is_refused_and_writes_nothing(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoint").iterdir()} == before
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         pretrain(tiny(), tmp_path / "empty", resume=True)
+
+
+def test_resume_with_another_embedding_setting_is_refused(tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny(method="galore", steps=2), out)
+    with pytest.raises(CheckpointError, match="project_embeddings: False in the checkpoint, True now"):
+        pretrain(tiny(method="galore", steps=4, project_embeddings=True), out, resume=True)
+
+
+def test_a_checkpoint_predating_project_embeddings_resumes_as_without_it(tmp_path):
+    from rankwise.pretrain.checkpoint import check_identity
+
+    current = tiny(method="galore").identity()
+    old = {k: v for k, v in current.items() if k != "project_embeddings"}
+    check_identity(old, current, tmp_path)  # no error: it ran without projected embeddings
+    with pytest.raises(CheckpointError, match="project_embeddings"):
+        check_identity(old, tiny(method="galore", project_embeddings=True).identity(), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["galore", "frugal", "sltrain"])
+def test_project_embeddings_gives_the_embedding_rank_sized_state(method):
+    plain = Trainer(tiny(method=method))
+    asked = Trainer(tiny(method=method, project_embeddings=True), data=plain.data)
+    for t in (plain, asked):
+        t.train_step()
+    name = "model.embed_tokens.weight"
+    rules = asked.optimizer.rules
+    assert rules[name] == "svd r=8 (right)", rules[name]
+    emb = asked.model.model.embed_tokens.weight
+    vocab, d = emb.shape
+    assert asked.optimizer.state[emb]["exp_avg"].shape == (vocab, 8)
+    assert asked.optimizer.state[emb]["proj_right"].shape == (d, 8)
+    # only the embedding's state changed: 2·vocab·(d - 8) floats fewer, plus the d × 8 basis
+    saved = plain.optimizer_state_bytes() - asked.optimizer_state_bytes()
+    assert saved == 4 * (2 * vocab * (d - 8) - d * 8)
+    if method == "sltrain":  # the converted layers still train with plain AdamW
+        assert all(r.startswith("adamw") for n, r in rules.items() if n != name)
+
+
+def test_project_embeddings_is_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match="--method galore --project-embeddings"):
+        Trainer(tiny(method="adamw", project_embeddings=True))
+    with pytest.raises(ConfigError, match="without --fsdp"):
+        Trainer(tiny(method="sltrain", fsdp=True, project_embeddings=True))
+    with pytest.raises(ConfigError, match="project_embeddings must be True or False"):
+        tiny(project_embeddings="yes")
 
 
 def test_existing_out_needs_overwrite(tmp_path):

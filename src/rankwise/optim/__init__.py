@@ -16,6 +16,7 @@ from rankwise.optim.base import (
     ProjectedAdamW,
     Projector,
     adam_direction,
+    embedding_parameters,
     projection_sides,
     register_projector,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Projector",
     "SVDProjector",
     "adam_direction",
+    "embedding_parameters",
     "projection_sides",
     "register_projector",
 ]

@@ -207,7 +207,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     A parameter gets the projected rule if its group has a rank, it is 2-D, and it is not
     an embedding (input or output, tied or not) unless ``embeddings=True``; all others get
-    plain AdamW (:meth:`summary` says which got which). Refreshes are staggered
+    plain AdamW (:meth:`summary` says which got which). Embeddings are recognised only when
+    ``params`` is a module; with parameter groups (galore-torch's way) the groups decide: an
+    embedding in a group with a ``rank`` is projected, like any matrix. A ``(vocab, d)``
+    embedding or LM head is projected on its small side under ``proj_type="std"`` (``P`` is
+    ``d × r``, the moments ``vocab × r``). Groups of named parameters (``model.named_parameters()``
+    pairs, as torch optimizers take them) give their names to :attr:`rules`. Refreshes are staggered
     (``stagger=True``): the i-th of n projected matrices renews its subspace at steps
     ``≡ i·gap/n (mod gap)``. Non-finite gradients skip the whole step (counted in
     ``skipped_steps``) without touching any state (``check_finite=False``: a training loop
@@ -288,8 +293,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self._name, self._rule, self._rank, self._phase, self._index = {}, {}, {}, {}, {}
         projected, clamped = [], []
         for gi, group in enumerate(self.param_groups):
+            given = group.get("param_names") or []  # torch's named-parameter groups
             for pi, p in enumerate(group["params"]):
-                name = names.get(id(p), f"group{gi}.param{pi}")
+                name = names.get(id(p)) or (given[pi] if pi < len(given) else f"group{gi}.param{pi}")
                 self._name[p] = name
                 if group["rank"] is None:
                     self._rule[p] = "adamw (no rank in its group)"
@@ -517,14 +523,23 @@ def _check_group(group: dict, i: int, cls: str) -> None:
         raise ConfigError(f"{where}: 'betas' must be two numbers in [0, 1); got {betas!r}")
 
 
-def _embedding_ids(model: nn.Module) -> set[int]:
-    """ids of the input and output embedding weights (tied or not) of ``model``."""
-    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The input and output embedding weights of ``model`` (``nn.Embedding`` modules and
+    ``get_output_embeddings()``), each once (a tied LM head is the input embedding)."""
+    found = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     out = getattr(model, "get_output_embeddings", None)
     head = out() if callable(out) else None
     if head is not None and getattr(head, "weight", None) is not None:
-        ids.add(id(head.weight))
-    return ids
+        found.append(head.weight)
+    unique: dict[int, nn.Parameter] = {}
+    for p in found:
+        unique.setdefault(id(p), p)
+    return list(unique.values())
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """ids of the input and output embedding weights (tied or not) of ``model``."""
+    return {id(p) for p in embedding_parameters(model)}
 
 
 __all__ = [
@@ -534,6 +549,7 @@ __all__ = [
     "ProjectedAdamW",
     "Projector",
     "adam_direction",
+    "embedding_parameters",
     "projection_sides",
     "register_projector",
 ]

@@ -57,7 +57,11 @@ def read_trainer(out: Path) -> dict:
 
 
 def check_identity(saved: dict, current: dict, out: Path) -> None:
-    """CheckpointError naming every option where the checkpoint's run differs from this one."""
+    """CheckpointError naming every option where the checkpoint's run differs from this one
+    (an option the checkpoint predates counts as its default, :data:`IDENTITY_DEFAULTS`)."""
+    from rankwise.pretrain.config import IDENTITY_DEFAULTS
+
+    saved = {**IDENTITY_DEFAULTS, **saved}
     keys = sorted(set(saved) | set(current))
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
     if diffs:

@@ -110,8 +110,11 @@ def build_model(config: ModelConfig, tokenizer, *, seed: int = 0) -> nn.Module:
 # Options that decide the numbers a run produces: resuming needs them all to be equal.
 IDENTITY = (
     "config", "method", "steps", "batch_size", "seq_len", "lr", "warmup", "min_lr_ratio",
-    "weight_decay", "rank", "update_proj_gap", "scale", "data", "seed", "fsdp",
+    "weight_decay", "rank", "update_proj_gap", "scale", "data", "seed", "fsdp", "project_embeddings",
 )  # fmt: skip
+# Identity options added after checkpoints were first written: a checkpoint without one ran
+# with this value.
+IDENTITY_DEFAULTS = {"project_embeddings": False}
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,11 @@ class PretrainConfig:
     ``update_proj_gap`` and ``scale`` are the projection options (``rank`` also sizes the
     layer types). Validation perplexity is measured every ``eval_every`` steps (and at the
     end) on ``eval_tokens`` tokens of the validation split; a checkpoint is written every
-    ``checkpoint_every`` steps (and at the end).
+    ``checkpoint_every`` steps (and at the end). ``project_embeddings``: project the input
+    embedding and the LM head (tied or not) at ``rank`` too, instead of training them with
+    plain AdamW (galore-torch's recipe, the default): with a projected optimizer they join its
+    projected matrices; with a layer type they get GaLore's projection (the converted layers
+    keep plain AdamW); with ``adamw`` it is refused (that is the full-rank baseline).
     """
 
     config: str = "llama-20m"
@@ -147,6 +154,7 @@ class PretrainConfig:
     eval_tokens: int = 16384
     checkpoint_every: int = 200
     fsdp: bool = False
+    project_embeddings: bool = False
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,6 +174,9 @@ class PretrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0; got {value!r}")
+        for name in ("fsdp", "project_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
 
@@ -196,5 +207,5 @@ def lr_factor(config: PretrainConfig, step: int) -> float:
 
 
 __all__ = [
-    "IDENTITY", "MODEL_CONFIGS", "ModelConfig", "PretrainConfig", "build_model", "load_tokenizer", "lr_factor",
+    "IDENTITY", "IDENTITY_DEFAULTS", "MODEL_CONFIGS", "ModelConfig", "PretrainConfig", "build_model", "load_tokenizer", "lr_factor",
 ]  # fmt: skip

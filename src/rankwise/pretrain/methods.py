@@ -6,7 +6,10 @@ projected ones of :mod:`rankwise.optim`), or a layer type of :mod:`rankwise.laye
 converted with :func:`rankwise.layers.convert` and AdamW trains the result.
 
 Projected optimizers get galore-torch's recipe: every 2-D weight of the transformer blocks is
-projected at ``rank``; embeddings, the LM head and norms train with plain AdamW.
+projected at ``rank``; embeddings, the LM head and norms train with plain AdamW. With
+``project_embeddings`` the input embedding and the LM head are projected at ``rank`` too (on
+their small side: the moments are ``vocab × rank``); a layer type then trains with
+:class:`rankwise.optim.GaLoreAdamW` whose only projected matrices are the embeddings.
 """
 
 from __future__ import annotations
@@ -30,13 +33,33 @@ def block_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.model.layers.parameters() if p.ndim == 2 and p.requires_grad]
 
 
-def projected_groups(model: nn.Module, config: PretrainConfig) -> list[dict]:
-    """galore-torch's parameter groups: block matrices projected, everything else plain."""
-    projected = block_matrices(model)
+def embedding_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The input embedding and the LM head (once if tied) that train."""
+    from rankwise.optim import embedding_parameters
+
+    return [p for p in embedding_parameters(model) if p.requires_grad]
+
+
+def _groups(model: nn.Module, projected: list[nn.Parameter], config: PretrainConfig) -> list[dict]:
+    """Two galore-torch-style groups of named parameters: ``projected`` with the projection
+    options, every other trainable parameter without a rank (plain AdamW)."""
+    names = {id(p): n for n, p in model.named_parameters()}
     ids = {id(p) for p in projected}
     plain = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     options = dict(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, proj_type="std")
-    return [{"params": plain}, {"params": projected, **options}]
+    return [
+        {"params": [(names[id(p)], p) for p in plain]},
+        {"params": [(names[id(p)], p) for p in projected], **options},
+    ]
+
+
+def projected_groups(model: nn.Module, config: PretrainConfig) -> list[dict]:
+    """galore-torch's parameter groups: block matrices projected (and the embeddings, with
+    ``project_embeddings``), everything else plain."""
+    projected = block_matrices(model)
+    if config.project_embeddings:
+        projected += embedding_matrices(model)
+    return _groups(model, projected, config)
 
 
 def _adamw(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -85,6 +108,18 @@ def check_method(config: PretrainConfig) -> None:
     """ConfigError for an unknown method, or one that cannot run as asked (before any work)."""
     if config.method not in OPTIMIZERS and config.method not in layer_names():
         raise ConfigError(f"unknown method {config.method!r}; valid: {', '.join(method_names())}")
+    if config.project_embeddings and config.method in OPTIMIZERS and not is_projected(config.method):
+        raise ConfigError(
+            f"--project-embeddings needs a projected optimizer or a layer type; --method "
+            f"{config.method} trains every parameter at full rank (it is the baseline). Use e.g. "
+            "--method galore --project-embeddings, or drop --project-embeddings"
+        )
+    if config.fsdp and config.project_embeddings:
+        raise ConfigError(
+            "--project-embeddings cannot run under --fsdp: projecting the embeddings needs their "
+            "whole gradient matrices, and FSDP shards them across processes. Run it with DDP "
+            "(torchrun without --fsdp), or drop --project-embeddings"
+        )
     if config.fsdp and is_projected(config.method):
         raise ConfigError(
             f"--method {config.method} cannot run under --fsdp: FSDP shards every weight matrix "
@@ -126,9 +161,15 @@ def prepare_model(model: nn.Module, config: PretrainConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
-    """The optimizer of ``config.method`` over ``model`` (AdamW for layer types)."""
+    """The optimizer of ``config.method`` over ``model`` (AdamW for layer types; GaLore on the
+    embeddings alone for a layer type with ``project_embeddings``)."""
     if config.method in OPTIMIZERS:
         return OPTIMIZERS.get(config.method)(model, config)
+    if config.project_embeddings:
+        from rankwise.optim import GaLoreAdamW
+
+        groups = _groups(model, embedding_matrices(model), config)
+        return GaLoreAdamW(groups, lr=config.lr, eps=1e-6, weight_decay=config.weight_decay, seed=config.seed, check_finite=False)
     return _adamw(model, config)
 
 
@@ -158,6 +199,6 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 __all__ = [
-    "OPTIMIZERS", "block_matrices", "build_optimizer", "check_method", "fsdp_layer_types", "is_projected",
+    "OPTIMIZERS", "block_matrices", "build_optimizer", "embedding_matrices", "check_method", "fsdp_layer_types", "is_projected",
     "method_names", "optimizer_state_bytes", "prepare_model", "projected_groups", "weight_bytes",
 ]  # fmt: skip
