@@ -156,6 +156,62 @@ def main() -> None:
     calib_seconds = time.perf_counter() - t0
     print(f"dense perplexity {dense}; open-loop calibration ({', '.join(needs)}) {calib_seconds:.1f} s", flush=True)
 
+    def publish(memory: dict | None) -> str:
+        """Write the results so far to bench/results and docs/benchmarks.md; ``memory`` None: a
+        partial write after one more row (a long run stopped early keeps what it measured)."""
+        table = []
+        for row in rows:  # the last column holds the method name where its 80% memory run belongs
+            peak = (memory or {}).get(row[-1], {}).get("peak_rss_bytes") if row[-1] else None
+            table.append([*row[:-1], f"{peak / 1e9:.2f}" if peak else "–"])
+        recipe = {"seq_len": seq_len, "max_tokens": eval_tokens, "add_bos": False, "batch_size": 1, "split": "validation",
+                  "corpus_fingerprint": corpus.fingerprint()}  # fmt: skip
+        payload = {
+            "model": model_name, "quick": quick, "dense_perplexity": dense["builtin"], "dense_perplexity_heldout": dense["heldout"],
+            "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
+            "allocation": args.allocate, "method_options": options, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
+            "results": results, "complete": memory is not None, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory or {},
+            "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+                     "cpu_time": "time.process_time() of this process around heal() (all threads)"},
+        }  # fmt: skip
+        allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
+        md = (
+            f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}"
+            f"{' except ' + ', '.join(args.skip) if args.skip else ''}, "
+            f"{allocation_label} allocation, {' vs '.join(args.modes)} calibration"
+            f"{', options ' + ' '.join(args.option) if args.option else ''}\n\n"
+            f"Dense: {total:,} parameters; perplexity **{dense['builtin']:.2f}** on the built-in validation split and "
+            f"**{dense['heldout']:.2f}** on the held-out license texts (never calibrated on), seq_len {seq_len}, first "
+            f"{eval_tokens:,} tokens of each, no BOS. 'kept' counts ALL parameters (embeddings included, tied once). "
+            f"Calibration: {calib_tokens:,} tokens of the built-in calibration split. Open-loop: one calibration shared by "
+            f"all methods, its time ({calib_seconds:.0f} s) included in every calibrated method's time; closed-loop: each "
+            "layer calibrated on the outputs of the blocks already compressed (ranks allocated on the open-loop spectra).\n\n"
+            f"Decode: greedy, batch 1, KV cache, {new_tokens} new tokens, median of 3 runs interleaved with the "
+            "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
+            "(default calibration; evaluation included) in its own process, run alongside "
+            "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
+            + (f"Healing: {' / '.join(map(str, args.heal_steps))} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train "
+               "split (warm-up, cosine decay), one row per step count and learning rate, each from a copy of the same compressed model; "
+               "healed perplexities on both corpora vs dense; heal s = wall time, CPU s/step = this process's CPU time (all "
+               f"{torch.get_num_threads()} threads) per step.\n\n" if args.heal_steps else "")
+            + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
+                              "held-out vs dense", "compress s", "decode speed-up",
+                              *(["heal steps", "heal lr", "healed vs dense", "held-out healed vs dense", "heal s", "CPU s/step"] if args.heal_steps else []), "peak RSS GB"], table)  # fmt: skip
+            + ("" if memory is not None else "\n\n**Partial: the run was still going (or stopped) after these rows.**")
+        )
+        name = "compress_quick" if quick else "compress"
+        if args.allocate != "auto" or (not quick and (args.calib_tokens != 16384 or args.eval_tokens != 8192)):  # variants
+            name += f"_{args.allocate}_{calib_tokens}" + (f"_eval{eval_tokens}" if eval_tokens != 8192 and not quick else "")
+        if args.methods is not None and not args.skip:  # a subset run gets its own section too
+            name += "_" + "_".join(methods)
+        if args.option:
+            name += "_" + "_".join(o.replace("=", "-") for o in args.option)
+        if args.heal_steps:
+            name += "_heal" + "_".join(map(str, args.heal_steps)) + "_" + "_".join(f"{lr:g}" for lr in args.heal_lrs)
+        if args.ratios:  # runs split by ratio (to run in parallel) get a section each
+            name += "_" + "_".join(f"{r:g}" for r in ratios)
+        write_results(name, payload, md)
+        return md
+
     rows, results = [], []
     dense_decode = decode_time(model, tok, new_tokens)
     total = count_parameters(model)
@@ -199,6 +255,7 @@ def main() -> None:
                 if not args.heal_steps:
                     results.append(result)
                     rows.append([*row, memory_cell])
+                    publish(None)
                 runs = [(steps, lr) for steps in args.heal_steps for lr in args.heal_lrs]
                 for steps, lr in runs:
                     healed = _healed(res.model, heal_data, steps, lr, ppl, last=(steps, lr) == runs[-1])
@@ -213,60 +270,12 @@ def main() -> None:
                                                       "vs_dense_heldout": healed_vs["heldout"]}})  # fmt: skip
                     rows.append([*row, steps, f"{lr:g}", round(healed_vs["builtin"], 2), round(healed_vs["heldout"], 2), round(healed["seconds"]),
                                  round(healed["cpu_seconds"] / steps, 2), memory_cell])  # fmt: skip
+                    publish(None)
                 del net, res
 
     memory = {name: memory_result(run, Path(scratch.name) / name) for name, run in memory_runs.items()}
     scratch.cleanup()
-    for row in rows:  # the last column held the method name where its 80% memory run belongs
-        peak = memory.get(row[-1], {}).get("peak_rss_bytes") if row[-1] else None
-        row[-1] = f"{peak / 1e9:.2f}" if peak else "–"
-    recipe = {"seq_len": seq_len, "max_tokens": eval_tokens, "add_bos": False, "batch_size": 1, "split": "validation",
-              "corpus_fingerprint": corpus.fingerprint()}  # fmt: skip
-    payload = {
-        "model": model_name, "quick": quick, "dense_perplexity": dense["builtin"], "dense_perplexity_heldout": dense["heldout"],
-        "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
-        "allocation": args.allocate, "method_options": options, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
-        "results": results, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory,
-        "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
-                 "cpu_time": "time.process_time() of this process around heal() (all threads)"},
-    }  # fmt: skip
-    allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
-    md = (
-        f"### Compression: {model_name}, {'every registered method' if args.methods is None else 'methods ' + ', '.join(methods)}"
-        f"{' except ' + ', '.join(args.skip) if args.skip else ''}, "
-        f"{allocation_label} allocation, {' vs '.join(args.modes)} calibration"
-        f"{', options ' + ' '.join(args.option) if args.option else ''}\n\n"
-        f"Dense: {total:,} parameters; perplexity **{dense['builtin']:.2f}** on the built-in validation split and "
-        f"**{dense['heldout']:.2f}** on the held-out license texts (never calibrated on), seq_len {seq_len}, first "
-        f"{eval_tokens:,} tokens of each, no BOS. 'kept' counts ALL parameters (embeddings included, tied once). "
-        f"Calibration: {calib_tokens:,} tokens of the built-in calibration split. Open-loop: one calibration shared by "
-        f"all methods, its time ({calib_seconds:.0f} s) included in every calibrated method's time; closed-loop: each "
-        "layer calibrated on the outputs of the blocks already compressed (ranks allocated on the open-loop spectra).\n\n"
-        f"Decode: greedy, batch 1, KV cache, {new_tokens} new tokens, median of 3 runs interleaved with the "
-        "dense model's; speed-up = dense time / compressed time. Peak RSS: `rankwise compress --method M --ratio 0.8` "
-        "(default calibration; evaluation included) in its own process, run alongside "
-        "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
-        + (f"Healing: {' / '.join(map(str, args.heal_steps))} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train "
-           "split (warm-up, cosine decay), one row per step count and learning rate, each from a copy of the same compressed model; "
-           "healed perplexities on both corpora vs dense; heal s = wall time, CPU s/step = this process's CPU time (all "
-           f"{torch.get_num_threads()} threads) per step.\n\n" if args.heal_steps else "")
-        + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
-                          "held-out vs dense", "compress s", "decode speed-up",
-                          *(["heal steps", "heal lr", "healed vs dense", "held-out healed vs dense", "heal s", "CPU s/step"] if args.heal_steps else []), "peak RSS GB"], rows)  # fmt: skip
-    )
-    name = "compress_quick" if quick else "compress"
-    if args.allocate != "auto" or (not quick and (args.calib_tokens != 16384 or args.eval_tokens != 8192)):  # variants
-        name += f"_{args.allocate}_{calib_tokens}" + (f"_eval{eval_tokens}" if eval_tokens != 8192 and not quick else "")
-    if args.methods is not None and not args.skip:  # a subset run gets its own section too
-        name += "_" + "_".join(methods)
-    if args.option:
-        name += "_" + "_".join(o.replace("=", "-") for o in args.option)
-    if args.heal_steps:
-        name += "_heal" + "_".join(map(str, args.heal_steps)) + "_" + "_".join(f"{lr:g}" for lr in args.heal_lrs)
-    if args.ratios:  # runs split by ratio (to run in parallel) get a section each
-        name += "_" + "_".join(f"{r:g}" for r in ratios)
-    write_results(name, payload, md)
-    print(md)
+    print(publish(memory))
 
 
 def _healed(model, blocks, steps: int, lr: float, ppl, *, last: bool) -> dict:
