@@ -401,3 +401,22 @@ def test_param_group_added_later_is_checked_and_classified():
     a.grad, b.grad = torch.randn(8, 6), torch.randn(6, 10)
     opt.step()
     assert opt.state[b]["exp_avg"].shape == (3, 10)
+
+
+def test_renew_subspaces_renews_every_projected_matrix_now():
+    model = Net()
+    opt = GaLoreAdamW(model, rank=2, update_proj_gap=1000)
+    for seed in range(2):
+        opt.zero_grad()
+        loss_of(model, seed).backward()
+        opt.step()
+    before = {p: opt.state[p]["proj_right" if "proj_right" in opt.state[p] else "proj_left"].clone() for p in opt._rank}
+    count = opt.refresh_count
+    opt.zero_grad()
+    loss_of(model, 7).backward()
+    seconds = opt.renew_subspaces()
+    assert seconds > 0 and opt.refresh_count == count + len(before) == count + 2
+    for p, old in before.items():
+        new = opt.state[p]["proj_right" if "proj_right" in opt.state[p] else "proj_left"]
+        assert new.shape == old.shape and not torch.allclose(new.abs(), old.abs(), atol=1e-3)
+    assert opt.state[model.up.weight]["exp_avg"].shape == (9, 2)  # moments kept

@@ -109,8 +109,12 @@ class Projector(ABC):
         """Renew the subspace from ``grad`` if it is due at ``step``; True if renewed."""
         if not self.due(step):
             return False
-        self._renew(grad, step)
+        self.renew(grad, step)
         return True
+
+    def renew(self, grad: torch.Tensor, step: int) -> None:
+        """Renew the subspace from ``grad`` now, whether or not it is due."""
+        self._renew(grad, step)
 
     def has_basis(self) -> bool:
         return all(f"proj_{side}" in self.state for side in self.sides)
@@ -447,6 +451,26 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self._write(
             p, proj.project_back(direction), step_size, state, group, grad=grad, low=low, proj=proj
         )
+
+    @torch.no_grad()
+    def renew_subspaces(self) -> float:
+        """Renew the subspace of every projected parameter that has a gradient, now, from its
+        current ``.grad`` (whatever the refresh schedule says); return the seconds it took
+        (also added to ``refresh_seconds``/``refresh_count``). The moments are kept, as at a
+        scheduled refresh. Useful to time one full refresh (bench/optim.py) or to restart the
+        subspaces after a change of data. (GradNormLoRP's scheduled refreshes use the
+        direction's gradient, of the same shape and cost.)"""
+        t0 = time.perf_counter()
+        count = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self._rank and p.grad is not None:
+                    self._projector(p, group).renew(p.grad, int(self.state[p].get("step", 0)))
+                    count += 1
+        seconds = time.perf_counter() - t0
+        self.refresh_seconds += seconds
+        self.refresh_count += count
+        return seconds
 
     # ---------------------------------------------------------------- hooks
 
