@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,8 @@ def memory_result(process: subprocess.Popen, folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="default: every registered method; NAME:key=value,... gives one its own options (a row each)")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (named in the table's title)")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="calibration modes to compare")
     parser.add_argument("--ratios", nargs="*", type=float, default=None, help="default: 0.8 0.6 (quick: 0.8)")
@@ -142,11 +144,18 @@ def main() -> None:
     }  # they run alongside; their numbers are collected at the end
     dense = ppl(model)
 
-    def statistics(name: str) -> frozenset[str]:
+    def variant(label: str) -> tuple[str, dict]:
+        """``"name"`` or ``"name:key=value,key=value"`` (a method with its own options, beside
+        the ``--option`` ones) as ``(name, options)``."""
+        name, _, own = label.partition(":")
+        return name, options | (parse_options(own.split(",")) if own else {})
+
+    def statistics(label: str) -> frozenset[str]:
         """What the method (and its allocation) calibrate; none if it cannot honour --allocate
         (compress then reports that as the method's failure)."""
         try:
-            return get_method(name, **options).statistics(args.allocate)
+            name, method_options = variant(label)
+            return get_method(name, **method_options).statistics(args.allocate)
         except ConfigError:
             return frozenset()
 
@@ -202,7 +211,7 @@ def main() -> None:
         if args.allocate != "auto" or (not quick and (args.calib_tokens != 16384 or args.eval_tokens != 8192)):  # variants
             name += f"_{args.allocate}_{calib_tokens}" + (f"_eval{eval_tokens}" if eval_tokens != 8192 and not quick else "")
         if args.methods is not None and not args.skip:  # a subset run gets its own section too
-            name += "_" + "_".join(methods)
+            name += "_" + "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", m) for m in methods)
         if args.option:
             name += "_" + "_".join(o.replace("=", "-") for o in args.option)
         if args.heal_steps:
@@ -216,23 +225,24 @@ def main() -> None:
     dense_decode = decode_time(model, tok, new_tokens)
     total = count_parameters(model)
     for ratio in ratios:
-        for name in methods:
-            supported = get_method(name, **options).supports_closed_loop()
+        for label in methods:
+            name, method_options = variant(label)
+            supported = get_method(name, **method_options).supports_closed_loop()
             for mode in args.modes:
                 if mode == "closed-loop" and not supported:
                     continue
                 net = copy.deepcopy(model)
-                stats = calibration if statistics(name) else None
+                stats = calibration if statistics(label) else None
                 t0 = time.perf_counter()
                 try:
                     res = compress(
-                        net, tokenizer=tok, method=name, method_options=options, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
+                        net, tokenizer=tok, method=name, method_options=method_options, ratio=ratio, allocation=args.allocate, data=corpus.calibration,
                         calibration=mode, calib_tokens=calib_tokens, seq_len=seq_len, evaluate=False, measure_speed=False,
                         statistics=stats,
                     )  # fmt: skip
                 except Exception as e:  # a method that cannot reach this ratio is reported, not fatal
-                    print(f"{name} @ {ratio} {mode}: failed: {e}", flush=True)
-                    results.append({"method": name, "ratio": ratio, "calibration": mode, "error": str(e)})
+                    print(f"{label} @ {ratio} {mode}: failed: {e}", flush=True)
+                    results.append({"method": label, "ratio": ratio, "calibration": mode, "error": str(e)})
                     continue
                 seconds = time.perf_counter() - t0 + (calib_seconds if stats is not None else 0.0)
                 quality = ppl(res.model)
@@ -243,13 +253,13 @@ def main() -> None:
                     times = interleaved({"dense": dense_decode, "compressed": decode_time(res.model, tok, new_tokens)}, repeats=3)
                 speedup = times["dense"] / times["compressed"]
                 vs = {k: quality[k] / dense[k] for k in quality}
-                print(f"{name} @ {ratio} {mode}: ppl {quality} ({vs}), kept {kept / total:.3f}, {seconds:.1f} s, decode {speedup:.2f}x", flush=True)
-                result = {"method": name, "ratio": ratio, "calibration": mode, "perplexity": quality["builtin"],
+                print(f"{label} @ {ratio} {mode}: ppl {quality} ({vs}), kept {kept / total:.3f}, {seconds:.1f} s, decode {speedup:.2f}x", flush=True)
+                result = {"method": label, "ratio": ratio, "calibration": mode, "perplexity": quality["builtin"],
                           "perplexity_heldout": quality["heldout"], "vs_dense": vs["builtin"], "vs_dense_heldout": vs["heldout"],
                           "parameters_after": kept, "kept_fraction": kept / total, "compress_seconds": seconds,
                           "decode_dense_tokens_per_s": new_tokens / times["dense"], "decode_tokens_per_s": new_tokens / times["compressed"],
                           "decode_speedup": speedup, "layers": {r["name"]: r["rank"] for r in res.report["layers"]}}  # fmt: skip
-                row = [name, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
+                row = [label, f"{ratio:.0%}", mode, f"{kept / total:.1%}", _num(quality["builtin"]), round(vs["builtin"], 2),
                        _num(quality["heldout"]), round(vs["heldout"], 2), round(seconds, 1), "–" if args.no_decode else f"{speedup:.2f}x"]  # fmt: skip
                 memory_cell = name if ratio == 0.8 and mode == ("closed-loop" if supported else "open-loop") else None
                 if not args.heal_steps:
@@ -260,7 +270,7 @@ def main() -> None:
                 for steps, lr in runs:
                     healed = _healed(res.model, heal_data, steps, lr, ppl, last=(steps, lr) == runs[-1])
                     healed_vs = {k: healed["perplexity"][k] / dense[k] for k in healed["perplexity"]}
-                    print(f"{name} @ {ratio} {mode} healed {steps} steps lr {lr:g}: ppl {healed['perplexity']} ({healed_vs}), "
+                    print(f"{label} @ {ratio} {mode} healed {steps} steps lr {lr:g}: ppl {healed['perplexity']} ({healed_vs}), "
                           f"{healed['seconds']:.0f} s wall, {healed['cpu_seconds']:.0f} s CPU", flush=True)  # fmt: skip
                     results.append(result | {"heal": {"steps": steps, "lr": lr, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
                                                       "seconds": healed["seconds"], "cpu_seconds": healed["cpu_seconds"],
