@@ -58,6 +58,32 @@ def test_block_statistics_come_from_the_compressed_blocks_before(tiny, texts):
         walk[first]
 
 
+def test_a_walk_over_unchanged_blocks_runs_each_block_once(tiny, texts):
+    """Reading a block's statistics runs it; passing it reuses those outputs unless the block
+    changed meanwhile (a replaced layer, or a weight edited in place)."""
+    model, tok = tiny
+    layers = linear_layers(model)
+    blocks = decoder_blocks(model, layers)
+    calls = {b.name: 0 for b in blocks}
+    handles = [b.module.register_forward_pre_hook(lambda m, a, name=b.name: calls.__setitem__(name, calls[name] + 1)) for b in blocks]
+    walk = closed_loop_calibration(model, tok, texts, tokens=256, seq_len=64, batch_size=4, statistics=("gram",), layers=layers).stats
+    batches = 256 // 64 // 4
+    for name in layers:
+        walk[name]
+    walk.finish()
+    capture = {blocks[0].name: batches}  # the forward capturing block 0's inputs stops in its pre-hook
+    assert calls == {b.name: batches + capture.get(b.name, 0) for b in blocks}  # read once, never rerun
+    edited = closed_loop_calibration(model, tok, texts, tokens=256, seq_len=64, batch_size=4, statistics=("gram",), layers=layers).stats
+    calls.update({b.name: 0 for b in blocks})
+    edited[next(iter(blocks[0].layers))]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.0)  # an in-place edit, even one keeping values
+    edited.finish()
+    for h in handles:
+        h.remove()
+    assert calls[blocks[0].name] == 2 * batches  # read, then run again when passed
+
+
 def test_closed_loop_refuses_what_it_cannot_do(tiny, texts):
     model, tok = tiny
     with pytest.raises(ConfigError, match="open-loop calibration passed as base"):
