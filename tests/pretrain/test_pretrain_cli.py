@@ -41,3 +41,28 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, message):
     assert main([*TINY, "--steps", "1", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def _has_option(flag: str) -> bool:
+    import inspect
+
+    from rankwise.cli.pretrain import pretrain_command
+
+    params = inspect.signature(pretrain_command).parameters.values()
+    return any(flag in getattr(p.default, "param_decls", ()) for p in params)
+
+
+@pytest.mark.skipif(
+    not _has_option("--project-embeddings"),
+    reason="the --project-embeddings flag is not in src/rankwise/cli/pretrain.py yet",
+)
+def test_project_embeddings_flag_is_saved_and_checked_on_resume(tmp_path, capsys):
+    assert main(["pretrain", "--help"]) == 0
+    assert "--project-embeddings" in capsys.readouterr().out
+    out = str(tmp_path / "run")
+    args = [*TINY, "--method", "galore", "--rank", "8", "--steps", "2", "--out", out]
+    assert main([*args, "--project-embeddings", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["project_embeddings"] is True
+    assert main([*args, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "project_embeddings: True in the checkpoint, False now" in err
