@@ -25,6 +25,7 @@ import json
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,15 +40,18 @@ from rankwise.adapters.base import (
     METHODS,
     Adapter,
     AdapterConfig,
+    LayerView,
     get_method,
     normalise_rank,
     view_for,
 )
 from rankwise.adapters.inject import (
+    AdaptedLayer,
     AttachPlan,
     ShapeOnlyView,
     adapted_layers,
     attach,
+    delete,
     matching_paths,
     resolve_targets,
 )
@@ -472,28 +476,48 @@ def _saved_config(folder: Path, cls: type[Adapter], saved: _SavedAdapter) -> Ada
         raise CheckpointError(f"{folder}/{CONFIG_FILE}: {e}") from None
 
 
+def _layer_at(model: nn.Module, path: str, folder: Path) -> nn.Module:
+    """The module an adapter for ``path`` wraps: the base layer when it is already adapted."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(
+            f"{folder}: layer {path!r} does not exist in this model (made for another base model?)"
+        ) from None
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def _layout(module: nn.Module, view: LayerView) -> tuple:
+    """What an adapter's shapes depend on: the layer's type, kind and weight/bias shapes."""
+    bias = view.bias
+    return (type(module), view.kind, tuple(view.weight.shape), view.weight.dtype,
+            None if bias is None else tuple(bias.shape))  # fmt: skip
+
+
 def _checked_tensors(
     model: nn.Module, folder: Path, cls: type[Adapter], config: AdapterConfig, saved: _SavedAdapter
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Adapter], dict[str, tuple]]:
     """Each layer's tensors under the adapter's own names, checked against throwaway
-    (shape-only) adapters built on the model's real layers."""
-    found = {p: layer.base_layer for p, layer in adapted_layers(model).items()}
+    (shape-only) adapters built on the model's real layers; also those probes and each
+    layer's :func:`_layout`. Linear layers of one layout share one probe (a probe costs about
+    a millisecond, and a model has hundreds of identical projections)."""
     prefix = PEFT_PREFIX if saved.peft else ""
     native: dict[str, dict[str, torch.Tensor]] = {}
     probes: dict[str, Adapter] = {}
+    layouts: dict[str, tuple] = {}
+    shared_probes: dict[tuple, Adapter] = {}
     for path, have in saved.tensors.items():
-        try:
-            module = found[path] if path in found else model.get_submodule(path)
-        except AttributeError:
-            raise CheckpointError(
-                f"{folder}: layer {path!r} does not exist in this model (made for another base model?)"
-            ) from None
+        module = _layer_at(model, path, folder)
         view = view_for(module)
         if view is None:
             raise CheckpointError(f"{folder}: {path!r} is a {type(module).__name__}, not adaptable")
         if reason := cls.check_layer(view, config):
             raise CheckpointError(f"{folder}: {path}: {reason}")
-        probe = probes[path] = cls(ShapeOnlyView(view), config, dtype=torch.float32)
+        layout = layouts[path] = _layout(module, view)
+        probe = shared_probes.get(layout) if view.kind in ("linear", "transposed_linear") else None
+        if probe is None:
+            probe = shared_probes[layout] = cls(ShapeOnlyView(view), config, dtype=torch.float32)
+        probes[path] = probe
         expected = probe.peft_state() if saved.peft else probe.state_dict()
         for key in expected:
             if key not in have:
@@ -507,7 +531,7 @@ def _checked_tensors(
         native[path] = probe.peft_to_native(have) if saved.peft else dict(have)
     if saved.peft and cls.peft_shared and (reason := cls.check_peft_shared(saved.shared, probes)):
         raise CheckpointError(f"{folder}: {reason}")
-    return native
+    return native, probes, layouts
 
 
 def _layers_without_weights(model: nn.Module, saved: _SavedAdapter) -> list[str]:
@@ -545,6 +569,128 @@ def _check_coverage(model: nn.Module, folder: Path, saved: _SavedAdapter, strict
     warnings.warn(f"{text}; those layers stay without the adapter", stacklevel=3)
 
 
+@dataclass
+class AdapterCheckpoint:
+    """An adapter folder read and checked against one model, not attached yet: what
+    :func:`read_adapter` returns and :func:`attach_checkpoint` attaches.
+
+    ``tensors`` are each layer's tensors under the adapter's own parameter names (``{layer
+    path: {name: tensor}}``), ``config`` the method's validated config. Reading touches no
+    model state, so a server can read while the model runs and take its lock only to attach.
+    """
+
+    folder: Path
+    method: str
+    config: AdapterConfig
+    tensors: dict[str, dict[str, torch.Tensor]]
+    shared: dict[str, torch.Tensor]
+    probes: dict[str, Adapter]  # shape-only (meta) adapters, one per layer path (shared by alike layers)
+    layouts: dict[str, tuple]  # the layer each path was checked against (see ``_layout``)
+    model: weakref.ref
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors read."""
+        tensors = [t for ts in self.tensors.values() for t in ts.values()] + list(self.shared.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def factor_shapes(self) -> dict[str, tuple[torch.Size, torch.Size]]:
+        """``{layer path: (A shape (r, in), B shape (out, r))}`` for the layers where the
+        method's term is ``s·B(Ax)`` (:meth:`~rankwise.adapters.Adapter.delta_factors`), which
+        per-row routing copies into the layer's slot pool; other layers are left out."""
+        found = {}
+        for path, probe in self.probes.items():
+            if probe.layer.kind in ("linear", "transposed_linear"):
+                factors = probe.delta_factors()
+                if factors is not None:
+                    found[path] = (factors[0].shape, factors[1].shape)
+        return found
+
+
+def read_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, strict: bool = True
+) -> AdapterCheckpoint:
+    """Read the adapter saved in ``directory`` (PEFT or rankwise format) and check it
+    against ``model`` without changing the model: every key, shape, dtype and value
+    (NaN/Inf), the config, and the layers its target patterns cover (see
+    :func:`load_adapter` for ``strict``). Raises CheckpointError naming the problem.
+    Attach the result with :func:`attach_checkpoint`."""
+    folder = Path(directory)
+    cfg = _read_config(folder)
+    saved = (
+        _read_native(folder, cfg)
+        if cfg.get("format") == NATIVE_FORMAT
+        else _read_peft(model, folder, cfg)
+    )
+    try:
+        cls = get_method(saved.method)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    if not saved.tensors:
+        raise CheckpointError(f"{folder}: the adapter has no layers")
+    config = _saved_config(folder, cls, saved)
+    native, probes, layouts = _checked_tensors(model, folder, cls, config, saved)
+    _check_coverage(model, folder, saved, strict)
+    return AdapterCheckpoint(
+        folder, saved.method, config, native, saved.shared, probes, layouts, weakref.ref(model)
+    )
+
+
+def _check_unchanged(model: nn.Module, checkpoint: AdapterCheckpoint) -> None:
+    """Refuse to attach ``checkpoint`` to another model, or to layers that changed since."""
+    if checkpoint.model() is not model:
+        raise ConfigError(
+            f"{checkpoint.folder}: this AdapterCheckpoint was read for another model; "
+            "call read_adapter with this model"
+        )
+    for path, layout in checkpoint.layouts.items():
+        try:
+            module = _layer_at(model, path, checkpoint.folder)
+        except CheckpointError:
+            module = None
+        view = None if module is None else view_for(module)
+        if view is None or _layout(module, view) != layout:
+            raise ConfigError(
+                f"{checkpoint.folder}: layer {path!r} changed since the adapter was read; "
+                "call read_adapter again"
+            )
+
+
+def attach_checkpoint(
+    model: nn.Module,
+    checkpoint: AdapterCheckpoint,
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    activate: bool = True,
+) -> AttachPlan:
+    """Attach an adapter read by :func:`read_adapter` as ``name`` and copy its tensors in
+    (frozen unless ``trainable``; joins the active set if ``activate``). Raises ConfigError
+    (a name already used, another model, a layer changed since the read) with the model
+    unchanged; a copy that fails anyway (the checkpoint altered after the read) removes the
+    adapter again. Returns the :class:`AttachPlan`."""
+    _check_unchanged(model, checkpoint)
+    paths = list(checkpoint.tensors)
+    target = re.compile("|".join(re.escape(p) for p in paths))  # one pattern: one pass over the modules
+    plan = attach(
+        model, checkpoint.method, target, name, activate=activate, trainable=trainable,
+        **checkpoint.config.to_dict(),
+    )  # fmt: skip
+    try:
+        with torch.no_grad():
+            for path, values in checkpoint.tensors.items():
+                adapter = model.get_submodule(path).adapters[name]
+                state = adapter.state_dict()
+                for key, t in values.items():
+                    state[key].copy_(t)
+                if checkpoint.shared:
+                    adapter.load_peft_shared(checkpoint.shared)
+    except BaseException:
+        delete(model, name)
+        raise
+    return plan
+
+
 def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -563,38 +709,12 @@ def load_adapter(
     select in this model but that the file has no weights for raise CheckpointError naming
     them (``strict=False``: a warning, and those layers stay unadapted). Unknown config
     keys only warn. The model is unchanged on any error. Returns the :class:`AttachPlan`.
-    """
-    folder = Path(directory)
-    cfg = _read_config(folder)
-    saved = (
-        _read_native(folder, cfg)
-        if cfg.get("format") == NATIVE_FORMAT
-        else _read_peft(model, folder, cfg)
-    )
-    try:
-        cls = get_method(saved.method)
-    except ConfigError as e:
-        raise CheckpointError(f"{folder}: {e}") from None
-    if not saved.tensors:
-        raise CheckpointError(f"{folder}: the adapter has no layers")
-    config = _saved_config(folder, cls, saved)
-    native = _checked_tensors(model, folder, cls, config, saved)
-    _check_coverage(model, folder, saved, strict)
 
-    targets = [re.compile(re.escape(p)) for p in native]
-    plan = attach(
-        model, saved.method, targets, name, activate=activate, trainable=trainable,
-        **config.to_dict(),
-    )  # fmt: skip
-    layers = adapted_layers(model)
-    with torch.no_grad():
-        for path, values in native.items():
-            state = layers[path].adapters[name].state_dict()
-            for key, t in values.items():
-                state[key].copy_(t)
-            if saved.shared:
-                layers[path].adapters[name].load_peft_shared(saved.shared)
-    return plan
+    The same as :func:`read_adapter` (files and checks, model untouched) followed by
+    :func:`attach_checkpoint`.
+    """
+    checkpoint = read_adapter(model, directory, strict=strict)
+    return attach_checkpoint(model, checkpoint, name, trainable=trainable, activate=activate)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> Mapping[str, Any]:
@@ -602,4 +722,11 @@ def read_adapter_config(directory: str | os.PathLike) -> Mapping[str, Any]:
     return _read_config(Path(directory))
 
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_config"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "attach_checkpoint",
+    "AdapterCheckpoint",
+    "read_adapter_config",
+]

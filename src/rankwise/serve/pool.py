@@ -3,8 +3,16 @@
 Adapter weights and the KV cache share one memory budget (S-LoRA's unified memory idea,
 "S-LoRA: Serving Thousands of Concurrent LoRA Adapters", 2023): loading an adapter or
 admitting a request reserves bytes, and when they do not fit, resident adapters that no
-queued or running request uses are evicted, oldest use first. Adapters are attached to the
-one base model under internal names (``serve_<n>``), so any folder name works.
+queued or running request uses are evicted, oldest use first. The budget counts each
+resident adapter's parameters and the copy of its factors in the layers' slot pools, the
+KV cache of admitted requests, and the slot pools' free slots: a pool doubles when full
+and does not shrink, so freed and spare slots hold memory too (a load that would make a pool
+double counts the new spare slots; a pool left empty by an eviction is freed). Adapters are attached to the one base model under
+internal names (``serve_<n>``), so any folder name works.
+
+An adapter's files are read and checked (:func:`rankwise.adapters.io.read_adapter`) with
+no lock held: the model keeps decoding, and requests for resident adapters are not held
+up; only the attach itself takes the model lock.
 
 Only folders inside the configured adapters folder load: absolute paths, ``..`` and
 symlinks that lead outside it are refused, and weights must be safetensors.
@@ -12,6 +20,7 @@ symlinks that lead outside it are refused, and weights must be safetensors.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,9 +29,16 @@ from typing import Any
 
 from torch import nn
 
-from rankwise.adapters import delete, load_adapter, read_adapter_config
-from rankwise.adapters.inject import adapted_layers
-from rankwise.adapters.io import CONFIG_FILE, NATIVE_WEIGHTS, PEFT_WEIGHTS
+from rankwise.adapters import delete, read_adapter_config
+from rankwise.adapters.inject import AdaptedLayer, adapted_layers
+from rankwise.adapters.io import (
+    CONFIG_FILE,
+    NATIVE_WEIGHTS,
+    PEFT_WEIGHTS,
+    AdapterCheckpoint,
+    attach_checkpoint,
+    read_adapter,
+)
 from rankwise.errors import CheckpointError, ConfigError
 from rankwise.serve.requests import QueueFullError, UnknownAdapterError
 
@@ -79,6 +95,7 @@ class AdapterPool:
         self.loads = 0
         self.version = 0  # bumped on every attach/delete (routings must be rebuilt)
         self._counter = 0
+        self._layers: tuple[int, list[AdaptedLayer]] = (-1, [])  # (version, adapted layers)
 
     # -- names and folders
     def known(self) -> list[str]:
@@ -147,19 +164,81 @@ class AdapterPool:
 
     # -- memory
     def used_bytes(self) -> int:
-        return self.kv_bytes + sum(r.nbytes for r in self.resident.values())
+        """Bytes held against the budget: KV reservations, resident adapters (parameters and
+        slot copies) and the slot pools' free slots."""
+        return self.kv_bytes + sum(r.nbytes for r in self.resident.values()) + self.slot_slack_bytes()
 
-    def _make_room(self, nbytes: int) -> bool:
-        """Evict unpinned adapters (oldest use first) until ``nbytes`` more fit."""
+    def _adapted_layers(self) -> list[AdaptedLayer]:
+        """The model's adapted layers (walked again only after an attach or delete)."""
+        if self._layers[0] != self.version:
+            self._layers = (self.version, list(adapted_layers(self.model).values()))
+        return self._layers[1]
+
+    def slot_slack_bytes(self) -> int:
+        """Bytes of the slot pools' free slots: allocated (pools double when full and never
+        shrink) but holding no adapter's factors."""
+        total = 0
+        for layer in self._adapted_layers():
+            for pool in _slot_pools(layer):
+                free = pool.owners.count(None)
+                if free:
+                    total += free * _slot_bytes(pool)
+        return total
+
+    def _slot_growth(self, shapes: dict[str, tuple]) -> int:
+        """Bytes of free slots that taking an adapter with these factor shapes
+        (:meth:`AdapterCheckpoint.factor_shapes`) would add: each layer whose pool for that
+        shape is full (or missing) doubles it (to at least 4 slots), and the new adapter
+        fills one of the new slots."""
+        total = 0
+        for path, (a_shape, b_shape) in shapes.items():
+            try:
+                layer = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            slot = (math.prod(a_shape) + math.prod(b_shape)) * 4  # float32 factors
+            pool = next(
+                (p for p in _slot_pools(layer)
+                 if tuple(p.a.shape[1:]) == (a_shape[1], a_shape[0])
+                 and tuple(p.b.shape[1:]) == (b_shape[1], b_shape[0])),
+                None,
+            )  # fmt: skip
+            if pool is not None and None in pool.owners:
+                continue
+            capacity = 0 if pool is None else len(pool.owners)
+            total += (max(4, 2 * capacity) - capacity - 1) * slot
+        return total
+
+    def _make_room(self, nbytes: int, shapes: dict[str, tuple] | None = None) -> bool:
+        """Evict unpinned adapters (oldest use first) until ``nbytes`` more (and the slot
+        pool growth an adapter with factor ``shapes`` would cause) fit."""
         if self.budget is None:
             return True
+
+        def fits() -> bool:
+            growth = self._slot_growth(shapes) if shapes else 0
+            return self.used_bytes() + nbytes + growth <= self.budget
+
         for name in list(self.resident):
-            if self.used_bytes() + nbytes <= self.budget:
+            if fits():
                 break
             if self.resident[name].pins == 0:
                 self._delete(name)
                 self.evictions += 1
-        return self.used_bytes() + nbytes <= self.budget
+                self._drop_empty_slot_pools()
+        return fits()
+
+    def _drop_empty_slot_pools(self) -> None:
+        """Free the slot pools that no adapter uses any more (their memory counts against the
+        budget; without a budget they stay, ready for the next adapter of that shape)."""
+        with self.model_lock:
+            for layer in self._adapted_layers():
+                slots = layer.slots
+                if slots is None:
+                    continue
+                for key, pool in list(slots.pools.items()):
+                    if all(owner is None for owner in pool.owners):
+                        del slots.pools[key]
 
     def reserve_kv(self, nbytes: int) -> bool:
         """Reserve KV-cache bytes for a request (evicting idle adapters); False if they do not fit."""
@@ -174,17 +253,28 @@ class AdapterPool:
             self.kv_bytes = max(0, self.kv_bytes - nbytes)
 
     # -- loading
-    def _attach(self, name: str) -> _Resident:
+    def _read(self, name: str) -> tuple[AdapterCheckpoint, dict[str, Any]]:
+        """``name``'s files read and checked against the model (no lock held; the model is
+        not touched), and its ``{"method", "rank"}``."""
         path = self.folder(name)
         info = _info(dict(read_adapter_config(path)))
-        weights = path / (PEFT_WEIGHTS if (path / PEFT_WEIGHTS).is_file() else NATIVE_WEIGHTS)
-        estimate = weights.stat().st_size
-        if self.budget is not None and estimate > self.budget:
+        try:
+            checkpoint = read_adapter(self.model, path)
+        except CheckpointError as e:
+            raise CheckpointError(f"adapter {name!r}: {e}") from None
+        return checkpoint, info
+
+    def _attach(self, name: str, checkpoint: AdapterCheckpoint, info: dict[str, Any]) -> _Resident:
+        """Attach a read adapter (``self.lock`` held), making room in the budget first."""
+        shapes = checkpoint.factor_shapes()
+        estimate = _estimated_bytes(checkpoint, shapes)
+        alone = estimate + 3 * (estimate - _estimated_bytes(checkpoint, {}))  # new 4-slot pools
+        if self.budget is not None and alone > self.budget:
             raise ConfigError(
-                f"adapter {name!r} needs about {estimate:,} bytes but memory_budget_bytes is "
-                f"{self.budget:,}; raise the budget"
+                f"adapter {name!r} needs about {alone:,} bytes (with its slot pools) but "
+                f"memory_budget_bytes is {self.budget:,}; raise the budget"
             )
-        if not self._make_room(estimate):
+        if not self._make_room(estimate, shapes):
             raise QueueFullError(
                 f"no memory for adapter {name!r}: the budget is held by adapters and requests in use",
                 retry_after=1.0,
@@ -193,15 +283,31 @@ class AdapterPool:
         internal = f"serve_{self._counter}"
         with self.model_lock:
             try:
-                load_adapter(self.model, path, internal, activate=False)
-            except CheckpointError as e:
-                raise CheckpointError(f"adapter {name!r}: {e}") from None
-            self.version += 1
-        nbytes = _resident_bytes(self.model, internal)
+                attach_checkpoint(self.model, checkpoint, internal, activate=False)
+            except ConfigError as e:  # the model changed since the read (another thread)
+                raise ConfigError(f"adapter {name!r}: {e}") from None
+            finally:
+                self.version += 1
+        nbytes = _resident_bytes(self.model, internal, list(checkpoint.tensors))
         self.loads += 1
         entry = _Resident(internal, nbytes, info, self._counter)
         self.resident[name] = entry
         return entry
+
+    def _use(self, name: str, *, pin: bool) -> _Resident:
+        """``name``'s entry, loaded first if it is not resident (read with no lock held, then
+        attached under the locks unless another thread loaded it meanwhile)."""
+        read = None
+        while True:
+            with self.lock:
+                entry = self.resident.get(name)
+                if entry is None and read is not None:
+                    entry = self._attach(name, *read)
+                if entry is not None:
+                    self.resident.move_to_end(name)
+                    entry.pins += int(pin)
+                    return entry
+            read = self._read(name)
 
     def _delete(self, name: str) -> None:
         entry = self.resident.pop(name)
@@ -213,10 +319,8 @@ class AdapterPool:
 
     def load(self, name: str) -> dict[str, Any]:
         """Make ``name`` resident (a no-op if it is); returns its ``models()`` entry."""
-        with self.lock:
-            entry = self.resident.get(name) or self._attach(name)
-            self.resident.move_to_end(name)
-            return {"id": name, "kind": "adapter", "resident": True, **entry.info}
+        entry = self._use(name, pin=False)
+        return {"id": name, "kind": "adapter", "resident": True, **entry.info}
 
     def unload(self, name: str) -> None:
         """Detach ``name`` now; ConfigError if requests still use it."""
@@ -233,11 +337,7 @@ class AdapterPool:
 
     def pin(self, name: str) -> str:
         """Load ``name`` if needed and keep it resident until :meth:`unpin`; its attach name."""
-        with self.lock:
-            entry = self.resident.get(name) or self._attach(name)
-            self.resident.move_to_end(name)
-            entry.pins += 1
-            return entry.internal
+        return self._use(name, pin=True).internal
 
     def unpin(self, name: str) -> None:
         with self.lock:
@@ -256,11 +356,33 @@ class AdapterPool:
         return (entry.info.get("rank") or 0, entry.serial)
 
 
-def _resident_bytes(model: nn.Module, internal: str) -> int:
-    """Bytes adapter ``internal`` holds: its parameters, plus the copy of its factors that
-    per-row routing keeps in each layer's slot pool (adapters with ``delta_factors``)."""
+def _slot_pools(layer: nn.Module) -> list:
+    """The slot pools of an adapted layer (``inject._SlotPool``: ``a`` ``(slots, in, r)``,
+    ``b`` ``(slots, r, out)``, ``owners`` with None for a free slot)."""
+    slots = getattr(layer, "slots", None) if isinstance(layer, AdaptedLayer) else None
+    return [] if slots is None else list(slots.pools.values())
+
+
+def _slot_bytes(pool) -> int:
+    return (math.prod(pool.a.shape[1:]) * pool.a.element_size()
+            + math.prod(pool.b.shape[1:]) * pool.b.element_size())  # fmt: skip
+
+
+def _estimated_bytes(checkpoint: AdapterCheckpoint, shapes: dict[str, tuple]) -> int:
+    """What an adapter will hold once attached (float32 parameters, as attach makes them
+    for a float32/bfloat16 base) plus the slot copies of its factors."""
+    params = sum(t.numel() for ts in checkpoint.tensors.values() for t in ts.values())
+    copies = sum(math.prod(a) + math.prod(b) for a, b in shapes.values())
+    return 4 * (params + copies)
+
+
+def _resident_bytes(model: nn.Module, internal: str, paths: list[str]) -> int:
+    """Bytes adapter ``internal`` (attached at ``paths``) holds: its parameters, plus the copy
+    of its factors that per-row routing keeps in each layer's slot pool (adapters with
+    ``delta_factors``)."""
     total = 0
-    for layer in adapted_layers(model).values():
+    for path in paths:
+        layer = model.get_submodule(path)
         adapter = layer.adapters[internal] if internal in layer.adapters else None
         if adapter is None:
             continue
