@@ -174,3 +174,27 @@ def test_block_by_block_backward_equals_one_backward_pass_bit_for_bit(tiny, text
             assert (a is None and b is None) or (torch.equal(a, b) if torch.is_tensor(a) else a == b), (name, f)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_gradient_statistics_on_a_spread_subset_of_the_tokens(tiny, texts, monkeypatch, lean):
+    """``gradient_tokens`` takes the gradient statistics on evenly spaced sequences only — the
+    same numbers as calibrating on just those sequences — while input statistics see them all;
+    the sensitivity divides by the tokens the gradients saw."""
+    calibration = importlib.import_module("rankwise.compress.calibrate")
+    model, tok = tiny
+    if not lean:  # a model whose blocks do not hold every layer: one backward pass over the subset
+        monkeypatch.setattr(calibration, "_checkpoint_blocks", lambda model, layers: None)
+    ids = calibration.calibration_blocks(tok, texts, 512, 64)
+    chosen = calibration.spread_blocks(ids, 2)
+    assert [int(i) for i in torch.nonzero((ids[:, None] == chosen[None]).all(-1))[:, 0]] == [0, 7]
+    both = calibrate(model, tok, texts, tokens=512, seq_len=64, batch_size=1, statistics=("gram", "out_grad"), gradient_tokens=128)
+    full_inputs = calibrate(model, tok, texts, tokens=512, seq_len=64, batch_size=1, statistics=("gram",))
+    monkeypatch.setattr(calibration, "calibration_blocks", lambda *a, **k: chosen)
+    subset = calibrate(model, tok, texts, tokens=128, seq_len=64, batch_size=1, statistics=("out_grad",))
+    name = "model.layers.1.mlp.up_proj"
+    assert both.stats[name].out_grad_sq == pytest.approx(subset.stats[name].out_grad_sq, rel=1e-9)
+    assert torch.equal(both.stats[name].gram, full_inputs.stats[name].gram)
+    assert both.stats[name].tokens == 512 and both.stats[name].grad_tokens == 128
+    assert both.stats[name].sensitivity == pytest.approx(subset.stats[name].sensitivity, rel=1e-9)
+    assert both.gradient_tokens == 128 and both.recipe()["gradient_tokens"] == 128

@@ -152,3 +152,14 @@ def test_cli_healing_rates_default_to_the_library_default():
     assert inspect.signature(compress_command).parameters["heal_lr"].default.default == DEFAULT_LR
     assert inspect.signature(heal_command).parameters["lr"].default.default == DEFAULT_LR
     assert inspect.signature(heal).parameters["lr"].default == DEFAULT_LR
+
+
+def test_cli_gradient_tokens_default_to_the_library_default():
+    """`rankwise compress --grad-tokens` defaults to compress()'s GRADIENT_TOKENS."""
+    import inspect
+
+    from rankwise.cli.compress import compress_command
+    from rankwise.compress.api import GRADIENT_TOKENS, compress
+
+    assert inspect.signature(compress_command).parameters["grad_tokens"].default.default == GRADIENT_TOKENS
+    assert inspect.signature(compress).parameters["gradient_tokens"].default == GRADIENT_TOKENS

@@ -69,6 +69,9 @@ from rankwise.progress import Bar, stage
 
 DECODE_PROMPT = "The Python standard library provides"
 DEFAULT_CALIBRATION = "open-loop"  # what "auto" means: closed loop did not win on SmolLM2 (docs/compress.md)
+# Gradient statistics (the fisher allocation's one number per layer) on this many of the
+# calibration tokens: the backward pass was the slowest part of `rankwise compress` (docs/compress.md).
+GRADIENT_TOKENS = 4096
 HEAL_SEQ_LEN, HEAL_BATCH = 256, 4  # healing sequences: shorter than evaluation's, as in heal.py
 CORRECT_OUTPUTS = False  # fit the dense outputs from the actual inputs: 5.7x vs 1.8x dense on SmolLM2, off
 EVAL_BATCH = 1  # sequences per perplexity batch: (batch, seq_len, vocab) logits are the peak
@@ -437,6 +440,7 @@ def compress(
     calibration: str = "auto",
     data: str | os.PathLike | Sequence[str] = "builtin",
     calib_tokens: int = 16384,
+    gradient_tokens: int | None = GRADIENT_TOKENS,
     seq_len: int = 512,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -478,6 +482,8 @@ def compress(
     ``"cuda"``, ``"cuda:1"``; default: where it is); ConfigError for a device this machine lacks.
     ``model`` must be a causal LM (ModelError otherwise, before any calibration); ``out`` is
     checked (:func:`rankwise.fileio.check_output_dir`) before anything is loaded.
+    ``gradient_tokens``: how many of the ``calib_tokens`` (evenly spaced sequences) the gradient
+    statistics of the allocation are taken on (``None``: all); input statistics use all of them.
     ``statistics``: an open-loop :func:`~rankwise.compress.calibrate.calibrate` run on this
     model, reused instead of calibrating again (benchmarks comparing methods; closed-loop runs
     still walk the blocks themselves).
@@ -490,9 +496,10 @@ def compress(
     chosen = get_method(method, **(method_options or {}))
     allocation = chosen.resolve_allocation(allocation)
     mode = _resolve_mode(calibration, chosen)
-    if min(calib_tokens, eval_tokens, decode_tokens) < 1:
+    if min(calib_tokens, eval_tokens, decode_tokens, 1 if gradient_tokens is None else gradient_tokens) < 1:
         raise ConfigError(
-            f"calib_tokens, eval_tokens and decode_tokens must be positive; got {calib_tokens}, {eval_tokens}, {decode_tokens}"
+            f"calib_tokens, gradient_tokens, eval_tokens and decode_tokens must be positive; got {calib_tokens}, "
+            f"{gradient_tokens}, {eval_tokens}, {decode_tokens}"
         )
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
@@ -589,6 +596,7 @@ def compress(
         statistics = calibrate(
             net, tokenizer, calib_texts, tokens=calib_tokens, seq_len=seq_len, statistics=open_needs, layers=layers,
             batch_size=1 if backward else 4, progress=progress,
+            gradient_tokens=min(gradient_tokens, calib_tokens) if gradient_tokens else None,
         )  # fmt: skip
     walk_kwargs = {"tokens": calib_tokens, "seq_len": seq_len, "statistics": needs, "layers": layers, "progress": progress}
     spectra_from = statistics

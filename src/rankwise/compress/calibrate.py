@@ -74,6 +74,11 @@ class LayerStats:
     out_grad_sketch: torch.Tensor | None = None  # (FISHER_WINDOW, out) float64, Σ_b Ω_b G_b
     cross: torch.Tensor | None = None  # (in, in) float64, Σ x x̂ᵀ: dense-model input × actual input
     tokens: int = 0
+    grad_tokens: int = 0  # tokens the gradient statistics summed over (0: the same as ``tokens``)
+
+    @property
+    def _gradient_tokens(self) -> int:
+        return self.grad_tokens or self.tokens
 
     def target_weight(self, weight: torch.Tensor, *, damp: float = CROSS_DAMP) -> torch.Tensor:
         """The weight that best maps the inputs this layer actually gets (``x̂``, after the
@@ -96,17 +101,17 @@ class LayerStats:
     @property
     def sensitivity(self) -> float | None:
         """Mean squared loss gradient per output entry (``None`` without ``"out_grad"``)."""
-        if self.out_grad_sq is None or self.tokens == 0:
+        if self.out_grad_sq is None or self._gradient_tokens == 0:
             return None
-        return self.out_grad_sq / (self.tokens * self.out_features)
+        return self.out_grad_sq / (self._gradient_tokens * self.out_features)
 
     def output_fisher(self) -> MFAC:
         """The layer's output Fisher ``F ≈ λI + (1/m) Zᵀ Z / T`` as an :class:`MFAC` over the
         window ``Z / √T`` (``λ`` = :data:`FISHER_DAMP` × its mean diagonal). Raises
         ConfigError without the ``"out_fisher"`` statistic."""
-        if self.out_grad_sketch is None or self.tokens == 0:
+        if self.out_grad_sketch is None or self._gradient_tokens == 0:
             raise ConfigError("these statistics hold no output-gradient sketch; calibrate with 'out_fisher'")
-        window = self.out_grad_sketch / self.tokens**0.5
+        window = self.out_grad_sketch / self._gradient_tokens**0.5
         mean_diag = float(window.square().sum()) / (window.shape[0] * self.out_features)
         return MFAC(window, damp=FISHER_DAMP * mean_diag if mean_diag > 0 else FISHER_DAMP)
 
@@ -135,9 +140,11 @@ class Calibration:
     text_fingerprint: str  # hash of the calibration token ids
     collected: tuple[str, ...] = field(default_factory=tuple)
     mode: str = "open-loop"  # or "closed-loop" (statistics from a ClosedLoopStats walk)
+    gradient_tokens: int | None = None  # the gradient statistics' share of ``tokens``, if any
 
     def recipe(self) -> dict:
-        return {
+        gradients = {} if self.gradient_tokens is None else {"gradient_tokens": self.gradient_tokens}
+        return gradients | {
             "mode": self.mode,
             "tokens": self.tokens,
             "seq_len": self.seq_len,
@@ -221,6 +228,13 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return layers
 
 
+def spread_blocks(ids: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` of the rows of ``ids`` (at least one, at most all), evenly spaced from the
+    first: a subsample drawn from the whole calibration stream rather than its first documents."""
+    count = min(max(count, 1), len(ids))
+    return ids[torch.linspace(0, len(ids) - 1, count).round().long()]
+
+
 def calibration_blocks(tokenizer, texts: Sequence[str], tokens: int, seq_len: int) -> torch.Tensor:
     """The first ``tokens`` calibration tokens as blocks ``(tokens // seq_len, seq_len)``;
     a clear error when the text is shorter than asked."""
@@ -257,7 +271,9 @@ class _GradientStatistics:
     def start_batch(self) -> None:
         self.omega = None
 
-    def end_batch(self) -> None:
+    def end_batch(self, tokens: int) -> None:
+        for s in self.stats.values():
+            s.grad_tokens += tokens
         if not self.fisher:
             return
         for name, m in self.layers.items():
@@ -405,6 +421,7 @@ def calibrate(
     batch_size: int = 4,
     statistics: Sequence[str] = ("gram", "abs_mean"),
     layers: dict[str, nn.Linear] | None = None,
+    gradient_tokens: int | None = None,
     progress: bool = False,
 ) -> Calibration:
     """Run ``tokens`` calibration tokens (blocks of ``seq_len``) through ``model`` and return
@@ -413,6 +430,9 @@ def calibrate(
     ``statistics`` is any subset of ``("gram", "abs_mean", "fisher", "out_grad",
     "out_fisher")``; the last three add a backward pass of the causal-LM loss per batch. The
     model's weights, ``requires_grad`` flags and train/eval mode are left as they were.
+    ``gradient_tokens``: take the gradient statistics on only that many of the tokens, as
+    evenly spaced sequences (:func:`spread_blocks`; default all). A backward pass costs about
+    three forwards, and the ``fisher`` allocation reads one number per layer from them.
 
     Memory: gradient statistics are taken in a pass of their own, block by block
     (:func:`_backward_by_block`) on a model whose layers all sit in decoder blocks, and the input
@@ -428,32 +448,36 @@ def calibrate(
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     layers = linear_layers(model) if layers is None else layers
     ids = calibration_blocks(tokenizer, texts, tokens, seq_len)  # (n_blocks, seq_len)
+    grad_ids = spread_blocks(ids, gradient_tokens // seq_len) if gradient_tokens is not None else ids
     want_inputs = "gram" in statistics or "abs_mean" in statistics
     want_backward = bool(set(statistics) & {"fisher", "out_grad", "out_fisher"})
     stats = {n: LayerStats(out_features=m.out_features, in_features=m.in_features) for n, m in layers.items()}
     inputs = _InputStatistics(layers, stats, gram="gram" in statistics, abs_mean="abs_mean" in statistics)
     gradients = _GradientStatistics(layers, stats, statistics)
     blocks = _checkpoint_blocks(model, layers) if want_backward else None
-    # (backward?, input statistics and token counts?) per pass over the calibration set
-    passes = [(True, not want_inputs), (False, True)] if blocks is not None else [(want_backward, True)]
-    passes = [(grad, inp) for grad, inp in passes if grad or want_inputs or not want_backward]
+    # (backward?, input statistics and token counts?, blocks) per pass over the calibration set
+    if blocks is not None or len(grad_ids) < len(ids):
+        passes = [(True, not want_inputs, grad_ids), (False, True, ids)]
+    else:
+        passes = [(want_backward, True, ids)]
+    passes = [(grad, inp, run) for grad, inp, run in passes if grad or want_inputs or not want_backward]
 
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    bar = Bar(len(ids) * len(passes), "calibrate", show=progress)
+    bar = Bar(sum(len(run) for *_, run in passes), "calibrate", show=progress)
     try:
-        for backward, collect in passes:
+        for backward, collect, run in passes:
             handles = inputs.attach() if collect else []
             if backward:
                 handles += gradients.attach() + _prepare_backward(model, layers, "fisher" in statistics, by_block=blocks is not None)
             elif blocks is not None and not set(layers) - {n for b in blocks for n in b.layers}:
                 handles.append(blocks[-1].module.register_forward_hook(_stop_after))  # no logits needed
             try:
-                for i in range(0, len(ids), batch_size):
-                    batch = ids[i : i + batch_size].to(device)
+                for i in range(0, len(run), batch_size):
+                    batch = run[i : i + batch_size].to(device)
                     inputs.start_batch()
                     gradients.start_batch()
                     if backward and blocks is not None:
@@ -468,7 +492,7 @@ def calibrate(
                         except _StopAfter:
                             pass
                     if backward:
-                        gradients.end_batch()
+                        gradients.end_batch(batch.numel())
                     if collect:
                         inputs.end_batch(batch.numel())
                     bar.update(len(batch))
@@ -490,6 +514,7 @@ def calibrate(
         seconds=time.perf_counter() - t0,
         text_fingerprint=digest,
         collected=tuple(s for s in STATISTICS if s in statistics),
+        gradient_tokens=grad_ids.numel() if want_backward else None,
     )
 
 
@@ -831,6 +856,7 @@ def closed_loop_calibration(
         text_fingerprint=hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
         collected=tuple(s for s in STATISTICS if s in statistics),
         mode="closed-loop",
+        gradient_tokens=base.gradient_tokens if base is not None else None,
     )
 
 __all__ = [
@@ -845,6 +871,7 @@ __all__ = [
     "DecoderBlock",
     "calibrate",
     "calibration_blocks",
+    "spread_blocks",
     "closed_loop_calibration",
     "decoder_blocks",
     "linear_layers",
