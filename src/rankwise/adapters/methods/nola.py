@@ -1,23 +1,33 @@
 """NOLA: LoRA's factors as learned linear combinations of fixed random matrices.
 
-``ΔW = s · B A`` with ``A = Σ_{j<k_a} β_j A_j`` (r, in) and ``B = Σ_{i<k_b} α_i B_i``
-(out, r). The random bases ``A_j``, ``B_i`` are frozen, generated from ``seed`` and shared
-by every layer of the same shape (:mod:`rankwise.adapters.random_bases`); only the
-``k_a + k_b`` coefficients train, whatever the rank and the layer size, and only they
-and the seed are saved. ``α`` starts at zero (the model starts unchanged), ``β`` at
-``1/√k_a`` (so ``A`` starts with unit-variance-per-input rows, like LoRA's ``A``).
-"NOLA: Networks as Linear Combination of Low Rank Random Basis", Koohpayegani et al.
-2023, eq. (2).
+``ΔW = s · B A`` with ``A = c_a Σ_{j<k_a} β_j A_j`` (r, in) and ``B = c_b Σ_{i<k_b} α_i B_i``
+(out, r). The random bases ``A_j``, ``B_i`` (entries N(0, 1)) are frozen, generated from
+``seed`` and shared by every layer of the same shape (:mod:`rankwise.adapters.random_bases`);
+only the ``k_a + k_b`` coefficients train, whatever the rank and the layer size, and only
+they and the seed are saved. "NOLA: Networks as Linear Combination of Low Rank Random
+Basis", Koohpayegani et al. 2023, eq. (2).
 
-Per step ``A`` and ``B`` are formed once (``k·r·(in + out)`` multiply-adds, independent
-of the token count), then applied like LoRA.
+The mixture scale ``c`` (:func:`mixture_scale`) makes a training step move the factors as
+much as a LoRA step would, whatever the number of bases: Adam moves every coefficient by
+about the learning rate per step, so without it the factors' step grows with ``k`` (k
+coefficients pushed by one gradient move a factor coherently) and thousands of bases blow a
+model up at LoRA's learning rate. ``α`` starts at zero (the model starts unchanged), ``β``
+so that ``A``'s entries have variance ``1/in`` (like LoRA's ``A``).
+
+Saved coefficients are read with the scales of the config's ``format_version``: 2 is the
+above; 1 (files written before versions existed, which have no ``format_version``) used
+``c_a = 1/√in``, ``c_b = 1/√r``, and loads with those scales, so it computes what it did.
+
+Per step ``A`` and ``B`` are formed once (``k·r·(in + out)`` multiply-adds, independent of
+the token count, reading the shared bases in place), then applied like LoRA.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,15 +36,33 @@ from rankwise.adapters.base import Adapter, AdapterConfig, register_method
 from rankwise.adapters.random_bases import SharedBasis
 from rankwise.errors import ConfigError
 
+FORMAT_VERSION = 2  # how the saved coefficients are read (see the module docstring)
+KNOWN_VERSIONS = {1: "unnormalised mixture, before format versions", 2: "normalised mixture"}
+
+
+def mixture_scale(k: int, entries: int) -> float:
+    """The scale ``c`` of a mixture ``c Σ_{j<k} w_j M_j`` of ``k`` random matrices with
+    ``entries`` N(0, 1) entries each, such that moving every ``w_j`` by ``±lr`` along its
+    gradient's sign (what Adam's first step does) moves the mixture by ``lr`` per entry (RMS),
+    for any ``k``.
+
+    The signs correlate with the bases (``E[sign(⟨ĝ, M_j⟩) M_j] = √(2/π) ĝ`` for the unit
+    gradient ``ĝ``), so ``E‖Σ_j ±M_j‖² = k·entries + k(k−1)·2/π``: the step grows like
+    ``√k`` while ``k ≪ entries`` and like ``k`` beyond. ``c = 1/√(k + (2/π)·k(k−1)/entries)``.
+    """
+    return 1.0 / math.sqrt(k + (2.0 / math.pi) * k * (k - 1) / entries)
+
 
 @dataclass(frozen=True)
 class NolaConfig(AdapterConfig):
     """NOLA options: ``rank`` (of ``B A``), ``num_basis_a``/``num_basis_b`` (random bases
-    per factor = trainable coefficients per factor), ``seed`` (of the bases)."""
+    per factor = trainable coefficients per factor), ``seed`` (of the bases),
+    ``format_version`` (how saved coefficients are read; leave it at the default)."""
 
     num_basis_a: int = 1024
     num_basis_b: int = 1024
     seed: int = 0
+    format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
         super().validate()
@@ -42,11 +70,25 @@ class NolaConfig(AdapterConfig):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer (bases per factor), got {value!r}")
+        if self.format_version not in KNOWN_VERSIONS:
+            known = ", ".join(f"{v} ({what})" for v, what in KNOWN_VERSIONS.items())
+            raise ConfigError(
+                f"NOLA format_version={self.format_version!r} is not one this rankwise reads "
+                f"(known: {known}); saved by a newer rankwise? upgrade rankwise to load it"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, strict: bool = True) -> tuple[Any, list[str]]:
+        """As :meth:`AdapterConfig.from_dict`; a saved config (``load_adapter`` reads files
+        with ``strict=False``) without ``format_version`` predates versions: version 1."""
+        if not strict and "format_version" not in values:
+            values = {**values, "format_version": 1}
+        return super().from_dict(values, strict=strict)
 
 
 @register_method("nola")
 class NolaAdapter(Adapter):
-    """``ΔW = s · (Σ α_i B_i)(Σ β_j A_j)``, fixed shared random ``A_j``, ``B_i``; trains α, β."""
+    """``ΔW = s · (c_b Σ α_i B_i)(c_a Σ β_j A_j)``, fixed shared random ``A_j``, ``B_i``; trains α, β."""
 
     summary = "NOLA: LoRA factors as learned mixes of fixed random bases (Koohpayegani et al. 2023)"
     config_class = NolaConfig
@@ -61,21 +103,30 @@ class NolaAdapter(Adapter):
         self.nola_alpha = nn.Parameter(torch.empty(c.num_basis_b, device=dev, dtype=dt))
         self.nola_beta = nn.Parameter(torch.empty(c.num_basis_a, device=dev, dtype=dt))
 
+    def mixture_scales(self) -> tuple[float, float]:
+        """``(c_a, c_b)``: the scales of ``A``'s and ``B``'s mixtures (by format version)."""
+        c, n_in, n_out = self.config, self.layer.in_features, self.layer.out_features
+        if c.format_version == 1:
+            return 1.0 / math.sqrt(n_in), 1.0 / math.sqrt(c.rank)
+        return mixture_scale(c.num_basis_a, c.rank * n_in), mixture_scale(c.num_basis_b, c.rank * n_out)
+
     def reset_parameters(self) -> None:
+        k_a, n_in = self.config.num_basis_a, self.layer.in_features
+        c_a = self.mixture_scales()[0]
         with torch.no_grad():
             self.nola_alpha.zero_()
-            self.nola_beta.fill_(1.0 / math.sqrt(self.config.num_basis_a))
+            # var(A) = c_a² · k_a · β² = 1/in
+            self.nola_beta.fill_(1.0 / (c_a * math.sqrt(k_a * n_in)))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B (out, r), A (r, in))`` mixed from the bases with the current coefficients."""
-        p = self.nola_alpha
-        basis_a = self._basis_a.get(p.device, p.dtype)  # (k_a, r, in)
+        p, r = self.nola_alpha, self.config.rank
+        c_a, c_b = self.mixture_scales()
+        basis_a = self._basis_a.get(p.device, p.dtype)  # (k_a, r, in), shared: read as a view
         basis_b = self._basis_b.get(p.device, p.dtype)  # (k_b, r, out)
-        fan_a = 1.0 / math.sqrt(self.layer.in_features)  # unit-variance entries -> rows ~ 1/√in
-        fan_b = 1.0 / math.sqrt(self.config.rank)
-        a = torch.einsum("k,krn->rn", self.nola_beta, basis_a) * fan_a
-        b = torch.einsum("k,kro->or", self.nola_alpha, basis_b) * fan_b
-        return b, a
+        a = (self.nola_beta * c_a) @ basis_a.view(basis_a.shape[0], -1)
+        b = (self.nola_alpha * c_b) @ basis_b.view(basis_b.shape[0], -1)
+        return b.view(r, -1).t(), a.view(r, -1)
 
     def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
         b, a = self.factors()
