@@ -18,8 +18,10 @@ perplexity plus the method's own claim, at small scale:
 Perplexities are on the built-in validation split (``--eval-tokens`` tokens, blocks of
 ``--seq-len``). ``--quick`` runs fewer, shorter steps (a smoke run: the claims need the full
 run). Writes ``bench/results/adaptive.json`` and its section of docs/benchmarks.md.
+``--rows a b`` reruns only those rows (and lora, the reference) and merges them into the
+saved results of a run with the same settings; the other rows stay as they were.
 
-    nice -n 10 timeout 1800 .venv/bin/python bench/adaptive.py [--quick]
+    nice -n 10 timeout 3000 .venv/bin/python bench/adaptive.py [--quick] [--rows sora bayes_lora]
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
     return [
         Run("lora", "lora"),
         Run("dylora", "dylora"),
-        Run("sora", "sora", options={"sparsity": 0.3, "gate_lr": 0.1}),
+        Run("sora", "sora"),  # the defaults: sparsity relative to the gate's step, gate_lr from steps
         Run("increlora", "increlora", rank=2 * RANK, options=grow),
         Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
         Run("bayes_lora", "bayes_lora", options={"rank_prior": 1e-3, "bit_prior": 1e-3, "gate_init": 1.0, "gate_lr_scale": 100.0}),
@@ -102,14 +104,20 @@ def claims(run: Run, model, tokenizer, texts, args) -> dict[str, Any]:
     if run.method in ("dylora", "lora") and not run.rules:
         return {f"ppl_at_rank_{k}": truncated_ppl(run.method, model, k, tokenizer, texts, args) for k in (RANK // 2, RANK // 4)}
     if run.method == "sora":
-        return {"rank_left": sum(a.active_rank for a in adapters), "rank_start": RANK * len(adapters)}
+        ranks = [a.active_rank for a in adapters]
+        return {"rank_left": sum(ranks), "rank_start": RANK * len(ranks), "min": min(ranks), "max": max(ranks)}
     if run.method in ("increlora", "triadapt"):
         ranks = [a.active_rank for a in adapters]
         return {"total_rank": sum(ranks), "budget": RANK * len(ranks), "start": len(ranks), "min": min(ranks), "max": max(ranks)}
     if run.method == "bayes_lora":
         chosen = [a.choices() for a in adapters]
         n = len(chosen)
-        return {"mean_rank": sum(c[0] for c in chosen) / n, "mean_bits": sum(c[1] + c[2] for c in chosen) / (2 * n)}
+        bits = [b for c in chosen for b in c[1:]]
+        return {
+            "mean_rank": sum(c[0] for c in chosen) / n, "mean_bits": sum(bits) / len(bits),
+            "min_rank": min(c[0] for c in chosen), "max_rank": max(c[0] for c in chosen),
+            "min_bits": min(bits), "max_bits": max(bits),
+        }
     if run.method == "sara":
         ranks = [effective_rank(a.delta_weight()) for a in adapters]
         return {"trainable": sum(a.values.numel() for a in adapters), "update_effective_rank": sum(ranks) / len(ranks)}
@@ -171,11 +179,17 @@ def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
         k2, k4 = RANK // 2, RANK // 4
         return f"rank {k2}: ppl {row[f'ppl_at_rank_{k2}']:.2f}, rank {k4}: {row[f'ppl_at_rank_{k4}']:.2f}"
     if label == "sora":
-        return f"rank left {row['rank_left']} of {row['rank_start']}"
+        pruned = 1 - row["rank_left"] / row["rank_start"]
+        spread = f", per layer {row['min']}–{row['max']}" if "min" in row else ""
+        return f"rank left {row['rank_left']} of {row['rank_start']} ({pruned:.0%} pruned{spread}); ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
     if label in ("increlora", "triadapt"):
         return f"total rank {row['start']} → {row['total_rank']} (budget {row['budget']}), per layer {row['min']}–{row['max']}"
     if label == "bayes_lora":
-        return f"mean rank {row['mean_rank']:.1f} of {RANK}, mean bits {row['mean_bits']:.1f} of 32"
+        spread = (
+            f" (per layer {row['min_rank']}–{row['max_rank']}), bits per factor {row['min_bits']}–{row['max_bits']}"
+            if "min_rank" in row else ""
+        )
+        return f"mean rank {row['mean_rank']:.1f} of {RANK}, mean bits {row['mean_bits']:.1f} of 32{spread}; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
     if label == "sara":
         return f"{row['trainable']:,} smallest-magnitude weights (LoRA {base['trainable']:,}); update effective rank {row['update_effective_rank']:.1f}"
     return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}"
@@ -199,15 +213,20 @@ def render(payload: dict[str, Any]) -> str:
         f"{RANK} per layer, capacity {2 * RANK}, so twice LoRA's parameters are allocated), "
         f"{cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
         f"seed 0; validation perplexity on {cfg['eval_tokens']} built-in validation tokens (base "
-        f"model: {payload['base_ppl']:.2f}). Rerun: `nice -n 10 timeout 1800 .venv/bin/python "
-        f"bench/adaptive.py{' --quick' if quick else ''}`.\n\n{table}"
+        f"model: {payload['base_ppl']:.2f}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
+        f"bench/adaptive.py{' --quick' if quick else ''}` (`--rows sora bayes_lora` reruns some rows "
+        f"and lora, keeping the others).\n\n{table}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few short steps: a smoke run")
-    parser.add_argument("--only", nargs="*", help="run only these labels (lora always runs)")
+    parser.add_argument(
+        "--rows", "--only", nargs="+", metavar="LABEL",
+        help="run only these rows (lora, the reference, always runs) and merge them into the saved "
+        "results of a run with the same settings",
+    )
     parser.add_argument("--render", action="store_true", help="rewrite the docs section from bench/results/adaptive.json")
     args = parser.parse_args()
     if args.render:
@@ -225,9 +244,13 @@ def main() -> None:
     texts = load_corpus("builtin").validation
     model, tokenizer = load_model(MODEL)
     base_ppl = evaluate(model, tokenizer, texts, args)
-    selected = runs(lora_budget_fraction(model), args.steps)
-    if args.only:
-        selected = [r for r in selected if r.label == "lora" or r.label in args.only]
+    every = runs(lora_budget_fraction(model), args.steps)
+    selected = every
+    if args.rows:
+        unknown = sorted(set(args.rows) - {r.label for r in every})
+        if unknown:
+            parser.error(f"unknown row(s) {unknown}; rows: {[r.label for r in every]}")
+        selected = [r for r in every if r.label == "lora" or r.label in args.rows]
     del model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +262,27 @@ def main() -> None:
         "base_ppl": base_ppl,
         "rows": rows,
     }
+    if args.rows:
+        payload = merged(payload, [r.label for r in every])
+        if payload is None:
+            print("--rows: no saved results with these settings to merge into; nothing written "
+                  "(run without --rows to write the whole table)")
+            return
     write_results("adaptive", payload, render(payload))
+
+
+def merged(payload: dict[str, Any], order: list[str]) -> dict[str, Any] | None:
+    """The saved results with ``payload``'s rows replacing theirs (rows in ``order``), or None
+    when there are no saved results of the same mode and settings."""
+    path = Path(__file__).resolve().parent / "results" / "adaptive.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("mode") != payload["mode"] or saved.get("settings") != payload["settings"]:
+        return None
+    rows = {r["label"]: r for r in saved["rows"]}
+    rows.update({r["label"]: r for r in payload["rows"]})
+    return {**payload, "rows": [rows[label] for label in order if label in rows]}
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ from conftest import assert_merge_round_trip, llama, tokens
 from torch import nn
 
 from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
-from rankwise.adapters.finetune import (
-    FinetuneConfig,
-    before_optimizer_step,
-    finetune,
-    trainable_adapters,
+from rankwise.adapters.finetune import FinetuneConfig, finetune, trainable_adapter_map
+from rankwise.adapters.methods.sora import (
+    GATE_TRAVEL,
+    GateAdam,
+    SoraConfig,
+    soft_threshold,
+    sora_ranks,
 )
-from rankwise.adapters.methods.sora import soft_threshold, sora_ranks
+from rankwise.adapters.rules import TrainingRules, build_rules
 from rankwise.errors import ConfigError
 
 
@@ -29,19 +31,12 @@ def _rank2_task():
 
 
 def _train(model, loss_fn, steps: int, lr: float) -> list[float]:
-    """The finetune loop's order: backward, the adapters' own step, then the optimizer."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    adapters = trainable_adapters(model)
+    """A loop of one's own: the rules SoRA brings (its gate step) run at their hooks."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rules = TrainingRules(build_rules([], methods=["sora"]))
+    rules.setup(model, trainable_adapter_map(model), opt, steps=steps)
     model.train()
-    losses = []
-    for _ in range(steps):
-        loss = loss_fn()
-        opt.zero_grad()
-        loss.backward()
-        before_optimizer_step(adapters, lr)
-        opt.step()
-        losses.append(loss.item())
+    losses = [rules.train_step(s, loss_fn, opt) for s in range(steps)]
     model.eval()
     return losses
 
@@ -49,10 +44,10 @@ def _train(model, loss_fn, steps: int, lr: float) -> list[float]:
 def test_the_gate_prunes_to_the_rank_the_task_needs():
     torch.manual_seed(0)
     model, x, y = _rank2_task()
-    attach(model, "sora", "0", rank=8, alpha=8.0, sparsity=0.02, gate_lr=0.5)
+    attach(model, "sora", "0", rank=8, alpha=8.0, sparsity=1.5)
     losses = _train(model, lambda: (model(x) - y).square().mean(), steps=600, lr=0.01)
     gate = adapted_layers(model)["0"].adapters["default"].gate
-    assert (gate == 0).sum() >= 4  # exact zeros, not small numbers
+    assert (gate == 0).sum() >= 5  # exact zeros, not small numbers
     assert sora_ranks(model) == {"0": int(torch.count_nonzero(gate))}
     assert 2 <= sora_ranks(model)["0"] <= 3  # the target update has rank 2 (measured: 2)
     assert losses[-1] < 0.02 * losses[0]
@@ -61,27 +56,42 @@ def test_the_gate_prunes_to_the_rank_the_task_needs():
 def test_without_sparsity_nothing_is_pruned_and_sora_is_a_gated_lora():
     torch.manual_seed(0)
     model, x, y = _rank2_task()
-    attach(model, "sora", "0", rank=4, sparsity=0.0, gate_lr=0.05)
+    attach(model, "sora", "0", rank=4, sparsity=0.0)
     _train(model, lambda: (model(x) - y).square().mean(), steps=50, lr=0.01)
     ad = adapted_layers(model)["0"].adapters["default"]
     assert sora_ranks(model)["0"] == 4
+    assert not torch.equal(ad.gate.detach(), torch.ones(4, dtype=ad.gate.dtype))  # the gate trained
     expected = model[0].base_layer(x) + x @ (ad.lora_B @ torch.diag(ad.gate) @ ad.lora_A).T * ad.scaling
     torch.testing.assert_close(model(x), expected)
 
 
-def test_one_proximal_step_is_soft_thresholding():
+def test_one_proximal_step_is_an_adam_step_then_soft_thresholding():
     model, x, y = _rank2_task()
-    attach(model, "sora", "0", rank=4, sparsity=0.5, gate_lr=0.1)
+    attach(model, "sora", "0", rank=4)
     ad = adapted_layers(model)["0"].adapters["default"]
     with torch.no_grad():
         ad.lora_B.normal_()
         ad.gate.copy_(torch.tensor([1.0, 0.06, -0.03, -2.0]))
     (model(x) - y).square().mean().backward()
     g0, grad = ad.gate.detach().clone(), ad.gate.grad.clone()
-    ad.before_optimizer_step(lr=123.0)  # gate_lr wins over the optimizer's lr
-    torch.testing.assert_close(ad.gate.detach(), soft_threshold(g0 - 0.1 * grad, 0.1 * 0.5))
+    GateAdam(ad.gate).step(ad.gate, eta=0.1, threshold=0.05)
+    # Adam's first step moves every entry by the full step size, against its gradient's sign
+    expected = soft_threshold(g0 - 0.1 * grad / (grad.abs() + 1e-8), 0.05)
+    torch.testing.assert_close(ad.gate.detach(), expected)
+    assert (ad.gate == 0).any()  # the two small entries cannot survive a 0.15 move
     assert ad.gate.grad is None  # the optimizer will not move the gate again
     torch.testing.assert_close(soft_threshold(torch.tensor([0.3, -0.3, 0.05]), 0.1), torch.tensor([0.2, -0.2, 0.0]))
+
+
+def test_the_default_gate_step_is_relative_to_the_run_length():
+    for steps in (10, 40, 10_000):  # a gate can travel GATE_TRAVEL in any run
+        travel = sum(SoraConfig().gate_schedule(s, steps)[0] for s in range(steps))
+        assert travel == pytest.approx(GATE_TRAVEL)
+    config = SoraConfig(sparsity=0.6, sparsity_warmup=0.5)
+    eta = GATE_TRAVEL / 10
+    assert config.gate_schedule(0, 10) == pytest.approx((eta, eta * 0.6 / 5))  # the threshold ramps up
+    assert config.gate_schedule(4, 10) == config.gate_schedule(9, 10) == pytest.approx((eta, eta * 0.6))
+    assert SoraConfig(gate_lr=0.2, sparsity=0.5, sparsity_warmup=0.0).gate_schedule(0, 10) == (0.2, 0.1)
 
 
 def test_finetune_runs_the_gate_step(tmp_path):
@@ -115,3 +125,40 @@ def test_merge_save_load_round_trip_and_bad_options(tmp_path):
         attach(llama(), "sora", "all-linear", sparsity=-1.0)
     with pytest.raises(ConfigError, match="gate_lr must be"):
         attach(llama(), "sora", "all-linear", gate_lr=0.0)
+    with pytest.raises(ConfigError, match="sparsity_warmup must be a fraction"):
+        attach(llama(), "sora", "all-linear", sparsity_warmup=2.0)
+
+
+TINY = dict(model="tiny-llama", method="sora", rank=4, seq_len=32, lr=3e-3, eval_tokens=0, seed=0, batch_size=2)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_gate_rule_resumes_exactly(tmp_path):
+    """The gates' Adam moments are in the checkpoint: a resumed run ends where a whole one does."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    common = {**TINY, "steps": 6, "method_options": {"sparsity": 1.0}}
+    finetune(FinetuneConfig(**common, out=str(tmp_path / "whole")), progress=False)
+    config = FinetuneConfig(**common, out=str(tmp_path / "parts"), checkpoint_every=2)
+
+    def stop(step, loss):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune(config, progress=False, on_step=stop)
+    assert finetune(replace(config, resume=True), progress=False).resumed_from == 4
+    (name,) = [f.name for f in (tmp_path / "whole").glob("*.safetensors")]
+    a, b = load_file(tmp_path / "parts" / name), load_file(tmp_path / "whole" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("gate" in k for k in a)
+
+
+def test_the_gate_rule_refuses_other_methods():
+    with pytest.raises(ConfigError, match="rule 'sora_gate' cannot train the 'lora' adapter.*works with sora"):
+        finetune(FinetuneConfig(**{**TINY, "method": "lora"}, steps=1, rules=("sora_gate",)), progress=False)
