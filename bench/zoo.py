@@ -17,7 +17,9 @@ on one 2048² layer against rankwise LoRA and against PEFT where PEFT has the me
 
 (a)'s step times run one method after another (medians over its steps); only (b)'s are
 interleaved. ``--quick`` shortens everything (minutes); the full run stays under 25 minutes on
-2 idle cores.
+2 idle cores. ``--methods`` reruns only those rows (a method's name also selects its variants)
+of the parts in ``--parts``; their numbers replace those rows of the last run's results, the
+other rows are kept, and the doc says which rows come from which run.
 
     .venv/bin/python bench/zoo.py [--quick] [--parts minilm lm layer] [--methods lora bone ...]
 """
@@ -457,6 +459,13 @@ def previous_results() -> dict:
         return {}
 
 
+def earlier_label(before: dict, part: str) -> str:
+    """Where the last run's numbers of ``part`` came from, as seen from a later run."""
+    earlier = "an earlier run" + (" --quick" if before.get("quick") else "")
+    label = before.get("runs", {}).get(part, earlier)
+    return label.replace("this run", "an earlier run")  # its own run, not the current one
+
+
 def table(rows, minilm, lm, layer) -> str:
     names = ["head only", "base model", *[r for r in rows]]
     out = []
@@ -490,6 +499,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["minilm", "lm", "layer"])
     parser.add_argument("--methods", nargs="*", default=None)
     args = parser.parse_args()
+    unknown = sorted(set(args.methods or ()) - set(rows_of_methods(None)))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; known: {sorted(rows_of_methods(None))}")
     rows = rows_of_methods(args.methods)
     t0 = time.time()
     mode = " --quick" if args.quick else ""
@@ -497,13 +509,15 @@ def main() -> None:
     runs = {part: ("this run" + mode) for part in args.parts}
     parts = {}
     for part, fn in (("minilm", run_minilm), ("lm", run_lm), ("layer", run_layer)):
-        if part in args.parts:
+        if part not in args.parts:  # keeps its numbers from the last run, said so in the doc
+            parts[part], runs[part] = before.get(part, {}), earlier_label(before, part)
+        elif args.methods:  # some rows rerun: they replace theirs, the other rows stay
+            new = fn(rows, args.quick)
+            parts[part] = {**before.get(part, {}), **new}
+            runs[part] = f"{earlier_label(before, part)}; rows {', '.join(new)}: this run{mode}"
+        else:
             parts[part] = fn(rows, args.quick)
-        else:  # a part not rerun keeps its numbers from the last run, said so in the doc
-            parts[part] = before.get(part, {})
-            earlier = "an earlier run" + (" --quick" if before.get("quick") else "")
-            label = before.get("runs", {}).get(part, earlier)
-            runs[part] = label.replace("this run", "an earlier run")  # its own run, not this one
+    rows = rows_of_methods(None)  # the table shows every method, rerun or not
     minilm, lm, layer = parts["minilm"], parts["lm"], parts["layer"]
     layer_rows = {r: e for r, e in layer.items() if "error" not in e}
     targets = {
