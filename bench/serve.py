@@ -19,7 +19,13 @@ the share of requests whose tokens are identical between rankwise and PEFT mixed
 
     .venv/bin/python bench/serve.py [--quick] [--tokens 16] [--rounds 2] [--dtype bfloat16]
         [--scenarios base 1 64 cold]   # a subset: printed only, docs untouched
+    .venv/bin/python bench/serve.py --cold-only [--rounds 5]   # cold start alone, no PEFT
     .venv/bin/python bench/serve.py --profile   # where a step's time goes (64 adapters)
+
+``--cold-only`` (the same as ``--scenarios cold``) loads no PEFT model; with the same
+resident adapters as the full run (256), it first sends each of them one request, so the
+slot pools are as full as after the full run's scenarios, then measures the cold start
+``--rounds`` times (3 adapters per round).
 
 ``--dtype`` puts the base model of both rankwise and PEFT in that dtype (adapters stay
 float32 in both), so the comparison stays like for like.
@@ -136,13 +142,22 @@ def run_peft_per_adapter(peft, tok, work, tokens: int):
     return sum(map(len, outs)) / (time.perf_counter() - t0), lat, outs
 
 
-def cold_start(engine, names: list[str]) -> tuple[float, float, float]:
+def warm_slots(engine, names: list[str]) -> None:
+    """One single-token request to each adapter: their factors enter the slot pools."""
+    from rankwise.serve import GenerationRequest
+
+    handles = [engine.submit(GenerationRequest(model=n, prompt=PROMPTS[0], max_tokens=1)) for n in names]
+    for h in handles:
+        h.result()
+
+
+def cold_start(engine, names: list[str], rounds: int = 1) -> tuple[float, float, float]:
     """Median seconds to the first token for a request to a non-resident rank-16 adapter,
-    the same once resident, and the load alone."""
+    the same once resident, and the load alone (``rounds`` times over ``names``)."""
     from rankwise.serve import GenerationRequest
 
     cold, warm, load = [], [], []
-    for name in names:
+    for name in names * rounds:
         if name in engine.pool.resident:
             engine.unload_adapter(name)
         request = GenerationRequest(model=name, prompt=PROMPTS[0], max_tokens=1)
@@ -207,9 +222,13 @@ def main() -> None:
                         help="dtype of the base model, for rankwise and PEFT alike (default float32)")
     parser.add_argument("--scenarios", nargs="+", metavar="NAME",
                         help="run only these of: base, 1, 8, 64, 256, cold (then the docs are not written)")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="only the cold start (as --scenarios cold): no PEFT, printed only")
     parser.add_argument("--profile", action="store_true",
                         help="profile one prefill and 4 decode steps at 64 requests on 64 adapters, then stop")
     args = parser.parse_args()
+    if args.cold_only:
+        args.scenarios = ["cold"]
     dtype = getattr(torch, args.dtype)
     quick = args.quick
     n_requests, tokens, repeats = (16, 8, 1) if quick else (64, 16, 2)
@@ -226,9 +245,6 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, tok = rankwise.load_model("smollm2", dtype=dtype)
-    peft_base, _ = rankwise.load_model("smollm2", dtype=dtype)
-    # the same workaround in both: torch's bf16 LM head on a non-contiguous input (see the hook)
-    peft_base.get_output_embeddings().register_forward_pre_hook(contiguous_input_hook)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -251,13 +267,6 @@ def main() -> None:
         return
     engine.start()
 
-    t0 = time.perf_counter()
-    peft = peft_lib.PeftModel.from_pretrained(peft_base, str(tmp / names[0]), adapter_name=names[0])
-    for name in names[1:peft_adapters]:
-        peft.load_adapter(str(tmp / name), adapter_name=name)
-    peft.eval()
-    peft_load = (time.perf_counter() - t0) / peft_adapters
-
     scenarios = {"base": requests_for(["base"], n_requests)}
     for c in counts:
         scenarios[str(c)] = requests_for(names[:c] if c > 1 else [single], max(n_requests, c))
@@ -271,6 +280,18 @@ def main() -> None:
     if str(big) in chosen and f"1@{big}" in scenarios:
         chosen.add(f"1@{big}")
     scenarios = {k: v for k, v in scenarios.items() if k in chosen}
+
+    peft = peft_load = None
+    if any(k.isdigit() and int(k) <= peft_adapters for k in scenarios):
+        peft_base, _ = rankwise.load_model("smollm2", dtype=dtype)
+        # the same workaround in both: torch's bf16 LM head on a non-contiguous input (see the hook)
+        peft_base.get_output_embeddings().register_forward_pre_hook(contiguous_input_hook)
+        t0 = time.perf_counter()
+        peft = peft_lib.PeftModel.from_pretrained(peft_base, str(tmp / names[0]), adapter_name=names[0])
+        for name in names[1:peft_adapters]:
+            peft.load_adapter(str(tmp / name), adapter_name=name)
+        peft.eval()
+        peft_load = (time.perf_counter() - t0) / peft_adapters
 
     results: dict[str, dict[str, list]] = {k: {} for k in scenarios}
     for _ in range(repeats):
@@ -287,7 +308,9 @@ def main() -> None:
                 entry["outs"] = outs
     cold = warm = load = None
     if "cold" in chosen:
-        cold, warm, load = cold_start(engine, cold_names)
+        if not scenarios:  # the slot pools as the scenarios would have left them
+            warm_slots(engine, names)
+        cold, warm, load = cold_start(engine, cold_names, rounds=repeats if args.cold_only else 1)
     engine.stop()
 
     def tps(key, lib):
@@ -368,7 +391,8 @@ def main() -> None:
             if cold is not None
             else ""
         )
-        + f"Loading an adapter: rankwise {engine_load:.3f} s, PEFT {peft_load:.3f} s (mean).\n"
+        + f"Loading an adapter: rankwise {engine_load:.3f} s"
+        + (f", PEFT {peft_load:.3f} s (mean).\n" if peft_load is not None else " (mean).\n")
     )
     if quick or args.scenarios:  # a smoke run or a subset: printed, never replacing the docs' numbers
         print(json.dumps(payload, indent=2))

@@ -127,3 +127,42 @@ def test_full_queue_raises_with_retry_after(adapters_dir):
     engine.stop(drain=False)
     with pytest.raises(QueueFullError, match="shutting down"):
         engine.submit(GenerationRequest(model="tiny-llama", prompt="hi"))
+
+
+def test_slot_pool_slack_counts_in_the_budget_and_evicts(adapters_dir):
+    with Engine("tiny-llama", adapters_dir) as probe:
+        ask(probe, "three")  # rank 12: its factors plus the free slots of its new pools
+        alone, three = probe.pool.used_bytes(), probe.pool.resident["three"].nbytes
+        ask(probe, "two")
+        two = probe.pool.resident["two"].nbytes
+        kv = (len(probe.tokenizer.encode("Hello there")) + 6) * probe._kv_per_token
+    budget = alone + kv
+    assert two + three + kv <= budget  # without the slack, "two" and "three" would both fit
+    with Engine("tiny-llama", adapters_dir, memory_budget_bytes=budget) as engine:
+        pool = engine.pool
+        first = ask(engine, "two")
+        assert pool.slot_slack_bytes() > 0
+        assert pool.used_bytes() == two + pool.slot_slack_bytes()
+        ask(engine, "three")  # "two"'s free slots and the pools "three" needs do not fit
+        assert pool.evictions == 1 and list(pool.resident) == ["three"]
+        assert pool.used_bytes() == three + pool.slot_slack_bytes() <= budget  # "two"'s pools freed
+        assert ask(engine, "two") == first  # evicts "three" in turn
+        assert pool.evictions == 2 and pool.used_bytes() <= budget
+
+
+def test_predicted_slot_growth_is_what_the_pools_grow_by(adapters_dir):
+    with Engine("tiny-llama", adapters_dir) as engine:
+        pool = engine.pool
+        ask(engine, "two")  # keeps the layers adapted while "one" comes and goes
+        before = pool.slot_slack_bytes()
+        checkpoint, _ = pool._read("one")
+        growth = pool._slot_growth(checkpoint.factor_shapes())
+        assert growth > 0  # no pool for rank 4 yet: new 4-slot pools, 3 of them free
+        ask(engine, "one")
+        slack = pool.slot_slack_bytes()
+        assert slack - before == growth
+        engine.unload_adapter("one")  # its slots are freed, the pools stay (no budget)
+        assert pool.slot_slack_bytes() > slack
+        assert pool._slot_growth(checkpoint.factor_shapes()) == 0  # a free slot is waiting
+        ask(engine, "one")
+        assert pool.slot_slack_bytes() == slack
