@@ -2,7 +2,7 @@
 :class:`PretrainConfig`, the validated options of one run.
 
 ``llama-20m`` is GaLore's ``llama_20m`` shape (4 layers, 256 wide, MLP 688, 4 heads) with
-SmolLM2's 49,152-token vocabulary and tied embeddings, like SmolLM2 itself (15.8M
+SmolLM2's 49,152-token vocabulary and tied embeddings, like SmolLM2 itself (15.7M
 parameters); ``llama-60m`` is GaLore's 512-wide ``llama_60m`` shape; ``tiny`` is a two-layer,
 64-wide model with the byte tokenizer, for tests and examples.
 """
