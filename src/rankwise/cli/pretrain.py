@@ -32,6 +32,7 @@ def pretrain_command(
     eval_every: int = typer.Option(200, "--eval-every", help="Steps between validation perplexities (and at the end)."),
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Validation tokens scored (0: no validation)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints (and at the end)."),
+    project_embeddings: bool = typer.Option(False, "--project-embeddings", help="Project the input embedding and the LM head at --rank too (on their small side), instead of plain AdamW: with a projected optimizer they join its matrices; with a layer type they get GaLore's projection. Saves most of the optimizer state when the vocabulary is large (llama-20m); not with adamw or --fsdp."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model with FSDP instead of replicating it (DDP). Works with adamw and layer types without after-step rewrites; not with the projected optimizers."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (the step log included)."),
     list_methods: bool = typer.Option(False, "--list-methods", help="List the methods and exit."),
@@ -49,7 +50,8 @@ def pretrain_command(
         config=config, method=method, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
         warmup=warmup, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
         scale=scale, data=data, seed=seed, eval_every=eval_every, eval_tokens=eval_tokens,
-        checkpoint_every=checkpoint_every, fsdp=fsdp, method_options=parse_options(option),
+        checkpoint_every=checkpoint_every, fsdp=fsdp, project_embeddings=project_embeddings,
+        method_options=parse_options(option),
     )  # fmt: skip
     result = pretrain(run, out, overwrite=overwrite, resume=resume, progress=not as_json and progress.enabled())
     if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 reports
