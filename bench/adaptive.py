@@ -67,7 +67,7 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
         Run("sora", "sora"),  # the defaults: sparsity relative to the gate's step, gate_lr from steps
         Run("increlora", "increlora", rank=2 * RANK, options=grow),
         Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
-        Run("bayes_lora", "bayes_lora", options={"rank_prior": 1e-3, "bit_prior": 1e-3, "gate_init": 1.0, "gate_lr_scale": 100.0}),
+        Run("bayes_lora", "bayes_lora"),  # the defaults: prior 1e-4, gate logits at 300 × lr
         Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-2}),
         Run("lora + allora", "lora", rules=("allora",)),
         Run("lora + ggpo", "lora", rules=("ggpo",)),

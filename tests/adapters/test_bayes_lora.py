@@ -19,7 +19,8 @@ from rankwise.adapters.rules import TrainingRules, build_rules
 from rankwise.errors import ConfigError
 
 
-def _train(steps: int, **options):
+def _train(steps: int, lr: float = 0.05, **options):
+    """A rank-2 regression at ``lr`` (gate logits at ``gate_lr_scale × lr``: pass 1.0 at 0.05)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 16, bias=False))
@@ -28,7 +29,9 @@ def _train(steps: int, **options):
     y = (model(x) + x @ target.T).detach()
     attach(model, "bayes_lora", "0", rank=6, **options)
     model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    from rankwise.adapters.finetune import param_groups
+
+    opt = torch.optim.Adam(param_groups(model, lr), lr=lr)  # gate logits at gate_lr_scale × lr
     rules = TrainingRules(build_rules([], methods=["bayes_lora"]))
     rules.setup(model, trainable_adapter_map(model), opt, steps=steps)
     losses = [rules.train_step(s, lambda: (model(x) - y).square().mean(), opt) for s in range(steps)]
@@ -52,17 +55,26 @@ def test_bit_gates_pick_the_precision():
 
 
 def test_a_strong_prior_closes_gates_to_exact_zeros():
-    model, ad, losses = _train(400, rank_prior=0.5, bit_prior=0.0, gate_init=1.0)
+    model, ad, losses = _train(400, rank_prior=0.5, bit_prior=0.0, gate_init=1.0, gate_lr_scale=1.0)
     z, _, _ = ad.gates(sample=False)
     assert ((z == 0) | (z == 1)).all()  # every gate settled at exactly 0 or 1
     assert bayes_lora_choices(model)["0"][0] == int((z == 1).sum()) == 2  # the target's rank
     assert losses[-1] < 0.05 * losses[0]
 
 
+def test_at_a_fine_tuning_learning_rate_the_default_gates_close_in_a_short_run():
+    """The gates must be able to travel from open to closed within a short run at an LLM
+    learning rate (the bench's 40 steps at 1e-3): at the old gate_lr_scale of 50 they moved
+    by 2 and never closed; a strong prior now closes rank and precision both."""
+    _, ad, _ = _train(40, lr=1e-3, rank_prior=0.5, bit_prior=0.5)
+    rank, bits_a, bits_b = ad.choices()
+    assert rank < 6 and bits_a < 32 and bits_b < 32
+
+
 def test_without_a_prior_gates_stay_open_and_with_a_bit_prior_bits_drop():
-    _, ad, _ = _train(60, rank_prior=0.0, bit_prior=0.0)
+    _, ad, _ = _train(60, rank_prior=0.0, bit_prior=0.0, gate_lr_scale=1.0)
     assert ad.choices() == (6, 32, 32)
-    _, ad, _ = _train(150, rank_prior=0.0, bit_prior=5.0, gate_init=1.0)
+    _, ad, _ = _train(150, rank_prior=0.0, bit_prior=5.0, gate_init=1.0, gate_lr_scale=1.0)
     _, bits_a, bits_b = ad.choices()
     assert bits_a < 32 and bits_b < 32
 
