@@ -9,7 +9,9 @@ the previous one):
   (read back with ``torch.load(..., weights_only=True)``);
 - ``trainer.json``: the step reached (the data position is a function of it), the skipped-step
   count, the refresh counters, the log so far, and the run's identity
-  (:meth:`~rankwise.pretrain.config.PretrainConfig.identity`).
+  (:meth:`~rankwise.pretrain.config.PretrainConfig.identity`);
+- ``tokenizer.json``: for a config whose tokenizer is trained (``bpe8k``), the tokenizer the run
+  uses, so a resumed run tokenizes with exactly it, whatever the cache holds by then.
 
 Resuming compares the identity first: another config, model, method or option raises a
 :class:`~rankwise.errors.CheckpointError` naming each difference, before anything is written.
@@ -27,10 +29,14 @@ from rankwise.fileio import output_dir
 
 CHECKPOINT = "checkpoint"
 FILES = ("model.safetensors", "optimizer.pt", "trainer.json")
+TOKENIZER = "tokenizer.json"
 
 
-def save_checkpoint(out: Path, model_state: dict, optimizer_state: dict, trainer: dict) -> Path:
-    """Write ``out/checkpoint`` atomically (the previous one stays until the new one is whole)."""
+def save_checkpoint(
+    out: Path, model_state: dict, optimizer_state: dict, trainer: dict, tokenizer: str | None = None
+) -> Path:
+    """Write ``out/checkpoint`` atomically (the previous one stays until the new one is whole);
+    ``tokenizer``: the ``tokenizer.json`` text of a trained tokenizer, kept beside the weights."""
     from safetensors.torch import save_file
 
     with output_dir(out / CHECKPOINT, overwrite=True, kind="pretrain-checkpoint", option="checkpoint") as tmp:
@@ -38,7 +44,15 @@ def save_checkpoint(out: Path, model_state: dict, optimizer_state: dict, trainer
         save_file(tensors, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer_state, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            (tmp / TOKENIZER).write_text(tokenizer)
     return out / CHECKPOINT
+
+
+def read_tokenizer(out: Path) -> str | None:
+    """The ``tokenizer.json`` text kept in the checkpoint in ``out`` (None if it has none)."""
+    path = out / CHECKPOINT / TOKENIZER
+    return path.read_text() if path.is_file() else None
 
 
 def read_trainer(out: Path) -> dict:
@@ -84,4 +98,4 @@ def load_tensors(out: Path) -> tuple[dict, dict, torch.Tensor]:
     return model_state, blob["optimizer"], blob["rng"]
 
 
-__all__ = ["CHECKPOINT", "check_identity", "load_tensors", "read_trainer", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "check_identity", "load_tensors", "read_tokenizer", "read_trainer", "save_checkpoint"]

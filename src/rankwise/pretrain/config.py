@@ -3,13 +3,17 @@
 
 ``llama-20m`` is GaLore's ``llama_20m`` shape (4 layers, 256 wide, MLP 688, 4 heads) with
 SmolLM2's 49,152-token vocabulary and tied embeddings, like SmolLM2 itself (15.7M
-parameters); ``llama-60m`` is GaLore's 512-wide ``llama_60m`` shape; ``tiny`` is a two-layer,
-64-wide model with the byte tokenizer, for tests and examples.
+parameters, 80% of them in the embedding); ``llama-20m-bpe8k`` is a ~20M LLaMA whose parameters
+are mostly in the transformer body, as in the GaLore/SLTrain papers' tables (10 layers, 384 wide,
+MLP 1024, 6 heads, an 8,192-token byte-level BPE trained on the built-in corpus: 20.8M
+parameters, 3.1M of them the tied embedding); ``llama-60m`` is GaLore's 512-wide ``llama_60m``
+shape; ``tiny`` is a two-layer, 64-wide model with the byte tokenizer, for tests and examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import ConfigError, ModelError
-from rankwise.fileio import apply_umask
+from rankwise.fileio import apply_umask, atomic_write
 from rankwise.models import EMBEDDED, byte_tokenizer, cache_dir
 from rankwise.registry import Registry
 
@@ -33,7 +37,7 @@ class ModelConfig:
     layers: int
     intermediate: int
     heads: int
-    tokenizer: str  # "byte" or "smollm2"
+    tokenizer: str  # "byte", "smollm2" or "bpe8k"
     max_positions: int = 1024
     tie_embeddings: bool = True
 
@@ -47,17 +51,26 @@ MODEL_CONFIGS.register(
     "llama-20m", ModelConfig(hidden=256, layers=4, intermediate=688, heads=4, tokenizer="smollm2")
 )
 MODEL_CONFIGS.register(
+    "llama-20m-bpe8k", ModelConfig(hidden=384, layers=10, intermediate=1024, heads=6, tokenizer="bpe8k")
+)
+MODEL_CONFIGS.register(
     "llama-60m", ModelConfig(hidden=512, layers=8, intermediate=1376, heads=8, tokenizer="smollm2")
 )
 
-TOKENIZERS = ("byte", "smollm2")
+# Byte-level BPE tokenizers trained on the built-in corpus's train split: name -> vocabulary size.
+TRAINED_TOKENIZERS = {"bpe8k": 8192}
+TOKENIZERS = ("byte", "smollm2", *TRAINED_TOKENIZERS)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
 def load_tokenizer(name: str):
-    """The byte tokenizer (built in code) or SmolLM2's, read from the embedded GGUF file once
-    (about 6 s) and cached as a tokenizer folder in :func:`rankwise.models.cache_dir`."""
+    """The byte tokenizer (built in code), SmolLM2's (read from the embedded GGUF file once,
+    about 6 s, and cached as a tokenizer folder in :func:`rankwise.models.cache_dir`), or a
+    BPE of :data:`TRAINED_TOKENIZERS` (:func:`trained_tokenizer`)."""
     if name == "byte":
         return byte_tokenizer()
+    if name in TRAINED_TOKENIZERS:
+        return trained_tokenizer(name)
     if name != "smollm2":
         raise ConfigError(f"tokenizer {name!r} is not one of {', '.join(TOKENIZERS)}")
     from transformers import AutoTokenizer
@@ -82,6 +95,53 @@ def load_tokenizer(name: str):
     except OSError:  # another process cached it first (same files)
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> str:
+    """A byte-level BPE of ``vocab_size`` tokens (4 specials, the 256 bytes, then merges)
+    trained on ``texts``, as ``tokenizer.json`` text. Deterministic: the same texts give the
+    same merges (tested)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok.to_str()
+
+
+def tokenizer_from_json(text: str):
+    """A ``PreTrainedTokenizerFast`` from ``tokenizer.json`` text written by :func:`train_bpe`."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    pad, bos, eos, unk = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(text), pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk
+    )
+
+
+def trained_tokenizer(name: str):
+    """The BPE ``name`` of :data:`TRAINED_TOKENIZERS`, trained on the built-in corpus's train
+    split (about 3 s) the first time and cached (written atomically) in
+    ``cache_dir()/tokenizers/<name>-<hash of the train split>.json``; a changed corpus (another
+    Python's documentation) gets its own file. A run's checkpoint keeps its own copy, which a
+    resumed run uses (:mod:`rankwise.pretrain.checkpoint`)."""
+    from rankwise.data import BUILTIN, load_corpus
+
+    texts = load_corpus(BUILTIN).train
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / f"{name}-{digest}.json"
+    if cached.is_file():
+        return tokenizer_from_json(cached.read_text())
+    text = train_bpe(texts, TRAINED_TOKENIZERS[name])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cached, lambda tmp: Path(tmp).write_text(text))
+    return tokenizer_from_json(text)
 
 
 def build_model(config: ModelConfig, tokenizer, *, seed: int = 0) -> nn.Module:
@@ -207,5 +267,6 @@ def lr_factor(config: PretrainConfig, step: int) -> float:
 
 
 __all__ = [
-    "IDENTITY", "IDENTITY_DEFAULTS", "MODEL_CONFIGS", "ModelConfig", "PretrainConfig", "build_model", "load_tokenizer", "lr_factor",
+    "IDENTITY", "IDENTITY_DEFAULTS", "MODEL_CONFIGS", "TRAINED_TOKENIZERS", "ModelConfig", "PretrainConfig", "build_model",
+    "load_tokenizer", "lr_factor", "tokenizer_from_json", "train_bpe", "trained_tokenizer",
 ]  # fmt: skip

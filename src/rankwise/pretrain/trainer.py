@@ -23,7 +23,14 @@ from torch import nn
 
 from rankwise.data import load_corpus, perplexity, token_blocks
 from rankwise.errors import ConfigError, DataError
-from rankwise.pretrain.config import PretrainConfig, build_model, load_tokenizer, lr_factor
+from rankwise.pretrain.config import (
+    TRAINED_TOKENIZERS,
+    PretrainConfig,
+    build_model,
+    load_tokenizer,
+    lr_factor,
+    tokenizer_from_json,
+)
 from rankwise.pretrain.methods import (
     OPTIMIZERS,
     build_optimizer,
@@ -231,6 +238,12 @@ class Trainer:
     def refresh_seconds(self) -> float:
         return float(getattr(self.optimizer, "refresh_seconds", 0.0))
 
+    def tokenizer_text(self) -> str | None:
+        """The ``tokenizer.json`` text a checkpoint keeps (trained tokenizers only)."""
+        if self.config.model.tokenizer not in TRAINED_TOKENIZERS:
+            return None
+        return self.data.tokenizer.backend_tokenizer.to_str()
+
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> tuple[dict, dict, dict]:
@@ -351,7 +364,11 @@ def pretrain(
             check_output_dir(out_path, overwrite=overwrite)
         elif resume:
             raise ConfigError("resume needs the run folder (--out) holding the checkpoint")
-        trainer = Trainer(config, world=world)
+        data = None
+        if saved is not None:  # a trained tokenizer kept in the checkpoint is the one to use
+            text = ckpt.read_tokenizer(out_path)
+            data = None if text is None else load_data(config, tokenizer_from_json(text))
+        trainer = Trainer(config, data=data, world=world)
         if saved is not None:
             model_state, optimizer_state, rng = ckpt.load_tensors(out_path)
             trainer.load_state(model_state, optimizer_state, saved, rng)
@@ -362,7 +379,7 @@ def pretrain(
         def save() -> None:
             model_state, optimizer_state, info = trainer.state()
             if world.rank == 0:
-                ckpt.save_checkpoint(out_path, model_state, optimizer_state, info)
+                ckpt.save_checkpoint(out_path, model_state, optimizer_state, info, trainer.tokenizer_text())
                 write_json(out_path / "pretrain.json", _result(trainer, out_path).as_dict())
             _barrier(world)
 
