@@ -12,7 +12,7 @@ from rankwise.cli._options import parse_options
 
 
 def pretrain_command(
-    config: str = typer.Option("llama-20m", "--config", "-c", help="Model shape: llama-20m (4 layers x 256, SmolLM2 tokenizer), llama-60m (8 x 512), llama-small (4 x 256, byte tokenizer) or tiny (tests)."),
+    config: str = typer.Option("llama-20m", "--config", "-c", help="Model shape: llama-20m (4 layers x 256, SmolLM2 tokenizer, mostly embedding), llama-20m-bpe8k (10 x 384, 8k BPE trained on the built-in corpus: 20.8M parameters, 3.1M of them embedding), llama-60m (8 x 512), llama-small (4 x 256, byte tokenizer) or tiny (tests)."),
     method: str = typer.Option("adamw", "--method", help="adamw, galore, dct, frugal, gradnorm (optimizers), or a layer type of rankwise.layers (sltrain, lost, ...: the block linear layers are converted, AdamW trains them); see --list-methods."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps in total (a resumed run continues up to this)."),
     data: str = typer.Option("builtin", "--data", "-d", help="'builtin', a text file or a folder of .txt files: its train split is trained on, its validation split scored."),
