@@ -34,7 +34,7 @@ the embedding) with the embedding on AdamW and projected, against the issue's "â
 AdamW" bar. It costs one step per method and config.
 
 Refresh benchmark (the issue's target): on the block-matrix gradients of ``llama-small``
-(256 wide), ``llama-20m-bpe8k`` (384, full mode) and ``llama-60m`` (512) after a few AdamW
+(256 wide), ``llama-20m-bpe8k`` (384) and ``llama-60m`` (512; quick mode: two layers of each) after a few AdamW
 steps, galore-torch's refresh (full ``torch.linalg.svd``), rankwise's (``SVDProjector``
 exactly as GaLoreAdamW calls it) and each path of ``leading_subspace`` forced (subspace
 iteration, Gram eigh) are timed interleaved (median of repeats), per shape and for the whole
@@ -263,8 +263,7 @@ def peak_memory(spec: str, quick: bool) -> int | None:
 
 # The models whose block-matrix gradients the refresh benchmark uses, and the rank at each
 # (GaLore's ranks: 64 up to 384 wide, 128 at 512).
-REFRESH_MODELS = {"quick": [("llama-small", 64), ("llama-60m", 128)],
-                  "full": [("llama-small", 64), ("llama-20m-bpe8k", 64), ("llama-60m", 128)]}  # fmt: skip
+REFRESH_MODELS = [("llama-small", 64), ("llama-20m-bpe8k", 64), ("llama-60m", 128)]
 
 
 def refresh_gradients(config_name: str, rank: int, quick: bool) -> tuple[list[torch.Tensor], PretrainConfig]:
@@ -360,7 +359,7 @@ def refresh_bench(grads: list[torch.Tensor], rank: int, repeats: int) -> dict:
 def refresh_benchmarks(quick: bool) -> list[dict]:
     """:func:`refresh_bench` on each model of :data:`REFRESH_MODELS`."""
     out = []
-    for config_name, rank in REFRESH_MODELS["quick" if quick else "full"]:
+    for config_name, rank in REFRESH_MODELS:
         grads, config = refresh_gradients(config_name, rank, quick)
         result = {"config": config_name, "steps": config.steps, **refresh_bench(grads, rank, repeats=3 if quick else 7)}
         print({k: v for k, v in result.items() if k != "by_shape"}, flush=True)
