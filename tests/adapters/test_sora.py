@@ -11,6 +11,7 @@ from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
 from rankwise.adapters.finetune import FinetuneConfig, finetune, trainable_adapter_map
 from rankwise.adapters.methods.sora import (
     GATE_TRAVEL,
+    MAX_GATE_LR,
     GateAdam,
     SoraConfig,
     soft_threshold,
@@ -84,13 +85,14 @@ def test_one_proximal_step_is_an_adam_step_then_soft_thresholding():
 
 
 def test_the_default_gate_step_is_relative_to_the_run_length():
-    for steps in (10, 40, 10_000):  # a gate can travel GATE_TRAVEL in any run
+    for steps in (40, 100, 10_000):  # a gate can travel GATE_TRAVEL in any run of 30 steps or more
         travel = sum(SoraConfig().gate_schedule(s, steps)[0] for s in range(steps))
         assert travel == pytest.approx(GATE_TRAVEL)
+    assert SoraConfig().gate_schedule(0, 3)[0] == MAX_GATE_LR  # a short run cannot prune everything
     config = SoraConfig(sparsity=0.6, sparsity_warmup=0.5)
-    eta = GATE_TRAVEL / 10
-    assert config.gate_schedule(0, 10) == pytest.approx((eta, eta * 0.6 / 5))  # the threshold ramps up
-    assert config.gate_schedule(4, 10) == config.gate_schedule(9, 10) == pytest.approx((eta, eta * 0.6))
+    eta = GATE_TRAVEL / 40
+    assert config.gate_schedule(0, 40) == pytest.approx((eta, eta * 0.6 / 20))  # the threshold ramps up
+    assert config.gate_schedule(19, 40) == config.gate_schedule(39, 40) == pytest.approx((eta, eta * 0.6))
     assert SoraConfig(gate_lr=0.2, sparsity=0.5, sparsity_warmup=0.0).gate_schedule(0, 10) == (0.2, 0.1)
 
 

@@ -478,7 +478,8 @@ class Adapter(nn.Module, abc.ABC):
     def before_optimizer_step(self, lr: float) -> None:
         """Called by the training loop after backward and clipping, before the optimizer step,
         with the optimizer's current learning rate: for a part the method trains by its own
-        rule (SoRA's proximal gate step). Clear that part's ``.grad`` so the optimizer skips it."""
+        rule that needs only the learning rate (a rule needing the run's length is a training rule
+        instead, as SoRA's gate step is: ``rankwise.adapters.rules``). Clear that part's ``.grad`` so the optimizer skips it."""
 
     def lr_multipliers(self) -> dict[str, float]:
         """``{parameter name: factor}`` for parameters that train at the optimizer's learning

@@ -343,8 +343,8 @@ def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
 
 
 def before_optimizer_step(adapters: Iterable[Adapter], lr: float) -> None:
-    """Each adapter's :meth:`~rankwise.adapters.Adapter.before_optimizer_step` (SoRA's proximal
-    gate update): called after backward and clipping, before ``optimizer.step()``."""
+    """Each adapter's :meth:`~rankwise.adapters.Adapter.before_optimizer_step`:
+    called after backward and clipping, before ``optimizer.step()``."""
     for adapter in adapters:
         adapter.before_optimizer_step(lr)
 

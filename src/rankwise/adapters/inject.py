@@ -709,15 +709,26 @@ def attach(
         for path in wrapped:
             replace_module(model, path, model.get_submodule(path).base_layer)
         raise
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _freeze_base(model)
     plan.parameters = sum(p.numel() for a in created.values() for p in a.parameters())
     layers = adapted_layers(model)
     for path in plan.layers:
         if activate:
             layers[path].active.append(name)
-    _sync_trainable(model)
+    for adapter in created.values():  # the other adapters' flags are in sync already
+        for p in adapter.parameters():
+            p.requires_grad_(activate and adapter.trainable)
     return plan
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """Freeze the base model's parameters, never walking the adapters (a server holding
+    hundreds of them attaches one more without touching theirs)."""
+    for _, module in _walk(model):
+        own = module.base_layer.parameters() if isinstance(module, AdaptedLayer) else module._parameters.values()
+        for p in own:
+            if p is not None:
+                p.requires_grad_(False)
 
 
 class ShapeOnlyView(LayerView):

@@ -22,7 +22,7 @@ components of the 40-step bench run; the former default λ 1e-3 at the optimizer
 could move a gate by less than 1e-4 in that run). With Adam's normalised step, ``|m̂ / √v̂| ≤ 1`` whatever the
 model, so ``sparsity`` (λ) is a plain fraction: a component is pushed to zero when the
 loss pulls its gate up less consistently than λ of a full step. How far a gate can travel
-in a run is ``η × steps``; the default ``gate_lr`` is ``GATE_TRAVEL / steps``, so a gate
+in a run is ``η × steps``; the default ``gate_lr`` is ``GATE_TRAVEL / steps`` (at most ``MAX_GATE_LR``), so a gate
 can go from 1 to 0 and back in a 40-step run as in a 10,000-step one, and the options need
 not be re-tuned for the run length (measured at 40 steps only; the toy test uses 600). The paper's
 sparsifying schedule raises the threshold during training: λ_t rises linearly from 0 to
@@ -47,6 +47,10 @@ from rankwise.adapters.methods.lora import LoraAdapter
 from rankwise.errors import ConfigError
 
 GATE_TRAVEL = 3.0  # default gate_lr = GATE_TRAVEL / steps (see the module docstring)
+# ... at most this: B starts at 0, so the gates' first gradients are 0 and the threshold alone
+# moves them; in a run of a few steps an uncapped step would prune every gate before the data
+# could pull any up (a 3-step run left the model unchanged). Binds below 30 steps.
+MAX_GATE_LR = 0.1
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class SoraConfig(AdapterConfig):
 
     def gate_schedule(self, step: int, steps: int) -> tuple[float, float]:
         """``(η, threshold)`` of the gate's proximal step ``step`` (from 0) of ``steps``."""
-        eta = self.gate_lr if self.gate_lr is not None else GATE_TRAVEL / max(1, steps)
+        eta = self.gate_lr if self.gate_lr is not None else min(GATE_TRAVEL / max(1, steps), MAX_GATE_LR)
         ramp = self.sparsity_warmup * steps
         lam = self.sparsity * (min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0)
         return eta, eta * lam

@@ -13,7 +13,7 @@ The step, and where each hook runs::
     loss.backward()  (× grad_accum)
     rules.after_backward(step)               # gradients present, before clipping
     clip_grad_norm_(...)
-    adapter.before_optimizer_step(lr)        # the adapters' own hook (SoRA's gate)
+    adapter.before_optimizer_step(lr)        # the adapters' own hook
     rules.before_optimizer_step(step, lr)
     optimizer.step()
     rules.after_optimizer_step(step)         # then the lr schedule steps
