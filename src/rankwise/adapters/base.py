@@ -190,6 +190,13 @@ class AdapterConfig:
             )
         return cls(**{k: v for k, v in values.items() if k in names}), unknown
 
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> Any:
+        """The config of a saved adapter (what ``load_adapter`` reads from its folder): unknown
+        keys are ignored (the caller warns). A method whose saved format changed over versions
+        overrides this to read older files."""
+        return cls.from_dict(values, strict=False)[0]
+
 
 # ----------------------------------------------------------------------------- layer views
 

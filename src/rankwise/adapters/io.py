@@ -471,7 +471,7 @@ def _saved_config(folder: Path, cls: type[Adapter], saved: _SavedAdapter) -> Ada
     if unknown:
         warnings.warn(f"{folder}: ignoring unknown {saved.method} options {unknown}", stacklevel=3)
     try:
-        return cls.config_class.from_dict(options, strict=False)[0]
+        return cls.config_class.from_saved(options)
     except ConfigError as e:
         raise CheckpointError(f"{folder}/{CONFIG_FILE}: {e}") from None
 

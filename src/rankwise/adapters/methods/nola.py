@@ -78,12 +78,10 @@ class NolaConfig(AdapterConfig):
             )
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, strict: bool = True) -> tuple[Any, list[str]]:
-        """As :meth:`AdapterConfig.from_dict`; a saved config (``load_adapter`` reads files
-        with ``strict=False``) without ``format_version`` predates versions: version 1."""
-        if not strict and "format_version" not in values:
-            values = {**values, "format_version": 1}
-        return super().from_dict(values, strict=strict)
+    def from_saved(cls, values: Mapping[str, Any]) -> NolaConfig:
+        """As :meth:`AdapterConfig.from_saved`; a saved config without ``format_version``
+        predates versions: version 1."""
+        return super().from_saved({"format_version": 1, **values})
 
 
 @register_method("nola")
