@@ -266,7 +266,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         names, embedding_ids = {}, set()
         if isinstance(params, nn.Module):
             names = {id(p): n for n, p in params.named_parameters()}
-            embedding_ids = _embedding_ids(params)
+            embedding_ids = {id(p) for p in embedding_parameters(params)}
             params = list(params.parameters())
         self.stagger, self.embeddings, self.seed = stagger, embeddings, seed
         self.check_finite = check_finite
@@ -559,11 +559,6 @@ def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     for p in found:
         unique.setdefault(id(p), p)
     return list(unique.values())
-
-
-def _embedding_ids(model: nn.Module) -> set[int]:
-    """ids of the input and output embedding weights (tied or not) of ``model``."""
-    return {id(p) for p in embedding_parameters(model)}
 
 
 __all__ = [
