@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import assert_merge_round_trip, llama, tokens
+from conftest import assert_merge_round_trip, llama, logits, tokens
+from safetensors.torch import load_file
 from torch import nn
 
 from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
@@ -164,3 +167,58 @@ def test_the_gate_rule_resumes_exactly(tmp_path):
 def test_the_gate_rule_refuses_other_methods():
     with pytest.raises(ConfigError, match="rule 'sora_gate' cannot train the 'lora' adapter.*works with sora"):
         finetune(FinetuneConfig(**{**TINY, "method": "lora"}, steps=1, rules=("sora_gate",)), progress=False)
+
+
+def _pruned_sora(use_rslora: bool = False):
+    """A tiny llama with SoRA (rank 4) on q/v whose gates were zeroed by hand, unevenly."""
+    model = llama()
+    attach(model, "sora", ["q_proj", "v_proj"], rank=4, alpha=8.0, use_rslora=use_rslora)
+    gates = {0: [1.0, 0.0, -0.5, 2.0], 1: [0.0, 0.7, 0.0, 0.0], 2: [0.0, 0.0, 0.0, 0.0], 3: [1.0, 1.0, 0.5, 0.3]}
+    with torch.no_grad():
+        for i, layer in enumerate(adapted_layers(model).values()):
+            ad = layer.adapters["default"]
+            ad.lora_B.normal_(std=0.2)
+            ad.gate.copy_(torch.tensor(gates[i % 4]))
+    return model
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_export_removes_pruned_ranks_and_loads_in_peft_with_equal_outputs(tmp_path, use_rslora):
+    from peft import PeftModel
+
+    model = _pruned_sora(use_rslora)
+    x = tokens(n=2, length=10, vocab=200)
+    save_adapter(model, tmp_path / "sora")
+    save_adapter(model, tmp_path / "peft", format="peft")
+    assert json.loads((tmp_path / "sora" / "adapter_config.json").read_text())["format"] == "rankwise-adapter"
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    ranks = sora_ranks(model)
+    kept = {p: r for p, r in ranks.items() if r}
+    assert cfg["peft_type"] == "LORA" and cfg["r"] in kept.values()
+    for path, r in ranks.items():  # each layer at its own rank; a layer with none left is left out
+        a = tensors.get(f"base_model.model.{path}.lora_A.weight")
+        assert (a is None) if r == 0 else (a.shape[0] == r and cfg["rank_pattern"].get(path, cfg["r"]) == r)
+    assert len(tensors) == 2 * len(kept)
+    size = sum(t.numel() for t in tensors.values())
+    native = sum(t.numel() for t in load_file(str(tmp_path / "sora" / "adapter.safetensors")).values())
+    assert size < 0.6 * native
+    with torch.no_grad():
+        ours = logits(model, x)
+        theirs = PeftModel.from_pretrained(llama(), tmp_path / "peft")
+        torch.testing.assert_close(logits(theirs, x), ours, atol=1e-5, rtol=1e-5)
+        back = llama()
+        plan = load_adapter(back, tmp_path / "peft")
+        assert plan.method == "lora" and plan.config.rank == max(kept.values())
+        torch.testing.assert_close(logits(back, x), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_export_of_an_adapter_with_no_rank_left_is_refused(tmp_path):
+    model = _pruned_sora()
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.adapters["default"].gate.zero_()
+    with pytest.raises(ConfigError, match="every layer of the adapter has rank 0 .* nothing to export"):
+        save_adapter(model, tmp_path / "peft", format="peft")
+    assert not (tmp_path / "peft").exists()
+    save_adapter(model, tmp_path / "sora")  # the rankwise format keeps it (training can go on)

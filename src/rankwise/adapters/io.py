@@ -7,7 +7,12 @@ A folder holds ``adapter_config.json`` and the tensors:
   ``...lora_magnitude_vector``, ``lora_embedding_A``/``_B``) and a PEFT ``LoraConfig``
   (``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, ``target_modules``,
   ``fan_in_fan_out``...). ``peft.PeftModel.from_pretrained`` loads it, and PEFT's folders
-  load here.
+  load here. Layers of different ranks (a SoRA adapter exported with its pruned components
+  removed) are written with PEFT's per-layer ``rank_pattern``; PEFT scales each layer by
+  ``lora_alpha / r_layer``, so ``B`` is rescaled to keep the adapter's own scaling. Read
+  back, a ``rank_pattern``/``alpha_pattern`` file becomes one adapter of the largest rank:
+  each layer's factors are zero-padded to it and its scaling is folded into ``B``, which
+  computes the same function (one adapter name is one config here).
 - rankwise format (every method): ``adapter.safetensors`` keyed ``<module path>.<param>``
   and a config naming the method, its options, the layers and their target patterns.
 
@@ -21,7 +26,9 @@ model unchanged.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import re
 import warnings
@@ -111,8 +118,6 @@ _PEFT_HARMLESS: dict[str, Any] = {
 _PEFT_MUST_BE_DEFAULT = (
     "bias",
     "modules_to_save",
-    "rank_pattern",
-    "alpha_pattern",
     "layers_to_transform",
     "lora_bias",
     "trainable_token_indices",
@@ -203,16 +208,147 @@ def _peft_files(model, adapters, base_model) -> tuple[dict, dict[str, torch.Tens
         task_type=None,
         modules_to_save=None,
     )
+    states = {path: a.peft_state() for path, a in adapters.items()}
     if first.peft_type is None:  # a LoraConfig
         cfg.update(rank_pattern={}, alpha_pattern={})
+        states = _with_rank_pattern(cfg, states, first.scaling)
+        cfg["target_modules"] = _target_modules(model, list(states))
     tensors = {
-        f"{PEFT_PREFIX}{path}.{suffix}": t
-        for path, a in adapters.items()
-        for suffix, t in a.peft_state().items()
+        f"{PEFT_PREFIX}{path}.{suffix}": t for path, state in states.items() for suffix, t in state.items()
     }
     for name, t in type(first).peft_shared_state(adapters).items():
         tensors[f"{PEFT_MODEL_PREFIX}{name}"] = t
     return cfg, tensors
+
+
+# ----------------------------------------------------------------------------- rank_pattern
+
+_PEFT_A = ("lora_A.weight", "lora_embedding_A")  # (r, ...): the rank is dim 0
+_PEFT_B = ("lora_B.weight", "lora_embedding_B")  # (out, r, ...): the rank is dim 1
+
+
+def _peft_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """The scaling PEFT gives a layer of rank ``rank``: ``alpha / r`` or ``alpha / √r``."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _factors(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """The names of the A and B tensors in a PEFT LoRA layer's tensors (None if absent)."""
+    a = next((k for k in _PEFT_A if k in state), None)
+    b = next((k for k in _PEFT_B if k in state), None)
+    return (a, b) if a and b else None
+
+
+def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
+    r"""PEFT's lookup: the value of the first key ``k`` with ``re.match(rf"(.*\.)?({k})$", path)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _rank_pattern(ranks: Mapping[str, int], default: int) -> dict[str, int]:
+    """``rank_pattern`` entries for the layers whose rank is not ``default``, keyed by their
+    paths; anchored and escaped when a plain path would also match another layer in PEFT's
+    suffix lookup."""
+    for key in (lambda p: p, lambda p: "^" + re.escape(p)):
+        pattern = {key(p): r for p, r in ranks.items() if r != default}
+        if all(_pattern_value(pattern, p, default) == r for p, r in ranks.items()):
+            return pattern
+    raise AssertionError("anchored full paths always resolve to their own layer")
+
+
+def _with_rank_pattern(
+    cfg: dict, states: dict[str, dict[str, torch.Tensor]], scaling: float
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Give a LoRA config per-layer ranks when the layers' factors have different ranks.
+
+    ``states`` are each layer's PEFT tensors computing the update at the adapter's own
+    ``scaling`` (a SoRA export: pruned components removed; an empty dict is a layer with no
+    rank left, left out of the file). ``cfg["r"]`` becomes the commonest rank, the others go
+    to ``rank_pattern``, and a layer's ``B`` is rescaled by ``scaling / (lora_alpha / r_layer)``
+    so PEFT computes the same update. ConfigError when no layer has any rank left."""
+    kept = {p: s for p, s in states.items() if s}
+    if not kept:
+        raise ConfigError(
+            "every layer of the adapter has rank 0 (all its components pruned), so it adds "
+            "nothing and PEFT has no rank-0 LoRA; there is nothing to export"
+        )
+    ranks = {p: int(s[_factors(s)[0]].shape[0]) for p, s in kept.items() if _factors(s)}
+    if len(kept) == len(states) and set(ranks.values()) <= {cfg["r"]}:
+        return states
+    common = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else cfg["r"]
+    out = {}
+    for path, state in kept.items():
+        names = _factors(state)
+        if names is None or ranks[path] == cfg["r"]:
+            out[path] = state
+            continue
+        peft = _peft_scaling(cfg["lora_alpha"], ranks[path], cfg["use_rslora"])
+        out[path] = {**state, names[1]: state[names[1]] * (scaling / peft)}
+    cfg.update(r=common, rank_pattern=_rank_pattern(ranks, common))
+    return out
+
+
+def _pad_rank(t: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to size ``rank``."""
+    pad = list(t.shape)
+    pad[dim] = rank - t.shape[dim]
+    return torch.cat([t, t.new_zeros(pad)], dim=dim)
+
+
+def _checked_pattern(cfg: dict, key: str, folder: Path) -> dict[str, Any]:
+    pattern = cfg.get(key) or {}
+    ok = isinstance(pattern, dict) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        and (key != "rank_pattern" or float(v).is_integer())
+        for k, v in pattern.items()
+    )  # fmt: skip
+    if not ok:
+        raise CheckpointError(
+            f"{folder}/{CONFIG_FILE}: {key} must map module patterns to positive "
+            f"{'integer ranks' if key == 'rank_pattern' else 'numbers'}; got {pattern!r}"
+        )
+    for k in pattern:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise CheckpointError(f"{folder}/{CONFIG_FILE}: {key} key {k!r} is not a regex: {e}") from None
+    return pattern
+
+
+def _apply_rank_pattern(
+    cfg: dict, options: dict[str, Any], grouped: dict[str, dict[str, torch.Tensor]], folder: Path
+) -> None:
+    """Read PEFT's per-layer ``rank_pattern``/``alpha_pattern`` into one adapter of the
+    largest rank (see the module docstring): ``options["rank"]`` becomes that rank, every
+    layer's A and B are zero-padded to it, and ``B`` takes the ratio of the layer's PEFT
+    scaling to the adapter's. CheckpointError when a layer's factors do not have the rank
+    the pattern gives it."""
+    ranks_by, alphas_by = (_checked_pattern(cfg, k, folder) for k in ("rank_pattern", "alpha_pattern"))
+    if not ranks_by and not alphas_by:
+        return
+    r, alpha, rslora = options["rank"], float(options["alpha"]), options["use_rslora"]
+    ranks = {p: int(_pattern_value(ranks_by, p, r)) for p in grouped}
+    for path, state in grouped.items():
+        names = _factors(state)
+        if names and state[names[0]].shape[0] != ranks[path]:
+            raise CheckpointError(
+                f"{folder}: tensor {PEFT_PREFIX}{path}.{names[0]} has rank "
+                f"{state[names[0]].shape[0]} but the config gives this layer rank {ranks[path]} "
+                "(r / rank_pattern)"
+            )
+    top = max(ranks.values())
+    scaling = _peft_scaling(alpha, top, rslora)
+    for path, state in grouped.items():
+        names = _factors(state)
+        if names is None:
+            continue
+        a, b = state[names[0]], state[names[1]]
+        ratio = _peft_scaling(float(_pattern_value(alphas_by, path, alpha)), ranks[path], rslora) / scaling
+        state[names[0]] = _pad_rank(a, 0, top)
+        state[names[1]] = _pad_rank(b * ratio if ratio != 1 else b, 1, top)
+    options["rank"] = top
 
 
 def _native_files(model, adapters, config, base_model) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -246,8 +382,9 @@ def save_adapter(
 ) -> Path:
     """Write adapter ``name`` to the folder ``directory``; returns the folder.
 
-    ``format`` is ``"peft"`` (PEFT's files; lora/dora only), ``"rankwise"`` (any method),
-    or ``"auto"`` (PEFT when every layer's method has a PEFT form, rankwise's otherwise).
+    ``format`` is ``"peft"`` (PEFT's files; lora/dora, and sora exported as a plain LoRA
+    without its pruned components), ``"rankwise"`` (any method), or ``"auto"`` (PEFT when
+    every layer's method has a PEFT form it is saved in by default, rankwise's otherwise).
     ``base_model`` is recorded as ``base_model_name_or_path`` (default: the model config's
     ``_name_or_path`` unless it points into rankwise's cache). An existing non-empty folder
     is refused unless ``overwrite`` (and even then only an adapter folder is replaced).
@@ -261,7 +398,10 @@ def save_adapter(
     if format == "peft" and not peft_ok:
         method = next(iter(adapters.values())).method
         raise ConfigError(f"method {method!r} has no PEFT format; use format='rankwise' or 'auto'")
-    chosen = "peft" if format == "peft" or (format == "auto" and peft_ok) else "rankwise"
+    # a method whose PEFT form is an export (SoRA: a plain LoRA without its gate) is written
+    # that way only on request; "auto" keeps what it needs to go on training
+    auto_peft = peft_ok and all(getattr(a, "peft_by_default", True) for a in adapters.values())
+    chosen = "peft" if format == "peft" or (format == "auto" and auto_peft) else "rankwise"
     for path, a in adapters.items():
         if reason := a.unsavable_reason(chosen):
             raise ConfigError(f"cannot save adapter {name!r} ({path}) as {chosen}: {reason}")
@@ -462,6 +602,7 @@ def _read_peft(model: nn.Module, folder: Path, cfg: dict) -> _SavedAdapter:
             continue
         path, suffix = _split_peft_key(key)
         grouped.setdefault(path, {})[suffix] = t
+    _apply_rank_pattern(cfg, options, grouped, folder)
     return _SavedAdapter(method, options, grouped, cfg.get("target_modules"), peft=True)
 
 

@@ -29,7 +29,11 @@ sparsifying schedule raises the threshold during training: λ_t rises linearly f
 ``sparsity`` over the first ``sparsity_warmup`` of the steps, so every component gets a
 chance to become useful before the L1 pressure is on.
 
-Saved in rankwise's format (PEFT has no SoRA), gate included.
+Saved in rankwise's format by default (PEFT has no SoRA), gate included, so training can go
+on. ``save_adapter(..., format="peft")`` exports what the paper deploys: a plain LoRA with
+the zeroed components removed and the gate folded into ``A`` (``g_i A_i`` for each kept
+``i``), each layer at its own rank in PEFT's ``rank_pattern`` (a layer with no rank left is
+left out of the file), which the ``peft`` package loads and which computes the same outputs.
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ class SoraAdapter(LoraAdapter):
 
     summary = "SoRA: LoRA with an L1-gated rank, pruned during training by proximal steps (Ding et al. 2023)"
     config_class = SoraConfig
+    peft_by_default = False  # format="peft" exports a plain LoRA (gate dropped): only on request
 
     def build(self) -> None:
         super().build()
@@ -173,8 +178,23 @@ class SoraAdapter(LoraAdapter):
         """How many gate entries are non-zero."""
         return int(torch.count_nonzero(self.gate.detach()))
 
-    def peft_config(self) -> dict[str, Any] | None:
-        return None
+    def kept_components(self) -> torch.Tensor:
+        """Indices of the non-zero gate entries (the rank an export keeps)."""
+        return torch.nonzero(self.gate.detach()).flatten()
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """A plain LoRA's PEFT tensors at this adapter's scaling: ``g ⊙ A`` and ``B`` with
+        only the kept components (rank = :attr:`active_rank`); ``{}`` when none is kept.
+        ``save_adapter`` puts the per-layer rank in ``rank_pattern`` and rescales ``B`` for
+        PEFT's per-layer scaling."""
+        keep = self.kept_components()
+        if keep.numel() == 0:
+            return {}
+        state = super().peft_state()  # the full-rank factors in PEFT's layout
+        name_a, name_b = self._peft_names()
+        a, b = state[name_a][keep], state[name_b][:, keep]
+        gate = self.gate.detach()[keep].to(a.dtype).reshape(-1, *(1,) * (a.dim() - 1))
+        return {name_a: a * gate, name_b: b}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, active_rank={self.active_rank}, sparsity={self.config.sparsity:g}"
