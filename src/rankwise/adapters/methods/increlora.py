@@ -2,26 +2,43 @@
 
 "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning",
 Zhang et al. 2023. Instead of pruning a large rank down (AdaLoRA, SoRA), every layer starts
-at ``init_rank`` and, every ``grow_every`` steps, the layers with the highest importance get
-one more component, until the model's total rank reaches ``target_rank × layers``. A layer's
-rank is bounded only by ``rank`` (its capacity), not by an even split of the budget.
+at ``init_rank`` and, at each growth event, the layers with the highest importance get
+``grow_by`` more components each, until the model's total rank reaches ``target_rank ×
+layers``. A layer's rank is bounded only by ``rank`` (its capacity), not by an even split of
+the budget; the budget is what is compared with a LoRA of rank ``target_rank``.
 
-Importance is AdaLoRA-style sensitivity, per layer: ``I = mean |θ ⊙ ∇θ|`` over the active
-components of ``A`` and ``B``, smoothed ``Ī ← β Ī + (1-β) I`` and multiplied by its
-uncertainty ``Ū ← β Ū + (1-β) |I - Ī|``. Each growth event hands out
-``ceil(budget left / events left)`` components to the highest-scoring layers that have room.
+Importance is the paper's (AdaLoRA-style) sensitivity of each layer's update matrix:
+``I = Σ |ΔW ⊙ ∇_ΔW L| / √(out · in)``, with ``∇_ΔW L = Σ_tokens g xᵀ`` taken from the layer's
+input and output gradient during the growth window, smoothed ``Ī ← β Ī + (1-β) I`` and
+multiplied by its uncertainty ``Ū ← β Ū + (1-β) |I - Ī|``. (Layers that are not linear, conv
+and embedding, fall back to the sensitivity of the factors, ``mean |θ ⊙ ∇θ|``.) Each growth
+event hands out ``ceil(budget left / events left)`` components, ``grow_by`` at a time, to the
+highest-scoring layers with room: the paper's top-h layers × ``incre_rank_num``, with h set
+so that the budget is reached by the end of the growth window.
+
+The scale is ``alpha / k`` at the active rank ``k`` (the released code's ``scaling /
+ranknum``; ``alpha`` defaults to ``target_rank``, so at the budget rank it is a plain LoRA's
+of that rank): a layer at rank 1 moves its update as fast as one at rank 8 instead of eight
+times slower, which is what lets a method that starts small keep up with LoRA. When a layer
+grows, ``B`` is rescaled by ``k_new / k_old`` so its output does not change.
 
 Growth runs in the ``rank_growth`` training rule (``rules/growth.py``), switched on with the
 method. :class:`GrowingLoraAdapter` (here, shared with TriAdaptLoRA) is a LoRA with room for
 ``rank`` components of which the first ``active`` are used: every tensor keeps its shape, so
-the optimizer, checkpoints and saved files need nothing special (unused components get zero
-gradients, and ``active`` is a saved buffer); a new component starts with a zero column of
-``B``, so growing never changes the model's output. Saved in rankwise's format (PEFT has no IncreLoRA), the active rank of each layer included.
+the optimizer, checkpoints and saved files need nothing special (unused components get
+exactly zero gradients, so their Adam moments are still zero when they are switched on:
+their first steps are Adam's first steps, about half the learning rate and rising, like the
+paper's restart warm-up), and ``active`` is a saved buffer. A new component starts with a
+zero column of ``B``, so growing never changes the model's output. The paper's "advance
+learning" (reserve components trained at a 1e-5 weight before they join) needs its SVD form
+and is not reproduced. Saved in rankwise's format (PEFT has no IncreLoRA), the active rank of
+each layer included.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,12 +57,14 @@ class GrowthConfig(AdapterConfig):
     starts; ``target_rank``: the average rank per layer at the end (the budget is
     ``target_rank × layers``; None: half of ``rank``); ``grow_every``: optimizer steps between
     growth events (None: ten events spread over the growth window); ``grow_until``: the share
-    of training after which rank stops growing."""
+    of training after which rank stops growing (0.3: the paper's runs finish growing within
+    the first 20-40% of training, so most steps train at the full budget); ``alpha``: the
+    scale's numerator (None: ``target_rank``), divided by the active rank."""
 
     init_rank: int = 1
     target_rank: int | None = None
     grow_every: int | None = None
-    grow_until: float = 0.7
+    grow_until: float = 0.3
 
     def validate(self) -> None:
         super().validate()
@@ -82,20 +101,41 @@ class GrowingLoraAdapter(LoraAdapter):
         # a float buffer (adapter files hold float tensors): the number of active components
         self.register_buffer("active", torch.tensor(float(self.config.init_rank), device=self.layer.device))
         self.stats: dict[str, float] = {}  # the method's running importance numbers (observe)
+        self.observing = False  # on while the rank_growth rule still has growth events to come
 
     @property
     def active_rank(self) -> int:
         return int(self.active)
 
     @property
+    def scaling(self) -> float:
+        """``alpha / k`` at the active rank ``k`` (``alpha / √k`` with ``use_rslora``)."""
+        return self.rank_scaling(self.active_rank)
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        """Ignored: ``Adapter.__init__`` sets the config's fixed scale; this one follows the rank."""
+
+    def rank_scaling(self, k: int) -> float:
+        """The scale at rank ``k``; ``alpha`` defaults to the budget rank (``target_rank``)."""
+        c = self.config
+        alpha = float(c.budget_rank if c.alpha is None else c.alpha)
+        return alpha / math.sqrt(k) if c.use_rslora else alpha / k
+
+    @property
     def room(self) -> int:
         """How many more components this layer can take."""
         return self.config.rank - self.active_rank
 
+    @torch.no_grad()
     def grow(self, n: int = 1) -> int:
-        """Activate ``n`` more components (fewer at capacity); returns how many were added."""
+        """Activate ``n`` more components (fewer at capacity); returns how many were added.
+        ``B`` takes the ratio of the old scale to the new one, so the output is unchanged."""
         n = max(0, min(n, self.room))
-        self.active.add_(n)
+        if n:
+            k = self.active_rank
+            self.lora_B[:, :k].mul_(self.rank_scaling(k) / self.rank_scaling(k + n))
+            self.active.add_(n)
         return n
 
     def core(self, k: int) -> torch.Tensor | None:
@@ -147,16 +187,42 @@ class GrowingLoraAdapter(LoraAdapter):
 
 
 
+def hand_out(
+    adapters: Mapping[str, GrowingLoraAdapter], order: list[str], n: int, per_turn: Mapping[str, int] | None = None
+) -> list[str]:
+    """``n`` components for the layers in ``order``: ``per_turn[p]`` (default 1) to each in
+    turn, within its room, again from the top while some are left and a layer has room. A
+    path appears once per component."""
+    room = {p: adapters[p].room for p in order}
+    chosen: list[str] = []
+    while len(chosen) < n and any(room.values()):
+        for p in order:
+            take = min((per_turn or {}).get(p, 1), room[p], n - len(chosen))
+            chosen += [p] * take
+            room[p] -= take
+    return chosen
+
+
 @dataclass(frozen=True)
 class IncreLoraConfig(GrowthConfig):
-    """``beta``: the smoothing of the sensitivity and its uncertainty (AdaLoRA's β₁ = β₂)."""
+    """``beta``: the smoothing of the sensitivity and its uncertainty (AdaLoRA's β₁ = β₂);
+    ``grow_by``: components a chosen layer gets at one growth event (None: half of
+    ``target_rank``, the released code's 1, 2, 3, 4 for target ranks 2, 4, 6, 8)."""
 
     beta: float = 0.85
+    grow_by: int | None = None
 
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"beta must be in [0, 1), got {self.beta!r}")
+        if self.grow_by is not None and not 1 <= self.grow_by <= self.rank:
+            raise ConfigError(f"grow_by must be in [1, rank={self.rank}] (components per chosen layer), got {self.grow_by}")
+
+    @property
+    def step_rank(self) -> int:
+        """Components a chosen layer gets at one growth event."""
+        return self.grow_by if self.grow_by is not None else max(1, self.budget_rank // 2)
 
 
 @register_method("increlora")
@@ -170,15 +236,45 @@ class IncreLoraAdapter(GrowingLoraAdapter):
     def score(self) -> float:
         return self.stats.get("sensitivity", 0.0) * self.stats.get("uncertainty", 0.0)
 
-    def observe(self) -> None:
+    def build(self) -> None:
+        super().build()
+        self._sensed: float | None = None  # Σ |ΔW ⊙ ∇ΔW| / √numel since the last observe()
+
+    def delta(self, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self._watch(x, super().delta(x, base))
+
+    def compose(self, y: torch.Tensor, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self._watch(x, super().compose(y, x, base))
+
+    def _watch(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """While observing, have the backward pass report the output gradient (see :meth:`_sense`)."""
+        if self.observing and out.requires_grad and self.layer.kind in ("linear", "transposed_linear"):
+            out.register_hook(functools.partial(self._sense, x.detach().reshape(-1, x.shape[-1])))
+        return out
+
+    @torch.no_grad()
+    def _sense(self, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``Σ |ΔW ⊙ ∇_ΔW L| / √numel`` with ``∇_ΔW L = gᵀ x`` (summed over the tokens)."""
+        grad_w = grad.reshape(-1, grad.shape[-1]).float().T @ inputs.float()
+        dw = self.delta_weight()
+        self._sensed = (self._sensed or 0.0) + float((dw * grad_w).abs().sum()) / math.sqrt(dw.numel())
+
+    def _factor_sensitivity(self) -> float | None:
+        """``mean |θ ⊙ ∇θ|`` over the active components of A and B (layers without ``gᵀx``)."""
         k = self.active_rank
-        parts = [(self.lora_A, self.lora_A[:k]), (self.lora_B, self.lora_B[:, :k])]
-        if any(p.grad is None for p, _ in parts):
-            return
-        grads = [self.lora_A.grad[:k], self.lora_B.grad[:, :k]]
+        if self.lora_A.grad is None or self.lora_B.grad is None:
+            return None
+        pairs = [(self.lora_A[:k], self.lora_A.grad[:k]), (self.lora_B[:, :k], self.lora_B.grad[:, :k])]
         with torch.no_grad():
-            now = sum(float((w * g).abs().sum()) for (_, w), g in zip(parts, grads, strict=True))
-            now /= sum(w.numel() for _, w in parts)
+            total = sum(float((w * g).abs().sum()) for w, g in pairs)
+        return total / sum(w.numel() for w, _ in pairs)
+
+    def observe(self) -> None:
+        now, self._sensed = self._sensed, None
+        if now is None:
+            now = self._factor_sensitivity()
+        if now is None:
+            return
         beta = self.config.beta
         smooth = beta * self.stats.get("sensitivity", now) + (1 - beta) * now
         spread = beta * self.stats.get("uncertainty", 0.0) + (1 - beta) * abs(now - smooth)
@@ -188,15 +284,12 @@ class IncreLoraAdapter(GrowingLoraAdapter):
     def plan_growth(
         cls, adapters: Mapping[str, GrowingLoraAdapter], budget: int, events_left: int, progress: float
     ) -> list[str]:
-        """``ceil(budget / events_left)`` components for the highest-scoring layers, one each
-        in score order, again from the top while some are left and layers have room."""
-        n = math.ceil(budget / max(1, events_left))
+        """``ceil(budget / events_left)`` components, ``grow_by`` (at most the room) to each
+        of the highest-scoring layers in turn, again from the top while some are left. None
+        while no layer has a score yet (the update is still zero: the paper's initial warm-up
+        before the first allocation); later events hand out what was left."""
+        if not any(a.score > 0 for a in adapters.values()):
+            return []
         order = sorted(adapters, key=lambda p: adapters[p].score, reverse=True)
-        room = {p: adapters[p].room for p in order}
-        chosen: list[str] = []
-        while len(chosen) < n and any(room.values()):
-            for p in order:
-                if room[p] and len(chosen) < n:
-                    chosen.append(p)
-                    room[p] -= 1
-        return chosen
+        per_turn = {p: adapters[p].config.step_rank for p in order}
+        return hand_out(adapters, order, math.ceil(budget / max(1, events_left)), per_turn)

@@ -10,10 +10,16 @@ Fine-Tuning", Liang et al. 2025. Three parts, as rankwise implements them:
    ``U`` and leaves everything learned so far exactly as it was.
 2. Importance: each layer's normalised Frobenius norm ``||ΔW||_F / sqrt(out · in)``, divided by
    the largest over the layers, so scores lie in [0, 1] (no gradients needed).
-3. Adaptive growth with a dynamic threshold: at each growth event every layer whose score is
-   at least ``τ`` gets one more component; ``τ`` falls from 1 towards 0 over the growth window
+3. Adaptive growth with a dynamic threshold: at each growth event the layers whose score is
+   at least ``τ`` grow; ``τ`` falls from 1 towards 0 over the growth window
    (``threshold="linear"``, the paper's best, or ``"exponential"``), within the total budget
-   ``target_rank × layers`` (highest scores first when the budget is short).
+   ``target_rank × layers``. An event hands out ``ceil(budget left / events left)``
+   components to the layers over ``τ``, one each in score order and again from the top while
+   some are left, so the budget is reached by the end of the window (one component per layer
+   per event could not reach it in a short run: the 40-step bench ended at 332 of 480).
+
+The scale follows the active rank (``alpha / k``) and a growing layer's ``B`` is rescaled to
+keep its output, as in IncreLoRA (``increlora.py``).
 
 Growth runs in the ``rank_growth`` training rule (``rules/growth.py``), switched on with the
 method. Saved in rankwise's format (PEFT has no TriAdaptLoRA), active ranks included.
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import register_method
-from rankwise.adapters.methods.increlora import GrowingLoraAdapter, GrowthConfig
+from rankwise.adapters.methods.increlora import GrowingLoraAdapter, GrowthConfig, hand_out
 from rankwise.errors import ConfigError
 
 THRESHOLDS = ("linear", "exponential")
@@ -85,7 +91,9 @@ class TriAdaptAdapter(GrowingLoraAdapter):
     def plan_growth(
         cls, adapters: Mapping[str, GrowingLoraAdapter], budget: int, events_left: int, progress: float
     ) -> list[str]:
-        """Layers whose max-normalised score is at least τ(progress), highest first."""
+        """``ceil(budget / events_left)`` components for the layers whose max-normalised score
+        is at least τ(progress): one each, highest first, again from the top while some are
+        left and those layers have room."""
         if not adapters:
             return []
         scores = {p: a.score for p, a in adapters.items()}
@@ -93,5 +101,5 @@ class TriAdaptAdapter(GrowingLoraAdapter):
         if top <= 0:
             return []
         tau = threshold_at(progress, adapters[next(iter(adapters))].config.threshold)
-        chosen = [p for p, s in scores.items() if s / top >= tau]
-        return sorted(chosen, key=scores.get, reverse=True)[:budget]
+        over = sorted((p for p, s in scores.items() if s / top >= tau), key=scores.get, reverse=True)
+        return hand_out(adapters, over, math.ceil(budget / max(1, events_left)))

@@ -54,7 +54,7 @@ class RankGrowthRule(TrainingRule):
         configs = [a.config for a in self.adapters.values()]
         first = configs[0] if configs else None
         self.budget = sum(c.budget_rank for c in configs)
-        self.last_step = math.floor(first.grow_until * steps) if first else 0
+        self.last_step = max(1, math.floor(first.grow_until * steps)) if first else 0
         self.grow_every = (first.grow_every if first else None) or max(1, self.last_step // 10)
         if first and self.budget > total_rank(self.adapters) and self.last_step < self.grow_every:
             raise ConfigError(
@@ -62,6 +62,12 @@ class RankGrowthRule(TrainingRule):
                 f"in the first grow_until={first.grow_until} of {steps} steps, so rank would never "
                 f"grow; use grow_every <= {max(1, self.last_step)} (or more steps)"
             )
+        self._observe(self.budget > total_rank(self.adapters))
+
+    def _observe(self, on: bool) -> None:
+        """Importance is measured only while growth events are still to come."""
+        for adapter in self.adapters.values():
+            adapter.observing = on
 
     def after_backward(self, step: int) -> None:
         for adapter in self.adapters.values():
@@ -75,6 +81,7 @@ class RankGrowthRule(TrainingRule):
             return
         remaining = self.budget - total_rank(self.adapters)
         if remaining <= 0:
+            self._observe(False)
             return
         m, total_events = done // self.grow_every, self.last_step // self.grow_every
         events = total_events - m + 1
@@ -83,6 +90,12 @@ class RankGrowthRule(TrainingRule):
         open_layers = {p: a for p, a in self.adapters.items() if a.room > 0}
         for path in cls.plan_growth(open_layers, remaining, events, progress)[:remaining]:
             self.adapters[path].grow(1)
+        if done + self.grow_every > self.last_step or total_rank(self.adapters) >= self.budget:
+            self._observe(False)  # that was the last growth event
+
+    def teardown(self) -> None:
+        self._observe(False)
+        super().teardown()
 
     def state_dict(self) -> dict:
         return {"stats": {p: dict(a.stats) for p, a in self.adapters.items()}}
