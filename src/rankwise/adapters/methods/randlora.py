@@ -20,12 +20,14 @@ multiply-adds, then one ``T·out·in`` product) or the two thin products ``(x Q�
 Linear and transposed-linear (GPT-2 ``Conv1D``) layers, as in PEFT.
 
 Cost against LoRA on a d×d layer with T tokens (units of ``T·d²`` multiply-adds): LoRA's
-step is about 2 (the frozen forward and the input gradient). The dense path adds the
-gradient of ``ΔW`` (``gᵀx``, 1) and two ``d³`` products (building ``ΔW`` and ``BᵀG``,
-``2·d/T``): ``1.5 + d/T`` times LoRA, 2.0× at d = 2048, T = 4096 — what bench/zoo.py
-measures, so this path is at its floor. With full-rank dense bases every exact formulation
-we tried pays at least that ``gᵀx`` term (``Γ`` has ``d²/r`` entries, each a sum over all
-tokens); the thin path pays more. PEFT's ternary ``sparse`` bases would cut the ``d³`` terms,
+step is 2 units plus its own thin products (the frozen forward and the input gradient). The
+dense path takes 3 units (the merged forward, the input gradient, the gradient of ``ΔW``,
+``gᵀx``) and two ``d³`` products (building ``ΔW`` and ``BᵀG``, ``2·d/T`` units): 4 units at
+d = 2048, T = 4096. bench/zoo.py measures 1.63× LoRA's step there, which is about those
+4 units, so this path is at its floor: with full-rank dense bases every exact formulation we
+tried pays the ``gᵀx`` term (``Γ`` has ``d²/r`` entries, each a sum over all tokens) and
+a ``d³`` product for each of ``ΔW`` and ``BᵀG`` (no structure in ``B`` to exploit); the thin
+path pays more. PEFT's ternary ``sparse`` bases would cut the ``d³`` terms,
 but torch's CPU sparse kernels do not: a 4.4%-dense CSR (2048²) times a dense 2048×4096 took
 0.39 s against 0.52 s dense, and 2.3 s at 1/3 density (torch 2.13, this 2-core machine).
 
