@@ -67,6 +67,33 @@ def make_trained(model: nn.Module, name: str = "default", std: float = 0.1, seed
                     p.add_(noise)
 
 
+def damage_adapter_folder(folder, damage: str, key: str) -> None:
+    """Damage a saved adapter folder the way a bad download or edit would: ``truncate``
+    the weights file, ``bad_json`` config, or change tensor ``key``: ``missing_key``,
+    ``extra_key`` (a sibling ``lora_C``), ``nan``, ``transposed``."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+        return
+    if damage == "bad_json":
+        (folder / "adapter_config.json").write_text("{not json")
+        return
+    tensors = load_file(path)
+    if damage == "missing_key":
+        del tensors[key]
+    elif damage == "extra_key":
+        tensors[key.replace("lora_A", "lora_C").replace("lora_B", "lora_C")] = torch.ones(1)
+    elif damage == "nan":
+        tensors[key][0, 0] = float("nan")
+    elif damage == "transposed":
+        tensors[key] = tensors[key].t().contiguous()
+    else:
+        raise ValueError(f"unknown damage {damage!r}")
+    save_file(tensors, path)
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

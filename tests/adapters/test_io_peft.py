@@ -8,8 +8,18 @@ import os
 
 import pytest
 import torch
-from conftest import ConvNet, assert_same_state, gpt2, llama, logits, make_trained, snapshot, tokens
-from safetensors.torch import load_file, save_file
+from conftest import (
+    ConvNet,
+    assert_same_state,
+    damage_adapter_folder,
+    gpt2,
+    llama,
+    logits,
+    make_trained,
+    snapshot,
+    tokens,
+)
+from safetensors.torch import load_file
 
 from rankwise.adapters import adapted_layers, attach, load_adapter, save_adapter
 from rankwise.errors import CheckpointError, ConfigError
@@ -114,11 +124,7 @@ def test_shape_mismatch_names_the_key_and_leaves_the_model_unchanged(tmp_path):
 
 def test_transposed_factors_are_caught(tmp_path):
     folder = _saved(tmp_path)
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(path)
-    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
-    tensors[key] = tensors[key].t().contiguous()  # (32, 4) -> (4, 32)
-    save_file(tensors, path)
+    damage_adapter_folder(folder, "transposed", "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight")
     model = llama()
     before = snapshot(model)
     with pytest.raises(CheckpointError, match="v_proj.lora_B.weight"):
@@ -129,23 +135,7 @@ def test_transposed_factors_are_caught(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "missing_key", "extra_key", "nan", "bad_json"])
 def test_corrupt_files_raise_checkpoint_error_and_change_nothing(tmp_path, damage):
     folder = _saved(tmp_path)
-    path = folder / "adapter_model.safetensors"
-    if damage == "truncate":
-        path.write_bytes(path.read_bytes()[:100])
-    elif damage == "bad_json":
-        (folder / "adapter_config.json").write_text("{not json")
-    else:
-        tensors = load_file(path)
-        key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
-        if damage == "missing_key":
-            del tensors[key]
-        elif damage == "extra_key":
-            tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_C.weight"] = torch.ones(
-                1
-            )
-        else:
-            tensors[key][0, 0] = float("nan")
-        save_file(tensors, path)
+    damage_adapter_folder(folder, damage, "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight")
     model = llama()
     before = snapshot(model)
     with pytest.raises(CheckpointError):

@@ -7,8 +7,15 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_state, llama, logits, make_trained, snapshot, tokens
-from safetensors.torch import load_file, save_file
+from conftest import (
+    assert_same_state,
+    damage_adapter_folder,
+    llama,
+    logits,
+    make_trained,
+    snapshot,
+    tokens,
+)
 from torch import nn
 
 import rankwise.adapters.io as io
@@ -67,21 +74,7 @@ def test_alike_layers_share_one_shape_probe_and_factor_shapes(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "missing_key", "nan", "transposed", "bad_json"])
 def test_bad_files_fail_in_the_read_step_before_anything_is_attached(tmp_path, monkeypatch, damage):
     folder = _saved(tmp_path / "a")
-    path = folder / "adapter_model.safetensors"
-    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
-    if damage == "truncate":
-        path.write_bytes(path.read_bytes()[:100])
-    elif damage == "bad_json":
-        (folder / "adapter_config.json").write_text("{not json")
-    else:
-        tensors = load_file(path)
-        if damage == "missing_key":
-            del tensors[key]
-        elif damage == "nan":
-            tensors[key][0, 0] = float("nan")
-        else:
-            tensors[key] = tensors[key].t().contiguous()
-        save_file(tensors, path)
+    damage_adapter_folder(folder, damage, "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
 
     def no_attach(*args, **kwargs):
         raise AssertionError("attach was called for a bad adapter folder")
