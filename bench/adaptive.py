@@ -9,7 +9,9 @@ perplexity plus the method's own claim, at small scale:
   LoRA truncated to the same k, which was never trained to work truncated);
 - sora: the gate prunes rank during training (total rank left of the starting total);
 - increlora / triadapt: rank starts at 1 per layer and grows, unevenly, to the budget of
-  plain LoRA's rank (total rank and the per-layer range at the end);
+  plain LoRA's rank (total rank and the per-layer range at the end; "trainable" counts the
+  parameters in use at the end, the budget LoRA is compared at: the unused capacity of a
+  layer, up to rank 2 × RANK, never gets a gradient);
 - bayes_lora: gates choose each layer's rank and each factor's bits (mean rank, mean bits);
 - sara: the same number of trainable weights as LoRA, chosen among the smallest |w| of the
   base model; the nuclear-norm penalty keeps the update low-rank (its effective rank);
@@ -18,8 +20,11 @@ perplexity plus the method's own claim, at small scale:
 Perplexities are on the built-in validation split (``--eval-tokens`` tokens, blocks of
 ``--seq-len``). ``--quick`` runs fewer, shorter steps (a smoke run: the claims need the full
 run). Writes ``bench/results/adaptive.json`` and its section of docs/benchmarks.md.
-``--rows a b`` reruns only those rows (and lora, the reference) and merges them into the
-saved results of a run with the same settings; the other rows stay as they were.
+``--rows a b`` reruns only those rows (a label, or a label's first word: ``increlora``
+selects both IncreLoRA rows) and the LoRA rows they are compared with, and merges them into
+the saved results of a run with the same settings; the other rows stay as they were.
+The ``r2`` rows repeat the comparison at a budget of rank 2 per layer (IncreLoRA's
+"low-resource settings").
 
     nice -n 10 timeout 3000 .venv/bin/python bench/adaptive.py [--quick] [--rows sora bayes_lora]
 """
@@ -45,6 +50,7 @@ warnings.filterwarnings("ignore")
 MODEL = "smollm2"
 TARGETS = ["q_proj", "v_proj"]
 RANK = 8
+LOW = 2  # the low-budget rows' rank (IncreLoRA's "low-resource settings")
 
 
 @dataclass
@@ -57,10 +63,17 @@ class Run:
     options: dict[str, Any] = field(default_factory=dict)
     rules: tuple[str, ...] = ()
     rule_options: dict[str, Any] = field(default_factory=dict)
+    reference: str = "lora"  # the plain-LoRA row at the same budget
+
+    @property
+    def family(self) -> str:
+        """What ``--rows`` selects by: the label's first word ("increlora r2" → "increlora")."""
+        return self.label.split()[0]
 
 
 def runs(sara_fraction: float, steps: int) -> list[Run]:
-    grow = {"init_rank": 1, "target_rank": RANK, "grow_until": 0.6, "grow_every": max(1, steps // 10)}
+    grow = {"init_rank": 1, "target_rank": RANK}  # the papers' schedule: the methods' defaults
+    low = {"init_rank": 1, "target_rank": LOW}
     return [
         Run("lora", "lora"),
         Run("dylora", "dylora"),
@@ -71,6 +84,10 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
         Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-2}),
         Run("lora + allora", "lora", rules=("allora",)),
         Run("lora + ggpo", "lora", rules=("ggpo",)),
+        # the papers' low-resource setting: a budget of LOW per layer
+        Run(f"lora r{LOW}", "lora", rank=LOW, reference=f"lora r{LOW}"),
+        Run(f"increlora r{LOW}", "increlora", rank=RANK, options=low, reference=f"lora r{LOW}"),
+        Run(f"triadapt r{LOW}", "triadapt", rank=RANK, options=low, reference=f"lora r{LOW}"),
     ]
 
 
@@ -101,14 +118,15 @@ def claims(run: Run, model, tokenizer, texts, args) -> dict[str, Any]:
     from rankwise.adapters import adapted_layers
 
     adapters = [layer.adapters["default"] for layer in adapted_layers(model).values()]
-    if run.method in ("dylora", "lora") and not run.rules:
+    if run.method in ("dylora", "lora") and not run.rules and run.rank == RANK:
         return {f"ppl_at_rank_{k}": truncated_ppl(run.method, model, k, tokenizer, texts, args) for k in (RANK // 2, RANK // 4)}
     if run.method == "sora":
         ranks = [a.active_rank for a in adapters]
         return {"rank_left": sum(ranks), "rank_start": RANK * len(ranks), "min": min(ranks), "max": max(ranks)}
     if run.method in ("increlora", "triadapt"):
         ranks = [a.active_rank for a in adapters]
-        return {"total_rank": sum(ranks), "budget": RANK * len(ranks), "start": len(ranks), "min": min(ranks), "max": max(ranks)}
+        budget = run.options.get("target_rank", RANK) * len(ranks)
+        return {"total_rank": sum(ranks), "budget": budget, "start": len(ranks), "min": min(ranks), "max": max(ranks)}
     if run.method == "bayes_lora":
         chosen = [a.choices() for a in adapters]
         n = len(chosen)
@@ -122,6 +140,13 @@ def claims(run: Run, model, tokenizer, texts, args) -> dict[str, Any]:
         ranks = [effective_rank(a.delta_weight()) for a in adapters]
         return {"trainable": sum(a.values.numel() for a in adapters), "update_effective_rank": sum(ranks) / len(ranks)}
     return {}
+
+
+def in_use(model) -> int:
+    """Parameters of the growing adapters' active components at the end."""
+    from rankwise.adapters import adapted_layers
+
+    return sum(layer.adapters["default"].parameters_in_use() for layer in adapted_layers(model).values())
 
 
 def effective_rank(matrix: torch.Tensor, energy: float = 0.9) -> int:
@@ -162,7 +187,8 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
     load_adapter(model, folder)
     row = {
         "label": run.label,
-        "trainable": result.trainable_parameters,
+        "reference": run.reference,
+        "trainable": in_use(model) if run.method in ("increlora", "triadapt") else result.trainable_parameters,
         "loss_first": sum(result.losses[:3]) / 3,
         "loss_last": sum(result.losses[-3:]) / 3,
         "ppl": evaluate(model, tokenizer, texts, args),
@@ -174,7 +200,9 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
 
 
 def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
-    label = row["label"]
+    label, family = row["label"], row["label"].split()[0]
+    if label != "lora" and row.get("reference") == label:
+        return "plain LoRA at this budget: the reference of the rows below"
     if label in ("lora", "dylora"):
         k2, k4 = RANK // 2, RANK // 4
         return f"rank {k2}: ppl {row[f'ppl_at_rank_{k2}']:.2f}, rank {k4}: {row[f'ppl_at_rank_{k4}']:.2f}"
@@ -182,8 +210,11 @@ def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
         pruned = 1 - row["rank_left"] / row["rank_start"]
         spread = f", per layer {row['min']}–{row['max']}" if "min" in row else ""
         return f"rank left {row['rank_left']} of {row['rank_start']} ({pruned:.0%} pruned{spread}); ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
-    if label in ("increlora", "triadapt"):
-        return f"total rank {row['start']} → {row['total_rank']} (budget {row['budget']}), per layer {row['min']}–{row['max']}"
+    if family in ("increlora", "triadapt"):
+        return (
+            f"total rank {row['start']} → {row['total_rank']} (budget {row['budget']}), per layer "
+            f"{row['min']}–{row['max']}; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
+        )
     if label == "bayes_lora":
         spread = (
             f" (per layer {row['min_rank']}–{row['max_rank']}), bits per factor {row['min_bits']}–{row['max_bits']}"
@@ -198,19 +229,21 @@ def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
 def render(payload: dict[str, Any]) -> str:
     """The docs section for a results payload (``main`` and ``--render`` share it)."""
     rows, cfg = payload["rows"], payload["settings"]
-    base = rows[0]
+    by_label = {r["label"]: r for r in rows}
     table = markdown_table(
         ["method", "trainable", "train loss first → last", "val ppl", "the method's claim, measured"],
         [
-            [r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", claim_text(r, base)]
+            [r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", claim_text(r, by_label.get(r.get("reference", "lora"), rows[0]))]
             for r in rows
         ],
     )
     quick = payload["mode"] != "full"
     return (
         f"### Adaptive-rank methods and training rules{' (--quick: a smoke run)' if quick else ''}\n\n"
-        f"SmolLM2-135M, adapters on q_proj/v_proj, rank {RANK} (increlora/triadapt: budget "
-        f"{RANK} per layer, capacity {2 * RANK}, so twice LoRA's parameters are allocated), "
+        f"SmolLM2-135M, adapters on q_proj/v_proj, rank {RANK} (increlora/triadapt: rank 1 per "
+        f"layer at the start, grown to LoRA's total rank, {RANK} per layer on average, at most "
+        f"{2 * RANK} in one layer; their trainable count is the parameters in use at the end; the "
+        f"`r{LOW}` rows: the same at a budget of rank {LOW} per layer, at most {RANK} in one layer), "
         f"{cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
         f"seed 0; validation perplexity on {cfg['eval_tokens']} built-in validation tokens (base "
         f"model: {payload['base_ppl']:.2f}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
@@ -247,10 +280,12 @@ def main() -> None:
     every = runs(lora_budget_fraction(model), args.steps)
     selected = every
     if args.rows:
-        unknown = sorted(set(args.rows) - {r.label for r in every})
+        unknown = sorted(set(args.rows) - {r.label for r in every} - {r.family for r in every})
         if unknown:
             parser.error(f"unknown row(s) {unknown}; rows: {[r.label for r in every]}")
-        selected = [r for r in every if r.label == "lora" or r.label in args.rows]
+        chosen = [r for r in every if r.label in args.rows or r.family in args.rows]
+        references = {"lora"} | {r.reference for r in chosen}
+        selected = [r for r in every if r.label in references or r in chosen]
     del model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

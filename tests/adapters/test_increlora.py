@@ -172,7 +172,9 @@ def test_the_scale_follows_the_active_rank_and_growing_rescales_b():
     with torch.no_grad():
         ad.lora_B[:, 0].normal_()
     b0, before = ad.lora_B[:, 0].clone(), ad.delta_weight()
+    assert ad.parameters_in_use() == 1 * (12 + 10)  # the budget counts the active components
     assert ad.grow(3) == 3 and ad.scaling == 1.0  # = LoRA rank 4, alpha 4
+    assert ad.parameters_in_use() == 4 * (12 + 10)
     torch.testing.assert_close(ad.lora_B[:, 0], b0 * 4.0)
     torch.testing.assert_close(ad.delta_weight(), before)
     rs = nn.Sequential(nn.Linear(12, 10))

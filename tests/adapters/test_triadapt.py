@@ -25,6 +25,8 @@ def test_the_core_is_lower_times_upper_and_growing_keeps_what_was_learned():
     core = ad.core(2)
     torch.testing.assert_close(core, ad.tri_L[:2, :2].tril() @ ad.tri_U[:2, :2].triu())
     before = ad.delta_weight()
+    width = ad.layer.in_features + ad.layer.out_features
+    assert ad.parameters_in_use() == 2 * width + 2 * 3  # k(in+out) + the two k×k triangles
     ad.grow(1)
     torch.testing.assert_close(ad.core(3)[:2, :2], core)  # the leading block is unchanged
     torch.testing.assert_close(ad.delta_weight(), before)  # a new component starts at zero (B)

@@ -138,6 +138,11 @@ class GrowingLoraAdapter(LoraAdapter):
             self.active.add_(n)
         return n
 
+    def parameters_in_use(self) -> int:
+        """Trained parameters of the active components (what a budget compares; the unused
+        capacity gets no gradient): ``k · (in + out)``."""
+        return self.active_rank * (self.layer.in_features + self.layer.out_features)
+
     def core(self, k: int) -> torch.Tensor | None:
         """A ``(k, k)`` matrix between ``B`` and ``A`` (None: the identity, plain LoRA)."""
         return None

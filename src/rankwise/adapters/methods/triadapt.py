@@ -80,6 +80,11 @@ class TriAdaptAdapter(GrowingLoraAdapter):
         """``L_k U_k`` with the triangles enforced (entries outside them never train)."""
         return self.tri_L[:k, :k].tril() @ self.tri_U[:k, :k].triu()
 
+    def parameters_in_use(self) -> int:
+        """``k · (in + out)`` plus the two ``k × k`` triangles (``k (k + 1)``)."""
+        k = self.active_rank
+        return super().parameters_in_use() + k * (k + 1)
+
     @property
     def score(self) -> float:
         """``||ΔW||_F / sqrt(out · in)`` (before normalising across layers)."""
