@@ -88,6 +88,33 @@ def contiguous_input_hook(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+def gemm_friendly_layout(model: nn.Module) -> int:
+    """Store every float32 CPU ``nn.Linear`` weight of ``model`` transposed in memory: the
+    same ``(out, in)`` tensor with the same values, whose ``.T`` is contiguous. ``F.linear``
+    then multiplies ``x @ Wᵀ`` without a transposed operand, which MKL's float32 GEMM runs
+    10-55% faster on this CPU (SmolLM2's shapes at 1-640 rows; a whole 64-row decode step of
+    the engine about 13% faster). bfloat16 (oneDNN) is slower that way, so only float32 is
+    changed. Tied weights (an LM head sharing the embedding) are changed once; the
+    parameters stay the same objects. Returns how many weights were changed.
+
+    The model's weights are then not contiguous: ``state_dict()`` still works, but a file
+    writer that needs contiguous tensors (safetensors) must call ``.contiguous()`` first.
+    """
+    seen: set[int] = set()
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor) or id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+                continue
+            weight.data = weight.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
 def length_buckets(lengths: list[int], forward_cost: int = FORWARD_COST) -> list[list[int]]:
     """Split prompts (by index) into prefill groups: each group is padded to its longest
     prompt, so one group wastes compute on padding and many groups pay ``forward_cost``
@@ -171,6 +198,7 @@ class Engine:
         self.model = module.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        gemm_friendly_layout(self.model)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.base_name = base_name or default_name
