@@ -20,7 +20,7 @@ the share of requests whose tokens are identical between rankwise and PEFT mixed
     .venv/bin/python bench/serve.py [--quick] [--tokens 16] [--rounds 2] [--dtype bfloat16]
         [--scenarios base 1 64 cold]   # a subset: printed only, docs untouched
     .venv/bin/python bench/serve.py --cold-only [--rounds 5]   # cold start alone, no PEFT
-    .venv/bin/python bench/serve.py --profile   # where a step's time goes (64 adapters)
+    .venv/bin/python bench/serve.py --profile   # where the time goes (64 adapters): prefill/decode by part
 
 ``--cold-only`` (the same as ``--scenarios cold``) loads no PEFT model; with the same
 resident adapters as the full run (256), it first sends each of them one request, so the
@@ -174,35 +174,90 @@ def cold_start(engine, names: list[str], rounds: int = 1) -> tuple[float, float,
     return statistics.median(cold), statistics.median(warm), statistics.median(load)
 
 
-def profile_steps(engine, work, tokens: int, decode_steps: int = 4) -> None:
-    """Print torch.profiler tables (self CPU time per op: proportions, meaningful on a busy
-    machine too) for the admission + prefill of ``work`` and for ``decode_steps`` decode
-    steps after it, driving the engine's steps in this thread (its loop is not started)."""
-    from torch.profiler import ProfilerActivity, profile
+# where a step's time goes: (label, (file suffix, function) pairs whose cumulative time counts)
+PROFILE_PARTS = {
+    "base linear layers + LM head": (("~", "_nn.linear"),),
+    "adapters (routed LoRA bmm)": (("inject.py", "_routed"),),
+    "attention (SDPA)": (("sdpa_attention.py", "sdpa_attention_forward"),),
+    "KV cache write": (("cache.py", "update"),),
+    "KV cache select/merge/trim": (("cache.py", "select"), ("cache.py", "merge"), ("cache.py", "trim")),
+    "rotary embedding": (("modeling_llama.py", "apply_rotary_pos_emb"),),
+    "RMSNorm": (("modeling_llama.py", "LlamaRMSNorm.forward"),),
+    "attention mask": (("masking_utils.py", "create_causal_mask"),),
+    "sampling": (("sampling.py", "next_tokens"),),
+    "detokenizing / stop strings": (("sampling.py", "add"),),
+}
+
+
+def profile_split(stats, total: float, rmsnorm_line: int) -> dict[str, float]:
+    """Seconds per :data:`PROFILE_PARTS` entry from ``pstats`` data, plus the rest
+    (``rmsnorm_line``: where ``LlamaRMSNorm.forward`` starts, pstats knowing no classes)."""
+    out = {}
+    for label, keys in PROFILE_PARTS.items():
+        seconds = 0.0
+        for (file, line, func), (_, _, own, cumulative, _) in stats.items():
+            for suffix, name in keys:
+                if suffix == "~" and file == "~" and name in func:
+                    seconds += own
+                elif name == "LlamaRMSNorm.forward" and file.endswith(suffix) and func == "forward" and line == rmsnorm_line:
+                    seconds += cumulative
+                elif file.endswith(suffix) and func == name:
+                    seconds += cumulative
+        out[label] = seconds
+    out["other (MLP activations, residuals, Python)"] = total - sum(out.values())
+    return out
+
+
+def _rmsnorm_line() -> int:
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return inspect.getsourcelines(LlamaRMSNorm.forward)[1]
+
+
+def profile_steps(engine, work, tokens: int) -> None:
+    """Print where the time of one bench-like workload goes (``work`` offered at once, driven
+    step by step in this thread; the engine's loop is not started): the prefill step and the
+    decode steps, each split into :data:`PROFILE_PARTS` (cProfile, shares of the profiled
+    time), and the process CPU seconds of each phase."""
+    import cProfile
+    import pstats
 
     from rankwise.serve import GenerationRequest
 
+    rmsnorm_line = _rmsnorm_line()
     def submit():
         return [engine.submit(GenerationRequest(model=m, prompt=p, max_tokens=tokens)) for m, p in work]
 
     def drain():
+        steps = 0
         while engine._waiting or engine._running:
             engine._step()
+            steps += 1
+        return steps
 
     submit()
     drain()  # warm: slots filled, kernels initialised
-    submit()
+    handles = submit()
     phases = {}
-    for label, steps in (("prefill", 1), (f"{decode_steps} decode steps", decode_steps)):
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                engine._step()
-        phases[label] = (time.perf_counter() - t0, prof)
-    drain()
-    for label, (seconds, prof) in phases.items():
-        print(f"\n## {label}: {seconds:.3f} s")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    for label, run in (("prefill (admission + prefill forwards)", engine._step), ("decode (all later steps)", drain)):
+        prof = cProfile.Profile()
+        cpu = time.process_time()
+        prof.enable()
+        steps = run()
+        prof.disable()
+        cpu = time.process_time() - cpu
+        stats = pstats.Stats(prof).stats
+        total = sum(v[2] for v in stats.values())
+        phases[label] = (cpu, steps, profile_split(stats, total, rmsnorm_line), total)
+    generated = sum(h.result().completion_tokens for h in handles)
+    print(f"{len(work)} requests, {generated} tokens generated, {torch.get_num_threads()} thread(s)")
+    for label, (cpu, steps, split, total) in phases.items():
+        extra = f", {steps} steps" if isinstance(steps, int) else ""
+        print(f"\n## {label}: {cpu:.3f} s CPU{extra}")
+        for part, seconds in split.items():
+            print(f"  {part:44s} {100 * seconds / total:5.1f}%")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -225,7 +280,7 @@ def main() -> None:
     parser.add_argument("--cold-only", action="store_true",
                         help="only the cold start (as --scenarios cold): no PEFT, printed only")
     parser.add_argument("--profile", action="store_true",
-                        help="profile one prefill and 4 decode steps at 64 requests on 64 adapters, then stop")
+                        help="where the time goes at 64 requests on 64 adapters (prefill / decode, by part), then stop")
     args = parser.parse_args()
     if args.cold_only:
         args.scenarios = ["cold"]
