@@ -353,7 +353,8 @@ def _plan(layer: AdaptedLayer, routing: RowRouting, device: torch.device) -> _La
 
 
 def _add_rank_group(y: torch.Tensor, x: torch.Tensor, g: _RankGroup) -> None:
-    """``y[rows] += s·B (A x[rows])`` for every row of the group, as two batched matmuls."""
+    """``y[rows] += s·B (A x[rows])`` for every row of the group, as two batched matmuls
+    (``x`` already in the factors' dtype)."""
     lines = g.lines
     k, m = lines.grid.shape
     tail = x.shape[1:-1]  # tokens per row (empty for 2-D input)
@@ -362,8 +363,6 @@ def _add_rank_group(y: torch.Tensor, x: torch.Tensor, g: _RankGroup) -> None:
     else:
         xg = x.index_select(0, lines.grid.view(-1))
     xg = xg.reshape(k, m * math.prod(tail), x.shape[-1])
-    if xg.dtype != g.a.dtype:
-        xg = xg.to(g.a.dtype)
     d = torch.bmm(torch.bmm(xg, g.a), g.b).reshape(k * m, *tail, g.b.shape[-1])
     if d.dtype != y.dtype:
         d = d.to(y.dtype)
@@ -406,8 +405,12 @@ def _routed(layer: AdaptedLayer, y: torch.Tensor, x: torch.Tensor) -> torch.Tens
         else:
             out = adapter.compose(yr, xr, base)
         y.index_copy_(0, idx, out.to(y.dtype))
+    inputs: dict[torch.dtype, torch.Tensor] = {}  # x in each factor dtype, converted once per layer
     for group in plan.groups:
-        _add_rank_group(y, x, group)
+        xd = inputs.get(group.a.dtype)
+        if xd is None:
+            xd = inputs[group.a.dtype] = x if x.dtype == group.a.dtype else x.to(group.a.dtype)
+        _add_rank_group(y, xd, group)
     return y
 
 
