@@ -418,6 +418,9 @@ class Adapter(nn.Module, abc.ABC):
     method: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for ``rankwise finetune --list-methods``
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    # save_adapter's format="auto" writes PEFT's format when the method has one; False: only
+    # when asked (an export that drops state the method needs to go on training, e.g. SoRA's gate)
+    peft_by_default: ClassVar[bool] = True
 
     def __init__(self, layer: LayerView, config: AdapterConfig, *, dtype: torch.dtype) -> None:
         super().__init__()

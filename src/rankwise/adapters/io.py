@@ -400,7 +400,7 @@ def save_adapter(
         raise ConfigError(f"method {method!r} has no PEFT format; use format='rankwise' or 'auto'")
     # a method whose PEFT form is an export (SoRA: a plain LoRA without its gate) is written
     # that way only on request; "auto" keeps what it needs to go on training
-    auto_peft = peft_ok and all(getattr(a, "peft_by_default", True) for a in adapters.values())
+    auto_peft = peft_ok and all(a.peft_by_default for a in adapters.values())
     chosen = "peft" if format == "peft" or (format == "auto" and auto_peft) else "rankwise"
     for path, a in adapters.items():
         if reason := a.unsavable_reason(chosen):
