@@ -94,6 +94,15 @@ def damage_adapter_folder(folder, damage: str, key: str) -> None:
     save_file(tensors, path)
 
 
+def perturb_peft_lora(model: nn.Module, std: float = 0.2, seed: int = 0) -> None:
+    """Add seeded noise to every ``lora_`` parameter of a PEFT model (a trained-looking adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

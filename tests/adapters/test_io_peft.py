@@ -16,6 +16,7 @@ from conftest import (
     llama,
     logits,
     make_trained,
+    perturb_peft_lora,
     snapshot,
     tokens,
 )
@@ -63,11 +64,7 @@ def test_peft_adapter_loads_here_with_equal_outputs(tmp_path, build, method, tar
             fan_in_fan_out=build is gpt2, **extra,
         ),
     )  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb_peft_lora(theirs)
     theirs.save_pretrained(tmp_path)
     ours = build()
     plan = load_adapter(ours, tmp_path)

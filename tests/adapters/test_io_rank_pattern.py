@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import gpt2, llama, logits, tokens
+from conftest import gpt2, llama, logits, perturb_peft_lora, tokens
 from safetensors.torch import load_file
 
 from rankwise.adapters import adapted_layers, load_adapter
@@ -17,11 +17,7 @@ def _peft_saved(tmp_path, build, method="lora", **options):
     from peft import LoraConfig, get_peft_model
 
     theirs = get_peft_model(build(), LoraConfig(use_dora=method == "dora", **options))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb_peft_lora(theirs)
     theirs.save_pretrained(tmp_path)
     return theirs
 
