@@ -100,14 +100,13 @@ def gemm_friendly_layout(model: nn.Module) -> int:
     The model's weights are then not contiguous: ``state_dict()`` still works, but a file
     writer that needs contiguous tensors (safetensors) must call ``.contiguous()`` first.
     """
-    seen: set[int] = set()
     changed = 0
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor):
                 continue
-            seen.add(id(weight))
+            # a weight already changed (a tied one seen again) is no longer contiguous
             if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
                 continue
             weight.data = weight.data.t().contiguous().t()
