@@ -7,20 +7,22 @@ neurons matter for inference but little for training, so:
 1. :func:`loram_prune` copies the model and structurally prunes the copy (query heads and
    MLP channels, ``structure.py``), by weight magnitude or at random, remembering which
    units each layer kept (a :class:`PruneMap`);
-2. the LoRA is trained on the small copy (any trainer; :func:`loram` uses
+2. optionally, :func:`align` gives the pruned copy a short continual pre-training on general
+   text (all its weights, a few steps at a small ``lr``): the paper's alignment, done once by a
+   model publisher, which narrows the knowledge gap between the pruned and the full model so
+   that what the LoRA learns on the copy fits the full model better. Only the copy changes;
+3. the LoRA is trained on the (aligned) small copy (any trainer; :func:`loram` uses
    :func:`~rankwise.adapters.local_training.train_adapters`);
-3. :func:`recover` expands the pruned LoRA factors back to the full shapes, zeros where
+4. :func:`recover` expands the pruned LoRA factors back to the full shapes, zeros where
    units were removed (``B``'s rows of removed outputs, ``A``'s columns of removed inputs),
-   and attaches the result to the full model, where it is used for inference.
-
-The paper's optional step of aligning the pruned model by continual pre-training (done once
-by a model publisher) is not part of this file.
+   and attaches the result to the full, original model, where it is used for inference.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -106,6 +108,28 @@ def loram_prune(
     return small, PruneMap([k[0] for k in kept], [k[1] for k in kept], shape)
 
 
+def align(
+    small: nn.Module, blocks: torch.Tensor, *, steps: int, lr: float = 1e-4, batch_size: int = 4, seed: int = 0
+) -> list[float]:
+    """LoRAM's alignment: continual pre-training of the pruned copy ``small`` on ``blocks``
+    (general text, ``(n, seq_len)`` token ids) for ``steps`` AdamW steps at ``lr``, every
+    weight trained; returns the per-step LM losses. Call it before attaching the LoRA. The
+    copy's ``requires_grad`` flags are restored afterwards."""
+    if adapted_layers(small):
+        raise ConfigError("align the pruned model before attaching its LoRA (the alignment trains the base weights)")
+    data = batches_of(blocks, batch_size, seed=seed)
+    params = list(small.parameters())
+    flags = [p.requires_grad for p in params]
+    torch.manual_seed(seed)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        return train_adapters(small, data, steps=steps, lr=lr).losses
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def _expanded(adapter, rows, cols, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, a = adapter.lora_B.detach(), adapter.lora_A.detach()
     full_b = b if rows is None else b.new_zeros(out_features, b.shape[1]).index_copy_(0, rows, b)
@@ -143,7 +167,8 @@ def recover(small: nn.Module, full: nn.Module, prune_map: PruneMap, name: str = 
 
 @dataclass(frozen=True)
 class LoramConfig:
-    """Options of :func:`loram`: pruning (``ratio``, ``criterion``), the LoRA (``rank``,
+    """Options of :func:`loram`: pruning (``ratio``, ``criterion``), the alignment of the
+    pruned copy (``align_steps`` steps at ``align_lr``; 0: no alignment), the LoRA (``rank``,
     ``alpha``, ``targets``) and its training on the pruned copy."""
 
     ratio: float = 0.5
@@ -155,11 +180,17 @@ class LoramConfig:
     lr: float = 1e-3
     batch_size: int = 4
     seed: int = 0
+    align_steps: int = 0
+    align_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         check_ratio("ratio (the fraction of heads and channels removed)", self.ratio)
         for name in ("rank", "steps", "batch_size"):
             check_positive(name, getattr(self, name))
+        if isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int) or self.align_steps < 0:
+            raise ConfigError(f"align_steps must be an integer >= 0 (0: no alignment), got {self.align_steps!r}")
+        if not (isinstance(self.align_lr, (int, float)) and math.isfinite(self.align_lr) and self.align_lr > 0):
+            raise ConfigError(f"align_lr must be a positive number, got {self.align_lr!r}")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
@@ -167,24 +198,40 @@ class LoramConfig:
 @dataclass
 class LoramResult:
     """The full model (recovered adapter attached), the training losses on the small copy,
-    and the base parameter counts (full, pruned) the adapter was trained against."""
+    the base parameter counts (full, pruned) the adapter was trained against, and the
+    alignment losses (empty without alignment)."""
 
     model: nn.Module
     losses: list[float]
     parameters: tuple[int, int]
+    align_losses: list[float] = field(default_factory=list)
 
 
-def loram(model: nn.Module, blocks: torch.Tensor, config: LoramConfig | None = None) -> LoramResult:
-    """Prune a copy of ``model``, train a LoRA on it with ``blocks``, recover it onto ``model``."""
+def loram(
+    model: nn.Module, blocks: torch.Tensor, config: LoramConfig | None = None, *, align_blocks: torch.Tensor | None = None
+) -> LoramResult:
+    """Prune a copy of ``model``, align it on ``align_blocks`` (general text) when
+    ``config.align_steps > 0``, train a LoRA on it with ``blocks``, recover it onto ``model``."""
     config = config or LoramConfig()
+    if (align_blocks is None) != (config.align_steps == 0):
+        raise ConfigError(
+            "alignment needs both align_steps > 0 in LoramConfig and align_blocks (general-text "
+            "token blocks, e.g. rankwise.data.token_blocks of load_corpus().train); got "
+            f"align_steps={config.align_steps} and align_blocks={'given' if align_blocks is not None else None}"
+        )
     data = batches_of(blocks, config.batch_size, seed=config.seed)
+    if align_blocks is not None:
+        batches_of(align_blocks, config.batch_size)  # bad alignment data fails before pruning
     small, prune_map = loram_prune(model, config.ratio, criterion=config.criterion, seed=config.seed)
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters()))
+    aligned = []
+    if align_blocks is not None:
+        aligned = align(small, align_blocks, steps=config.align_steps, lr=config.align_lr, batch_size=config.batch_size, seed=config.seed)
     torch.manual_seed(config.seed)
     attach(small, "lora", list(config.targets), rank=config.rank, alpha=config.alpha)
     log = train_adapters(small, data, steps=config.steps, lr=config.lr)
     recover(small, model, prune_map)
-    return LoramResult(model, log.losses, sizes)
+    return LoramResult(model, log.losses, sizes, aligned)
 
 
-__all__ = ["LoramConfig", "LoramResult", "PruneMap", "loram", "loram_prune", "recover"]
+__all__ = ["LoramConfig", "LoramResult", "PruneMap", "align", "loram", "loram_prune", "recover"]
