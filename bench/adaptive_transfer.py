@@ -10,7 +10,9 @@ the same number of steps at the same rank as the reference:
   against fewer base parameters;
 - Trans-LoRA: an adapter moved to another base model with synthetic data from the source
   base alone comes near a LoRA trained on the target with the real task data;
-- FedSVD: at the same rank, clients and rounds, FedSVD beats FFA-LoRA (frozen random A);
+- FedSVD: at the same rank, clients and rounds, FedSVD beats FFA-LoRA (frozen random A),
+  and so it does with DP-SGD clients (per-sample clip 1, noise multiplier 1): its
+  re-orthogonalised A keeps more signal under the same noise than the fixed A or FedAvg;
 - FRL: with one of four clients poisoned, FRL's model moves less than FedAvg's.
 
 Perplexity on the built-in corpus's validation split (``seq_len`` 64); the Trans-LoRA task is
@@ -131,10 +133,13 @@ def trans_lora_row(s: Setup) -> dict:
     return {"source": s.task_loss(source), "target_base": base, "trans_lora": s.task_loss(target), "plain_lora_on_target": s.task_loss(direct)}
 
 
-def federated(s: Setup, strategy, attackers=()) -> float:
+DP = {"dp_clip": 1.0, "dp_noise_multiplier": 1.0}
+
+
+def federated(s: Setup, strategy, attackers=(), **dp) -> float:
     clients = [s.train[i::4] for i in range(4)]
     rounds = 3 if s.quick else 5
-    config = RoundConfig(rounds=rounds, local_steps=max(2, s.steps // (2 * rounds)), lr=s.lr, batch_size=4, attackers=attackers)
+    config = RoundConfig(rounds=rounds, local_steps=max(2, s.steps // (2 * rounds)), lr=s.lr, batch_size=4, attackers=attackers, **dp)
     model = s.fresh()
     simulate(model, strategy, clients, config)
     return s.ppl(model)
@@ -145,6 +150,14 @@ def fedsvd_row(s: Setup) -> dict:
         "fedsvd": federated(s, FedSVD(rank=s.rank)),
         "ffa_lora": federated(s, FedSVD(rank=s.rank, reorthogonalise=False)),
         "fedavg_lora": federated(s, FedAvgLoRA(rank=s.rank)),
+    }
+
+
+def fedsvd_dp_row(s: Setup) -> dict:
+    return {
+        "fedsvd": federated(s, FedSVD(rank=s.rank), **DP),
+        "ffa_lora": federated(s, FedSVD(rank=s.rank, reorthogonalise=False), **DP),
+        "fedavg_lora": federated(s, FedAvgLoRA(rank=s.rank), **DP),
     }
 
 
@@ -159,6 +172,7 @@ def frl_row(s: Setup) -> dict:
 
 def markdown(s: Setup, rows: dict) -> str:
     p, m, t, f, r = rows["lora_prune"], rows["loram"], rows["trans_lora"], rows["fedsvd"], rows["frl"]
+    d = rows["fedsvd_dp"]
     table = markdown_table(
         ["method", "claim", "method's number", "comparison", "plain LoRA (same steps, rank)", "claim holds"],
         [
@@ -174,6 +188,9 @@ def markdown(s: Setup, rows: dict) -> str:
             ["FedSVD (4 clients)", "beats FFA-LoRA (frozen random A)",
              f"ppl {f['fedsvd']:.1f}", f"FFA-LoRA {f['ffa_lora']:.1f}", f"FedAvg of A,B {f['fedavg_lora']:.1f}",
              f["fedsvd"] < f["ffa_lora"]],
+            ["FedSVD, DP-SGD clients (clip 1, noise 1)", "beats FFA-LoRA at the same privacy noise",
+             f"ppl {d['fedsvd']:.1f}", f"FFA-LoRA {d['ffa_lora']:.1f}", f"FedAvg of A,B {d['fedavg_lora']:.1f}",
+             d["fedsvd"] < d["ffa_lora"]],
             ["FRL (1 of 4 clients poisoned)", "votes limit a poisoned client's effect",
              f"ppl {r['frl']:.1f} -> {r['frl_attacked']:.1f} attacked", f"FedAvg {r['fedavg_lora']:.1f} -> {r['fedavg_attacked']:.1f} attacked",
              f"{r['fedavg_lora']:.1f}", abs(r["frl_attacked"] - r["frl"]) < abs(r["fedavg_attacked"] - r["fedavg_lora"])],
@@ -206,7 +223,7 @@ def main() -> None:
     t0 = time.perf_counter()
     s = Setup(args.quick)
     rows = {}
-    for name, fn in [("lora_prune", lora_prune_row), ("loram", loram_row), ("trans_lora", trans_lora_row), ("fedsvd", fedsvd_row), ("frl", frl_row)]:
+    for name, fn in [("lora_prune", lora_prune_row), ("loram", loram_row), ("trans_lora", trans_lora_row), ("fedsvd", fedsvd_row), ("fedsvd_dp", fedsvd_dp_row), ("frl", frl_row)]:
         t = time.perf_counter()
         rows[name] = fn(s)
         print(f"{name}: {rows[name]} ({time.perf_counter() - t:.0f} s)", flush=True)

@@ -11,6 +11,10 @@ the server aggregates messages into the next global state. The same round runs t
 
 Each client's local training is seeded by ``(seed, round, client)`` alone, so both ways
 compute the same rounds: a 2-process run equals the in-process simulation.
+
+With ``RoundConfig(dp_clip=C, dp_noise_multiplier=σ)`` every client trains with DP-SGD
+(per-sample clipping and Gaussian noise, ``privacy.py``) instead of the plain LM-loss gradient;
+strategies that do not train by gradient (FRL) refuse it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankwise.adapters.local_training import batches_of, check_positive, train_adapters
+from rankwise.adapters.federated.privacy import check_dp_options, private_lm_loss
+from rankwise.adapters.local_training import (
+    LossFn,
+    batches_of,
+    check_positive,
+    lm_loss,
+    train_adapters,
+)
 from rankwise.errors import ConfigError
 
 Message = dict[str, torch.Tensor]
@@ -32,6 +43,7 @@ class Strategy(abc.ABC):
     """One federated algorithm on a model's adapters. Subclasses define the four steps."""
 
     name = ""
+    private_training = True  # whether clients can train with DP-SGD (RoundConfig.dp_clip)
 
     @abc.abstractmethod
     def setup(self, model: nn.Module) -> None:
@@ -42,8 +54,9 @@ class Strategy(abc.ABC):
         """Put the current global state into ``model`` (what the server sends a client)."""
 
     @abc.abstractmethod
-    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float) -> Message:
-        """Train on one client's ``batches`` from the global state; return what it sends."""
+    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float, loss_fn: LossFn = lm_loss) -> Message:
+        """Train on one client's ``batches`` from the global state with ``loss_fn`` (the LM
+        loss, or its DP-SGD version); return what it sends."""
 
     @abc.abstractmethod
     def aggregate(self, messages: Sequence[Message]) -> None:
@@ -69,7 +82,9 @@ class FederatedResult:
 @dataclass(frozen=True)
 class RoundConfig:
     """``rounds`` of ``local_steps`` AdamW steps (``lr``, ``batch_size`` blocks) per client;
-    clients in ``attackers`` send :meth:`Strategy.poison` of their message."""
+    clients in ``attackers`` send :meth:`Strategy.poison` of their message. ``dp_clip`` (a
+    per-sample gradient norm bound) switches DP-SGD on, with Gaussian noise of std
+    ``dp_noise_multiplier × dp_clip`` on each batch's clipped gradient sum (``privacy.py``)."""
 
     rounds: int = 5
     local_steps: int = 5
@@ -77,13 +92,25 @@ class RoundConfig:
     batch_size: int = 4
     seed: int = 0
     attackers: tuple[int, ...] = ()
+    dp_clip: float | None = None
+    dp_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "batch_size"):
             check_positive(name, getattr(self, name))
+        check_dp_options(self.dp_clip, self.dp_noise_multiplier)
+
+    def loss_fn(self) -> LossFn:
+        """What clients train on: the LM loss, or its DP-SGD version when ``dp_clip`` is set."""
+        return lm_loss if self.dp_clip is None else private_lm_loss(self.dp_clip, self.dp_noise_multiplier)
 
 
-def _check_clients(clients: Sequence[torch.Tensor], config: RoundConfig) -> None:
+def _check_clients(clients: Sequence[torch.Tensor], config: RoundConfig, strategy: Strategy) -> None:
+    if config.dp_clip is not None and not strategy.private_training:
+        raise ConfigError(
+            f"dp_clip: strategy {strategy.name!r} does not train its messages by gradient descent, "
+            "so DP-SGD does not apply; use it with fedsvd or fedavg_lora, or set dp_clip=None"
+        )
     if len(clients) == 0:
         raise ConfigError("federated training needs at least 1 client; give a list of per-client token blocks")
     bad = [a for a in config.attackers if not 0 <= a < len(clients)]
@@ -100,14 +127,14 @@ def _client_message(strategy: Strategy, model: nn.Module, data: torch.Tensor, co
     torch.manual_seed(seed)
     strategy.load(model)
     batches = batches_of(data, config.batch_size, seed=seed)
-    message = strategy.local_update(model, batches, steps=config.local_steps, lr=config.lr)
+    message = strategy.local_update(model, batches, steps=config.local_steps, lr=config.lr, loss_fn=config.loss_fn())
     if client in config.attackers:
         message = strategy.poison(message)
     return message
 
 
 def _run(model, strategy, clients, config, mine, gather) -> FederatedResult:
-    _check_clients(clients, config)
+    _check_clients(clients, config, strategy)
     torch.manual_seed(config.seed)
     strategy.setup(model)
     result = FederatedResult()
@@ -164,10 +191,10 @@ def run_distributed(
     return _run(model, strategy, clients, config, mine, _all_gather)
 
 
-def local_training(model: nn.Module, batches, *, steps: int, lr: float, rules=()) -> float:
+def local_training(model: nn.Module, batches, *, steps: int, lr: float, rules=(), loss_fn: LossFn = lm_loss) -> float:
     """A client's local steps (:func:`~rankwise.adapters.local_training.train_adapters`);
     returns the last step's loss."""
-    return train_adapters(model, batches, steps=steps, lr=lr, rules=rules).losses[-1]
+    return train_adapters(model, batches, steps=steps, lr=lr, rules=rules, loss_fn=loss_fn).losses[-1]
 
 
 __all__ = [

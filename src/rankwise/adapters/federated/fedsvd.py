@@ -12,8 +12,12 @@ the rank-r product costs two thin QRs and an r×r SVD (:func:`rankwise.linalg.tr
 - :class:`FedAvgLoRA` trains both factors and averages each, the plain baseline whose
   aggregate ``mean(B)·mean(A)`` is not the mean of the client updates.
 
-Differential privacy (per-sample clipping and noise, the paper's main setting) is not
-implemented here; the aggregation and the re-orthogonalisation are.
+Differential privacy, the paper's main setting: with ``RoundConfig(dp_clip=C,
+dp_noise_multiplier=σ)`` each client trains ``B`` with DP-SGD (per-sample gradient clipping
+to norm ``C`` and Gaussian noise of std ``σC`` on each batch's sum, ``privacy.py``). Only
+``B`` is trained, so the noise enters the update ``B A`` linearly (training both factors
+multiplies noise by noise), and the server's orthonormal ``A`` keeps ``‖A x‖ ≤ ‖x‖``, which
+bounds the gradient of ``B`` and so what clipping cuts off. The server side is unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 from rankwise.adapters.federated.core import Message, Strategy, local_training
 from rankwise.adapters.inject import adapted_layers, attach
+from rankwise.adapters.local_training import LossFn, lm_loss
 from rankwise.errors import ConfigError
 from rankwise.linalg import truncated_svd
 
@@ -95,8 +100,8 @@ class FedSVD(_LoraStrategy):
         for adapter in self._adapters(model).values():
             adapter.lora_A.requires_grad_(False)
 
-    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float) -> Message:
-        loss = local_training(model, batches, steps=steps, lr=lr)
+    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float, loss_fn: LossFn = lm_loss) -> Message:
+        loss = local_training(model, batches, steps=steps, lr=lr, loss_fn=loss_fn)
         message = {f"{p}.lora_B": a.lora_B.detach().clone() for p, a in self._adapters(model).items()}
         return {**message, "loss": torch.tensor(loss)}
 
@@ -113,8 +118,8 @@ class FedAvgLoRA(_LoraStrategy):
 
     name = "fedavg_lora"
 
-    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float) -> Message:
-        loss = local_training(model, batches, steps=steps, lr=lr)
+    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float, loss_fn: LossFn = lm_loss) -> Message:
+        loss = local_training(model, batches, steps=steps, lr=lr, loss_fn=loss_fn)
         message: Message = {"loss": torch.tensor(loss)}
         for p, a in self._adapters(model).items():
             message[f"{p}.lora_A"], message[f"{p}.lora_B"] = a.lora_A.detach().clone(), a.lora_B.detach().clone()

@@ -26,6 +26,7 @@ from torch import nn
 
 from rankwise.adapters.federated.core import Message, Strategy, local_training
 from rankwise.adapters.inject import adapted_layers, attach
+from rankwise.adapters.local_training import LossFn, lm_loss
 from rankwise.adapters.rules.base import TrainingRule
 from rankwise.errors import ConfigError
 
@@ -72,6 +73,7 @@ class FRL(Strategy):
     """FRL on LoRA components: supermask of a frozen random LoRA, learned by ranking votes."""
 
     name = "frl"
+    private_training = False  # clients send rankings of trained scores, not gradient-trained weights
 
     def __init__(
         self,
@@ -128,9 +130,9 @@ class FRL(Strategy):
     def load(self, model: nn.Module) -> None:
         self.write_mask(model, self.top(self.ranking))
 
-    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float) -> Message:
+    def local_update(self, model: nn.Module, batches, *, steps: int, lr: float, loss_fn: LossFn = lm_loss) -> Message:
         rule = _ScoreTraining(self, model, self.ranking.float() / self.components)
-        loss = local_training(model, batches, steps=steps, lr=lr, rules=[rule])
+        loss = local_training(model, batches, steps=steps, lr=lr, rules=[rule], loss_fn=loss_fn)
         return {"ranking": positions(rule.scores.detach()), "loss": torch.tensor(loss)}
 
     def poison(self, message: Message) -> Message:
