@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.errors import ConfigError, DataError
+from rankwise.errors import ConfigError, DataError, ShapeError
 from rankwise.layers import LowRankLinear, is_registered
 from rankwise.progress import Bar
 
@@ -42,6 +42,88 @@ DEFAULT_LR = 1e-4  # best held-out perplexity of 1e-4 / 2e-4 / 5e-4 at 100 steps
 DEFAULT_SEQ_LEN = 256
 DEFAULT_BATCH_SIZE = 4
 WARMUP_FRACTION = 0.05
+DEFAULT_TOP_K = 64  # teacher probabilities kept per token for distillation
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The dense model's next-token distribution on the healing blocks, for distillation.
+
+    For every block position: the ``k`` most likely token ids (``ids``, int32) and their
+    probabilities under the full softmax (``probs``, float16), shapes ``(n, seq_len, k)``, and
+    the probability of "any other token" (``rest``, float32, ``(n, seq_len)``). Kept
+    instead of the dense model itself: 6 bytes per kept token (39 MB at k = 64 for 100 steps of
+    4 x 256 tokens) instead of a second copy of the model in memory.
+    """
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    rest: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.probs.shape or self.ids.ndim != 3 or self.rest.shape != self.ids.shape[:2]:
+            raise ShapeError(
+                f"teacher ids {tuple(self.ids.shape)} and probs {tuple(self.probs.shape)} must be equal "
+                f"(n, seq_len, k) and rest {tuple(self.rest.shape)} their (n, seq_len)"
+            )
+
+    def check(self, blocks: torch.Tensor) -> None:
+        """ShapeError unless these targets were computed on ``blocks``."""
+        if self.ids.shape[:2] != blocks.shape:
+            raise ShapeError(
+                f"teacher targets cover blocks of shape {tuple(self.ids.shape[:2])}, the healing blocks are "
+                f"{tuple(blocks.shape)}; compute them with teacher_targets(dense_model, blocks)"
+            )
+
+
+@torch.no_grad()
+def teacher_targets(
+    model: nn.Module, blocks: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> TeacherTargets:
+    """Run the (dense) ``model`` over ``blocks`` once and keep its top-``top_k`` next-token
+    probabilities per position: the targets :func:`heal` distils towards (``teacher=``)."""
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ConfigError(f"top_k must be a positive whole number; got {top_k!r}")
+    was_training = model.training
+    model.eval()
+    ids, probs, rest = [], [], []
+    try:
+        with Bar(len(blocks), "teacher targets", show=progress) as bar:
+            for i in range(0, len(blocks), batch_size):
+                batch = blocks[i : i + batch_size]
+                logits = model(input_ids=batch.to(_device(model))).logits.float()
+                top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+                ids.append(top.indices.to(torch.int32).cpu())
+                log_total = logits.logsumexp(-1)
+                probs.append((top.values - log_total.unsqueeze(-1)).exp().to(torch.float16).cpu())
+                others = logits.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # -inf: no others
+                rest.append((others - log_total).exp().cpu())
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return TeacherTargets(torch.cat(ids), torch.cat(probs), torch.cat(rest))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _distillation_loss(logits: torch.Tensor, targets: TeacherTargets, rows: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher over k + 1 outcomes — the teacher's top
+    k tokens and "any other token" — mean over positions. Its minimum is the teacher's own
+    probabilities on the k tokens and on the rest; renormalising over the k alone would instead
+    pull every distribution sharper than the teacher's. At k = vocabulary size it is the full
+    KL divergence to the teacher plus the teacher's entropy."""
+    ids = targets.ids[rows].to(logits.device, torch.int64)
+    probs = targets.probs[rows].to(logits.device, torch.float32)
+    logits = logits.float()
+    total = logits.logsumexp(-1)
+    loss = -(probs * (logits.gather(-1, ids) - total.unsqueeze(-1))).sum(-1)
+    if ids.shape[-1] < logits.shape[-1]:  # else there is no "other token"
+        log_rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - total
+        loss = loss - targets.rest[rows].to(logits.device) * log_rest
+    return loss.mean()
 
 
 @dataclass(frozen=True)
@@ -142,13 +224,13 @@ def _schedule(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _batches(blocks: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled mini-batches of blocks (a new permutation every epoch)."""
+def _batches(n: int, batch_size: int, seed: int):
+    """Endless shuffled mini-batches of block indices (a new permutation every epoch)."""
     gen = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(blocks), generator=gen)
+        order = torch.randperm(n, generator=gen)
         for i in range(0, len(order), batch_size):
-            yield blocks[order[i : i + batch_size]]
+            yield order[i : i + batch_size]
 
 
 def heal(
@@ -162,18 +244,25 @@ def heal(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    teacher: TeacherTargets | None = None,
 ) -> HealResult:
     """Train ``model``'s compressed factors for ``steps`` AdamW steps on ``blocks``, in place.
 
-    ``blocks`` come from :func:`heal_blocks`. Every other parameter is frozen for the run
-    and its ``requires_grad`` restored afterwards, as is the train/eval mode. ``on_step(step,
-    loss)`` is called after each step. ConfigError when the model has nothing to heal.
+    ``blocks`` come from :func:`heal_blocks`. The loss is next-token cross-entropy on the
+    blocks' own tokens, or, with ``teacher`` (:func:`teacher_targets` of the dense model on the
+    same blocks), cross-entropy against the dense model's next-token distribution: distillation
+    restores what compression changed instead of fitting the healing text's domain. Every other
+    parameter is frozen for the run and its ``requires_grad`` restored afterwards, as is the
+    train/eval mode. ``on_step(step, loss)`` is called after each step. ConfigError when the
+    model has nothing to heal.
     """
     steps = check_heal_steps(steps, option="steps")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ConfigError(f"lr must be a positive number; got {lr!r}")
     if blocks.ndim != 2 or len(blocks) == 0:
         raise DataError(f"blocks must be a non-empty (n, seq_len) tensor of token ids; got shape {tuple(blocks.shape)}")
+    if teacher is not None:
+        teacher.check(blocks)
     params = healable_parameters(model)
     if not params:
         raise ConfigError(
@@ -197,9 +286,12 @@ def heal(
     model.train()
     try:
         with Bar(steps, "healing", show=progress) as bar:
-            for step, batch in zip(range(steps), _batches(blocks, batch_size, seed), strict=False):
-                batch = batch.to(device)
-                loss = model(input_ids=batch, labels=batch).loss
+            for step, rows in zip(range(steps), _batches(len(blocks), batch_size, seed), strict=False):
+                batch = blocks[rows].to(device)
+                if teacher is None:
+                    loss = model(input_ids=batch, labels=batch).loss
+                else:
+                    loss = _distillation_loss(model(input_ids=batch).logits, teacher, rows)
                 if not torch.isfinite(loss):
                     raise DataError(
                         f"healing diverged at step {step + 1} (loss {loss.item()}); "
@@ -308,4 +400,7 @@ def heal_folder(
     return report
 
 
-__all__ = ["HealResult", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters"]
+__all__ = [
+    "HealResult", "TeacherTargets", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters",
+    "teacher_targets",
+]  # fmt: skip
