@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,15 +26,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A gloo process very rarely aborts in torch's C++ ("terminate called without an active
+# exception": once in the CI run of 2026-11-30; 0 of 50 reruns here, loaded or not). Such a run
+# is repeated once, in a fresh output folder; a second abort, or any other failure, fails.
+TORCH_ABORT = "terminate called without an active exception"
+
+
+def launch(cmd: list[str], out: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (2 processes under torchrun, bounded in time), once more after a torch abort."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKWISE_PROGRESS": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    if done.returncode != 0 and TORCH_ABORT in done.stderr:
+        if out is not None and out.exists():
+            shutil.rmtree(out)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def torchrun(out, *extra: str) -> dict:
-    """Run 2 processes (bounded in time); the JSON result process 0 prints."""
+    """Run 2 processes; the JSON result process 0 prints."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(free_port()), "-m", "rankwise", "pretrain", *RUN, "--out", str(out), "--json", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKWISE_PROGRESS": "0"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(cmd, Path(out))
     return json.loads(done.stdout[done.stdout.index("{") :])
 
 
@@ -75,9 +92,7 @@ def test_fsdp_resume_is_bit_identical(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(free_port()), __file__, str(tmp_path / "run"),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKWISE_PROGRESS": "0"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(cmd, tmp_path / "run")
     result = json.loads(done.stdout[done.stdout.index("{") :])
     assert result["tensors"] > 10 and result["equal"]
 

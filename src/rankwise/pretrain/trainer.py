@@ -324,6 +324,18 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     write_json(out / MANIFEST, {"written_by": f"rankwise {__version__}", "kind": "pretrain", "files": ["checkpoint", "pretrain.json"]})
 
 
+def _leave_world(world: World, *, synchronise: bool) -> None:
+    """End the process group this process started. After a finished run every process first
+    waits for the others, so none tears its connections down while another still uses them
+    (a gloo process torn down mid-exchange aborts); after an error there is no waiting, as
+    the others may never arrive."""
+    import torch.distributed as dist
+
+    if synchronise:
+        _barrier(world)
+    dist.destroy_process_group()
+
+
 def _barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist
@@ -354,6 +366,7 @@ def pretrain(
 
     check_method(config)
     world, started = join_world()
+    finished = False
     try:
         out_path = None if out is None else Path(out).expanduser().absolute()
         saved = None
@@ -400,12 +413,12 @@ def pretrain(
                     on_step(trainer, record)
         finally:
             bar.close()
-        return _result(trainer, out_path)
+        result = _result(trainer, out_path)
+        finished = True
+        return result
     finally:
         if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            _leave_world(world, synchronise=finished)
 
 
 def _result(trainer: Trainer, out: Path | None) -> PretrainResult:
