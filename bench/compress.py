@@ -53,6 +53,7 @@ from rankwise.compress.heal import (  # noqa: E402
     DEFAULT_SEQ_LEN,
     heal,
     heal_blocks,
+    teacher_targets,
 )
 from rankwise.data import heldout_texts, load_corpus, perplexity  # noqa: E402
 from rankwise.errors import ConfigError  # noqa: E402
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--option", "-o", action="append", default=[], help="method option key=value for every method (a variant: own section)")
     parser.add_argument("--heal-steps", nargs="*", type=int, default=[], help="also heal every compressed model this many steps (one row per count; none: no healing columns)")
     parser.add_argument("--heal-lrs", nargs="*", type=float, default=[DEFAULT_LR], help="healing learning rates (one row each)")
+    parser.add_argument("--heal-losses", nargs="*", choices=["distill", "ce"], default=["distill"],
+                        help="healing losses (one row each): distill = towards the dense model's next-token distribution "
+                             "(rankwise's default), ce = next-token cross-entropy on the text")
     parser.add_argument("--memory", nargs="*", default=None, help="methods (default: all benchmarked) whose `rankwise compress --ratio 0.8` runs in its own process for its peak memory")
     args = parser.parse_args()
     quick = args.quick
@@ -133,6 +137,12 @@ def main() -> None:
     heal_seq = min(seq_len, DEFAULT_SEQ_LEN)
     heal_data = (heal_blocks(tok, corpus.train, seq_len=heal_seq, batch_size=DEFAULT_BATCH_SIZE,
                              max_tokens=max(args.heal_steps) * DEFAULT_BATCH_SIZE * heal_seq) if args.heal_steps else None)  # fmt: skip
+
+    teacher = None
+    if heal_data is not None and "distill" in args.heal_losses:  # the dense model's targets, before any compression
+        t0 = time.perf_counter()
+        teacher = teacher_targets(model, heal_data, progress=False)
+        print(f"teacher targets on {heal_data.numel():,} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
 
     def ppl(net) -> dict[str, float]:
         return {k: perplexity(net, tok, texts, seq_len=seq_len, max_tokens=eval_tokens, batch_size=1).perplexity for k, texts in corpora.items()}
@@ -179,7 +189,7 @@ def main() -> None:
             "dense_parameters": total, "ratio_counts": "all distinct model parameters, embeddings included, tied weights once",
             "allocation": args.allocate, "method_options": options, "calibration": calibration.recipe(), "perplexity_recipe": recipe,
             "results": results, "complete": memory is not None, "decode_new_tokens": new_tokens, "rankwise_compress_memory": memory or {},
-            "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+            "heal": {"steps": args.heal_steps, "lrs": args.heal_lrs, "losses": args.heal_losses, "split": "train", "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
                      "cpu_time": "time.process_time() of this process around heal() (all threads)"},
         }  # fmt: skip
         allocation_label = "each method's own (fisher for SVD methods)" if args.allocate == "auto" else args.allocate
@@ -199,12 +209,13 @@ def main() -> None:
             "(default calibration; evaluation included) in its own process, run alongside "
             "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
             + (f"Healing: {' / '.join(map(str, args.heal_steps))} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train "
-               "split (warm-up, cosine decay), one row per step count and learning rate, each from a copy of the same compressed model; "
+               "split (warm-up, cosine decay), one row per step count, learning rate and loss (distill: towards the dense model's "
+               "top-64 next-token probabilities on the same tokens; ce: next-token cross-entropy), each from a copy of the same compressed model; "
                "healed perplexities on both corpora vs dense; heal s = wall time, CPU s/step = this process's CPU time (all "
                f"{torch.get_num_threads()} threads) per step.\n\n" if args.heal_steps else "")
             + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
                               "held-out vs dense", "compress s", "decode speed-up",
-                              *(["heal steps", "heal lr", "healed vs dense", "held-out healed vs dense", "heal s", "CPU s/step"] if args.heal_steps else []), "peak RSS GB"], table)  # fmt: skip
+                              *(["heal steps", "heal lr", "heal loss", "healed vs dense", "held-out healed vs dense", "heal s", "CPU s/step"] if args.heal_steps else []), "peak RSS GB"], table)  # fmt: skip
             + ("" if memory is not None else "\n\n**Partial: the run was still going (or stopped) after these rows.**")
         )
         name = "compress_quick" if quick else "compress"
@@ -216,6 +227,7 @@ def main() -> None:
             name += "_" + "_".join(o.replace("=", "-") for o in args.option)
         if args.heal_steps:
             name += "_heal" + "_".join(map(str, args.heal_steps)) + "_" + "_".join(f"{lr:g}" for lr in args.heal_lrs)
+            name += "" if args.heal_losses == ["ce"] else "_" + "_".join(args.heal_losses)  # ce: the older sections' names
         if args.ratios:  # runs split by ratio (to run in parallel) get a section each
             name += "_" + "_".join(f"{r:g}" for r in ratios)
         write_results(name, payload, md)
@@ -266,19 +278,20 @@ def main() -> None:
                     results.append(result)
                     rows.append([*row, memory_cell])
                     publish(None)
-                runs = [(steps, lr) for steps in args.heal_steps for lr in args.heal_lrs]
-                for steps, lr in runs:
-                    healed = _healed(res.model, heal_data, steps, lr, ppl, last=(steps, lr) == runs[-1])
+                runs = [(steps, lr, loss) for steps in args.heal_steps for lr in args.heal_lrs for loss in args.heal_losses]
+                for steps, lr, loss in runs:
+                    healed = _healed(res.model, heal_data, steps, lr, ppl, last=(steps, lr, loss) == runs[-1],
+                                     teacher=teacher if loss == "distill" else None)  # fmt: skip
                     healed_vs = {k: healed["perplexity"][k] / dense[k] for k in healed["perplexity"]}
-                    print(f"{label} @ {ratio} {mode} healed {steps} steps lr {lr:g}: ppl {healed['perplexity']} ({healed_vs}), "
+                    print(f"{label} @ {ratio} {mode} healed {steps} steps lr {lr:g} {loss}: ppl {healed['perplexity']} ({healed_vs}), "
                           f"{healed['seconds']:.0f} s wall, {healed['cpu_seconds']:.0f} s CPU", flush=True)  # fmt: skip
-                    results.append(result | {"heal": {"steps": steps, "lr": lr, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+                    results.append(result | {"heal": {"steps": steps, "lr": lr, "loss": loss, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
                                                       "seconds": healed["seconds"], "cpu_seconds": healed["cpu_seconds"],
                                                       "cpu_seconds_per_step": healed["cpu_seconds"] / steps,
                                                       "perplexity": healed["perplexity"]["builtin"],
                                                       "perplexity_heldout": healed["perplexity"]["heldout"], "vs_dense": healed_vs["builtin"],
                                                       "vs_dense_heldout": healed_vs["heldout"]}})  # fmt: skip
-                    rows.append([*row, steps, f"{lr:g}", round(healed_vs["builtin"], 2), round(healed_vs["heldout"], 2), round(healed["seconds"]),
+                    rows.append([*row, steps, f"{lr:g}", loss, round(healed_vs["builtin"], 2), round(healed_vs["heldout"], 2), round(healed["seconds"]),
                                  round(healed["cpu_seconds"] / steps, 2), memory_cell])  # fmt: skip
                     publish(None)
                 del net, res
@@ -288,12 +301,12 @@ def main() -> None:
     print(publish(memory))
 
 
-def _healed(model, blocks, steps: int, lr: float, ppl, *, last: bool) -> dict:
+def _healed(model, blocks, steps: int, lr: float, ppl, *, last: bool, teacher=None) -> dict:
     """Heal ``model`` (a copy of it unless ``last``: the next run starts from the same compressed
     model) and measure it; ``{"seconds", "cpu_seconds", "perplexity"}`` (CPU: all threads)."""
     net = model if last else copy.deepcopy(model)
     t0, c0 = time.perf_counter(), time.process_time()
-    heal(net, blocks, steps=steps, lr=lr, batch_size=DEFAULT_BATCH_SIZE, progress=False)
+    heal(net, blocks, steps=steps, lr=lr, batch_size=DEFAULT_BATCH_SIZE, progress=False, teacher=teacher)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "perplexity": ppl(net)}
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from rankwise.compress.api import compress, parse_size
@@ -127,10 +129,15 @@ def test_heal_steps_lower_perplexity_keep_the_size_and_are_checked_first(tiny, t
         compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=-1, **fast)
     with pytest.raises(DataError, match="healing"):
         compress(model, tokenizer=tok, ratio=0.7, data=["too short"] * 3, heal_steps=5, **fast)
-    res = compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=30, heal_lr=3e-3, out=tmp_path / "m", **fast)
+    with pytest.raises(ConfigError, match="heal_loss must be 'distill'"):
+        compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=5, heal_loss="mse", **fast)
+    dense = copy.deepcopy(model)
+    res = compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=30, heal_lr=3e-3, heal_loss="ce", out=tmp_path / "m", **fast)
     q = res.report["perplexity"]
     assert q["healed"] < q["after"]  # the train split is the list itself here
-    assert res.report["heal"]["steps"] == 30
+    assert res.report["heal"]["steps"] == 30 and res.report["heal"]["loss"] == "ce"
+    distilled = compress(dense, tokenizer=tok, ratio=0.7, data=texts, heal_steps=2, **fast).report["heal"]  # the default
+    assert distilled["loss"] == "distill" and distilled["teacher_top_k"] == 64 and distilled["teacher_seconds"] > 0
     assert count_parameters(res.model) == res.report["parameters"]["after"]
     from rankwise.compress.checkpoint import load_compressed
 

@@ -154,6 +154,21 @@ def test_cli_healing_rates_default_to_the_library_default():
     assert inspect.signature(heal).parameters["lr"].default == DEFAULT_LR
 
 
+def test_cli_healing_losses_default_to_the_library_default():
+    """`rankwise compress --heal-loss` and `rankwise heal --loss` default to heal.DEFAULT_LOSS."""
+    import inspect
+
+    from rankwise.cli.compress import compress_command
+    from rankwise.cli.heal import heal_command
+    from rankwise.compress.api import compress as compress_api
+    from rankwise.compress.heal import DEFAULT_LOSS, heal_folder
+
+    assert inspect.signature(compress_command).parameters["heal_loss"].default.default == DEFAULT_LOSS
+    assert inspect.signature(heal_command).parameters["loss"].default.default == DEFAULT_LOSS
+    assert inspect.signature(heal_folder).parameters["loss"].default == DEFAULT_LOSS
+    assert inspect.signature(compress_api).parameters["heal_loss"].default == DEFAULT_LOSS
+
+
 def test_cli_gradient_tokens_default_to_the_library_default():
     """`rankwise compress --grad-tokens` defaults to compress()'s GRADIENT_TOKENS."""
     import inspect

@@ -102,14 +102,20 @@ def test_rankwise_heal_heals_a_compressed_folder_into_a_new_one(tiny, texts, tmp
     model, tok = tiny
     data = tmp_path / "text.txt"
     data.write_text("\n\n".join(texts * 3))
-    folder, healed = tmp_path / "c", tmp_path / "c-healed"
+    folder, healed, dense = tmp_path / "c", tmp_path / "c-healed", tmp_path / "dense"
+    model.save_pretrained(dense)
+    tok.save_pretrained(dense)
     compress(model, tokenizer=tok, method="svdllm", ratio=0.6, data=texts, out=folder, report_html=False, **FAST)
     args = ["heal", "--model", str(folder), "--steps", "4", "--seq-len", "32", "--data", str(data),
             "--eval-tokens", "256", "--lr", "3e-3", "--json"]  # fmt: skip
-    assert main([*args, "--out", str(healed)]) == 0
+    # distillation (the default) needs the dense model: this folder was compressed from a module
+    assert main([*args, "--out", str(healed)]) == 2
+    assert "--teacher" in capsys.readouterr().err and not healed.exists()
+    assert main([*args, "--out", str(healed), "--teacher", str(dense)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((healed / "heal.json").read_text())
     assert report["heal"]["steps"] == 4 and set(report["perplexity"]["before"]) == {"validation", "heldout"}
+    assert report["heal"]["loss"] == "distill" and report["heal"]["teacher"] == str(dense)
     before, _ = load_model(folder)
     after, _ = load_model(healed)
     assert count_parameters(after) == count_parameters(before)
@@ -121,6 +127,9 @@ def test_rankwise_heal_heals_a_compressed_folder_into_a_new_one(tiny, texts, tmp
     # in place only with --overwrite; a folder that is not compressed is refused
     assert main([*args, "--out", str(folder)]) == 2
     assert "add --overwrite" in capsys.readouterr().err
-    assert main([*args, "--out", str(folder), "--overwrite"]) == 0
+    assert main([*args, "--out", str(folder), "--overwrite", "--loss", "ce"]) == 0
+    assert json.loads((folder / "heal.json").read_text())["heal"]["loss"] == "ce"
+    assert main([*args, "--out", str(tmp_path / "y"), "--loss", "kl"]) == 2
+    assert "--loss must be 'distill'" in capsys.readouterr().err
     assert main(["heal", "--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a compressed folder" in capsys.readouterr().err

@@ -52,12 +52,16 @@ from rankwise.compress.calibrate import (
 )
 from rankwise.compress.checkpoint import map_weights, save_compressed, weights_header_bound
 from rankwise.compress.heal import (
+    DEFAULT_LOSS,
     DEFAULT_LR,
     HealResult,
+    TeacherTargets,
+    check_heal_loss,
     check_heal_steps,
     heal,
     heal_blocks,
     healable_parameters,
+    teacher_targets,
 )
 from rankwise.compress.report import LayerReport
 from rankwise.data import HELDOUT, texts_fingerprint
@@ -405,13 +409,14 @@ def _corpus(data, corpus_loader):
     return Corpus(name="texts", train=texts, validation=texts, calibration=texts)
 
 
-def _heal(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, progress: bool, out) -> HealResult:
+def _heal(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, progress: bool, out,
+          teacher: TeacherTargets | None) -> HealResult:
     """Heal ``model`` in place; if interrupted, put the compressed factors back as they were
     before healing, so the caller (or the user) still has the compressed model intact."""
     params = healable_parameters(model)
     saved = {name: p.detach().clone() for name, p in params.items()}
     try:
-        return heal(model, blocks, steps=steps, lr=lr, batch_size=HEAL_BATCH, progress=progress)
+        return heal(model, blocks, steps=steps, lr=lr, batch_size=HEAL_BATCH, progress=progress, teacher=teacher)
     except KeyboardInterrupt:
         with torch.no_grad():
             for name, p in params.items():
@@ -451,6 +456,7 @@ def compress(
     decode_tokens: int = 64,
     heal_steps: int = 0,
     heal_lr: float = DEFAULT_LR,
+    heal_loss: str = DEFAULT_LOSS,
     memory_map: bool = True,
     device: str | None = None,
     statistics: Calibration | None = None,
@@ -475,7 +481,10 @@ def compress(
     calibrated on); ``measure_speed``: dense and compressed decoding timed interleaved.
     ``heal_steps``: after compressing, train the compressed factors that many AdamW steps
     (learning rate ``heal_lr``) on ``data``'s train split (:func:`~rankwise.compress.heal.heal`;
-    size unchanged); perplexities are then reported before / after / healed.
+    size unchanged); perplexities are then reported before / after / healed. ``heal_loss``:
+    ``"distill"`` (default) trains towards the dense model's next-token distribution on those
+    tokens (its top-64 probabilities, taken before compressing), ``"ce"`` on the tokens
+    themselves; distillation recovers more off the healing text's domain (docs/compress.md).
     ``memory_map``: a model loaded by name from a safetensors folder has its weights
     memory-mapped from the file (:func:`~rankwise.compress.checkpoint.map_weights`: pages read
     when used, droppable by the kernel). ``device``: where the model runs (``"cpu"``,
@@ -544,6 +553,7 @@ def compress(
     calib_texts, eval_texts, corpus_name = corpus.calibration, corpus.validation, corpus.name
     fingerprint = None if corpus_name == "texts" else corpus.fingerprint()
     heal_steps = check_heal_steps(heal_steps, option="heal_steps")
+    heal_loss = check_heal_loss(heal_loss, option="heal_loss")
     if heal_steps:  # the healing text is checked before any slow work
         heal_data = heal_blocks(tokenizer, corpus.train, seq_len=min(seq_len, HEAL_SEQ_LEN), batch_size=HEAL_BATCH,
                                 max_tokens=heal_steps * HEAL_BATCH * min(seq_len, HEAL_SEQ_LEN))  # fmt: skip
@@ -569,6 +579,12 @@ def compress(
     if evaluate:
         before = perplexity(net, tokenizer, eval_texts, **eval_kwargs, progress=progress)
         before_heldout = perplexity(net, tokenizer, heldout_set, **eval_kwargs) if heldout_set else None
+
+    teacher = None
+    if heal_steps and heal_loss == "distill":  # the dense model's targets, before anything is cut
+        t0 = time.perf_counter()
+        teacher = teacher_targets(net, heal_data.to(next(net.parameters()).device), progress=progress)
+        teacher_seconds = time.perf_counter() - t0
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -680,8 +696,13 @@ def compress(
                 "corpus_fingerprint": texts_fingerprint(heldout_set),
             }
     if heal_steps:
-        healed = _heal(net, heal_data, heal_steps, heal_lr, progress, out)
-        report["heal"] = healed.as_dict() | {"lr": heal_lr, "batch_size": HEAL_BATCH, "seq_len": heal_data.shape[1], "split": "train"}
+        healed = _heal(net, heal_data, heal_steps, heal_lr, progress, out, teacher)
+        report["heal"] = healed.as_dict() | {"lr": heal_lr, "batch_size": HEAL_BATCH, "seq_len": heal_data.shape[1], "split": "train",
+                                             "loss": heal_loss}  # fmt: skip
+        if teacher is not None:
+            report["heal"] |= {"teacher": "the dense model before compression", "teacher_top_k": teacher.ids.shape[-1],
+                               "teacher_seconds": round(teacher_seconds, 2)}  # fmt: skip
+        del teacher
         if evaluate:
             report["perplexity"]["healed"] = perplexity(net, tokenizer, eval_texts, **eval_kwargs).perplexity
             if heldout_set:
