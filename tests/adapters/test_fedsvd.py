@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from distributed_run import torchrun
 from safetensors.torch import load_file
 
 from rankwise.adapters.federated import FedAvgLoRA, FedSVD, RoundConfig, refactor, simulate
@@ -51,12 +48,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_worker(path):
     spec = importlib.util.spec_from_file_location("federated_worker", path)
     module = importlib.util.module_from_spec(spec)
@@ -69,14 +60,7 @@ def test_two_process_run_equals_in_process_simulation(tmp_path, name):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "state.safetensors"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(script), name, str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKWISE_PROGRESS": "0"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun([str(script), name, str(out)])
     distributed = load_file(str(out))
     worker = load_worker(script)
     threads = torch.get_num_threads()

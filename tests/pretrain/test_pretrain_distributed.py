@@ -4,10 +4,6 @@ DDP equals one process with the combined batch; FSDP trains and matches DDP's lo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,37 +16,11 @@ RUN = ["--config", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32
        "--eval-tokens", "0", "--rank", "8", "--update-proj-gap", "2", "--lr", "3e-3"]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run(out, *extra: str) -> dict:
+    """2 processes of `rankwise pretrain`; the JSON result process 0 prints."""
+    from distributed_run import torchrun  # here: this file also runs as a torchrun worker
 
-
-# A gloo process very rarely aborts in torch's C++ ("terminate called without an active
-# exception": once in the CI run of 2026-11-30; 0 of 50 reruns here, loaded or not). Such a run
-# is repeated once, in a fresh output folder; a second abort, or any other failure, fails.
-TORCH_ABORT = "terminate called without an active exception"
-
-
-def launch(cmd: list[str], out: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (2 processes under torchrun, bounded in time), once more after a torch abort."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKWISE_PROGRESS": "0"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    if done.returncode != 0 and TORCH_ABORT in done.stderr:
-        if out is not None and out.exists():
-            shutil.rmtree(out)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def torchrun(out, *extra: str) -> dict:
-    """Run 2 processes; the JSON result process 0 prints."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), "-m", "rankwise", "pretrain", *RUN, "--out", str(out), "--json", *extra,
-    ]  # fmt: skip
-    done = launch(cmd, Path(out))
+    done = torchrun(["-m", "rankwise", "pretrain", *RUN, "--out", str(out), "--json", *extra], out=Path(out))
     return json.loads(done.stdout[done.stdout.index("{") :])
 
 
@@ -88,11 +58,9 @@ def fsdp_resume_worker(out: str) -> None:
 
 
 def test_fsdp_resume_is_bit_identical(tmp_path):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), __file__, str(tmp_path / "run"),
-    ]  # fmt: skip
-    done = launch(cmd, tmp_path / "run")
+    from distributed_run import torchrun
+
+    done = torchrun([__file__, str(tmp_path / "run")], out=tmp_path / "run")
     result = json.loads(done.stdout[done.stdout.index("{") :])
     assert result["tensors"] > 10 and result["equal"]
 
@@ -113,7 +81,7 @@ def close(a: dict, b: dict, atol: float) -> float:
 
 @pytest.mark.parametrize("method", ["adamw", "galore"])
 def test_ddp_equals_one_process_with_the_combined_batch(tmp_path, method):
-    result = torchrun(tmp_path / "ddp", "--method", method)
+    result = run(tmp_path / "ddp", "--method", method)
     assert result["processes"] == 2 and result["steps"] == 3
     ddp = load_file(str(tmp_path / "ddp" / "checkpoint" / "model.safetensors"))
     reference = single(tmp_path, method)
@@ -123,7 +91,7 @@ def test_ddp_equals_one_process_with_the_combined_batch(tmp_path, method):
 
 
 def test_fsdp_trains_and_matches_ddp(tmp_path):
-    fsdp = torchrun(tmp_path / "fsdp", "--method", "adamw", "--fsdp")
+    fsdp = run(tmp_path / "fsdp", "--method", "adamw", "--fsdp")
     assert fsdp["processes"] == 2 and fsdp["steps"] == 3
     reference = single(tmp_path, "adamw")  # = DDP (test above)
     sharded = load_file(str(tmp_path / "fsdp" / "checkpoint" / "model.safetensors"))
