@@ -155,7 +155,8 @@ def test_cli_healing_rates_default_to_the_library_default():
 
 
 def test_cli_healing_losses_default_to_the_library_default():
-    """`rankwise compress --heal-loss` and `rankwise heal --loss` default to heal.DEFAULT_LOSS."""
+    """`rankwise compress --heal-loss/--heal-precision` and `rankwise heal --loss/--precision`
+    default to the library's defaults."""
     import inspect
 
     from rankwise.cli.compress import compress_command
@@ -167,6 +168,10 @@ def test_cli_healing_losses_default_to_the_library_default():
     assert inspect.signature(heal_command).parameters["loss"].default.default == DEFAULT_LOSS
     assert inspect.signature(heal_folder).parameters["loss"].default == DEFAULT_LOSS
     assert inspect.signature(compress_api).parameters["heal_loss"].default == DEFAULT_LOSS
+    assert inspect.signature(compress_command).parameters["heal_precision"].default.default == "auto"
+    assert inspect.signature(heal_command).parameters["precision"].default.default == "auto"
+    assert inspect.signature(heal_folder).parameters["precision"].default == "auto"
+    assert inspect.signature(compress_api).parameters["heal_precision"].default == "auto"
 
 
 def test_cli_gradient_tokens_default_to_the_library_default():

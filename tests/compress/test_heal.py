@@ -133,3 +133,21 @@ def test_rankwise_heal_heals_a_compressed_folder_into_a_new_one(tiny, texts, tmp
     assert "--loss must be 'distill'" in capsys.readouterr().err
     assert main(["heal", "--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a compressed folder" in capsys.readouterr().err
+
+
+def test_precision_is_checked_and_bfloat16_heals_with_float32_weights(compressed, texts):
+    from rankwise.compress.heal import resolve_precision
+
+    model, tok = compressed
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32, bfloat16"):
+        resolve_precision("fp16", cpu)
+    assert resolve_precision("float32", cpu) == "float32" and resolve_precision("auto", cpu) in ("float32", "bfloat16")
+    train = heal_blocks(tok, texts[:30], seq_len=32)
+    before = _loss(model, train)
+    result = heal(model, train, steps=20, lr=3e-3, batch_size=4, progress=False, precision="bfloat16")
+    assert result.precision == "bfloat16" and result.as_dict()["precision"] == "bfloat16"
+    assert _loss(model, train) < before - 0.1
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        heal(model, train, steps=1, progress=False, precision="half")

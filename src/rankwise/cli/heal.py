@@ -20,6 +20,7 @@ def heal_command(
     batch_size: int = typer.Option(4, "--batch-size", help="Blocks per step."),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Tokens scored before and after, per corpus."),
     loss: str = typer.Option("distill", "--loss", help="distill: train towards the dense model's next-token predictions on the text (recovers more on other text); ce: next-token cross-entropy on the text."),
+    precision: str = typer.Option("auto", "--precision", help="Training matmuls: auto (bfloat16 where the CPU/GPU has native bfloat16; weights and optimizer stay float32), float32 or bfloat16."),
     teacher: str = typer.Option(None, "--teacher", help="The dense model to distil from (name or folder); default: the model the folder was compressed from (its report.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
@@ -31,7 +32,7 @@ def heal_command(
 
     report = heal_folder(
         model, steps=steps, out=out, overwrite=overwrite, data=data, lr=lr, seq_len=seq_len,
-        batch_size=batch_size, eval_tokens=eval_tokens, loss=loss, teacher=teacher, progress=not as_json and progress.enabled(),
+        batch_size=batch_size, eval_tokens=eval_tokens, loss=loss, teacher=teacher, precision=precision, progress=not as_json and progress.enabled(),
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -54,6 +54,7 @@ from rankwise.compress.checkpoint import map_weights, save_compressed, weights_h
 from rankwise.compress.heal import (
     DEFAULT_LOSS,
     DEFAULT_LR,
+    PRECISIONS,
     HealResult,
     TeacherTargets,
     check_heal_loss,
@@ -410,13 +411,14 @@ def _corpus(data, corpus_loader):
 
 
 def _heal(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float, progress: bool, out,
-          teacher: TeacherTargets | None) -> HealResult:
+          teacher: TeacherTargets | None, precision: str) -> HealResult:
     """Heal ``model`` in place; if interrupted, put the compressed factors back as they were
     before healing, so the caller (or the user) still has the compressed model intact."""
     params = healable_parameters(model)
     saved = {name: p.detach().clone() for name, p in params.items()}
     try:
-        return heal(model, blocks, steps=steps, lr=lr, batch_size=HEAL_BATCH, progress=progress, teacher=teacher)
+        return heal(model, blocks, steps=steps, lr=lr, batch_size=HEAL_BATCH, progress=progress, teacher=teacher,
+                    precision=precision)
     except KeyboardInterrupt:
         with torch.no_grad():
             for name, p in params.items():
@@ -457,6 +459,7 @@ def compress(
     heal_steps: int = 0,
     heal_lr: float = DEFAULT_LR,
     heal_loss: str = DEFAULT_LOSS,
+    heal_precision: str = "auto",
     memory_map: bool = True,
     device: str | None = None,
     statistics: Calibration | None = None,
@@ -485,6 +488,8 @@ def compress(
     ``"distill"`` (default) trains towards the dense model's next-token distribution on those
     tokens (its top-64 probabilities, taken before compressing), ``"ce"`` on the tokens
     themselves; distillation recovers more off the healing text's domain (docs/compress.md).
+    ``heal_precision``: ``"auto"`` (bfloat16 matmuls where the hardware has them natively),
+    ``"float32"`` or ``"bfloat16"`` (:func:`~rankwise.compress.heal.resolve_precision`).
     ``memory_map``: a model loaded by name from a safetensors folder has its weights
     memory-mapped from the file (:func:`~rankwise.compress.checkpoint.map_weights`: pages read
     when used, droppable by the kernel). ``device``: where the model runs (``"cpu"``,
@@ -554,6 +559,8 @@ def compress(
     fingerprint = None if corpus_name == "texts" else corpus.fingerprint()
     heal_steps = check_heal_steps(heal_steps, option="heal_steps")
     heal_loss = check_heal_loss(heal_loss, option="heal_loss")
+    if heal_precision not in PRECISIONS:
+        raise ConfigError(f"heal_precision must be one of {', '.join(PRECISIONS)}; got {heal_precision!r}")
     if heal_steps:  # the healing text is checked before any slow work
         heal_data = heal_blocks(tokenizer, corpus.train, seq_len=min(seq_len, HEAL_SEQ_LEN), batch_size=HEAL_BATCH,
                                 max_tokens=heal_steps * HEAL_BATCH * min(seq_len, HEAL_SEQ_LEN))  # fmt: skip
@@ -696,7 +703,7 @@ def compress(
                 "corpus_fingerprint": texts_fingerprint(heldout_set),
             }
     if heal_steps:
-        healed = _heal(net, heal_data, heal_steps, heal_lr, progress, out, teacher)
+        healed = _heal(net, heal_data, heal_steps, heal_lr, progress, out, teacher, heal_precision)
         report["heal"] = healed.as_dict() | {"lr": heal_lr, "batch_size": HEAL_BATCH, "seq_len": heal_data.shape[1], "split": "train",
                                              "loss": heal_loss}  # fmt: skip
         if teacher is not None:

