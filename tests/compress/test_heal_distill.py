@@ -79,3 +79,20 @@ def test_targets_of_other_blocks_or_a_bad_k_are_refused(dense_and_compressed, te
         heal(model, blocks, steps=1, progress=False, teacher=targets)
     with pytest.raises(ConfigError, match="top_k"):
         teacher_targets(dense, blocks, top_k=0, progress=False)
+
+
+def test_top_k_loss_is_the_cross_entropy_over_k_tokens_and_the_rest(dense_and_compressed, texts):
+    """Reference: the student's probability of "any other token" summed over the vocabulary
+    outside the teacher's k, in float64."""
+    dense, model, tok = dense_and_compressed
+    blocks = heal_blocks(tok, texts, seq_len=32)[:3]
+    targets = teacher_targets(dense, blocks, top_k=8, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+        loss = _distillation_loss(logits, targets, torch.arange(len(blocks)))
+    log_p = torch.log_softmax(logits.double(), -1)
+    ids = targets.ids.long()
+    outside = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, ids, False)
+    log_rest = log_p.masked_fill(~outside, float("-inf")).logsumexp(-1)
+    expected = -((targets.probs.double() * log_p.gather(-1, ids)).sum(-1) + targets.rest.double() * log_rest).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)

@@ -121,10 +121,11 @@ def _distillation_loss(logits: torch.Tensor, targets: TeacherTargets, rows: torc
     ids = targets.ids[rows].to(logits.device, torch.int64)
     probs = targets.probs[rows].to(logits.device, torch.float32)
     logits = logits.float()
-    total = logits.logsumexp(-1)
-    loss = -(probs * (logits.gather(-1, ids) - total.unsqueeze(-1))).sum(-1)
+    log_q = logits.gather(-1, ids) - logits.logsumexp(-1, keepdim=True)
+    loss = -(probs * log_q).sum(-1)
     if ids.shape[-1] < logits.shape[-1]:  # else there is no "other token"
-        log_rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - total
+        # log(1 - mass of the k): no second pass over the vocabulary (a (batch, seq, vocab) copy)
+        log_rest = torch.log1p(-log_q.exp().sum(-1).clamp(max=1 - 1e-6))
         loss = loss - targets.rest[rows].to(logits.device) * log_rest
     return loss.mean()
 
