@@ -210,7 +210,8 @@ def main() -> None:
             "this benchmark, ru_maxrss, GB (shown on that method's row for its default calibration).\n\n"
             + (f"Healing: {' / '.join(map(str, args.heal_steps))} AdamW steps of {DEFAULT_BATCH_SIZE} x {heal_seq} tokens of the built-in train "
                "split (warm-up, cosine decay), one row per step count, learning rate and loss (distill: towards the dense model's "
-               "top-64 next-token probabilities on the same tokens; ce: next-token cross-entropy), each from a copy of the same compressed model; "
+               "top-64 next-token probabilities on the same tokens; ce: next-token cross-entropy; matmuls in heal()'s default precision, "
+               "bfloat16 where the CPU has it natively, recorded per row in bench/results), each from a copy of the same compressed model; "
                "healed perplexities on both corpora vs dense; heal s = wall time, CPU s/step = this process's CPU time (all "
                f"{torch.get_num_threads()} threads) per step.\n\n" if args.heal_steps else "")
             + markdown_table(["method", "target kept", "calibration", "kept", "perplexity", "vs dense", "held-out ppl",
@@ -285,7 +286,7 @@ def main() -> None:
                     healed_vs = {k: healed["perplexity"][k] / dense[k] for k in healed["perplexity"]}
                     print(f"{label} @ {ratio} {mode} healed {steps} steps lr {lr:g} {loss}: ppl {healed['perplexity']} ({healed_vs}), "
                           f"{healed['seconds']:.0f} s wall, {healed['cpu_seconds']:.0f} s CPU", flush=True)  # fmt: skip
-                    results.append(result | {"heal": {"steps": steps, "lr": lr, "loss": loss, "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
+                    results.append(result | {"heal": {"steps": steps, "lr": lr, "loss": loss, "precision": healed["precision"], "batch_size": DEFAULT_BATCH_SIZE, "seq_len": heal_seq,
                                                       "seconds": healed["seconds"], "cpu_seconds": healed["cpu_seconds"],
                                                       "cpu_seconds_per_step": healed["cpu_seconds"] / steps,
                                                       "perplexity": healed["perplexity"]["builtin"],
@@ -306,9 +307,9 @@ def _healed(model, blocks, steps: int, lr: float, ppl, *, last: bool, teacher=No
     model) and measure it; ``{"seconds", "cpu_seconds", "perplexity"}`` (CPU: all threads)."""
     net = model if last else copy.deepcopy(model)
     t0, c0 = time.perf_counter(), time.process_time()
-    heal(net, blocks, steps=steps, lr=lr, batch_size=DEFAULT_BATCH_SIZE, progress=False, teacher=teacher)
+    result = heal(net, blocks, steps=steps, lr=lr, batch_size=DEFAULT_BATCH_SIZE, progress=False, teacher=teacher)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "perplexity": ppl(net)}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "perplexity": ppl(net), "precision": result.precision}
 
 
 def _num(x: float) -> float | str:
