@@ -173,3 +173,9 @@ def test_own_statistics_are_freed_given_ones_kept_and_the_factors_are_the_same(t
         if name in factors:
             assert torch.equal(p, factors[name]), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("rankwise-")]  # the decompositions' folder is gone
+
+
+def test_a_bad_healing_precision_is_refused_before_any_work(tiny, texts):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="heal_precision must be one of auto, float32, bfloat16"):
+        compress(model, tokenizer=tok, ratio=0.7, data=texts, heal_steps=5, heal_precision="fp16", **FAST)

@@ -54,10 +54,10 @@ from rankwise.compress.checkpoint import map_weights, save_compressed, weights_h
 from rankwise.compress.heal import (
     DEFAULT_LOSS,
     DEFAULT_LR,
-    PRECISIONS,
     HealResult,
     TeacherTargets,
     check_heal_loss,
+    check_heal_precision,
     check_heal_steps,
     heal,
     heal_blocks,
@@ -559,8 +559,7 @@ def compress(
     fingerprint = None if corpus_name == "texts" else corpus.fingerprint()
     heal_steps = check_heal_steps(heal_steps, option="heal_steps")
     heal_loss = check_heal_loss(heal_loss, option="heal_loss")
-    if heal_precision not in PRECISIONS:
-        raise ConfigError(f"heal_precision must be one of {', '.join(PRECISIONS)}; got {heal_precision!r}")
+    heal_precision = check_heal_precision(heal_precision, option="heal_precision")
     if heal_steps:  # the healing text is checked before any slow work
         heal_data = heal_blocks(tokenizer, corpus.train, seq_len=min(seq_len, HEAL_SEQ_LEN), batch_size=HEAL_BATCH,
                                 max_tokens=heal_steps * HEAL_BATCH * min(seq_len, HEAL_SEQ_LEN))  # fmt: skip

@@ -240,13 +240,19 @@ def check_heal_loss(loss: object, *, option: str = "loss") -> str:
     return loss
 
 
+def check_heal_precision(precision: object, *, option: str = "precision") -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else ConfigError naming ``option``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{option} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
 def resolve_precision(precision: object, device: torch.device, *, option: str = "precision") -> str:
     """``"float32"`` or ``"bfloat16"`` (matmuls under autocast; weights, optimizer state and the
     loss stay float32). ``"auto"`` is bfloat16 where the hardware multiplies it natively (CPUs
     with AVX512-BF16/AMX, CUDA GPUs that support it) — 1.9x faster per healing step on SmolLM2
     here, same loss to 4 digits — else float32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{option} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    precision = check_heal_precision(precision, option=option)
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -389,8 +395,7 @@ def heal_folder(
 
     steps = check_heal_steps(steps, option="--steps")
     loss = check_heal_loss(loss, option="--loss")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    precision = check_heal_precision(precision, option="--precision")
     folder = Path(model).expanduser()
     if not (folder / COMPRESSED_MARKER).is_file():
         raise ConfigError(
@@ -486,6 +491,6 @@ def _load_teacher(name: str):
 
 
 __all__ = [
-    "DEFAULT_LOSS", "HealResult", "LOSSES", "PRECISIONS", "TeacherTargets", "check_heal_loss", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters",
+    "DEFAULT_LOSS", "HealResult", "LOSSES", "PRECISIONS", "TeacherTargets", "check_heal_loss", "check_heal_precision", "check_heal_steps", "heal", "heal_blocks", "heal_folder", "healable_parameters",
     "resolve_precision", "teacher_targets",
 ]  # fmt: skip
