@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import logits, tokens
+from distributed_run import torchrun
 from safetensors.torch import load_file
 
 import rankwise
@@ -257,12 +257,6 @@ def test_resume_refuses_a_missing_or_mismatched_checkpoint(tmp_path):
         finetune(config, progress=False)  # a fresh run does not silently drop the checkpoint
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_data_parallel_equals_one_process_with_double_batch():
     args = [
@@ -281,33 +275,7 @@ def test_two_process_data_parallel_equals_one_process_with_double_batch():
         "0",
         "--json",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    for _attempt in range(3):  # the free port can be taken between probing and binding: retry
-        ddp = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(_free_port()),
-                "-m",
-                "rankwise",
-                *args,
-                "--batch-size",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-        if ddp.returncode == 0 or "error: " in ddp.stderr:  # a rankwise error is not retried
-            break
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    ddp = torchrun(["-m", "rankwise", *args, "--batch-size", "2"], timeout=300)
     report = json.loads(ddp.stdout[ddp.stdout.index("{") :])
     assert report["world_size"] == 2
     single = finetune(
