@@ -10,8 +10,9 @@ step every rule hooks into (the same hooks, in the same order, as ``finetune``'s
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,18 @@ def check_ratio(name: str, value: object, *, low: float = 0.0, high: float = 1.0
     if not low < value < high:
         raise ConfigError(f"{name} must be in ({low:g}, {high:g}), got {value!r}")
     return float(value)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU generator seeded with ``seed``, and restore the
+    caller's generator state afterwards. Adapter initialisation (``attach``: LoRA's
+    ``kaiming_uniform_`` on A) and dropout draw from the global generator, which torch seeds
+    differently in every process; a method whose config has a ``seed`` wraps its attach and
+    training in this so that the seed alone fixes the result."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def batches_of(blocks: torch.Tensor, batch_size: int, *, seed: int = 0):
@@ -121,4 +134,6 @@ def train_adapters(
     return TrainLog(losses)
 
 
-__all__ = ["LossFn", "TrainLog", "batches_of", "check_positive", "check_ratio", "lm_loss", "train_adapters"]
+__all__ = [
+    "LossFn", "TrainLog", "batches_of", "check_positive", "check_ratio", "lm_loss", "seeded", "train_adapters",
+]

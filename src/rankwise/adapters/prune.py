@@ -30,6 +30,7 @@ from rankwise.adapters.local_training import (
     batches_of,
     check_positive,
     check_ratio,
+    seeded,
     train_adapters,
 )
 from rankwise.adapters.rules.lora_prune_importance import (
@@ -57,7 +58,9 @@ class LoraPruneConfig:
     ``ratio``: fraction of query heads (per key/value group) and MLP channels removed, in
     (0, 1). ``iterations`` pruning rounds of ``steps_per_iteration`` LoRA steps each, then
     ``recovery_steps`` more. The LoRA (``rank``, ``alpha``) sits on q/k/v/o/gate/up/down.
-    ``momentum``: the importance moving average.
+    ``momentum``: the importance moving average. ``seed`` fixes the whole run: the batch
+    order and the LoRA initialisation (drawn under :func:`~rankwise.adapters.local_training.seeded`,
+    so the caller's global torch generator is neither used nor changed).
     """
 
     ratio: float = 0.5
@@ -123,6 +126,22 @@ def _attach_lora(model: nn.Module, config: LoraPruneConfig) -> None:
     check_lora_on_units(model)
 
 
+def _prune_rounds(model: nn.Module, data, shape, config: LoraPruneConfig) -> tuple[list[float], list[float]]:
+    """The training/pruning rounds, then recovery; returns (losses, removed fraction per round)."""
+    rule = LoraPruneImportance(LoraPruneImportanceConfig(momentum=config.momentum))
+    losses, schedule = [], []
+    for t in range(1, config.iterations + 1):
+        log = train_adapters(model, data, steps=config.steps_per_iteration, lr=config.lr, rules=[rule])
+        losses += log.losses
+        target = config.ratio * t / config.iterations
+        heads, chans = prune_by_scores(model, rule.scores, *keep_counts(shape, target))
+        rule.keep(heads, chans)
+        schedule.append(target)
+    if config.recovery_steps:
+        losses += train_adapters(model, data, steps=config.recovery_steps, lr=config.lr).losses
+    return losses, schedule
+
+
 def lora_prune(model: nn.Module, blocks: torch.Tensor, config: LoraPruneConfig | None = None) -> PruneResult:
     """Prune ``model`` in place with LoRAPrune (see the module docstring); returns what changed.
 
@@ -140,19 +159,10 @@ def lora_prune(model: nn.Module, blocks: torch.Tensor, config: LoraPruneConfig |
             f"heads, {shape.channels} channels per layer); use a larger ratio"
         )
     data = batches_of(blocks, config.batch_size, seed=config.seed)
-    _attach_lora(model, config)
-    before = _base_parameters(model)
-    rule = LoraPruneImportance(LoraPruneImportanceConfig(momentum=config.momentum))
-    losses, schedule = [], []
-    for t in range(1, config.iterations + 1):
-        log = train_adapters(model, data, steps=config.steps_per_iteration, lr=config.lr, rules=[rule])
-        losses += log.losses
-        target = config.ratio * t / config.iterations
-        heads, chans = prune_by_scores(model, rule.scores, *keep_counts(shape, target))
-        rule.keep(heads, chans)
-        schedule.append(target)
-    if config.recovery_steps:
-        losses += train_adapters(model, data, steps=config.recovery_steps, lr=config.lr).losses
+    with seeded(config.seed):  # the LoRA init (and any dropout) from config.seed alone
+        _attach_lora(model, config)
+        before = _base_parameters(model)
+        losses, schedule = _prune_rounds(model, data, shape, config)
     after = decoder_shape(model)
     return PruneResult(
         model=model,
