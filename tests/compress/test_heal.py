@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from rankwise.compress.api import compress
-from rankwise.compress.heal import check_heal_steps, heal, heal_blocks, healable_parameters
+from rankwise.compress.heal import (
+    MIN_WARMUP_STEPS,
+    WARMUP_FRACTION,
+    _schedule,
+    check_heal_steps,
+    heal,
+    heal_blocks,
+    healable_parameters,
+)
 from rankwise.errors import ConfigError, DataError
 from rankwise.layers import LowRankLinear
 from rankwise.models import count_parameters
@@ -44,6 +52,20 @@ def test_healing_lowers_held_out_loss_and_keeps_the_size(compressed, texts):
     assert result.steps == 30 and len(result.losses) == 30
     assert result.tokens == 30 * 4 * 32
     assert result.last_loss < result.first_loss
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 40, 200, 1000])
+def test_schedule_warms_up_for_at_least_ten_steps_then_decays_to_a_tenth(steps):
+    factors = [_schedule(steps)(s) for s in range(steps)]
+    warmup = min(steps, max(MIN_WARMUP_STEPS, int(steps * WARMUP_FRACTION)))
+    assert factors[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    if steps >= MIN_WARMUP_STEPS:  # Adam's first, sign-like step is a tenth of the peak or less
+        assert factors[0] <= 1 / MIN_WARMUP_STEPS + 1e-12
+    tail = factors[warmup:]
+    assert all(a >= b for a, b in zip(tail, tail[1:], strict=False))  # cosine decay, never up
+    assert all(0 < f <= 1 for f in factors) and all(f >= 0.1 for f in tail)
+    if steps > 2 * warmup:
+        assert tail[-1] == pytest.approx(0.1, abs=0.01)
 
 
 def test_only_compressed_factors_are_healable(compressed):

@@ -42,6 +42,9 @@ DEFAULT_LR = 1e-4  # best held-out perplexity of 1e-4 / 2e-4 / 5e-4 at 100 steps
 DEFAULT_SEQ_LEN = 256
 DEFAULT_BATCH_SIZE = 4
 WARMUP_FRACTION = 0.05
+# Adam's first steps move every element by about the learning rate whatever its gradient's size:
+# without a warm-up of at least 10 steps, 2-10 step heals made the model worse (docs/compress.md)
+MIN_WARMUP_STEPS = 10
 DEFAULT_TOP_K = 64  # teacher probabilities kept per token for distillation
 LOSSES = ("distill", "ce")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -218,8 +221,9 @@ def healable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _schedule(steps: int) -> Callable[[int], float]:
-    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, int(steps * WARMUP_FRACTION))
+    """Linear warm-up over 5% of the steps but at least :data:`MIN_WARMUP_STEPS` (a run that
+    short is all warm-up), then cosine decay to 10% of the peak."""
+    warmup = min(steps, max(MIN_WARMUP_STEPS, int(steps * WARMUP_FRACTION)))
 
     def factor(step: int) -> float:
         if step < warmup:
