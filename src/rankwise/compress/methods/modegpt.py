@@ -126,7 +126,7 @@ def qk_pairs(
     return torch.cat([pairs, pairs + half]).sort().values
 
 
-def _block_parts(model: nn.Module, layers: dict[str, nn.Linear]) -> list[dict]:
+def block_parts(model: nn.Module, layers: dict[str, nn.Linear]) -> list[dict]:
     """Every decoder block's projections, head counts and module names."""
     blocks = []
     for name, module in model.named_modules():
@@ -206,7 +206,7 @@ class MoDeGPT(CompressionMethod):
     def compress_model(self, job: CompressionJob) -> list[LayerReport]:
         calibration = self.require(job.calibration)
         model, layers, budget, element_bits = job.model, job.layers, job.budget, job.element_bits
-        blocks = _block_parts(model, layers)
+        blocks = block_parts(model, layers)
         covered = {n for b in blocks for n in b["names"].values()}
         fixed = sum(m.weight.numel() for n, m in layers.items() if n not in covered)
         dims = [
