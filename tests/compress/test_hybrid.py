@@ -83,7 +83,21 @@ def test_mlp_share_one_leaves_attention_dense_and_zero_leaves_the_mlp(calibrated
         assert _storage(net, layers) <= budget
 
 
-@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_the_default_share_cuts_both_module_types_by_the_same_fraction(calibrated):
+    model, cal = calibrated
+    layers = linear_layers(model)
+    dense = sum(m.weight.numel() for m in layers.values())
+    attention = sum(m.weight.numel() for n, m in layers.items() if _is_attention(n))
+    budget = int(0.75 * dense)
+    default, _ = _run(get_method("hybrid"), model, cal, budget)
+    explicit, _ = _run(Hybrid(mlp_share=1 - attention / dense), model, cal, budget)
+    for (name, a), (_, b) in zip(default.state_dict().items(), explicit.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    cut = attention - _storage(default, [n for n in layers if _is_attention(n)])
+    assert abs(cut / attention - (dense - budget) / dense) < 0.05  # the same fraction as the whole
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half"])
 def test_bad_mlp_share_names_the_option(share):
     with pytest.raises(ConfigError, match="mlp_share"):
         get_method("hybrid", mlp_share=share)

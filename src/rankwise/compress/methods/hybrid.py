@@ -11,7 +11,9 @@ open-loop calibration (input Gram matrices; output gradients for the allocation)
 
 Budget: the removed parameters (dense layers minus the budget) are split, ``mlp_share`` of them
 from the MLP (MoDeGPT's one keep fraction plus its greedy fill) and the rest from attention.
-The default share is the best of a grid measured on SmolLM2 (docs/compress.md, "hybrid").
+By default (``None``) the share is the MLP's share of the dense weights, so that both module
+types lose the same fraction of their weights; on SmolLM2 that was within 0.05x dense of the
+best share of a grid at 80% and the best at 60% (docs/compress.md, "hybrid").
 Decoder blocks must be Llama-style (``mlp.{gate,up,down}_proj``, ``self_attn.{q,k,v,o}_proj``):
 a ModelError otherwise, as for ``modegpt``.
 """
@@ -37,7 +39,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 class Hybrid(CompressionMethod):
     """MoDeGPT's MLP Nyström + SVD-LLM on attention, ``mlp_share`` of the cut from the MLP."""
 
-    mlp_share: float = 0.65
+    mlp_share: float | None = None
     ridge: float = 1.0
     damp: float = 1e-4
 
@@ -48,9 +50,10 @@ class Hybrid(CompressionMethod):
     layer_tensors = ("weight", "index", "U", "V")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mlp_share <= 1.0:
+        if self.mlp_share is not None and not (isinstance(self.mlp_share, int | float) and 0.0 <= self.mlp_share <= 1.0):
             raise ConfigError(
-                f"hybrid mlp_share (the share of removed parameters taken from the MLP) must be in [0, 1]; got {self.mlp_share}"
+                f"hybrid mlp_share (the share of removed parameters taken from the MLP) must be in [0, 1], "
+                f"or None for the MLP's share of the dense weights; got {self.mlp_share!r}"
             )
         MoDeGPT(parts=("mlp",), ridge=self.ridge, damp=self.damp)  # its own checks of ridge / damp
         SVDLLM(damp=self.damp)
@@ -63,7 +66,8 @@ class Hybrid(CompressionMethod):
         removed = max(0, dense - job.budget)
         attention_dense = sum(m.weight.numel() for m in attention.values())
         attention_floor = sum(layer_parameters(m.out_features, m.in_features, 1) for m in attention.values())
-        attention_cut = min(round((1.0 - self.mlp_share) * removed), attention_dense - attention_floor)
+        share = 1.0 - attention_dense / dense if self.mlp_share is None else self.mlp_share
+        attention_cut = min(round((1.0 - share) * removed), attention_dense - attention_floor)
         mlp = MoDeGPT(parts=("mlp",), ridge=self.ridge, damp=self.damp)
         rows = {r.name: r for r in mlp.compress_model(dataclasses.replace(job, budget=job.budget + attention_cut))}
         if attention_cut > 0:
