@@ -10,7 +10,7 @@ from test_lord import end_to_end
 
 from rankwise.compress.base import CompressionJob, get_method
 from rankwise.compress.calibrate import calibrate, linear_layers
-from rankwise.compress.methods.hybrid import ATTENTION, Hybrid
+from rankwise.compress.methods.hybrid import ATTENTION, ATTENTION_CAP, ATTENTION_EXCESS, Hybrid
 from rankwise.compress.methods.modegpt import MoDeGPT
 from rankwise.compress.methods.svdllm import SVDLLM
 from rankwise.errors import ConfigError, ModelError
@@ -83,18 +83,18 @@ def test_mlp_share_one_leaves_attention_dense_and_zero_leaves_the_mlp(calibrated
         assert _storage(net, layers) <= budget
 
 
-def test_the_default_share_cuts_both_module_types_by_the_same_fraction(calibrated):
+@pytest.mark.parametrize("kept", [0.9, 0.75, 0.5])
+def test_the_default_split_cuts_attention_by_1_4_times_the_layers_fraction_at_most_half(calibrated, kept):
     model, cal = calibrated
     layers = linear_layers(model)
     dense = sum(m.weight.numel() for m in layers.values())
     attention = sum(m.weight.numel() for n, m in layers.items() if _is_attention(n))
-    budget = int(0.75 * dense)
-    default, _ = _run(get_method("hybrid"), model, cal, budget)
-    explicit, _ = _run(Hybrid(mlp_share=1 - attention / dense), model, cal, budget)
-    for (name, a), (_, b) in zip(default.state_dict().items(), explicit.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-    cut = attention - _storage(default, [n for n in layers if _is_attention(n)])
-    assert abs(cut / attention - (dense - budget) / dense) < 0.05  # the same fraction as the whole
+    budget = int(kept * dense)
+    net, _ = _run(get_method("hybrid"), model, cal, budget)
+    cut = attention - _storage(net, [n for n in layers if _is_attention(n)])
+    expected = min(ATTENTION_EXCESS * (dense - budget) / dense, ATTENTION_CAP)
+    assert abs(cut / attention - expected) < 0.05, (cut / attention, expected)
+    assert _storage(net, layers) <= budget
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.5, "half"])
