@@ -50,7 +50,9 @@ def stable_rank(A: torch.Tensor) -> torch.Tensor:
     """
     S = _svdvals(A, "stable_rank")
     top = S[..., :1]
-    ratio = S / top.clamp_min(torch.finfo(S.dtype).tiny)  # in [0, 1]: squares cannot overflow
+    # in [0, 1]: squares cannot overflow; dividing by top itself (not a clamp at the smallest
+    # normal float) keeps a subnormal top singular value's ratio at exactly 1
+    ratio = S / torch.where(top > 0, top, torch.ones_like(top))
     return torch.where(top[..., 0] > 0, ratio.square().sum(-1), torch.zeros_like(top[..., 0]))
 
 
