@@ -20,6 +20,14 @@ def _svdvals(A: torch.Tensor, fn: str) -> torch.Tensor:
     return torch.linalg.svdvals(work)  # (..., min(M, N)) descending
 
 
+def _over_largest(S: torch.Tensor) -> torch.Tensor:
+    """``S`` (descending, non-negative) divided by its first (largest) value: in [0, 1], so
+    squares cannot overflow. Dividing by that value itself, not by a clamp at the smallest normal
+    float, keeps a subnormal largest value's ratio at exactly 1; an all-zero ``S`` stays zero."""
+    top = S[..., :1]
+    return S / torch.where(top > 0, top, torch.ones_like(top))
+
+
 def nuclear_norm(A: torch.Tensor) -> torch.Tensor:
     """Nuclear (trace) norm ``‖A‖_* = Σᵢ σᵢ``, the convex surrogate of rank (Fazel 2002).
 
@@ -48,12 +56,7 @@ def stable_rank(A: torch.Tensor) -> torch.Tensor:
     At most ``rank(A)`` and insensitive to tiny singular values. ``A`` (..., M, N) -> (...);
     0 for the zero matrix.
     """
-    S = _svdvals(A, "stable_rank")
-    top = S[..., :1]
-    # in [0, 1]: squares cannot overflow; dividing by top itself (not a clamp at the smallest
-    # normal float) keeps a subnormal top singular value's ratio at exactly 1
-    ratio = S / torch.where(top > 0, top, torch.ones_like(top))
-    return torch.where(top[..., 0] > 0, ratio.square().sum(-1), torch.zeros_like(top[..., 0]))
+    return _over_largest(_svdvals(A, "stable_rank")).square().sum(-1)  # 0 for all-zero S
 
 
 def energy_rank(S: torch.Tensor, *, energy: float = 0.9) -> torch.Tensor:
@@ -78,7 +81,7 @@ def energy_rank(S: torch.Tensor, *, energy: float = 0.9) -> torch.Tensor:
         raise ShapeError(f"{fn}: argument 'S' must hold finite non-negative singular values")
     energy = check_float(energy, "energy", fn, low=0.0, high=1.0, low_open=True)
     S = torch.sort(S.double(), dim=-1, descending=True).values
-    S = S / S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)  # in [0, 1]: squares cannot overflow
+    S = _over_largest(S)
     e = S.square().cumsum(-1)
     total = e[..., -1:]
     # Relative slack absorbs rounding in the cumulative sum (energy=1 must give the rank).
