@@ -63,8 +63,13 @@ class Hybrid(CompressionMethod):
                 f"or None for the default split (attention loses {ATTENTION_EXCESS}x the layers' fraction, at most "
                 f"{ATTENTION_CAP:.0%}); got {self.mlp_share!r}"
             )
-        MoDeGPT(parts=("mlp",), ridge=self.ridge, damp=self.damp)  # its own checks of ridge / damp
-        SVDLLM(damp=self.damp)
+        self._mlp_method(), self._attention_method()  # their own checks of ridge / damp
+
+    def _mlp_method(self) -> MoDeGPT:
+        return MoDeGPT(parts=("mlp",), ridge=self.ridge, damp=self.damp)
+
+    def _attention_method(self) -> SVDLLM:
+        return SVDLLM(damp=self.damp)
 
     def compress_model(self, job: CompressionJob) -> list[LayerReport]:
         calibration = self.require(job.calibration)
@@ -80,10 +85,9 @@ class Hybrid(CompressionMethod):
         else:
             attention_cut = round((1.0 - self.mlp_share) * removed)
         attention_cut = min(attention_cut, attention_dense - attention_floor)
-        mlp = MoDeGPT(parts=("mlp",), ridge=self.ridge, damp=self.damp)
-        rows = {r.name: r for r in mlp.compress_model(dataclasses.replace(job, budget=job.budget + attention_cut))}
+        rows = {r.name: r for r in self._mlp_method().compress_model(dataclasses.replace(job, budget=job.budget + attention_cut))}
         if attention_cut > 0:
             part = CompressionJob(job.model, attention, calibration, attention_dense - attention_cut, job.allocation, job.progress)
-            svd_rows, _ = per_layer_svd(SVDLLM(damp=self.damp), part, {})
+            svd_rows, _ = per_layer_svd(self._attention_method(), part, {})
             rows |= {r.name: r for r in svd_rows}
         return [rows[name] for name in job.layers if name in rows]
