@@ -14,19 +14,30 @@ perplexity plus the method's own claim, at small scale:
   layer, up to rank 2 × RANK, never gets a gradient);
 - bayes_lora: gates choose each layer's rank and each factor's bits (mean rank, mean bits);
 - sara: the same number of trainable weights as LoRA, chosen among the smallest |w| of the
-  base model; the nuclear-norm penalty keeps the update low-rank (its effective rank);
-- allora / ggpo (training rules on LoRA): validation perplexity next to LoRA's.
+  base model; the nuclear-norm penalty keeps the update low-rank (its effective rank); its
+  claim is about keeping the base model's generalization: the held-out perplexity;
+- allora / ggpo (training rules on LoRA): validation perplexity next to LoRA's. ALLoRA is
+  dropout-free and scaling-free, and so is this LoRA (dropout 0, alpha = rank); the paper
+  argues against LoRA with dropout and a scale, so the ``lora α16 dropout`` row is LoRA in the
+  common recipe (alpha = 2 × rank, dropout 0.05) at the same budget.
+
+Every row also reports perplexity on the held-out license texts (``heldout_texts``, another
+kind of English that no row trains on): how much of the base model's behaviour elsewhere the
+fine-tuning kept.
 
 Perplexities are on the built-in validation split (``--eval-tokens`` tokens, blocks of
 ``--seq-len``). ``--quick`` runs fewer, shorter steps (a smoke run: the claims need the full
 run). Writes ``bench/results/adaptive.json`` and its section of docs/benchmarks.md.
+``--steps N`` trains every row for N steps instead of the default 40 and writes its own
+results (``adaptive_steps<N>.json``) and section, so the 40-step table stays beside it.
 ``--rows a b`` reruns only those rows (a label, or a label's first word: ``increlora``
 selects both IncreLoRA rows) and the LoRA rows they are compared with, and merges them into
-the saved results of a run with the same settings; the other rows stay as they were.
+the saved results of a run with the same settings; the other rows stay as they were (with
+no saved results of those settings, the table holds these rows alone).
 The ``r2`` rows repeat the comparison at a budget of rank 2 per layer (IncreLoRA's
 "low-resource settings").
 
-    nice -n 10 timeout 3000 .venv/bin/python bench/adaptive.py [--quick] [--rows sora bayes_lora]
+    nice -n 10 timeout 3000 .venv/bin/python bench/adaptive.py [--quick] [--steps 200] [--rows sora bayes_lora]
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ MODEL = "smollm2"
 TARGETS = ["q_proj", "v_proj"]
 RANK = 8
 LOW = 2  # the low-budget rows' rank (IncreLoRA's "low-resource settings")
+STEPS = 40  # the default run's steps; another --steps gets its own results and section
 
 
 @dataclass
@@ -60,6 +72,7 @@ class Run:
     label: str
     method: str
     rank: int = RANK
+    alpha: float | None = None  # None: alpha = rank (scale 1)
     options: dict[str, Any] = field(default_factory=dict)
     rules: tuple[str, ...] = ()
     rule_options: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +97,7 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
         Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-2}),
         Run("lora + allora", "lora", rules=("allora",)),
         Run("lora + ggpo", "lora", rules=("ggpo",)),
+        Run("lora α16 dropout", "lora", alpha=2 * RANK, options={"dropout": 0.05}),
         # the papers' low-resource setting: a budget of LOW per layer
         Run(f"lora r{LOW}", "lora", rank=LOW, reference=f"lora r{LOW}"),
         Run(f"increlora r{LOW}", "increlora", rank=RANK, options=low, reference=f"lora r{LOW}"),
@@ -113,12 +127,19 @@ def evaluate(model, tokenizer, texts, args) -> float:
         return perplexity(model, tokenizer, texts, seq_len=args.seq_len, max_tokens=args.eval_tokens).perplexity
 
 
+def heldout(model, tokenizer, args) -> float:
+    """Perplexity on the held-out license texts (no row trains on them)."""
+    from rankwise.data import heldout_texts
+
+    return evaluate(model, tokenizer, list(heldout_texts()), args)
+
+
 def claims(run: Run, model, tokenizer, texts, args) -> dict[str, Any]:
     """The method's own measurement on the trained, reloaded model."""
     from rankwise.adapters import adapted_layers
 
     adapters = [layer.adapters["default"] for layer in adapted_layers(model).values()]
-    if run.method in ("dylora", "lora") and not run.rules and run.rank == RANK:
+    if run.label in ("dylora", "lora"):
         return {f"ppl_at_rank_{k}": truncated_ppl(run.method, model, k, tokenizer, texts, args) for k in (RANK // 2, RANK // 4)}
     if run.method == "sora":
         ranks = [a.active_rank for a in adapters]
@@ -176,7 +197,7 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
     from rankwise.models import load_model
 
     config = FinetuneConfig(
-        model=MODEL, method=run.method, rank=run.rank, targets=TARGETS, method_options=run.options,
+        model=MODEL, method=run.method, rank=run.rank, alpha=run.alpha, targets=TARGETS, method_options=run.options,
         rules=run.rules, rule_options=run.rule_options, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, eval_tokens=0, seed=0, out=str(folder), overwrite=True,
     )
@@ -192,6 +213,7 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
         "loss_first": sum(result.losses[:3]) / 3,
         "loss_last": sum(result.losses[-3:]) / 3,
         "ppl": evaluate(model, tokenizer, texts, args),
+        "ppl_heldout": heldout(model, tokenizer, args),
         "seconds": seconds,
     }
     row.update(claims(run, model, tokenizer, texts, args))
@@ -199,7 +221,7 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
     return row
 
 
-def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
+def claim_text(row: dict[str, Any], base: dict[str, Any], common: dict[str, Any] | None = None) -> str:
     label, family = row["label"], row["label"].split()[0]
     if label != "lora" and row.get("reference") == label:
         return "plain LoRA at this budget: the reference of the rows below"
@@ -222,32 +244,54 @@ def claim_text(row: dict[str, Any], base: dict[str, Any]) -> str:
         )
         return f"mean rank {row['mean_rank']:.1f} of {RANK}, mean bits {row['mean_bits']:.1f} of 32{spread}; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
     if label == "sara":
-        return f"{row['trainable']:,} smallest-magnitude weights (LoRA {base['trainable']:,}); update effective rank {row['update_effective_rank']:.1f}"
+        return (
+            f"{row['trainable']:,} smallest-magnitude weights (LoRA {base['trainable']:,}); update effective rank "
+            f"{row['update_effective_rank']:.1f}; held-out ppl vs LoRA {_heldout(row)} / {_heldout(base)}"
+        )
+    if label == "lora α16 dropout":
+        return f"LoRA in the common recipe (scale 2, dropout 0.05), ALLoRA's baseline; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
+    if label == "lora + allora" and common is not None:
+        return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}, vs LoRA α16 dropout {common['ppl']:.2f}"
     return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}"
+
+
+def _heldout(row: dict[str, Any]) -> str:
+    return f"{row['ppl_heldout']:.2f}" if "ppl_heldout" in row else "—"
+
+
+def results_name(steps: int, quick: bool) -> str:
+    """The results file and docs section of a run: ``adaptive`` for the default steps."""
+    return "adaptive" if quick or steps == STEPS else f"adaptive_steps{steps}"
 
 
 def render(payload: dict[str, Any]) -> str:
     """The docs section for a results payload (``main`` and ``--render`` share it)."""
     rows, cfg = payload["rows"], payload["settings"]
+    quick = payload["mode"] != "full"
+    longer = "" if quick or cfg["steps"] == STEPS else f", {cfg['steps']} steps"
+    flags = " --quick" if quick else f" --steps {cfg['steps']}" if longer else ""
     by_label = {r["label"]: r for r in rows}
     table = markdown_table(
-        ["method", "trainable", "train loss first → last", "val ppl", "the method's claim, measured"],
+        ["method", "trainable", "train loss first → last", "val ppl", "held-out ppl", "the method's claim, measured"],
         [
-            [r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", claim_text(r, by_label.get(r.get("reference", "lora"), rows[0]))]
+            [
+                r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", _heldout(r),
+                claim_text(r, by_label.get(r.get("reference", "lora"), rows[0]), by_label.get("lora α16 dropout")),
+            ]
             for r in rows
         ],
     )
-    quick = payload["mode"] != "full"
     return (
-        f"### Adaptive-rank methods and training rules{' (--quick: a smoke run)' if quick else ''}\n\n"
+        f"### Adaptive-rank methods and training rules{longer}{' (--quick: a smoke run)' if quick else ''}\n\n"
         f"SmolLM2-135M, adapters on q_proj/v_proj, rank {RANK} (increlora/triadapt: rank 1 per "
         f"layer at the start, grown to LoRA's total rank, {RANK} per layer on average, at most "
         f"{2 * RANK} in one layer; their trainable count is the parameters in use at the end; the "
         f"`r{LOW}` rows: the same at a budget of rank {LOW} per layer, at most {RANK} in one layer), "
         f"{cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
         f"seed 0; validation perplexity on {cfg['eval_tokens']} built-in validation tokens (base "
-        f"model: {payload['base_ppl']:.2f}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
-        f"bench/adaptive.py{' --quick' if quick else ''}` (`--rows sora bayes_lora` reruns some rows "
+        f"model: {payload['base_ppl']:.2f}); held-out perplexity on {cfg['eval_tokens']} tokens of the license "
+        f"texts, which no row trains on (base model: {_heldout({'ppl_heldout': payload['base_ppl_heldout']}) if 'base_ppl_heldout' in payload else '—'}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
+        f"bench/adaptive.py{flags}` (`--rows sora bayes_lora` reruns some rows "
         f"and lora, keeping the others).\n\n{table}"
     )
 
@@ -260,16 +304,23 @@ def main() -> None:
         help="run only these rows (lora, the reference, always runs) and merge them into the saved "
         "results of a run with the same settings",
     )
-    parser.add_argument("--render", action="store_true", help="rewrite the docs section from bench/results/adaptive.json")
-    args = parser.parse_args()
-    if args.render:
-        payload = json.loads((Path(__file__).resolve().parent / "results" / "adaptive.json").read_text())
-        payload = {k: v for k, v in payload.items() if k not in ("benchmark", "machine")}
-        write_results("adaptive", payload, render(payload))
-        return
-    args.steps, args.batch_size, args.seq_len, args.eval_tokens = (
-        (8, 2, 64, 2048) if args.quick else (40, 2, 128, 4096)
+    parser.add_argument(
+        "--steps", type=int, default=STEPS,
+        help=f"training steps of every row (default {STEPS}); another number writes its own results and section",
     )
+    parser.add_argument("--render", action="store_true", help="rewrite the docs section from its saved results")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    name = results_name(args.steps, args.quick)
+    if args.render:
+        payload = json.loads((Path(__file__).resolve().parent / "results" / f"{name}.json").read_text())
+        payload = {k: v for k, v in payload.items() if k not in ("benchmark", "machine")}
+        write_results(name, payload, render(payload))
+        return
+    args.batch_size, args.seq_len, args.eval_tokens = (2, 64, 2048) if args.quick else (2, 128, 4096)
+    if args.quick:
+        args.steps = 8
     args.lr = 1e-3
     from rankwise.data import load_corpus
     from rankwise.models import load_model
@@ -277,6 +328,7 @@ def main() -> None:
     texts = load_corpus("builtin").validation
     model, tokenizer = load_model(MODEL)
     base_ppl = evaluate(model, tokenizer, texts, args)
+    base_ppl_heldout = heldout(model, tokenizer, args)
     every = runs(lora_budget_fraction(model), args.steps)
     selected = every
     if args.rows:
@@ -285,6 +337,8 @@ def main() -> None:
             parser.error(f"unknown row(s) {unknown}; rows: {[r.label for r in every]}")
         chosen = [r for r in every if r.label in args.rows or r.family in args.rows]
         references = {"lora"} | {r.reference for r in chosen}
+        if any("allora" in r.rules for r in chosen):
+            references.add("lora α16 dropout")  # what ALLoRA's claim is measured against too
         selected = [r for r in every if r.label in references or r in chosen]
     del model
     rows = []
@@ -295,26 +349,22 @@ def main() -> None:
         "mode": "quick" if args.quick else "full",
         "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_tokens", "lr")},
         "base_ppl": base_ppl,
+        "base_ppl_heldout": base_ppl_heldout,
         "rows": rows,
     }
     if args.rows:
-        payload = merged(payload, [r.label for r in every])
-        if payload is None:
-            print("--rows: no saved results with these settings to merge into; nothing written "
-                  "(run without --rows to write the whole table)")
-            return
-    write_results("adaptive", payload, render(payload))
+        payload = merged(payload, [r.label for r in every], name)
+    write_results(name, payload, render(payload))
 
 
-def merged(payload: dict[str, Any], order: list[str]) -> dict[str, Any] | None:
-    """The saved results with ``payload``'s rows replacing theirs (rows in ``order``), or None
-    when there are no saved results of the same mode and settings."""
-    path = Path(__file__).resolve().parent / "results" / "adaptive.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
+def merged(payload: dict[str, Any], order: list[str], name: str) -> dict[str, Any]:
+    """The saved results with ``payload``'s rows replacing theirs (rows in ``order``); only
+    ``payload``'s rows when there are no saved results of the same mode and settings."""
+    path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("mode") != payload["mode"] or saved.get("settings") != payload["settings"]:
-        return None
+        saved = {"rows": []}
+        print(f"--rows: no saved {name} results with these settings; the table holds these rows alone")
     rows = {r["label"]: r for r in saved["rows"]}
     rows.update({r["label"]: r for r in payload["rows"]})
     return {**payload, "rows": [rows[label] for label in order if label in rows]}
