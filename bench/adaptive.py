@@ -19,7 +19,9 @@ perplexity plus the method's own claim, at small scale:
 - allora / ggpo (training rules on LoRA): validation perplexity next to LoRA's. ALLoRA is
   dropout-free and scaling-free, and so is this LoRA (dropout 0, alpha = rank); the paper
   argues against LoRA with dropout and a scale, so the ``lora α16 dropout`` row is LoRA in the
-  common recipe (alpha = 2 × rank, dropout 0.05) at the same budget.
+  common recipe (alpha = 2 × rank, dropout 0.05) at the same budget. ALLoRA's ``eta`` is the
+  rate multiplier of a zero row, so ``lora + allora η4`` sits next to ``lora lr×4``: LoRA at
+  the learning rate η 4 gives ``B`` at the start.
 
 Every row also reports perplexity on the held-out license texts (``heldout_texts``, another
 kind of English that no row trains on): how much of the base model's behaviour elsewhere the
@@ -73,6 +75,7 @@ class Run:
     method: str
     rank: int = RANK
     alpha: float | None = None  # None: alpha = rank (scale 1)
+    lr_scale: float = 1.0  # times the run's learning rate
     options: dict[str, Any] = field(default_factory=dict)
     rules: tuple[str, ...] = ()
     rule_options: dict[str, Any] = field(default_factory=dict)
@@ -94,8 +97,12 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
         Run("increlora", "increlora", rank=2 * RANK, options=grow),
         Run("triadapt", "triadapt", rank=2 * RANK, options=grow),
         Run("bayes_lora", "bayes_lora"),  # the defaults: prior 1e-4, gate logits at 300 × lr
-        Run("sara", "sara", options={"fraction": sara_fraction}, rule_options={"nuclear_weight": 1e-2}),
+        Run("sara", "sara", options={"fraction": sara_fraction}),  # the rule's default nuclear_weight
         Run("lora + allora", "lora", rules=("allora",)),
+        # η is the rate multiplier of a zero row: η 4 starts B at 4x the learning rate, so LoRA
+        # at 4x the learning rate is the row that tells the rule from a larger step
+        Run("lora + allora η4", "lora", rules=("allora",), rule_options={"eta": 4.0}),
+        Run("lora lr×4", "lora", lr_scale=4.0),
         Run("lora + ggpo", "lora", rules=("ggpo",)),
         Run("lora α16 dropout", "lora", alpha=2 * RANK, options={"dropout": 0.05}),
         # the papers' low-resource setting: a budget of LOW per layer
@@ -143,7 +150,7 @@ def claims(run: Run, model, tokenizer, texts, args) -> dict[str, Any]:
         return {f"ppl_at_rank_{k}": truncated_ppl(run.method, model, k, tokenizer, texts, args) for k in (RANK // 2, RANK // 4)}
     if run.method == "sora":
         ranks = [a.active_rank for a in adapters]
-        return {"rank_left": sum(ranks), "rank_start": RANK * len(ranks), "min": min(ranks), "max": max(ranks)}
+        return {"rank_left": sum(ranks), "rank_start": run.rank * len(ranks), "min": min(ranks), "max": max(ranks)}
     if run.method in ("increlora", "triadapt"):
         ranks = [a.active_rank for a in adapters]
         budget = run.options.get("target_rank", RANK) * len(ranks)
@@ -199,7 +206,7 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
     config = FinetuneConfig(
         model=MODEL, method=run.method, rank=run.rank, alpha=run.alpha, targets=TARGETS, method_options=run.options,
         rules=run.rules, rule_options=run.rule_options, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, eval_tokens=0, seed=0, out=str(folder), overwrite=True,
+        seq_len=args.seq_len, lr=args.lr * run.lr_scale, eval_tokens=0, seed=0, out=str(folder), overwrite=True,
     )
     t0 = time.perf_counter()
     result = finetune(config, progress=False)
@@ -221,7 +228,9 @@ def train_and_measure(run: Run, args, folder: Path, texts) -> dict[str, Any]:
     return row
 
 
-def claim_text(row: dict[str, Any], base: dict[str, Any], common: dict[str, Any] | None = None) -> str:
+def claim_text(
+    row: dict[str, Any], base: dict[str, Any], common: dict[str, Any] | None = None, faster: dict[str, Any] | None = None
+) -> str:
     label, family = row["label"], row["label"].split()[0]
     if label != "lora" and row.get("reference") == label:
         return "plain LoRA at this budget: the reference of the rows below"
@@ -250,8 +259,12 @@ def claim_text(row: dict[str, Any], base: dict[str, Any], common: dict[str, Any]
         )
     if label == "lora α16 dropout":
         return f"LoRA in the common recipe (scale 2, dropout 0.05), ALLoRA's baseline; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
-    if label == "lora + allora" and common is not None:
-        return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}, vs LoRA α16 dropout {common['ppl']:.2f}"
+    if label == "lora lr×4":
+        return f"LoRA at 4x the learning rate, what ALLoRA η4 gives a zero row; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
+    if family == "lora" and "allora" in label and common is not None:
+        return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}, vs LoRA α16 dropout {common['ppl']:.2f}" + (
+            f", vs LoRA lr×4 {faster['ppl']:.2f}" if "η4" in label and faster is not None else ""
+        )
     return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}"
 
 
@@ -276,7 +289,9 @@ def render(payload: dict[str, Any]) -> str:
         [
             [
                 r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", _heldout(r),
-                claim_text(r, by_label.get(r.get("reference", "lora"), rows[0]), by_label.get("lora α16 dropout")),
+                claim_text(
+                    r, by_label.get(r.get("reference", "lora"), rows[0]), by_label.get("lora α16 dropout"), by_label.get("lora lr×4")
+                ),
             ]
             for r in rows
         ],
@@ -338,7 +353,7 @@ def main() -> None:
         chosen = [r for r in every if r.label in args.rows or r.family in args.rows]
         references = {"lora"} | {r.reference for r in chosen}
         if any("allora" in r.rules for r in chosen):
-            references.add("lora α16 dropout")  # what ALLoRA's claim is measured against too
+            references |= {"lora α16 dropout", "lora lr×4"}  # what ALLoRA's claim is measured against too
         selected = [r for r in every if r.label in references or r in chosen]
     del model
     rows = []
