@@ -284,6 +284,7 @@ def render(payload: dict[str, Any]) -> str:
     longer = "" if quick or cfg["steps"] == STEPS else f", {cfg['steps']} steps"
     flags = " --quick" if quick else f" --steps {cfg['steps']}" if longer else ""
     by_label = {r["label"]: r for r in rows}
+    base_heldout = _heldout({"ppl_heldout": payload["base_ppl_heldout"]} if "base_ppl_heldout" in payload else {})
     table = markdown_table(
         ["method", "trainable", "train loss first → last", "val ppl", "held-out ppl", "the method's claim, measured"],
         [
@@ -305,7 +306,7 @@ def render(payload: dict[str, Any]) -> str:
         f"{cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
         f"seed 0; validation perplexity on {cfg['eval_tokens']} built-in validation tokens (base "
         f"model: {payload['base_ppl']:.2f}); held-out perplexity on {cfg['eval_tokens']} tokens of the license "
-        f"texts, which no row trains on (base model: {_heldout({'ppl_heldout': payload['base_ppl_heldout']}) if 'base_ppl_heldout' in payload else '—'}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
+        f"texts, which no row trains on (base model: {base_heldout}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
         f"bench/adaptive.py{flags}` (`--rows sora bayes_lora` reruns some rows "
         f"and lora, keeping the others).\n\n{table}"
     )
