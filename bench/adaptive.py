@@ -328,6 +328,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.quick and args.steps != STEPS:
+        parser.error("--quick runs its own 8 short steps; give --quick or --steps, not both")
     name = results_name(args.steps, args.quick)
     if args.render:
         payload = json.loads((Path(__file__).resolve().parent / "results" / f"{name}.json").read_text())
