@@ -65,6 +65,8 @@ TARGETS = ["q_proj", "v_proj"]
 RANK = 8
 LOW = 2  # the low-budget rows' rank (IncreLoRA's "low-resource settings")
 STEPS = 40  # the default run's steps; another --steps gets its own results and section
+COMMON = "lora α16 dropout"  # LoRA in the common recipe: what ALLoRA's paper argues against
+FASTER = "lora lr×4"  # LoRA at the learning rate ALLoRA η4 gives a zero row
 
 
 @dataclass
@@ -102,9 +104,9 @@ def runs(sara_fraction: float, steps: int) -> list[Run]:
         # η is the rate multiplier of a zero row: η 4 starts B at 4x the learning rate, so LoRA
         # at 4x the learning rate is the row that tells the rule from a larger step
         Run("lora + allora η4", "lora", rules=("allora",), rule_options={"eta": 4.0}),
-        Run("lora lr×4", "lora", lr_scale=4.0),
+        Run(FASTER, "lora", lr_scale=4.0),
         Run("lora + ggpo", "lora", rules=("ggpo",)),
-        Run("lora α16 dropout", "lora", alpha=2 * RANK, options={"dropout": 0.05}),
+        Run(COMMON, "lora", alpha=2 * RANK, options={"dropout": 0.05}),
         # the papers' low-resource setting: a budget of LOW per layer
         Run(f"lora r{LOW}", "lora", rank=LOW, reference=f"lora r{LOW}"),
         Run(f"increlora r{LOW}", "increlora", rank=RANK, options=low, reference=f"lora r{LOW}"),
@@ -255,11 +257,11 @@ def claim_text(
     if label == "sara":
         return (
             f"{row['trainable']:,} smallest-magnitude weights (LoRA {base['trainable']:,}); update effective rank "
-            f"{row['update_effective_rank']:.1f}; held-out ppl vs LoRA {_heldout(row)} / {_heldout(base)}"
+            f"{row['update_effective_rank']:.1f}; held-out ppl vs LoRA {_ppl(row.get('ppl_heldout'))} / {_ppl(base.get('ppl_heldout'))}"
         )
-    if label == "lora α16 dropout":
+    if label == COMMON:
         return f"LoRA in the common recipe (scale 2, dropout 0.05), ALLoRA's baseline; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
-    if label == "lora lr×4":
+    if label == FASTER:
         return f"LoRA at 4x the learning rate, what ALLoRA η4 gives a zero row; ppl vs LoRA {row['ppl']:.2f} / {base['ppl']:.2f}"
     if family == "lora" and "allora" in label and common is not None:
         return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}, vs LoRA α16 dropout {common['ppl']:.2f}" + (
@@ -268,8 +270,9 @@ def claim_text(
     return f"ppl {row['ppl']:.2f} vs LoRA {base['ppl']:.2f}"
 
 
-def _heldout(row: dict[str, Any]) -> str:
-    return f"{row['ppl_heldout']:.2f}" if "ppl_heldout" in row else "—"
+def _ppl(value: float | None) -> str:
+    """A perplexity for the table; "—" where results predate the measurement."""
+    return "—" if value is None else f"{value:.2f}"
 
 
 def results_name(steps: int, quick: bool) -> str:
@@ -284,14 +287,13 @@ def render(payload: dict[str, Any]) -> str:
     longer = "" if quick or cfg["steps"] == STEPS else f", {cfg['steps']} steps"
     flags = " --quick" if quick else f" --steps {cfg['steps']}" if longer else ""
     by_label = {r["label"]: r for r in rows}
-    base_heldout = _heldout({"ppl_heldout": payload["base_ppl_heldout"]} if "base_ppl_heldout" in payload else {})
     table = markdown_table(
         ["method", "trainable", "train loss first → last", "val ppl", "held-out ppl", "the method's claim, measured"],
         [
             [
-                r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", _heldout(r),
+                r["label"], f"{r['trainable']:,}", f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", f"{r['ppl']:.2f}", _ppl(r.get("ppl_heldout")),
                 claim_text(
-                    r, by_label.get(r.get("reference", "lora"), rows[0]), by_label.get("lora α16 dropout"), by_label.get("lora lr×4")
+                    r, by_label.get(r.get("reference", "lora"), rows[0]), by_label.get(COMMON), by_label.get(FASTER)
                 ),
             ]
             for r in rows
@@ -306,7 +308,7 @@ def render(payload: dict[str, Any]) -> str:
         f"{cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
         f"seed 0; validation perplexity on {cfg['eval_tokens']} built-in validation tokens (base "
         f"model: {payload['base_ppl']:.2f}); held-out perplexity on {cfg['eval_tokens']} tokens of the license "
-        f"texts, which no row trains on (base model: {base_heldout}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
+        f"texts, which no row trains on (base model: {_ppl(payload.get('base_ppl_heldout'))}). Rerun: `nice -n 10 timeout 3000 .venv/bin/python "
         f"bench/adaptive.py{flags}` (`--rows sora bayes_lora` reruns some rows "
         f"and lora, keeping the others).\n\n{table}"
     )
@@ -356,7 +358,7 @@ def main() -> None:
         chosen = [r for r in every if r.label in args.rows or r.family in args.rows]
         references = {"lora"} | {r.reference for r in chosen}
         if any("allora" in r.rules for r in chosen):
-            references |= {"lora α16 dropout", "lora lr×4"}  # what ALLoRA's claim is measured against too
+            references |= {COMMON, FASTER}  # what ALLoRA's claim is measured against too
         selected = [r for r in every if r.label in references or r in chosen]
     del model
     rows = []
